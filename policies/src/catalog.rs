@@ -1,0 +1,356 @@
+//! The loaded catalog: every API, product and subscription of a snapshot, indexed for routing
+//! and key lookup, with each (product context, API, operation) compiled into its effective
+//! program once, at load time. Nothing is parsed per request.
+
+use crate::clock::Millis;
+use crate::error::{LoadError, LoadErrors};
+use crate::keys::KeyIndex;
+pub use crate::policy::UnsupportedPolicies;
+use crate::policy::{
+    self, Compiler, Scope, ScopeKind, ScopePolicy, Step, BACKEND, INBOUND, OUTBOUND,
+};
+use crate::route::UrlTemplate;
+use crate::snapshot::{self, SubscriptionScope};
+use hashbrown::HashMap;
+
+/// How a snapshot is loaded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub unsupported: UnsupportedPolicies,
+}
+
+pub(crate) struct Operation {
+    pub name: String,
+    pub display_name: String,
+    pub method: String,
+    pub template: UrlTemplate,
+}
+
+pub(crate) struct Api {
+    pub name: String,
+    pub display_name: String,
+    pub path: String,
+    pub path_text: String,
+    pub hostnames: Vec<String>,
+    pub subscription_required: bool,
+    pub header_name: String,
+    pub header_lower: String,
+    pub query_name: String,
+    pub operations: Vec<Operation>,
+    /// The product without subscriptions that runs keyless calls, if any.
+    pub open_product: Option<u32>,
+}
+
+pub(crate) struct Product {
+    pub name: String,
+    pub display_name: String,
+    pub apis: Vec<u32>,
+}
+
+pub(crate) struct Subscription {
+    pub name: String,
+    pub display_name: String,
+    pub scope: SubscriptionScope,
+    pub active: bool,
+    pub origin: Millis,
+}
+
+/// An effective program: step indices for the phases before and after the upstream.
+pub(crate) struct Program {
+    /// Inbound, then backend.
+    pub request: Box<[u32]>,
+    pub response: Box<[u32]>,
+}
+
+/// A loaded, compiled snapshot. Immutable; a reload builds a new one.
+pub struct Catalog {
+    pub(crate) service: String,
+    pub(crate) apis: Vec<Api>,
+    pub(crate) products: Vec<Product>,
+    pub(crate) subscriptions: Vec<Subscription>,
+    pub(crate) keys: KeyIndex,
+    /// Lower-case API path → APIs with that path (differing by hostnames).
+    pub(crate) paths: HashMap<String, Vec<u32>>,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) programs: Vec<Program>,
+    /// (product or `NO_PRODUCT`, API) → index of the program of its first operation; the
+    /// operations follow in order (one program when the API lists none).
+    pub(crate) program_index: HashMap<(u32, u32), u32>,
+    warnings: Vec<String>,
+    policy_documents: usize,
+}
+
+pub(crate) const NO_PRODUCT: u32 = u32::MAX;
+
+/// What a catalog holds, for `apim-edge check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub service: String,
+    pub apis: usize,
+    pub operations: usize,
+    pub products: usize,
+    pub open_products: usize,
+    pub subscriptions: usize,
+    pub active_subscriptions: usize,
+    pub keys: usize,
+    pub policy_documents: usize,
+    pub steps: usize,
+    pub programs: usize,
+}
+
+impl Catalog {
+    /// Loads a snapshot from JSON text.
+    pub fn load_str(json: &str, options: LoadOptions) -> Result<Catalog, LoadErrors> {
+        let doc: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| LoadError::Snapshot {
+                path: format!("(line {}, column {})", e.line(), e.column()),
+                message: format!("not valid JSON: {e}"),
+            })?;
+        Self::load(&doc, options)
+    }
+
+    /// Loads a snapshot document: validates it, digests its keys and compiles every policy.
+    pub fn load(doc: &serde_json::Value, options: LoadOptions) -> Result<Catalog, LoadErrors> {
+        let snap = snapshot::read(doc).map_err(LoadErrors)?;
+        let mut errors: Vec<LoadError> = Vec::new();
+        let mut warnings = Vec::new();
+        let mut steps = Vec::new();
+        let mut documents = 0usize;
+
+        let mut keys = KeyIndex::default();
+        let mut subscriptions = Vec::with_capacity(snap.subscriptions.len());
+        for (i, s) in snap.subscriptions.iter().enumerate() {
+            for d in &s.keys {
+                if let Some(other) = keys.insert(*d, i as u32) {
+                    errors.push(LoadError::Snapshot {
+                        path: format!("subscriptions[{i}]"),
+                        message: format!(
+                            "a key of subscription '{}' is also a key of subscription '{}'",
+                            s.name, snap.subscriptions[other as usize].name
+                        ),
+                    });
+                }
+            }
+            subscriptions.push(Subscription {
+                name: s.name.clone(),
+                display_name: s.display_name.clone(),
+                scope: s.scope,
+                active: s.state == "active",
+                origin: s.origin,
+            });
+        }
+
+        let mut compiler = Compiler {
+            steps: &mut steps,
+            named_values: &snap.named_values,
+            unsupported: options.unsupported,
+            warnings: &mut warnings,
+            errors: &mut errors,
+        };
+        let mut compile = |text: &Option<(String, String)>, scope: Scope| -> Option<ScopePolicy> {
+            let (src, _) = text.as_ref()?;
+            documents += 1;
+            compiler.document(src, &scope)
+        };
+        let global = compile(
+            &snap.global_policy,
+            Scope {
+                kind: ScopeKind::Global,
+                label: "global".into(),
+                id: "global".into(),
+            },
+        );
+        let product_policies: Vec<Option<ScopePolicy>> = snap
+            .products
+            .iter()
+            .map(|p| {
+                compile(
+                    &p.policy,
+                    Scope {
+                        kind: ScopeKind::Product,
+                        label: format!("product '{}'", p.name),
+                        id: format!("product:{}", p.name.to_ascii_lowercase()),
+                    },
+                )
+            })
+            .collect();
+        let mut api_policies = Vec::new();
+        let mut op_policies = Vec::new();
+        for a in &snap.apis {
+            let api_id = a.name.to_ascii_lowercase();
+            api_policies.push(compile(
+                &a.policy,
+                Scope {
+                    kind: ScopeKind::Api,
+                    label: format!("API '{}'", a.name),
+                    id: format!("api:{api_id}"),
+                },
+            ));
+            op_policies.push(
+                a.operations
+                    .iter()
+                    .map(|o| {
+                        compile(
+                            &o.policy,
+                            Scope {
+                                kind: ScopeKind::Operation,
+                                label: format!("operation '{}' of API '{}'", o.name, a.name),
+                                id: format!("operation:{api_id}/{}", o.name.to_ascii_lowercase()),
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if !errors.is_empty() {
+            return Err(LoadErrors(errors));
+        }
+
+        let mut apis: Vec<Api> = snap
+            .apis
+            .iter()
+            .map(|a| Api {
+                name: a.name.clone(),
+                display_name: a.display_name.clone(),
+                path: a.path.clone(),
+                path_text: a.path_text.clone(),
+                hostnames: a.hostnames.clone(),
+                subscription_required: a.subscription_required,
+                header_lower: a.header_name.to_ascii_lowercase(),
+                header_name: a.header_name.clone(),
+                query_name: a.query_name.clone(),
+                operations: a
+                    .operations
+                    .iter()
+                    .map(|o| Operation {
+                        name: o.name.clone(),
+                        display_name: o.display_name.clone(),
+                        method: o.method.clone(),
+                        template: o.template.clone(),
+                    })
+                    .collect(),
+                open_product: None,
+            })
+            .collect();
+        let products: Vec<Product> = snap
+            .products
+            .iter()
+            .map(|p| Product {
+                name: p.name.clone(),
+                display_name: p.display_name.clone(),
+                apis: p.apis.clone(),
+            })
+            .collect();
+        for (pi, p) in snap.products.iter().enumerate() {
+            if !p.subscription_required {
+                for a in &p.apis {
+                    apis[*a as usize].open_product = Some(pi as u32);
+                }
+            }
+        }
+
+        let mut paths: HashMap<String, Vec<u32>> = HashMap::new();
+        for (i, a) in apis.iter().enumerate() {
+            paths.entry(a.path.clone()).or_default().push(i as u32);
+        }
+
+        // Effective programs: with no product, and in each product that holds the API.
+        let mut contexts: Vec<Vec<u32>> = vec![vec![NO_PRODUCT]; apis.len()];
+        for (pi, p) in products.iter().enumerate() {
+            for a in &p.apis {
+                contexts[*a as usize].push(pi as u32);
+            }
+        }
+        let mut programs = Vec::new();
+        let mut program_index = HashMap::new();
+        for (ai, ctxs) in contexts.iter().enumerate() {
+            for &pc in ctxs {
+                program_index.insert((pc, ai as u32), programs.len() as u32);
+                let product = if pc == NO_PRODUCT {
+                    None
+                } else {
+                    product_policies[pc as usize].as_ref()
+                };
+                let ops = &op_policies[ai];
+                let op_count = ops.len().max(1);
+                for oi in 0..op_count {
+                    let chain = [
+                        global.as_ref(),
+                        product,
+                        api_policies[ai].as_ref(),
+                        ops.get(oi).and_then(Option::as_ref),
+                    ];
+                    let mut request = policy::inline(&chain, INBOUND);
+                    request.extend(policy::inline(&chain, BACKEND));
+                    programs.push(Program {
+                        request: request.into_boxed_slice(),
+                        response: policy::inline(&chain, OUTBOUND).into_boxed_slice(),
+                    });
+                }
+            }
+        }
+
+        Ok(Catalog {
+            service: snap.service,
+            apis,
+            products,
+            subscriptions,
+            keys,
+            paths,
+            steps,
+            programs,
+            program_index,
+            warnings: {
+                let mut w = warnings;
+                w.extend(
+                    snap.products
+                        .iter()
+                        .filter(|p| p.apis.is_empty())
+                        .map(|p| format!("product '{}' holds no API", p.name)),
+                );
+                w
+            },
+            policy_documents: documents,
+        })
+    }
+
+    /// Warnings of the load: skipped policy elements, and the like.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Counts of what the catalog holds.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            service: self.service.clone(),
+            apis: self.apis.len(),
+            operations: self.apis.iter().map(|a| a.operations.len()).sum(),
+            products: self.products.len(),
+            open_products: self
+                .apis
+                .iter()
+                .filter_map(|a| a.open_product)
+                .collect::<hashbrown::HashSet<_>>()
+                .len(),
+            subscriptions: self.subscriptions.len(),
+            active_subscriptions: self.subscriptions.iter().filter(|s| s.active).count(),
+            keys: self.keys_len(),
+            policy_documents: self.policy_documents,
+            steps: self.steps.len(),
+            programs: self.programs.len(),
+        }
+    }
+
+    fn keys_len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub(crate) fn program(&self, product: Option<u32>, api: u32, operation: Option<u32>) -> u32 {
+        let base = self
+            .program_index
+            .get(&(product.unwrap_or(NO_PRODUCT), api))
+            .copied()
+            .unwrap_or(0);
+        base + operation.unwrap_or(0)
+    }
+}

@@ -1,0 +1,557 @@
+//! Counters: the state behind rate limits and quotas, and the only state shared between calls.
+//!
+//! The engine keeps every counting rule here and asks of the host only a [`CounterStore`]:
+//! versioned bytes under a key with compare-and-swap, which proxy-wasm shared data provides
+//! directly. Every change is a read, a decision and a conditional write, retried a bounded
+//! number of times, so concurrent workers never over-admit.
+//!
+//! Two kinds of state:
+//! - a **sliding window** (`rate-limit`, `rate-limit-by-key`): the admissions inside the last
+//!   period, at most `calls` of them, so memory per counter is bounded by the limit;
+//! - a **fixed window** (`quota`, `quota-by-key`): the window's start, calls and bytes.
+
+use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
+use hashbrown::HashMap;
+use std::sync::Mutex;
+
+/// How many times a counter update is retried when other workers keep writing first.
+pub(crate) const MAX_ATTEMPTS: u32 = 64;
+
+/// Versioned bytes with compare-and-swap: what the engine needs of shared state.
+pub trait CounterStore {
+    /// The counter's bytes and version, or `None` when it was never written.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Writes `value` if the counter is still at `version` (`None`: still never written).
+    /// `Ok(false)` when another writer came first.
+    fn compare_and_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// A counter could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+    #[error("counter '{0}' stayed contended after {MAX_ATTEMPTS} attempts")]
+    Contended(String),
+}
+
+/// Counters in memory, safe to share between threads: the native engine's store.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<(HashMap<String, (Vec<u8>, u32)>, u32)>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many counters exist.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.0.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CounterStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+        Ok(g.0.get(key).cloned())
+    }
+
+    fn compare_and_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+        let (map, next) = &mut *g;
+        let current = map.get(key).map(|(_, v)| *v);
+        if current != version {
+            return Ok(false);
+        }
+        *next = next.wrapping_add(1).max(1);
+        let v = *next;
+        match map.get_mut(key) {
+            Some(slot) => {
+                slot.0.clear();
+                slot.0.extend_from_slice(value);
+                slot.1 = v;
+            }
+            None => {
+                map.insert(key.to_string(), (value.to_vec(), v));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Reads, changes and conditionally writes a counter until the write wins.
+/// `change` returns the new bytes (`None`: nothing to write) and the result.
+fn update<T>(
+    store: &dyn CounterStore,
+    key: &str,
+    mut change: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+) -> Result<T, StoreError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let current = store.get(key)?;
+        let (bytes, version) = match &current {
+            Some((b, v)) => (Some(b.as_slice()), Some(*v)),
+            None => (None, None),
+        };
+        let (new, out) = change(bytes);
+        match new {
+            None => return Ok(out),
+            Some(new) => {
+                if store.compare_and_set(key, &new, version)? {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Err(StoreError::Contended(key.to_string()))
+}
+
+/// What a limit says of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Admitted; this many calls remain in the window.
+    Admitted { remaining: u64 },
+    /// Denied; the wait until a call would be admitted.
+    RateLimited { wait: Millis },
+    /// Quota exhausted (by calls or by bandwidth); whole seconds until it renews.
+    QuotaExceeded { bandwidth: bool, seconds: u64 },
+}
+
+// ---- sliding window ----
+
+/// Admission times (with their counts) inside the window.
+fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
+    bytes
+        .unwrap_or(&[])
+        .chunks_exact(12)
+        .map(|c| {
+            let mut t = [0u8; 8];
+            t.copy_from_slice(&c[..8]);
+            let mut n = [0u8; 4];
+            n.copy_from_slice(&c[8..]);
+            (i64::from_le_bytes(t), u32::from_le_bytes(n))
+        })
+        .collect()
+}
+
+fn encode_sliding(entries: &[(Millis, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 12);
+    for (t, n) in entries {
+        out.extend_from_slice(&t.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out
+}
+
+/// The entries still inside `(now - period, now]` (later ones, from a worker whose clock runs
+/// ahead, count too: never over-admit).
+fn live(bytes: Option<&[u8]>, period: Millis, now: Millis) -> Vec<(Millis, u32)> {
+    let mut e = decode_sliding(bytes);
+    e.retain(|(t, _)| *t > now.saturating_sub(period));
+    e
+}
+
+fn sliding_verdict(entries: &[(Millis, u32)], calls: u64, period: Millis, now: Millis) -> Verdict {
+    let used: u64 = entries.iter().map(|(_, n)| u64::from(*n)).sum();
+    if used < calls {
+        Verdict::Admitted {
+            remaining: calls - used,
+        }
+    } else {
+        let oldest = entries.iter().map(|(t, _)| *t).min().unwrap_or(now);
+        Verdict::RateLimited {
+            wait: (oldest + period - now).max(1),
+        }
+    }
+}
+
+/// Admits a call of weight `n` if fewer than `calls` were admitted in `(now - period, now]`.
+pub(crate) fn sliding_admit(
+    store: &dyn CounterStore,
+    key: &str,
+    calls: u64,
+    period: Millis,
+    now: Millis,
+    n: u32,
+) -> Result<Verdict, StoreError> {
+    update(store, key, |bytes| {
+        let mut entries = live(bytes, period, now);
+        match sliding_verdict(&entries, calls, period, now) {
+            Verdict::Admitted { .. } => {
+                entries.push((now, n));
+                let used: u64 = entries.iter().map(|(_, n)| u64::from(*n)).sum();
+                let remaining = calls.saturating_sub(used);
+                (
+                    Some(encode_sliding(&entries)),
+                    Verdict::Admitted { remaining },
+                )
+            }
+            denied => (None, denied),
+        }
+    })
+}
+
+/// Whether a call would be admitted, without counting it (counted later, at completion).
+pub(crate) fn sliding_check(
+    store: &dyn CounterStore,
+    key: &str,
+    calls: u64,
+    period: Millis,
+    now: Millis,
+) -> Result<Verdict, StoreError> {
+    let current = store.get(key)?;
+    let entries = live(current.as_ref().map(|(b, _)| b.as_slice()), period, now);
+    Ok(sliding_verdict(&entries, calls, period, now))
+}
+
+/// Counts `n` calls at `now` unconditionally (an `increment-condition` that held).
+pub(crate) fn sliding_add(
+    store: &dyn CounterStore,
+    key: &str,
+    period: Millis,
+    now: Millis,
+    n: u32,
+) -> Result<(), StoreError> {
+    update(store, key, |bytes| {
+        let mut entries = live(bytes, period, now);
+        entries.push((now, n));
+        (Some(encode_sliding(&entries)), ())
+    })
+}
+
+/// Takes back an admission made at `at` (a later limit denied the call).
+pub(crate) fn sliding_release(
+    store: &dyn CounterStore,
+    key: &str,
+    at: Millis,
+    n: u32,
+) -> Result<(), StoreError> {
+    update(store, key, |bytes| {
+        let mut entries = decode_sliding(bytes);
+        match entries.iter().position(|e| *e == (at, n)) {
+            Some(i) => {
+                entries.remove(i);
+                (Some(encode_sliding(&entries)), ())
+            }
+            None => (None, ()),
+        }
+    })
+}
+
+// ---- fixed window ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Window {
+    start: Millis,
+    calls: u64,
+    bytes: u64,
+}
+
+fn decode_window(bytes: Option<&[u8]>) -> Option<Window> {
+    let b = bytes?;
+    if b.len() != 24 {
+        return None;
+    }
+    let num = |i: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[i..i + 8]);
+        x
+    };
+    Some(Window {
+        start: i64::from_le_bytes(num(0)),
+        calls: u64::from_le_bytes(num(8)),
+        bytes: u64::from_le_bytes(num(16)),
+    })
+}
+
+fn encode_window(w: &Window) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(&w.start.to_le_bytes());
+    out.extend_from_slice(&w.calls.to_le_bytes());
+    out.extend_from_slice(&w.bytes.to_le_bytes());
+    out
+}
+
+/// Fixed windows of `period` from `origin`, allowing `calls` and/or `bandwidth_kb`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FixedWindows {
+    pub origin: Millis,
+    pub period: Millis,
+    pub calls: Option<u64>,
+    pub bandwidth_kb: Option<u64>,
+}
+
+impl FixedWindows {
+    fn current(&self, bytes: Option<&[u8]>, now: Millis) -> Window {
+        let start = window_start(self.origin, self.period, now);
+        match decode_window(bytes) {
+            Some(w) if w.start == start => w,
+            _ => Window {
+                start,
+                ..Window::default()
+            },
+        }
+    }
+
+    fn seconds_left(&self, w: &Window, now: Millis) -> u64 {
+        if self.period <= 0 {
+            NEVER_SECONDS
+        } else {
+            ceil_seconds(w.start + self.period - now).max(1)
+        }
+    }
+
+    fn verdict(&self, w: &Window, now: Millis) -> Verdict {
+        if let Some(calls) = self.calls {
+            if w.calls >= calls {
+                return Verdict::QuotaExceeded {
+                    bandwidth: false,
+                    seconds: self.seconds_left(w, now),
+                };
+            }
+        }
+        if let Some(kb) = self.bandwidth_kb {
+            if w.bytes >= kb.saturating_mul(1024) {
+                return Verdict::QuotaExceeded {
+                    bandwidth: true,
+                    seconds: self.seconds_left(w, now),
+                };
+            }
+        }
+        Verdict::Admitted {
+            remaining: self
+                .calls
+                .map(|c| c.saturating_sub(w.calls))
+                .unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Admits and counts a call of weight `n`; returns the verdict and the window it counted in.
+    pub fn admit(
+        &self,
+        store: &dyn CounterStore,
+        key: &str,
+        now: Millis,
+        n: u64,
+    ) -> Result<(Verdict, Millis), StoreError> {
+        update(store, key, |bytes| {
+            let mut w = self.current(bytes, now);
+            match self.verdict(&w, now) {
+                Verdict::Admitted { .. } => {
+                    w.calls += n;
+                    let remaining = self
+                        .calls
+                        .map(|c| c.saturating_sub(w.calls))
+                        .unwrap_or(u64::MAX);
+                    (
+                        Some(encode_window(&w)),
+                        (Verdict::Admitted { remaining }, w.start),
+                    )
+                }
+                denied => (None, (denied, w.start)),
+            }
+        })
+    }
+
+    /// Whether a call would be admitted, without counting it.
+    pub fn check(
+        &self,
+        store: &dyn CounterStore,
+        key: &str,
+        now: Millis,
+    ) -> Result<Verdict, StoreError> {
+        let current = store.get(key)?;
+        let w = self.current(current.as_ref().map(|(b, _)| b.as_slice()), now);
+        Ok(self.verdict(&w, now))
+    }
+
+    /// Adds calls and bytes at `now` unconditionally (completion).
+    pub fn add(
+        &self,
+        store: &dyn CounterStore,
+        key: &str,
+        now: Millis,
+        calls: u64,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        if calls == 0 && bytes == 0 {
+            return Ok(());
+        }
+        update(store, key, |current| {
+            let mut w = self.current(current, now);
+            w.calls = w.calls.saturating_add(calls);
+            w.bytes = w.bytes.saturating_add(bytes);
+            (Some(encode_window(&w)), ())
+        })
+    }
+
+    /// Takes back `n` calls counted in the window starting at `start`.
+    pub fn release(
+        store: &dyn CounterStore,
+        key: &str,
+        start: Millis,
+        n: u64,
+    ) -> Result<(), StoreError> {
+        update(store, key, |bytes| match decode_window(bytes) {
+            Some(mut w) if w.start == start && w.calls >= n => {
+                w.calls -= n;
+                (Some(encode_window(&w)), ())
+            }
+            _ => (None, ()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sliding_window_edges() {
+        let s = MemoryStore::new();
+        let admit = |now| sliding_admit(&s, "k", 2, 10_000, now, 1).unwrap();
+        assert_eq!(admit(0), Verdict::Admitted { remaining: 1 });
+        assert_eq!(admit(4_000), Verdict::Admitted { remaining: 0 });
+        assert_eq!(admit(9_999), Verdict::RateLimited { wait: 1 });
+        // At 10 000 the call at 0 has left (t - period, t].
+        assert_eq!(admit(10_000), Verdict::Admitted { remaining: 0 });
+        assert_eq!(admit(10_000), Verdict::RateLimited { wait: 4_000 });
+    }
+
+    #[test]
+    fn release_restores_a_slot() {
+        let s = MemoryStore::new();
+        sliding_admit(&s, "k", 1, 1000, 5, 1).unwrap();
+        sliding_release(&s, "k", 5, 1).unwrap();
+        assert_eq!(
+            sliding_admit(&s, "k", 1, 1000, 6, 1).unwrap(),
+            Verdict::Admitted { remaining: 0 }
+        );
+    }
+
+    #[test]
+    fn memory_store_cas() {
+        let s = MemoryStore::new();
+        assert!(s.compare_and_set("a", b"1", None).unwrap());
+        assert!(!s.compare_and_set("a", b"2", None).unwrap());
+        let (_, v) = s.get("a").unwrap().unwrap();
+        assert!(!s.compare_and_set("a", b"2", Some(v + 1)).unwrap());
+        assert!(s.compare_and_set("a", b"2", Some(v)).unwrap());
+        assert_eq!(s.get("a").unwrap().unwrap().0, b"2");
+    }
+
+    #[test]
+    fn fixed_window_calls_and_bandwidth() {
+        let s = MemoryStore::new();
+        let q = FixedWindows {
+            origin: 0,
+            period: 60_000,
+            calls: Some(2),
+            bandwidth_kb: Some(1),
+        };
+        assert!(matches!(
+            q.admit(&s, "q", 1_000, 1).unwrap().0,
+            Verdict::Admitted { remaining: 1 }
+        ));
+        q.add(&s, "q", 1_500, 0, 1024).unwrap();
+        assert_eq!(
+            q.admit(&s, "q", 2_000, 1).unwrap().0,
+            Verdict::QuotaExceeded {
+                bandwidth: true,
+                seconds: 58
+            }
+        );
+        // The next window renews both.
+        assert!(matches!(
+            q.admit(&s, "q", 60_000, 1).unwrap().0,
+            Verdict::Admitted { remaining: 1 }
+        ));
+    }
+
+    /// The reference: admissions kept in full, counted naively.
+    fn naive_sliding(times: &[Millis], calls: u64, period: Millis) -> Vec<bool> {
+        let mut admitted: Vec<Millis> = Vec::new();
+        times
+            .iter()
+            .map(|&t| {
+                let in_window = admitted
+                    .iter()
+                    .filter(|&&a| a > t - period && a <= t)
+                    .count() as u64;
+                let ok = in_window < calls;
+                if ok {
+                    admitted.push(t);
+                }
+                ok
+            })
+            .collect()
+    }
+
+    fn naive_fixed(times: &[Millis], calls: u64, origin: Millis, period: Millis) -> Vec<bool> {
+        let mut counts: std::collections::HashMap<i64, u64> = Default::default();
+        times
+            .iter()
+            .map(|&t| {
+                let window = (t - origin).div_euclid(period);
+                let c = counts.entry(window).or_default();
+                let ok = *c < calls;
+                if ok {
+                    *c += 1;
+                }
+                ok
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn sliding_matches_the_reference(
+            mut gaps in proptest::collection::vec(0i64..3_000, 1..200),
+            calls in 1u64..8,
+            period in 1_000i64..10_000,
+        ) {
+            let mut t = 1_700_000_000_000;
+            for g in gaps.iter_mut() { t += *g; *g = t; }
+            let s = MemoryStore::new();
+            let got: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            prop_assert_eq!(got, naive_sliding(&gaps, calls, period));
+        }
+
+        #[test]
+        fn fixed_matches_the_reference(
+            mut gaps in proptest::collection::vec(0i64..5_000, 1..200),
+            calls in 1u64..8,
+            period in 1_000i64..20_000,
+            origin in -100_000i64..100_000,
+        ) {
+            let mut t = 0;
+            for g in gaps.iter_mut() { t += *g; *g = t; }
+            let s = MemoryStore::new();
+            let q = FixedWindows { origin, period, calls: Some(calls), bandwidth_kb: None };
+            let got: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&s, "k", t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
+            prop_assert_eq!(got, naive_fixed(&gaps, calls, origin, period));
+        }
+    }
+}

@@ -1,0 +1,1082 @@
+//! The decision for one call (SPEC §3): route to an API and operation, find the key and the
+//! subscription, pick the product context, and run the effective program. A call then has two
+//! more moments: [`Catalog::respond`] when the upstream's response headers arrive (outbound
+//! header changes, remaining-calls headers), and [`Catalog::complete`] when the exchange is
+//! over (bandwidth, `increment-condition`).
+
+use crate::catalog::{Catalog, Program};
+use crate::clock::Millis;
+use crate::counters::{self, CounterStore, FixedWindows, StoreError, Verdict};
+use crate::expr::{Expr, Facts, Member, NullReference, Value};
+use crate::keys::key_digest;
+use crate::policy::{
+    ip_number, ExistsAction, KeyedLimit, Nested, SetHeader, Step, SubscriptionLimit, Text,
+};
+use crate::response::{self, LocalResponse};
+use crate::route::segments;
+use crate::snapshot::SubscriptionScope;
+use std::net::IpAddr;
+
+/// A call as the proxy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The host, without a port.
+    pub host: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The query, without the `?`.
+    pub query: &'a str,
+    pub headers: &'a [(String, String)],
+    pub client_ip: Option<IpAddr>,
+}
+
+/// An owned copy of a request, kept for expressions evaluated after the inbound phase.
+#[derive(Debug, Clone)]
+struct SavedRequest {
+    method: String,
+    host: String,
+    path: String,
+    query: String,
+    headers: Vec<(String, String)>,
+    client_ip: Option<IpAddr>,
+}
+
+impl SavedRequest {
+    fn of(r: &Request) -> Self {
+        SavedRequest {
+            method: r.method.to_string(),
+            host: r.host.to_string(),
+            path: r.path.to_string(),
+            query: r.query.to_string(),
+            headers: r.headers.to_vec(),
+            client_ip: r.client_ip,
+        }
+    }
+
+    fn request(&self) -> Request<'_> {
+        Request {
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            query: &self.query,
+            headers: &self.headers,
+            client_ip: self.client_ip,
+        }
+    }
+}
+
+/// What happened to a call (SPEC §4), as printed in decision logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Allowed,
+    Returned,
+    ApiNotFound,
+    OperationNotFound,
+    MissingKey,
+    InvalidKey,
+    RateLimited,
+    QuotaExceeded,
+    BandwidthExceeded,
+    IpForbidden,
+    HeaderCheckFailed,
+    InternalError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 12] = [
+        Outcome::Allowed,
+        Outcome::Returned,
+        Outcome::ApiNotFound,
+        Outcome::OperationNotFound,
+        Outcome::MissingKey,
+        Outcome::InvalidKey,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+        Outcome::BandwidthExceeded,
+        Outcome::IpForbidden,
+        Outcome::HeaderCheckFailed,
+        Outcome::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Returned => "returned",
+            Outcome::ApiNotFound => "api_not_found",
+            Outcome::OperationNotFound => "operation_not_found",
+            Outcome::MissingKey => "missing_key",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::BandwidthExceeded => "bandwidth_exceeded",
+            Outcome::IpForbidden => "ip_forbidden",
+            Outcome::HeaderCheckFailed => "header_check_failed",
+            Outcome::InternalError => "internal_error",
+        }
+    }
+}
+
+/// A change to a header map. Names as the policy wrote them; compare without case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// Replace every value of the header with this one.
+    Set(String, String),
+    /// Add a value, keeping the others.
+    Append(String, String),
+    Remove(String),
+}
+
+/// Where the call's subscription key was found, so an adapter can strip it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLocation {
+    Header(String),
+    Query(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeySource {
+    Header,
+    Query,
+}
+
+/// Who a call is: API, operation, product context, subscription, and where its key was.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity {
+    pub api: u32,
+    pub operation: Option<u32>,
+    pub product: Option<u32>,
+    pub subscription: Option<u32>,
+    pub key: Option<KeySource>,
+}
+
+/// Work left for the completion of an allowed call.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// Add the exchange's bytes to a quota window.
+    Bandwidth { key: String, windows: FixedWindows },
+    /// `rate-limit-by-key` with an `increment-condition`.
+    SlidingIf {
+        key: String,
+        period: Millis,
+        n: u32,
+        condition: u32,
+    },
+    /// `quota-by-key` with an `increment-condition`.
+    FixedIf {
+        key: String,
+        windows: FixedWindows,
+        n: u64,
+        condition: u32,
+        bandwidth: bool,
+    },
+}
+
+/// A counted admission, taken back when a later limit denies the call.
+#[derive(Debug, Clone)]
+enum Reservation {
+    Sliding { key: String, at: Millis, n: u32 },
+    Fixed { key: String, start: Millis, n: u64 },
+}
+
+/// A routed call: who it is, and what is left to do for it after the inbound phase.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub(crate) id: Identity,
+    program: u32,
+    pending: Vec<Pending>,
+    /// Headers for the allowed response (remaining-calls and total-calls).
+    limit_headers: Vec<(String, String)>,
+    /// The request, kept only when a later phase evaluates an expression that may read it.
+    saved: Option<Box<SavedRequest>>,
+}
+
+/// The decision on a call.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// The response to send instead of calling the upstream (every outcome but `allowed`).
+    pub response: Option<LocalResponse>,
+    /// For `allowed`: changes to the request before it goes upstream.
+    pub upstream: Vec<HeaderEdit>,
+    /// `None` only when no API matched.
+    pub call: Option<CallContext>,
+}
+
+/// What is known when an allowed exchange completes.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// An internal failure: the configuration's `failureMode` decides what the call gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("policy expression failed: {0} is null")]
+    Expression(&'static str),
+}
+
+impl From<NullReference> for EngineError {
+    fn from(n: NullReference) -> Self {
+        EngineError::Expression(n.0)
+    }
+}
+
+impl Decision {
+    /// The decision for an internal failure under `failureMode: closed`.
+    pub fn internal_error(call: Option<CallContext>) -> Decision {
+        Decision {
+            outcome: Outcome::InternalError,
+            response: Some(response::internal_error()),
+            upstream: Vec::new(),
+            call,
+        }
+    }
+
+    fn deny(outcome: Outcome, response: LocalResponse, call: Option<CallContext>) -> Decision {
+        Decision {
+            outcome,
+            response: Some(response),
+            upstream: Vec::new(),
+            call,
+        }
+    }
+}
+
+fn header<'r>(headers: &'r [(String, String)], lower: &str) -> Option<&'r str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(lower))
+        .map(|(_, v)| v.as_str())
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// A query parameter's value, `+` and percent-escapes decoded.
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(k) == name).then(|| decode(v))
+    })
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex_value(b[i + 1]), hex_value(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What expressions see during a call.
+struct CallFacts<'a> {
+    catalog: &'a Catalog,
+    id: Identity,
+    request: Request<'a>,
+    status: Option<u16>,
+}
+
+impl Facts for CallFacts<'_> {
+    fn member(&self, m: Member) -> Option<String> {
+        let c = self.catalog;
+        let api = &c.apis[self.id.api as usize];
+        let op = self.id.operation.map(|o| &api.operations[o as usize]);
+        let product = self.id.product.map(|p| &c.products[p as usize]);
+        let sub = self.id.subscription.map(|s| &c.subscriptions[s as usize]);
+        Some(match m {
+            Member::SubscriptionId => sub?.name.clone(),
+            Member::SubscriptionName => sub?.display_name.clone(),
+            Member::SubscriptionKey => {
+                sub?;
+                match self.id.key? {
+                    KeySource::Header => {
+                        header(self.request.headers, &api.header_lower)?.to_string()
+                    }
+                    KeySource::Query => query_param(self.request.query, &api.query_name)?,
+                }
+            }
+            Member::ProductId => product?.name.clone(),
+            Member::ProductName => product?.display_name.clone(),
+            Member::ApiId => api.name.clone(),
+            Member::ApiName => api.display_name.clone(),
+            Member::ApiPath => format!("/{}", api.path_text),
+            Member::OperationId => op?.name.clone(),
+            Member::OperationName => op?.display_name.clone(),
+            Member::OperationMethod => {
+                op.map_or_else(|| self.request.method.to_string(), |o| o.method.clone())
+            }
+            Member::RequestIpAddress => self.request.client_ip?.to_string(),
+            Member::RequestMethod => self.request.method.to_string(),
+            Member::RequestUrlPath => self.request.path.to_string(),
+            Member::ResponseStatusCode => self.status?.to_string(),
+        })
+    }
+    fn status(&self) -> Option<u16> {
+        self.status
+    }
+    fn header(&self, lower_name: &str) -> Option<&str> {
+        header(self.request.headers, lower_name)
+    }
+    fn query(&self, name: &str) -> Option<String> {
+        query_param(self.request.query, name)
+    }
+}
+
+fn eval_text(t: &Text, facts: &dyn Facts) -> Result<String, NullReference> {
+    match t {
+        Text::Literal(s) => Ok(s.clone()),
+        Text::Expr(e) => Ok(e.eval(facts)?.to_string()),
+    }
+}
+
+fn eval_condition(e: &Expr, facts: &dyn Facts) -> Result<bool, NullReference> {
+    Ok(e.eval(facts)? == Value::Bool(true))
+}
+
+/// Applies `set-header` to a header map's view, producing edits.
+fn set_header(
+    h: &SetHeader,
+    facts: &dyn Facts,
+    exists: &dyn Fn(&str) -> bool,
+    edits: &mut Vec<HeaderEdit>,
+) -> Result<(), NullReference> {
+    let present = exists(&h.name)
+        || edits.iter().rev().find_map(|e| match e {
+            HeaderEdit::Set(n, _) | HeaderEdit::Append(n, _) if n.eq_ignore_ascii_case(&h.name) => {
+                Some(true)
+            }
+            HeaderEdit::Remove(n) if n.eq_ignore_ascii_case(&h.name) => Some(false),
+            _ => None,
+        }) == Some(true);
+    match h.action {
+        ExistsAction::Delete => edits.push(HeaderEdit::Remove(h.name.clone())),
+        ExistsAction::Skip if present => {}
+        action => {
+            for (i, v) in h.values.iter().enumerate() {
+                let v = eval_text(v, facts)?;
+                if i == 0 && action != ExistsAction::Append {
+                    edits.push(HeaderEdit::Set(h.name.clone(), v));
+                } else {
+                    edits.push(HeaderEdit::Append(h.name.clone(), v));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn nested_matches(n: &Nested, name: &str, display: &str) -> bool {
+    n.id.as_deref()
+        .is_some_and(|id| id.eq_ignore_ascii_case(name))
+        || n.name
+            .as_deref()
+            .is_some_and(|x| x.eq_ignore_ascii_case(name) || x == display)
+}
+
+/// Denial from a limit's verdict.
+fn limit_denial(v: Verdict, retry_after_header: &str) -> Option<(Outcome, LocalResponse)> {
+    match v {
+        Verdict::Admitted { .. } => None,
+        Verdict::RateLimited { wait } => Some((
+            Outcome::RateLimited,
+            response::rate_limited(wait, retry_after_header),
+        )),
+        Verdict::QuotaExceeded { bandwidth, seconds } => Some((
+            if bandwidth {
+                Outcome::BandwidthExceeded
+            } else {
+                Outcome::QuotaExceeded
+            },
+            response::quota_exceeded(bandwidth, seconds),
+        )),
+    }
+}
+
+/// One run of a request program.
+struct Run<'a> {
+    catalog: &'a Catalog,
+    store: &'a dyn CounterStore,
+    now: Millis,
+    reservations: Vec<Reservation>,
+}
+
+impl Run<'_> {
+    fn release_all(&mut self) {
+        for r in self.reservations.drain(..).rev() {
+            // Best effort: a failed release under-admits, never over-admits.
+            let _ = match r {
+                Reservation::Sliding { key, at, n } => {
+                    counters::sliding_release(self.store, &key, at, n)
+                }
+                Reservation::Fixed { key, start, n } => {
+                    FixedWindows::release(self.store, &key, start, n)
+                }
+            };
+        }
+    }
+
+    /// `rate-limit` or `quota`: the limit's own counter and its nested ones that match.
+    fn subscription_limit(
+        &mut self,
+        limit: &SubscriptionLimit,
+        quota: bool,
+        call: &mut CallContext,
+    ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        let Some(sub) = call.id.subscription else {
+            return Ok(None); // counted per subscription: keyless calls are not limited
+        };
+        let c = self.catalog;
+        let subscription = &c.subscriptions[sub as usize];
+        let api = &c.apis[call.id.api as usize];
+        let op = call.id.operation.map(|o| &api.operations[o as usize]);
+        let mut counters: Vec<(&str, crate::policy::Allowance)> = Vec::new();
+        if let Some(a) = limit.allowance {
+            counters.push((&limit.counter, a));
+        }
+        for n in &limit.nested {
+            if nested_matches(n, &api.name, &api.display_name) {
+                counters.push((&n.counter, n.allowance));
+                if let Some(op) = op {
+                    for o in &n.operations {
+                        if nested_matches(o, &op.name, &op.display_name) {
+                            counters.push((&o.counter, o.allowance));
+                        }
+                    }
+                }
+            }
+        }
+        let mut headline: Option<(u64, u64)> = None;
+        for (counter, a) in counters {
+            let key = format!(
+                "{}|{}|{}",
+                if quota { "q" } else { "rl" },
+                subscription.name.to_ascii_lowercase(),
+                counter
+            );
+            let verdict = if quota {
+                let windows = FixedWindows {
+                    origin: subscription.origin,
+                    period: a.period,
+                    calls: a.calls,
+                    bandwidth_kb: a.bandwidth_kb,
+                };
+                let (v, start) = windows.admit(self.store, &key, self.now, 1)?;
+                if matches!(v, Verdict::Admitted { .. }) {
+                    self.reservations.push(Reservation::Fixed {
+                        key: key.clone(),
+                        start,
+                        n: 1,
+                    });
+                    if a.bandwidth_kb.is_some() {
+                        call.pending.push(Pending::Bandwidth { key, windows });
+                    }
+                }
+                v
+            } else {
+                let calls = a.calls.unwrap_or(u64::MAX);
+                let v = counters::sliding_admit(self.store, &key, calls, a.period, self.now, 1)?;
+                if matches!(v, Verdict::Admitted { .. }) {
+                    self.reservations.push(Reservation::Sliding {
+                        key,
+                        at: self.now,
+                        n: 1,
+                    });
+                }
+                v
+            };
+            if let Some(denial) = limit_denial(verdict, &limit.retry_after_header) {
+                return Ok(Some(denial));
+            }
+            if let (Verdict::Admitted { remaining }, None, Some(calls)) =
+                (verdict, headline, a.calls)
+            {
+                headline = Some((remaining, calls));
+            }
+        }
+        if let Some((remaining, total)) = headline {
+            limit_headers(
+                call,
+                &limit.remaining_header,
+                &limit.total_header,
+                remaining,
+                total,
+            );
+        }
+        Ok(None)
+    }
+
+    fn keyed_limit(
+        &mut self,
+        step: u32,
+        limit: &KeyedLimit,
+        quota: bool,
+        call: &mut CallContext,
+        facts: &dyn Facts,
+    ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        let value = eval_text(&limit.counter_key, facts)?;
+        let n: u64 = match &limit.increment_count {
+            Text::Literal(l) => l.parse().unwrap_or(1),
+            Text::Expr(e) => match e.eval(facts)? {
+                Value::Int(i) => i.max(0) as u64,
+                _ => 1,
+            },
+        };
+        let a = limit.allowance;
+        let verdict = if quota {
+            let key = format!("qk|{}|{}|{}", a.period, limit.first_period_start, value);
+            let windows = FixedWindows {
+                origin: limit.first_period_start,
+                period: a.period,
+                calls: a.calls,
+                bandwidth_kb: a.bandwidth_kb,
+            };
+            match &limit.increment_condition {
+                None => {
+                    let (v, start) = windows.admit(self.store, &key, self.now, n)?;
+                    if matches!(v, Verdict::Admitted { .. }) {
+                        self.reservations.push(Reservation::Fixed {
+                            key: key.clone(),
+                            start,
+                            n,
+                        });
+                        if a.bandwidth_kb.is_some() {
+                            call.pending.push(Pending::Bandwidth { key, windows });
+                        }
+                    }
+                    v
+                }
+                Some(_) => {
+                    let v = windows.check(self.store, &key, self.now)?;
+                    call.pending.push(Pending::FixedIf {
+                        key,
+                        windows,
+                        n,
+                        condition: step,
+                        bandwidth: a.bandwidth_kb.is_some(),
+                    });
+                    v
+                }
+            }
+        } else {
+            let key = format!("rlk|{}|{}", a.period, value);
+            let calls = a.calls.unwrap_or(u64::MAX);
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            match &limit.increment_condition {
+                None => {
+                    let v =
+                        counters::sliding_admit(self.store, &key, calls, a.period, self.now, n)?;
+                    if matches!(v, Verdict::Admitted { .. }) {
+                        self.reservations.push(Reservation::Sliding {
+                            key,
+                            at: self.now,
+                            n,
+                        });
+                    }
+                    v
+                }
+                Some(_) => {
+                    let v = counters::sliding_check(self.store, &key, calls, a.period, self.now)?;
+                    call.pending.push(Pending::SlidingIf {
+                        key,
+                        period: a.period,
+                        n,
+                        condition: step,
+                    });
+                    v
+                }
+            }
+        };
+        if let Some(denial) = limit_denial(verdict, &limit.retry_after_header) {
+            // A denied call leaves nothing to count at completion.
+            call.pending.retain(|p| !matches!(p, Pending::SlidingIf { condition, .. } | Pending::FixedIf { condition, .. } if *condition == step));
+            return Ok(Some(denial));
+        }
+        if let (Verdict::Admitted { remaining }, Some(calls)) = (verdict, a.calls) {
+            let remaining = if limit.increment_condition.is_some() {
+                remaining.saturating_sub(n)
+            } else {
+                remaining
+            };
+            limit_headers(
+                call,
+                &limit.remaining_header,
+                &limit.total_header,
+                remaining,
+                calls,
+            );
+        }
+        Ok(None)
+    }
+}
+
+fn limit_headers(
+    call: &mut CallContext,
+    remaining: &Option<String>,
+    total: &Option<String>,
+    left: u64,
+    calls: u64,
+) {
+    for (name, value) in [(remaining, left), (total, calls)] {
+        if let Some(name) = name {
+            call.limit_headers.retain(|(n, _)| n != name);
+            call.limit_headers.push((name.clone(), value.to_string()));
+        }
+    }
+}
+
+impl Catalog {
+    fn route(&self, req: &Request) -> Option<u32> {
+        let host = req
+            .host
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let segs: Vec<&str> = segments(req.path).collect();
+        let mut prefix = String::with_capacity(req.path.len());
+        let mut candidates: Vec<(usize, &str)> = Vec::with_capacity(segs.len() + 1);
+        candidates.push((0, ""));
+        for s in &segs {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(&s.to_ascii_lowercase());
+            candidates.push((prefix.len(), ""));
+        }
+        for (len, _) in candidates.iter().rev() {
+            let Some(apis) = self.paths.get(&prefix[..*len]) else {
+                continue;
+            };
+            // An API bound to this host beats one bound to none.
+            let bound = apis
+                .iter()
+                .find(|&&a| self.apis[a as usize].hostnames.iter().any(|h| *h == host));
+            let open = apis
+                .iter()
+                .find(|&&a| self.apis[a as usize].hostnames.is_empty());
+            if let Some(&a) = bound.or(open) {
+                return Some(a);
+            }
+        }
+        None
+    }
+
+    fn operation(&self, api: u32, req: &Request) -> Option<u32> {
+        let a = &self.apis[api as usize];
+        let below: Vec<&str> = segments(req.path).skip(segments(&a.path).count()).collect();
+        a.operations
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.method == "*" || o.method.eq_ignore_ascii_case(req.method))
+            .filter(|(_, o)| o.template.matches(&below))
+            .max_by_key(|(i, o)| (o.template.specificity, usize::MAX - i))
+            .map(|(i, _)| i as u32)
+    }
+
+    /// Decides a call at `now`, counting in `store`.
+    pub fn decide(
+        &self,
+        req: &Request,
+        now: Millis,
+        store: &dyn CounterStore,
+    ) -> Result<Decision, EngineError> {
+        let Some(api_ix) = self.route(req) else {
+            return Ok(Decision::deny(
+                Outcome::ApiNotFound,
+                response::not_found(),
+                None,
+            ));
+        };
+        let api = &self.apis[api_ix as usize];
+        let mut call = CallContext {
+            id: Identity {
+                api: api_ix,
+                operation: None,
+                product: None,
+                subscription: None,
+                key: None,
+            },
+            program: 0,
+            pending: Vec::new(),
+            limit_headers: Vec::new(),
+            saved: None,
+        };
+        if !api.operations.is_empty() {
+            match self.operation(api_ix, req) {
+                Some(o) => call.id.operation = Some(o),
+                None => {
+                    return Ok(Decision::deny(
+                        Outcome::OperationNotFound,
+                        response::not_found(),
+                        Some(call),
+                    ))
+                }
+            }
+        }
+
+        // The key: the header, else (only when the header is absent) the query parameter.
+        let key = match header(req.headers, &api.header_lower) {
+            Some(k) => {
+                call.id.key = Some(KeySource::Header);
+                Some(k.to_string())
+            }
+            None => query_param(req.query, &api.query_name).inspect(|_| {
+                call.id.key = Some(KeySource::Query);
+            }),
+        };
+        match key {
+            Some(k) => {
+                let sub = self.keys.find(&key_digest(&k)).filter(|&s| {
+                    let s = &self.subscriptions[s as usize];
+                    s.active
+                        && match s.scope {
+                            SubscriptionScope::Product(p) => self.products[p as usize]
+                                .apis
+                                .binary_search(&api_ix)
+                                .is_ok(),
+                            SubscriptionScope::Api(a) => a == api_ix,
+                            SubscriptionScope::AllApis | SubscriptionScope::Service => true,
+                        }
+                });
+                let Some(sub) = sub else {
+                    return Ok(Decision::deny(
+                        Outcome::InvalidKey,
+                        response::invalid_key(),
+                        Some(call),
+                    ));
+                };
+                call.id.subscription = Some(sub);
+                if let SubscriptionScope::Product(p) = self.subscriptions[sub as usize].scope {
+                    call.id.product = Some(p);
+                }
+            }
+            None => {
+                if let Some(p) = api.open_product {
+                    call.id.product = Some(p);
+                } else if api.subscription_required {
+                    let host = req.host.split(':').next().unwrap_or("");
+                    return Ok(Decision::deny(
+                        Outcome::MissingKey,
+                        response::missing_key(host, &api.path_text, &api.header_name),
+                        Some(call),
+                    ));
+                }
+            }
+        }
+
+        call.program = self.program(call.id.product, api_ix, call.id.operation);
+        let program: &Program = &self.programs[call.program as usize];
+        let mut run = Run {
+            catalog: self,
+            store,
+            now,
+            reservations: Vec::new(),
+        };
+        let mut upstream = Vec::new();
+        let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
+        match result {
+            Ok(None) => {
+                if self.needs_saved_request(program) {
+                    call.saved = Some(Box::new(SavedRequest::of(req)));
+                }
+                Ok(Decision {
+                    outcome: Outcome::Allowed,
+                    response: None,
+                    upstream,
+                    call: Some(call),
+                })
+            }
+            Ok(Some((outcome, response))) => {
+                if outcome != Outcome::Returned {
+                    run.release_all();
+                }
+                Ok(Decision::deny(outcome, response, Some(call)))
+            }
+            Err(e) => {
+                run.release_all();
+                Err(e)
+            }
+        }
+    }
+
+    fn needs_saved_request(&self, program: &Program) -> bool {
+        let deferred_request = |s: &Step| match s {
+            Step::RateLimitByKey(k) | Step::QuotaByKey(k) => k.increment_condition.is_some(),
+            _ => false,
+        };
+        program.request.iter().any(|&i| deferred_request(&self.steps[i as usize]))
+            || program.response.iter().any(|&i| matches!(&self.steps[i as usize], Step::SetHeader(h) if h.values.iter().any(|v| matches!(v, Text::Expr(_)))))
+    }
+
+    fn run_request(
+        &self,
+        program: &Program,
+        req: &Request,
+        call: &mut CallContext,
+        run: &mut Run,
+        upstream: &mut Vec<HeaderEdit>,
+    ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        for &ix in program.request.iter() {
+            let step = &self.steps[ix as usize];
+            let facts = CallFacts {
+                catalog: self,
+                id: call.id,
+                request: *req,
+                status: None,
+            };
+            let denial = match step {
+                Step::RateLimit(l) => run.subscription_limit(l, false, call)?,
+                Step::Quota(l) => run.subscription_limit(l, true, call)?,
+                Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts)?,
+                Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts)?,
+                Step::CheckHeader {
+                    name,
+                    status,
+                    message,
+                    ignore_case,
+                    values,
+                } => {
+                    let found: Vec<&str> = req
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| v.as_str())
+                        .collect();
+                    let ok = !found.is_empty()
+                        && (values.is_empty()
+                            || found.iter().any(|f| {
+                                values.iter().any(|v| {
+                                    if *ignore_case {
+                                        v.eq_ignore_ascii_case(f)
+                                    } else {
+                                        v == f
+                                    }
+                                })
+                            }));
+                    (!ok).then(|| {
+                        (
+                            Outcome::HeaderCheckFailed,
+                            response::header_check_failed(*status, message),
+                        )
+                    })
+                }
+                Step::IpFilter { allow, ranges } => {
+                    let inside = req.client_ip.is_some_and(|ip| {
+                        let n = ip_number(ip);
+                        ranges.iter().any(|r| r.from <= n && n <= r.to)
+                    });
+                    (inside != *allow).then(|| {
+                        let ip = req.client_ip.map(|i| i.to_string()).unwrap_or_default();
+                        (Outcome::IpForbidden, response::ip_forbidden(&ip))
+                    })
+                }
+                Step::SetHeader(h) => {
+                    let exists = |name: &str| header(req.headers, name).is_some();
+                    set_header(h, &facts, &exists, upstream)?;
+                    None
+                }
+                Step::Respond {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let mut edits = Vec::new();
+                    for h in headers {
+                        set_header(h, &facts, &|_| false, &mut edits)?;
+                    }
+                    let mut out: Vec<(String, String)> = Vec::new();
+                    for e in edits {
+                        match e {
+                            HeaderEdit::Set(n, v) => {
+                                let n = n.to_ascii_lowercase();
+                                out.retain(|(o, _)| *o != n);
+                                out.push((n, v));
+                            }
+                            HeaderEdit::Append(n, v) => out.push((n.to_ascii_lowercase(), v)),
+                            HeaderEdit::Remove(n) => {
+                                out.retain(|(o, _)| !o.eq_ignore_ascii_case(&n))
+                            }
+                        }
+                    }
+                    Some((
+                        Outcome::Returned,
+                        LocalResponse {
+                            status: *status,
+                            headers: out,
+                            body: body.clone(),
+                        },
+                    ))
+                }
+            };
+            if denial.is_some() {
+                return Ok(denial);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The changes to the upstream's response headers of an allowed call: the outbound
+    /// program, then the remaining-calls and total-calls headers.
+    pub fn respond(
+        &self,
+        call: &CallContext,
+        status: u16,
+        response_headers: &[(String, String)],
+    ) -> Result<Vec<HeaderEdit>, EngineError> {
+        let program = &self.programs[call.program as usize];
+        let mut edits = Vec::new();
+        let empty: [(String, String); 0] = [];
+        let request = match &call.saved {
+            Some(s) => s.request(),
+            None => Request {
+                method: "",
+                host: "",
+                path: "",
+                query: "",
+                headers: &empty,
+                client_ip: None,
+            },
+        };
+        let facts = CallFacts {
+            catalog: self,
+            id: call.id,
+            request,
+            status: Some(status),
+        };
+        for &ix in program.response.iter() {
+            if let Step::SetHeader(h) = &self.steps[ix as usize] {
+                let exists = |name: &str| header(response_headers, name).is_some();
+                set_header(h, &facts, &exists, &mut edits)?;
+            }
+        }
+        for (n, v) in &call.limit_headers {
+            edits.push(HeaderEdit::Set(n.clone(), v.clone()));
+        }
+        Ok(edits)
+    }
+
+    /// Counts what is counted when an allowed exchange is over: bandwidth, and the
+    /// `increment-condition` of by-key limits.
+    pub fn complete(
+        &self,
+        call: &CallContext,
+        done: Completion,
+        now: Millis,
+        store: &dyn CounterStore,
+    ) -> Result<(), EngineError> {
+        let empty: [(String, String); 0] = [];
+        let request = match &call.saved {
+            Some(s) => s.request(),
+            None => Request {
+                method: "",
+                host: "",
+                path: "",
+                query: "",
+                headers: &empty,
+                client_ip: None,
+            },
+        };
+        let facts = CallFacts {
+            catalog: self,
+            id: call.id,
+            request,
+            status: Some(done.status),
+        };
+        let bytes = done.request_bytes.saturating_add(done.response_bytes);
+        let condition = |step: u32| -> Result<bool, EngineError> {
+            match &self.steps[step as usize] {
+                Step::RateLimitByKey(k) | Step::QuotaByKey(k) => match &k.increment_condition {
+                    Some(e) => Ok(eval_condition(e, &facts)?),
+                    None => Ok(true),
+                },
+                _ => Ok(true),
+            }
+        };
+        for p in &call.pending {
+            match p {
+                Pending::Bandwidth { key, windows } => windows.add(store, key, now, 0, bytes)?,
+                Pending::SlidingIf {
+                    key,
+                    period,
+                    n,
+                    condition: step,
+                } => {
+                    if condition(*step)? {
+                        counters::sliding_add(store, key, *period, now, *n)?;
+                    }
+                }
+                Pending::FixedIf {
+                    key,
+                    windows,
+                    n,
+                    condition: step,
+                    bandwidth,
+                } => {
+                    if condition(*step)? {
+                        windows.add(store, key, now, *n, if *bandwidth { bytes } else { 0 })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The names a call is known by in logs: API, operation, product, subscription.
+    pub fn names(&self, call: &CallContext) -> (&str, Option<&str>, Option<&str>, Option<&str>) {
+        let id = &call.id;
+        let api = &self.apis[id.api as usize];
+        (
+            &api.name,
+            id.operation
+                .map(|o| api.operations[o as usize].name.as_str()),
+            id.product.map(|p| self.products[p as usize].name.as_str()),
+            id.subscription
+                .map(|s| self.subscriptions[s as usize].name.as_str()),
+        )
+    }
+
+    /// Where the call's key was found (to strip it before the upstream).
+    pub fn key_location(&self, call: &CallContext) -> Option<KeyLocation> {
+        let api = &self.apis[call.id.api as usize];
+        call.id.key.map(|k| match k {
+            KeySource::Header => KeyLocation::Header(api.header_name.clone()),
+            KeySource::Query => KeyLocation::Query(api.query_name.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            query_param("a=1&subscription-key=k%2Bx+y", "subscription-key").as_deref(),
+            Some("k+x y")
+        );
+        assert_eq!(query_param("a", "a").as_deref(), Some(""));
+        assert_eq!(query_param("a=%", "a").as_deref(), Some("%"));
+        assert_eq!(query_param("a=%4", "a").as_deref(), Some("%4"));
+        assert_eq!(query_param("", "a"), None);
+    }
+}

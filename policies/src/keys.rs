@@ -1,0 +1,98 @@
+//! Subscription keys: SHA-256 digests made at load time, and a lookup that never compares a
+//! whole digest in variable time. The catalog never holds a plain key.
+
+use hashbrown::HashMap;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+/// SHA-256 of a key's UTF-8 bytes.
+pub type Digest = [u8; 32];
+
+/// The digest of a subscription key.
+pub fn key_digest(key: &str) -> Digest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Lower-case hex of a digest, the `primaryKeySha256` form.
+pub fn digest_hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 64 hex digits.
+pub(crate) fn parse_digest_hex(text: &str) -> Option<Digest> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        d[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(d)
+}
+
+/// Subscription keys by digest. Buckets are found by an 8-byte prefix of the digest (a leak of
+/// which tells nothing about a key), then every candidate is compared in constant time.
+#[derive(Default)]
+pub(crate) struct KeyIndex {
+    buckets: HashMap<u64, Vec<(Digest, u32)>>,
+}
+
+fn prefix(d: &Digest) -> u64 {
+    let mut p = [0u8; 8];
+    p.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(p)
+}
+
+impl KeyIndex {
+    /// Adds a key; returns the subscription that already holds it, if any.
+    pub fn insert(&mut self, d: Digest, subscription: u32) -> Option<u32> {
+        let bucket = self.buckets.entry(prefix(&d)).or_default();
+        if let Some((_, other)) = bucket.iter().find(|(e, _)| e == &d) {
+            return Some(*other);
+        }
+        bucket.push((d, subscription));
+        None
+    }
+
+    /// How many keys are indexed.
+    pub fn len(&self) -> usize {
+        self.buckets.values().map(Vec::len).sum()
+    }
+
+    /// The subscription holding the key with this digest.
+    pub fn find(&self, d: &Digest) -> Option<u32> {
+        let bucket = self.buckets.get(&prefix(d))?;
+        let mut found = None;
+        for (candidate, sub) in bucket {
+            if bool::from(candidate.ct_eq(d)) {
+                found = Some(*sub);
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_round_trip_and_lookup() {
+        let d = key_digest("k1");
+        assert_eq!(parse_digest_hex(&digest_hex(&d)), Some(d));
+        let mut idx = KeyIndex::default();
+        assert_eq!(idx.insert(d, 7), None);
+        assert_eq!(idx.insert(d, 8), Some(7));
+        assert_eq!(idx.find(&key_digest("k1")), Some(7));
+        assert_eq!(idx.find(&key_digest("k2")), None);
+        // A digest sent as if it were the key is just another key.
+        assert_eq!(idx.find(&key_digest(&digest_hex(&d))), None);
+    }
+
+    #[test]
+    fn hex_is_strict() {
+        assert!(parse_digest_hex("abc").is_none());
+        assert!(parse_digest_hex(&"g".repeat(64)).is_none());
+    }
+}

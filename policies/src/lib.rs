@@ -1,0 +1,37 @@
+//! # apim-edge-policies: the engine
+//!
+//! Everything apim-edge knows about Azure API Management lives here, once: the catalog snapshot
+//! ([`Catalog::load`]), the policy language (read in both of APIM's XML formats and compiled at
+//! load time), and the per-request decision ([`Catalog::decide`], [`Catalog::respond`],
+//! [`Catalog::complete`]). The proxy-wasm filter and the wasmtime host only translate to and from
+//! these types.
+//!
+//! The engine is pure: it never reads a clock or spawns a thread. Time comes in as
+//! [`Millis`] (milliseconds since the Unix epoch) and counters live behind the
+//! [`CounterStore`] trait (compare-and-swap on opaque bytes), which the filter implements on
+//! proxy-wasm shared data and the host in memory.
+
+mod catalog;
+mod clock;
+mod counters;
+mod decide;
+mod error;
+mod expr;
+mod json;
+mod keys;
+mod policy;
+mod response;
+mod route;
+mod snapshot;
+mod xml;
+
+pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
+pub use clock::{format_timespan, parse_rfc3339, Millis};
+pub use counters::{CounterStore, MemoryStore, StoreError};
+pub use decide::{
+    CallContext, Completion, Decision, EngineError, HeaderEdit, KeyLocation, Outcome, Request,
+};
+pub use error::{LoadError, LoadErrors};
+pub use keys::{digest_hex, key_digest};
+pub use response::LocalResponse;
+pub use snapshot::seal;

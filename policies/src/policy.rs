@@ -1,0 +1,977 @@
+//! The policy language: compiling one scope's policy document into the steps the edge runs.
+//!
+//! A document is read once, at load time (named values substituted, either XML format), and each
+//! section becomes a list of [`Node`]s: a compiled [`Step`] or the place of `<base />`. The
+//! catalog then inlines scopes into effective programs. Placement rules are APIM's; elements
+//! outside the edge subset are refused or skipped as the configuration says.
+
+use crate::clock::{parse_rfc3339, Millis, YEAR_ONE};
+use crate::error::LoadError;
+use crate::expr::{self, Expr, Ty};
+use crate::xml::{self, Element, Pos};
+use hashbrown::HashMap;
+use std::net::IpAddr;
+
+/// What to do with a policy element outside the edge subset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnsupportedPolicies {
+    /// Refuse the snapshot, naming the element and its scope (the default).
+    #[default]
+    Reject,
+    /// Skip the element and warn once, as APIM's self-hosted gateway does.
+    Skip,
+}
+
+/// The level a policy document is attached at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScopeKind {
+    Global,
+    Product,
+    Api,
+    Operation,
+}
+
+/// A policy document's scope: its kind, how errors name it, and the stable identifier that
+/// counters of its limits are keyed by (the same across reloads).
+#[derive(Debug, Clone)]
+pub(crate) struct Scope {
+    pub kind: ScopeKind,
+    pub label: String,
+    pub id: String,
+}
+
+pub(crate) const SECTIONS: [&str; 4] = ["inbound", "backend", "outbound", "on-error"];
+pub(crate) const INBOUND: usize = 0;
+pub(crate) const BACKEND: usize = 1;
+pub(crate) const OUTBOUND: usize = 2;
+
+/// One entry of a compiled section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Node {
+    /// `<base />`: the enclosing scope's section goes here.
+    Base,
+    /// An index into the catalog's step arena.
+    Step(u32),
+}
+
+/// A scope's compiled document: each section, or `None` where the document has none (which
+/// inherits the section whole, as if it held only `<base />`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ScopePolicy {
+    pub sections: [Option<Vec<Node>>; 4],
+}
+
+/// A text that is either literal or a policy expression.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Text {
+    Literal(String),
+    Expr(Expr),
+}
+
+/// A limit's size: calls and/or kilobytes per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Allowance {
+    pub calls: Option<u64>,
+    pub bandwidth_kb: Option<u64>,
+    /// Milliseconds; 0 (quotas only) never renews.
+    pub period: Millis,
+}
+
+/// A nested `<api>` or `<operation>` limit, matched by `name` or `id`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Nested {
+    pub name: Option<String>,
+    pub id: Option<String>,
+    pub counter: String,
+    pub allowance: Allowance,
+    pub operations: Vec<Nested>,
+}
+
+/// `rate-limit` (sliding window) or `quota` (fixed windows), per subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SubscriptionLimit {
+    pub counter: String,
+    pub allowance: Option<Allowance>,
+    pub nested: Vec<Nested>,
+    pub retry_after_header: String,
+    pub remaining_header: Option<String>,
+    pub total_header: Option<String>,
+}
+
+/// `rate-limit-by-key` or `quota-by-key`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct KeyedLimit {
+    pub allowance: Allowance,
+    pub counter_key: Text,
+    pub increment_condition: Option<Expr>,
+    pub increment_count: Text,
+    pub first_period_start: Millis,
+    pub retry_after_header: String,
+    pub remaining_header: Option<String>,
+    pub total_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExistsAction {
+    Override,
+    Skip,
+    Append,
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SetHeader {
+    pub name: String,
+    pub action: ExistsAction,
+    pub values: Vec<Text>,
+}
+
+/// An inclusive range of addresses of one family (IPv4 as IPv4-mapped IPv6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AddressRange {
+    pub from: u128,
+    pub to: u128,
+}
+
+pub(crate) fn ip_number(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u128::from(v4.to_ipv6_mapped()),
+            None => u128::from(v6),
+        },
+    }
+}
+
+/// A step of an effective program.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Step {
+    RateLimit(SubscriptionLimit),
+    Quota(SubscriptionLimit),
+    RateLimitByKey(KeyedLimit),
+    QuotaByKey(KeyedLimit),
+    CheckHeader {
+        name: String,
+        status: u16,
+        message: String,
+        ignore_case: bool,
+        values: Vec<String>,
+    },
+    IpFilter {
+        allow: bool,
+        ranges: Vec<AddressRange>,
+    },
+    SetHeader(SetHeader),
+    /// `return-response` and `mock-response`.
+    Respond {
+        status: u16,
+        headers: Vec<SetHeader>,
+        body: String,
+    },
+}
+
+/// Why an element could not be compiled.
+enum Fault {
+    /// Outside the edge subset: refused or skipped as configured.
+    Unsupported(Pos, String),
+    /// Not valid APIM: always a load error.
+    Invalid(Pos, String),
+}
+
+type Compiled<T> = Result<T, Fault>;
+
+/// Compiles documents into the shared step arena.
+pub(crate) struct Compiler<'a> {
+    pub steps: &'a mut Vec<Step>,
+    pub named_values: &'a HashMap<String, String>,
+    pub unsupported: UnsupportedPolicies,
+    pub warnings: &'a mut Vec<String>,
+    pub errors: &'a mut Vec<LoadError>,
+}
+
+/// Replaces `{{name}}` from the named values; an unknown name is an error at its position.
+pub(crate) fn substitute_named_values(
+    text: &str,
+    named: &HashMap<String, String>,
+) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut consumed = 0;
+    while let Some(open) = rest.find("{{") {
+        let Some(close) = rest[open + 2..].find("}}") else {
+            break;
+        };
+        let name = rest[open + 2..open + 2 + close].trim();
+        let value = named
+            .get(name)
+            .or_else(|| {
+                named
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v)
+            })
+            .ok_or_else(|| {
+                (
+                    consumed + open,
+                    format!("named value '{name}' is not defined"),
+                )
+            })?;
+        out.push_str(&rest[..open]);
+        out.push_str(value);
+        consumed += open + close + 4;
+        rest = &rest[open + close + 4..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Compiler<'_> {
+    fn error(&mut self, scope: &Scope, pos: Pos, message: String) {
+        self.errors.push(LoadError::Policy {
+            scope: scope.label.clone(),
+            line: pos.line,
+            column: pos.column,
+            message,
+        });
+    }
+
+    /// Compiles one document; faults are recorded and the scope's result is `None`.
+    pub fn document(&mut self, source: &str, scope: &Scope) -> Option<ScopePolicy> {
+        let text = match substitute_named_values(source, self.named_values) {
+            Ok(t) => t,
+            Err((offset, message)) => {
+                let pos = xml::position_of(source, offset);
+                self.error(scope, pos, message);
+                return None;
+            }
+        };
+        let root = match xml::parse_document(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(scope, e.pos, e.message);
+                return None;
+            }
+        };
+        if root.name != "policies" {
+            self.error(
+                scope,
+                root.pos,
+                format!("the root element is <{}>, expected <policies>", root.name),
+            );
+            return None;
+        }
+        let before = self.errors.len();
+        let mut policy = ScopePolicy::default();
+        for section in &root.children {
+            let Some(index) = SECTIONS.iter().position(|s| *s == section.name) else {
+                self.error(
+                    scope,
+                    section.pos,
+                    format!("<{}> is not a policy section", section.name),
+                );
+                continue;
+            };
+            if policy.sections[index].is_some() {
+                self.error(
+                    scope,
+                    section.pos,
+                    format!("section <{}> appears twice", section.name),
+                );
+                continue;
+            }
+            let mut nodes = Vec::new();
+            for el in &section.children {
+                match self.element(el, scope, index) {
+                    Ok(Some(node)) => nodes.push(node),
+                    Ok(None) => {}
+                    Err(Fault::Invalid(pos, m)) => self.error(scope, pos, m),
+                    Err(Fault::Unsupported(pos, m)) => match self.unsupported {
+                        UnsupportedPolicies::Reject => self.error(scope, pos, m),
+                        UnsupportedPolicies::Skip => {
+                            let w = format!(
+                                "{} policy, line {}, column {}: skipped: {m}",
+                                scope.label, pos.line, pos.column
+                            );
+                            if !self.warnings.contains(&w) {
+                                self.warnings.push(w);
+                            }
+                        }
+                    },
+                }
+            }
+            policy.sections[index] = Some(nodes);
+        }
+        (self.errors.len() == before).then_some(policy)
+    }
+
+    fn element(&mut self, el: &Element, scope: &Scope, section: usize) -> Compiled<Option<Node>> {
+        let sname = SECTIONS[section];
+        let only = |sections: &[usize]| -> Compiled<()> {
+            if sections.contains(&section) {
+                Ok(())
+            } else {
+                Err(Fault::Invalid(
+                    el.pos,
+                    format!("<{}> is not allowed in the {sname} section", el.name),
+                ))
+            }
+        };
+        let step = match el.name.as_str() {
+            "base" => return Ok(Some(Node::Base)),
+            "forward-request" => {
+                only(&[BACKEND])?;
+                // The proxy's router forwards the call; nothing to do at the edge.
+                return Ok(None);
+            }
+            "rate-limit" => {
+                only(&[INBOUND])?;
+                if scope.kind == ScopeKind::Global {
+                    return Err(Fault::Invalid(
+                        el.pos,
+                        "<rate-limit> is allowed only at product, API or operation scope".into(),
+                    ));
+                }
+                Step::RateLimit(subscription_limit(el, scope, false)?)
+            }
+            "quota" => {
+                only(&[INBOUND])?;
+                if scope.kind != ScopeKind::Product {
+                    return Err(Fault::Invalid(
+                        el.pos,
+                        "<quota> is allowed only at product scope".into(),
+                    ));
+                }
+                Step::Quota(subscription_limit(el, scope, true)?)
+            }
+            "rate-limit-by-key" => {
+                only(&[INBOUND])?;
+                Step::RateLimitByKey(keyed_limit(el, false)?)
+            }
+            "quota-by-key" => {
+                only(&[INBOUND])?;
+                Step::QuotaByKey(keyed_limit(el, true)?)
+            }
+            "check-header" => {
+                only(&[INBOUND])?;
+                let status = int_attr(el, "failed-check-httpcode")?
+                    .ok_or_else(|| missing(el, "failed-check-httpcode"))?;
+                Step::CheckHeader {
+                    name: required(el, "name")?.to_ascii_lowercase(),
+                    status: u16::try_from(status)
+                        .ok()
+                        .filter(|s| (100..600).contains(s))
+                        .ok_or_else(|| {
+                            Fault::Invalid(el.pos, format!("'{status}' is not an HTTP status"))
+                        })?,
+                    message: required(el, "failed-check-error-message")?.to_string(),
+                    ignore_case: bool_attr(el, "ignore-case")?.unwrap_or(false),
+                    values: el
+                        .children
+                        .iter()
+                        .filter(|c| c.name == "value")
+                        .map(|c| literal(c, "value", &c.text).map(str::to_string))
+                        .collect::<Compiled<_>>()?,
+                }
+            }
+            "ip-filter" => {
+                only(&[INBOUND])?;
+                ip_filter(el)?
+            }
+            "set-header" => Step::SetHeader(set_header(el)?),
+            "return-response" | "mock-response" if section != INBOUND => {
+                return Err(Fault::Unsupported(
+                    el.pos,
+                    format!(
+                        "<{}> in the {sname} section is not supported at the edge ({})",
+                        el.name, scope.label
+                    ),
+                ))
+            }
+            "return-response" => return_response(el)?,
+            "mock-response" => {
+                let status = int_attr(el, "status-code")?.unwrap_or(200);
+                let mut headers = Vec::new();
+                if let Some(ct) = el.attr("content-type") {
+                    headers.push(SetHeader {
+                        name: "content-type".into(),
+                        action: ExistsAction::Override,
+                        values: vec![Text::Literal(ct.to_string())],
+                    });
+                }
+                Step::Respond {
+                    status: status_code(el, status)?,
+                    headers,
+                    body: String::new(),
+                }
+            }
+            other => {
+                return Err(Fault::Unsupported(
+                    el.pos,
+                    format!(
+                        "<{other}> is not supported at the edge ({}, {sname} section)",
+                        scope.label
+                    ),
+                ))
+            }
+        };
+        self.steps.push(step);
+        Ok(Some(Node::Step(self.steps.len() as u32 - 1)))
+    }
+}
+
+fn missing(el: &Element, attr: &str) -> Fault {
+    Fault::Invalid(
+        el.pos,
+        format!("<{}> needs the attribute '{attr}'", el.name),
+    )
+}
+
+fn required<'e>(el: &'e Element, attr: &str) -> Compiled<&'e str> {
+    let v = el.attr(attr).ok_or_else(|| missing(el, attr))?;
+    literal(el, attr, v)
+}
+
+/// A value that must be literal: an expression here is outside the edge subset.
+fn literal<'v>(el: &Element, attr: &str, value: &'v str) -> Compiled<&'v str> {
+    if expr::is_expression(value) {
+        return Err(Fault::Unsupported(
+            el.pos,
+            format!(
+                "expression \"{value}\" in '{attr}' of <{}> is not supported at the edge",
+                el.name
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+fn int_attr(el: &Element, attr: &str) -> Compiled<Option<u64>> {
+    let Some(v) = el.attr(attr) else {
+        return Ok(None);
+    };
+    let v = literal(el, attr, v)?;
+    v.trim().parse().map(Some).map_err(|_| {
+        Fault::Invalid(
+            el.pos,
+            format!(
+                "'{attr}' of <{}> must be a whole number, not \"{v}\"",
+                el.name
+            ),
+        )
+    })
+}
+
+fn bool_attr(el: &Element, attr: &str) -> Compiled<Option<bool>> {
+    let Some(v) = el.attr(attr) else {
+        return Ok(None);
+    };
+    match literal(el, attr, v)?.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(Some(true)),
+        "false" => Ok(Some(false)),
+        _ => Err(Fault::Invalid(
+            el.pos,
+            format!(
+                "'{attr}' of <{}> must be true or false, not \"{v}\"",
+                el.name
+            ),
+        )),
+    }
+}
+
+fn status_code(el: &Element, code: u64) -> Compiled<u16> {
+    u16::try_from(code)
+        .ok()
+        .filter(|s| (100..600).contains(s))
+        .ok_or_else(|| Fault::Invalid(el.pos, format!("'{code}' is not an HTTP status")))
+}
+
+/// An attribute or text that may be an expression of the given type.
+fn text(el: &Element, what: &str, value: &str, ty: Ty) -> Compiled<Text> {
+    if !expr::is_expression(value) {
+        return Ok(Text::Literal(value.to_string()));
+    }
+    let (e, t) = expr::compile(value).map_err(|why| {
+        Fault::Unsupported(
+            el.pos,
+            format!(
+                "expression \"{}\" in {what} of <{}> is not supported at the edge: {why}",
+                value.trim(),
+                el.name
+            ),
+        )
+    })?;
+    if t != ty && !(ty == Ty::Str) {
+        return Err(Fault::Invalid(
+            el.pos,
+            format!(
+                "expression \"{}\" in {what} of <{}> gives {t}, expected {ty}",
+                value.trim(),
+                el.name
+            ),
+        ));
+    }
+    Ok(Text::Expr(e))
+}
+
+fn allowance(el: &Element, quota: bool, keyed: bool) -> Compiled<Allowance> {
+    let calls = int_attr(el, "calls")?;
+    let bandwidth_kb = if quota {
+        int_attr(el, "bandwidth")?
+    } else {
+        None
+    };
+    if calls.is_none() && bandwidth_kb.is_none() {
+        return Err(if quota {
+            Fault::Invalid(
+                el.pos,
+                format!("<{}> needs 'calls' or 'bandwidth'", el.name),
+            )
+        } else {
+            missing(el, "calls")
+        });
+    }
+    let seconds = int_attr(el, "renewal-period")?.ok_or_else(|| missing(el, "renewal-period"))?;
+    if !quota && !(1..=300).contains(&seconds) {
+        return Err(Fault::Invalid(
+            el.pos,
+            format!(
+                "'renewal-period' of <{}> must be between 1 and 300 seconds, not {seconds}",
+                el.name
+            ),
+        ));
+    }
+    if quota && keyed && seconds != 0 && seconds < 300 {
+        return Err(Fault::Invalid(
+            el.pos,
+            format!(
+                "'renewal-period' of <{}> must be at least 300 seconds (or 0), not {seconds}",
+                el.name
+            ),
+        ));
+    }
+    Ok(Allowance {
+        calls,
+        bandwidth_kb,
+        period: seconds.saturating_mul(1000).min(i64::MAX as u64) as Millis,
+    })
+}
+
+fn header_name_attr(el: &Element, attr: &str) -> Compiled<Option<String>> {
+    el.attr(attr)
+        .map(|v| literal(el, attr, v).map(str::to_ascii_lowercase))
+        .transpose()
+}
+
+fn nested(el: &Element, parent_counter: &str, quota: bool, kind: &str) -> Compiled<Nested> {
+    let name = el.attr("name").map(str::to_string);
+    let id = el.attr("id").map(str::to_string);
+    let label = id
+        .clone()
+        .or_else(|| name.clone())
+        .ok_or_else(|| missing(el, "name"))?;
+    let counter = format!("{parent_counter}/{kind}:{label}");
+    let mut operations = Vec::new();
+    for c in &el.children {
+        if c.name == "operation" && kind == "api" {
+            operations.push(nested(c, &counter, quota, "operation")?);
+        } else {
+            return Err(Fault::Invalid(
+                c.pos,
+                format!("<{}> is not allowed inside <{}>", c.name, el.name),
+            ));
+        }
+    }
+    Ok(Nested {
+        name,
+        id,
+        allowance: allowance(el, quota, false)?,
+        counter,
+        operations,
+    })
+}
+
+fn subscription_limit(el: &Element, scope: &Scope, quota: bool) -> Compiled<SubscriptionLimit> {
+    let counter = format!("{}/{}", scope.id, el.name);
+    let has_own = el.attr("calls").is_some() || el.attr("bandwidth").is_some();
+    let mut nested_limits = Vec::new();
+    for c in &el.children {
+        if c.name == "api" {
+            nested_limits.push(nested(c, &counter, quota, "api")?);
+        } else {
+            return Err(Fault::Invalid(
+                c.pos,
+                format!("<{}> is not allowed inside <{}>", c.name, el.name),
+            ));
+        }
+    }
+    let allowance = if has_own || nested_limits.is_empty() {
+        Some(allowance(el, quota, false)?)
+    } else {
+        None
+    };
+    Ok(SubscriptionLimit {
+        counter,
+        allowance,
+        nested: nested_limits,
+        retry_after_header: header_name_attr(el, "retry-after-header-name")?
+            .unwrap_or_else(|| "retry-after".into()),
+        remaining_header: header_name_attr(el, "remaining-calls-header-name")?,
+        total_header: header_name_attr(el, "total-calls-header-name")?,
+    })
+}
+
+fn keyed_limit(el: &Element, quota: bool) -> Compiled<KeyedLimit> {
+    let counter_key = text(
+        el,
+        "'counter-key'",
+        el.attr("counter-key")
+            .ok_or_else(|| missing(el, "counter-key"))?,
+        Ty::Str,
+    )?;
+    let increment_condition = match el.attr("increment-condition") {
+        None => None,
+        Some(v) => match text(el, "'increment-condition'", v, Ty::Bool)? {
+            Text::Expr(e) => Some(e),
+            Text::Literal(l) => match l.trim().to_ascii_lowercase().as_str() {
+                "true" => None,
+                "false" => Some(Expr::Bool(false)),
+                _ => {
+                    return Err(Fault::Invalid(
+                        el.pos,
+                        format!("'increment-condition' must be an expression, not \"{l}\""),
+                    ))
+                }
+            },
+        },
+    };
+    let increment_count = match el.attr("increment-count") {
+        None => Text::Literal("1".into()),
+        Some(v) => match text(el, "'increment-count'", v, Ty::Int)? {
+            Text::Literal(l) if l.trim().parse::<u32>().is_err() => {
+                return Err(Fault::Invalid(
+                    el.pos,
+                    format!("'increment-count' must be a whole number, not \"{l}\""),
+                ))
+            }
+            Text::Literal(l) => Text::Literal(l.trim().to_string()),
+            e => e,
+        },
+    };
+    let first_period_start = match el.attr("first-period-start") {
+        Some(v) if quota => parse_rfc3339(literal(el, "first-period-start", v)?)
+            .or_else(|| parse_rfc3339(&format!("{}Z", v.trim())))
+            .ok_or_else(|| {
+                Fault::Invalid(
+                    el.pos,
+                    format!("'first-period-start' is not a date and time: \"{v}\""),
+                )
+            })?,
+        _ => YEAR_ONE,
+    };
+    Ok(KeyedLimit {
+        allowance: allowance(el, quota, true)?,
+        counter_key,
+        increment_condition,
+        increment_count,
+        first_period_start,
+        retry_after_header: header_name_attr(el, "retry-after-header-name")?
+            .unwrap_or_else(|| "retry-after".into()),
+        remaining_header: header_name_attr(el, "remaining-calls-header-name")?,
+        total_header: header_name_attr(el, "total-calls-header-name")?,
+    })
+}
+
+fn parse_ip(el: &Element, text: &str) -> Compiled<u128> {
+    text.trim()
+        .parse::<IpAddr>()
+        .map(ip_number)
+        .map_err(|_| Fault::Invalid(el.pos, format!("\"{text}\" is not an IP address")))
+}
+
+fn ip_filter(el: &Element) -> Compiled<Step> {
+    let allow = match required(el, "action")? {
+        "allow" => true,
+        "forbid" => false,
+        other => {
+            return Err(Fault::Invalid(
+                el.pos,
+                format!("'action' of <ip-filter> must be allow or forbid, not \"{other}\""),
+            ))
+        }
+    };
+    let mut ranges = Vec::new();
+    for c in &el.children {
+        match c.name.as_str() {
+            "address" => {
+                let ip = parse_ip(c, literal(c, "address", &c.text)?)?;
+                ranges.push(AddressRange { from: ip, to: ip });
+            }
+            "address-range" => {
+                let from = parse_ip(c, required(c, "from")?)?;
+                let to = parse_ip(c, required(c, "to")?)?;
+                if from > to {
+                    return Err(Fault::Invalid(c.pos, "'from' is above 'to'".into()));
+                }
+                ranges.push(AddressRange { from, to });
+            }
+            other => {
+                return Err(Fault::Invalid(
+                    c.pos,
+                    format!("<{other}> is not allowed inside <ip-filter>"),
+                ))
+            }
+        }
+    }
+    Ok(Step::IpFilter { allow, ranges })
+}
+
+fn set_header(el: &Element) -> Compiled<SetHeader> {
+    let action = match el.attr("exists-action").unwrap_or("override") {
+        "override" => ExistsAction::Override,
+        "skip" => ExistsAction::Skip,
+        "append" => ExistsAction::Append,
+        "delete" => ExistsAction::Delete,
+        other => {
+            return Err(Fault::Invalid(
+                el.pos,
+                format!(
+                    "'exists-action' must be override, skip, append or delete, not \"{other}\""
+                ),
+            ))
+        }
+    };
+    let values = el
+        .children
+        .iter()
+        .filter(|c| c.name == "value")
+        .map(|c| text(c, "the value", &c.text, Ty::Str))
+        .collect::<Compiled<Vec<_>>>()?;
+    Ok(SetHeader {
+        name: required(el, "name")?.to_string(),
+        action,
+        values,
+    })
+}
+
+fn return_response(el: &Element) -> Compiled<Step> {
+    if el.attr("response-variable-name").is_some() {
+        return Err(Fault::Unsupported(
+            el.pos,
+            "'response-variable-name' of <return-response> is not supported at the edge".into(),
+        ));
+    }
+    let mut status = 200;
+    let mut headers = Vec::new();
+    let mut body = String::new();
+    for c in &el.children {
+        match c.name.as_str() {
+            "set-status" => status = status_code(c, int_attr(c, "code")?.unwrap_or(200))?,
+            "set-header" => headers.push(set_header(c)?),
+            "set-body" => {
+                if c.attr("template").is_some() {
+                    return Err(Fault::Unsupported(
+                        c.pos,
+                        "templated <set-body> is not supported at the edge".into(),
+                    ));
+                }
+                body = literal(c, "set-body", &c.text)?.to_string();
+            }
+            other => {
+                return Err(Fault::Unsupported(
+                    c.pos,
+                    format!("<{other}> inside <return-response> is not supported at the edge"),
+                ))
+            }
+        }
+    }
+    Ok(Step::Respond {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Inlines scopes, outermost first, into one section's effective program.
+pub(crate) fn inline(chain: &[Option<&ScopePolicy>], section: usize) -> Vec<u32> {
+    let mut program: Vec<u32> = Vec::new();
+    for level in chain {
+        let nodes = level.and_then(|p| p.sections[section].as_deref());
+        let Some(nodes) = nodes else {
+            continue; // inherits the enclosing section whole
+        };
+        let mut next = Vec::with_capacity(program.len() + nodes.len());
+        for n in nodes {
+            match n {
+                Node::Base => next.extend_from_slice(&program),
+                Node::Step(i) => next.push(*i),
+            }
+        }
+        program = next;
+    }
+    program
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(
+        doc: &str,
+        kind: ScopeKind,
+        mode: UnsupportedPolicies,
+    ) -> (Vec<Step>, Result<ScopePolicy, Vec<LoadError>>, Vec<String>) {
+        let mut steps = Vec::new();
+        let mut warnings = Vec::new();
+        let mut errors = Vec::new();
+        let mut named = HashMap::new();
+        named.insert("limit".to_string(), "7".to_string());
+        let scope = Scope {
+            kind,
+            label: "product 'starter'".into(),
+            id: "product:starter".into(),
+        };
+        let r = Compiler {
+            steps: &mut steps,
+            named_values: &named,
+            unsupported: mode,
+            warnings: &mut warnings,
+            errors: &mut errors,
+        }
+        .document(doc, &scope);
+        let r = r.ok_or(errors);
+        (steps, r, warnings)
+    }
+
+    fn ok(doc: &str) -> Vec<Step> {
+        let (s, r, _) = compile(doc, ScopeKind::Product, UnsupportedPolicies::Reject);
+        r.unwrap();
+        s
+    }
+
+    fn err(doc: &str, kind: ScopeKind) -> String {
+        let (_, r, _) = compile(doc, kind, UnsupportedPolicies::Reject);
+        r.unwrap_err()[0].to_string()
+    }
+
+    #[test]
+    fn rate_limit_with_nested_limits() {
+        let steps = ok(
+            r#"<policies><inbound><rate-limit calls="{{limit}}" renewal-period="60" remaining-calls-header-name="X-Left">
+            <api name="echo" calls="3" renewal-period="10"><operation name="get" calls="1" renewal-period="10"/></api>
+        </rate-limit></inbound></policies>"#,
+        );
+        let Step::RateLimit(rl) = &steps[0] else {
+            panic!()
+        };
+        assert_eq!(rl.allowance.unwrap().calls, Some(7));
+        assert_eq!(rl.allowance.unwrap().period, 60_000);
+        assert_eq!(rl.remaining_header.as_deref(), Some("x-left"));
+        assert_eq!(
+            rl.nested[0].operations[0].counter,
+            "product:starter/rate-limit/api:echo/operation:get"
+        );
+    }
+
+    #[test]
+    fn every_supported_element_compiles() {
+        let steps = ok(r#"<policies><inbound>
+            <quota calls="100" bandwidth="40" renewal-period="3600" />
+            <rate-limit-by-key calls="5" renewal-period="30" counter-key="@(context.Request.IpAddress)" increment-condition="@(context.Response.StatusCode == 200)" />
+            <quota-by-key calls="5" renewal-period="86400" counter-key="@(context.Request.IpAddress)" first-period-start="2026-01-01T00:00:00Z" />
+            <check-header name="X-Partner" failed-check-httpcode="401" failed-check-error-message="Not a partner" ignore-case="true"><value>acme</value></check-header>
+            <ip-filter action="allow"><address>10.0.0.1</address><address-range from="192.168.0.0" to="192.168.0.255"/></ip-filter>
+            <set-header name="x-a" exists-action="append"><value>@("v-" + context.Api.Id)</value></set-header>
+            <return-response><set-status code="418" reason="teapot"/><set-header name="x-r"><value>1</value></set-header><set-body>{"a":1}</set-body></return-response>
+            <mock-response status-code="204" content-type="application/json"/>
+        </inbound><backend><forward-request /></backend><outbound><set-header name="x-b" exists-action="delete" /></outbound></policies>"#);
+        assert_eq!(steps.len(), 9);
+        assert!(matches!(steps[7], Step::Respond { status: 204, .. }));
+    }
+
+    #[test]
+    fn placement_rules() {
+        assert!(err(
+            "<policies><inbound><quota calls=\"1\" renewal-period=\"60\"/></inbound></policies>",
+            ScopeKind::Api
+        )
+        .contains("only at product scope"));
+        assert!(err("<policies><inbound><rate-limit calls=\"1\" renewal-period=\"60\"/></inbound></policies>", ScopeKind::Global).contains("only at product, API or operation"));
+        assert!(err("<policies><outbound><rate-limit calls=\"1\" renewal-period=\"60\"/></outbound></policies>", ScopeKind::Product).contains("not allowed in the outbound section"));
+        assert!(err("<policies><inbound><rate-limit calls=\"1\" renewal-period=\"301\"/></inbound></policies>", ScopeKind::Product).contains("between 1 and 300"));
+        assert!(err("<policies><inbound><rate-limit-by-key calls=\"1\" renewal-period=\"600\" counter-key=\"a\"/></inbound></policies>", ScopeKind::Product).contains("between 1 and 300"));
+        assert!(err("<policies><inbound><quota-by-key calls=\"1\" renewal-period=\"60\" counter-key=\"a\"/></inbound></policies>", ScopeKind::Product).contains("at least 300"));
+        ok("<policies><inbound><quota-by-key calls=\"1\" renewal-period=\"0\" counter-key=\"a\"/></inbound></policies>");
+    }
+
+    #[test]
+    fn unsupported_reject_names_element_scope_and_position() {
+        let e = err(
+            "<policies>\n  <inbound>\n    <cors />\n  </inbound>\n</policies>",
+            ScopeKind::Product,
+        );
+        assert_eq!(e, "product 'starter' policy, line 3, column 5: <cors> is not supported at the edge (product 'starter', inbound section)");
+        let e = err("<policies><inbound><set-header name=\"a\"><value>@(context.Variables[\"x\"])</value></set-header></inbound></policies>", ScopeKind::Product);
+        assert!(
+            e.contains("expression \"@(context.Variables[\"x\"])\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unsupported_skip_warns_once_and_loads() {
+        let (steps, r, warnings) = compile(
+            "<policies><inbound><cors /><base /><cors /></inbound></policies>",
+            ScopeKind::Product,
+            UnsupportedPolicies::Skip,
+        );
+        let p = r.unwrap();
+        assert!(steps.is_empty());
+        assert_eq!(p.sections[INBOUND], Some(vec![Node::Base]));
+        assert_eq!(warnings.len(), 2, "{warnings:?}"); // two positions, each once
+    }
+
+    #[test]
+    fn missing_named_value_is_named() {
+        let e = err(
+            "<policies>\n<inbound><set-header name=\"{{nope}}\" /></inbound></policies>",
+            ScopeKind::Product,
+        );
+        assert_eq!(
+            e,
+            "product 'starter' policy, line 2, column 28: named value 'nope' is not defined"
+        );
+    }
+
+    #[test]
+    fn base_inlines_where_it_stands() {
+        let g = ScopePolicy {
+            sections: [Some(vec![Node::Step(0)]), None, None, None],
+        };
+        let p = ScopePolicy {
+            sections: [
+                Some(vec![Node::Step(1), Node::Base, Node::Step(2)]),
+                None,
+                None,
+                None,
+            ],
+        };
+        let a = ScopePolicy {
+            sections: [Some(vec![Node::Base, Node::Step(3)]), None, None, None],
+        };
+        let o = ScopePolicy {
+            sections: [Some(vec![Node::Step(4)]), None, None, None],
+        };
+        assert_eq!(
+            inline(&[Some(&g), Some(&p), Some(&a), None], INBOUND),
+            vec![1, 0, 2, 3]
+        );
+        assert_eq!(
+            inline(&[Some(&g), None, Some(&a), None], INBOUND),
+            vec![0, 3]
+        );
+        assert_eq!(
+            inline(&[Some(&g), Some(&p), Some(&a), Some(&o)], INBOUND),
+            vec![4]
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! The responses the gateway makes on its own (SPEC §4): APIM's statuses, messages and headers.
+
+use crate::clock::{ceil_seconds, format_timespan, Millis};
+
+/// A response the gateway sends instead of calling the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u16,
+    /// Header names lower-case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// `{"statusCode": N, "message": "..."}` exactly, JSON-escaped.
+pub(crate) fn error_body(status: u16, message: &str) -> String {
+    format!(
+        "{{\"statusCode\": {status}, \"message\": {}}}",
+        serde_json::Value::String(message.to_string())
+    )
+}
+
+fn json(status: u16, message: &str, mut headers: Vec<(String, String)>) -> LocalResponse {
+    headers.insert(0, ("content-type".into(), "application/json".into()));
+    LocalResponse {
+        status,
+        headers,
+        body: error_body(status, message),
+    }
+}
+
+pub(crate) fn not_found() -> LocalResponse {
+    json(404, "Resource not found", vec![])
+}
+
+pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> LocalResponse {
+    json(
+        401,
+        "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.",
+        vec![(
+            "www-authenticate".into(),
+            format!(
+                "AzureApiManagementKey realm=\"https://{host}/{api_path}\",name=\"{header_name}\",type=\"header\""
+            ),
+        )],
+    )
+}
+
+pub(crate) fn invalid_key() -> LocalResponse {
+    json(
+        401,
+        "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.",
+        vec![],
+    )
+}
+
+pub(crate) fn rate_limited(wait: Millis, retry_after_header: &str) -> LocalResponse {
+    let n = ceil_seconds(wait).max(1);
+    json(
+        429,
+        &format!("Rate limit is exceeded. Try again in {n} seconds."),
+        vec![(retry_after_header.to_string(), n.to_string())],
+    )
+}
+
+/// Seconds until a quota renews; `None` for a quota that never renews.
+pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalResponse {
+    let what = if bandwidth {
+        "Out of bandwidth quota"
+    } else {
+        "Out of call volume quota"
+    };
+    json(
+        403,
+        &format!(
+            "{what}. Quota will be replenished in {}.",
+            format_timespan(wait_seconds)
+        ),
+        vec![("retry-after".into(), wait_seconds.to_string())],
+    )
+}
+
+pub(crate) fn ip_forbidden(ip: &str) -> LocalResponse {
+    json(
+        403,
+        &format!("Caller IP address {ip} is not allowed. Access denied."),
+        vec![],
+    )
+}
+
+pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
+    json(status, message, vec![])
+}
+
+pub(crate) fn internal_error() -> LocalResponse {
+    json(500, "Internal server error", vec![])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_exact_and_escaped() {
+        assert_eq!(
+            error_body(404, "Resource not found"),
+            r#"{"statusCode": 404, "message": "Resource not found"}"#
+        );
+        assert_eq!(
+            error_body(400, "a \"b\""),
+            r#"{"statusCode": 400, "message": "a \"b\""}"#
+        );
+    }
+
+    #[test]
+    fn rate_limit_rounds_up() {
+        let r = rate_limited(59_001, "retry-after");
+        assert_eq!(r.status, 429);
+        assert!(r.body.contains("Try again in 60 seconds."));
+        assert_eq!(r.headers[1], ("retry-after".into(), "60".into()));
+    }
+}

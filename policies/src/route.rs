@@ -1,0 +1,143 @@
+//! Routing a request to an API and an operation: the longest segment-aligned API path prefix,
+//! then the operation whose method and `urlTemplate` match. Matching ignores ASCII case, as
+//! APIM's does.
+
+/// The non-empty `/`-separated segments of a path.
+pub(crate) fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Literal(String),
+    Param,
+}
+
+/// One template segment: `items`, `{id}`, or a mix such as `{id}.json`.
+#[derive(Debug, Clone, PartialEq)]
+struct Segment(Vec<Piece>);
+
+/// A compiled `urlTemplate`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct UrlTemplate {
+    segments: Vec<Segment>,
+    /// A trailing `/*` (or `{*name}`) matches the rest of the path.
+    rest: bool,
+    /// Literal characters, to prefer the most specific of several matching templates.
+    pub specificity: usize,
+}
+
+impl UrlTemplate {
+    pub fn parse(template: &str) -> Result<UrlTemplate, String> {
+        let path = template.split('?').next().unwrap_or("");
+        let mut segments = Vec::new();
+        let mut rest = false;
+        let mut specificity = 0;
+        let parts: Vec<&str> = segments_of(path);
+        for (i, s) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            if last && (*s == "*" || (s.starts_with("{*") && s.ends_with('}'))) {
+                rest = true;
+                break;
+            }
+            let mut pieces = Vec::new();
+            let mut text = *s;
+            while !text.is_empty() {
+                if let Some(open) = text.find('{') {
+                    if open > 0 {
+                        pieces.push(Piece::Literal(text[..open].to_ascii_lowercase()));
+                        specificity += open;
+                    }
+                    let close = text[open..]
+                        .find('}')
+                        .ok_or_else(|| format!("unclosed '{{' in urlTemplate '{template}'"))?;
+                    if pieces.last() == Some(&Piece::Param) {
+                        return Err(format!(
+                            "two parameters with nothing between them in urlTemplate '{template}'"
+                        ));
+                    }
+                    pieces.push(Piece::Param);
+                    text = &text[open + close + 1..];
+                } else {
+                    pieces.push(Piece::Literal(text.to_ascii_lowercase()));
+                    specificity += text.len();
+                    text = "";
+                }
+            }
+            segments.push(Segment(pieces));
+        }
+        Ok(UrlTemplate {
+            segments,
+            rest,
+            specificity,
+        })
+    }
+
+    /// Does the path below the API's prefix match?
+    pub fn matches(&self, path: &[&str]) -> bool {
+        if path.len() < self.segments.len() || (!self.rest && path.len() != self.segments.len()) {
+            return false;
+        }
+        self.segments
+            .iter()
+            .zip(path)
+            .all(|(seg, text)| match_pieces(&seg.0, text))
+    }
+}
+
+fn segments_of(path: &str) -> Vec<&str> {
+    segments(path).collect()
+}
+
+fn match_pieces(pieces: &[Piece], text: &str) -> bool {
+    match pieces.split_first() {
+        None => text.is_empty(),
+        Some((Piece::Literal(l), rest)) => {
+            text.len() >= l.len()
+                && text.is_char_boundary(l.len())
+                && text[..l.len()].eq_ignore_ascii_case(l)
+                && match_pieces(rest, &text[l.len()..])
+        }
+        Some((Piece::Param, rest)) => {
+            if rest.is_empty() {
+                return !text.is_empty();
+            }
+            (1..=text.len())
+                .filter(|&i| text.is_char_boundary(i))
+                .any(|i| match_pieces(rest, &text[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(t: &str, p: &str) -> bool {
+        UrlTemplate::parse(t)
+            .unwrap()
+            .matches(&segments(p).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn templates() {
+        assert!(m("/items/{id}", "/items/1"));
+        assert!(m("/items/{id}", "/ITEMS/1"));
+        assert!(!m("/items/{id}", "/items"));
+        assert!(!m("/items/{id}", "/items/1/2"));
+        assert!(m("/items/*", "/items/1/2"));
+        assert!(m("/items/{*rest}", "/items/1/2"));
+        assert!(m("/items/{id}.json", "/items/7.json"));
+        assert!(!m("/items/{id}.json", "/items/.json"));
+        assert!(m("/search?q={q}", "/search"));
+        assert!(m("/", "/"));
+        assert!(!m("/", "/x"));
+    }
+
+    #[test]
+    fn specificity_prefers_literals() {
+        let a = UrlTemplate::parse("/items/{id}").unwrap();
+        let b = UrlTemplate::parse("/items/latest").unwrap();
+        assert!(b.specificity > a.specificity);
+    }
+}
