@@ -1,1 +1,270 @@
-fn main() {}
+//! `apim-edge`: replay recorded traffic through the engine, check and seal snapshots, and
+//! generate synthetic catalogs. Exit codes: 0 fine, 1 a `--check` mismatch, 2 unusable input.
+
+use anyhow::{anyhow, Context};
+use apim_edge_harness::replay::{mismatches, replay_one, FailureMode};
+use apim_edge_harness::{synth, trace};
+use apim_edge_policies::{parse_rfc3339, Catalog, LoadOptions, MemoryStore, UnsupportedPolicies};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "apim-edge",
+    version,
+    about = "Azure API Management products at the edge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a trace and print one JSON decision per request.
+    Replay {
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long)]
+        trace: PathBuf,
+        /// Run the filter's .wasm in the wasmtime host instead of the native engine.
+        #[arg(long)]
+        wasm: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// A filter configuration (JSON) for unsupportedPolicies and failureMode.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Compare each result with the trace's `expect`; exit 1 on any mismatch.
+        #[arg(long)]
+        check: bool,
+        /// The origin of relative `t` times.
+        #[arg(long, default_value = trace::DEFAULT_START)]
+        start: String,
+    },
+    /// Validate a snapshot and print a summary, or every error.
+    Check {
+        snapshot: PathBuf,
+        /// Skip policy elements outside the edge subset instead of refusing them.
+        #[arg(long)]
+        skip_unsupported: bool,
+    },
+    /// Replace every plain subscription key of a snapshot by its SHA-256 digest.
+    Seal { input: PathBuf, output: PathBuf },
+    /// Write a synthetic catalog (JSON) to stdout, for benchmarks.
+    Synth {
+        #[arg(long, default_value_t = 1000)]
+        subscriptions: usize,
+        #[arg(long, default_value_t = 10)]
+        apis: usize,
+        #[arg(long, default_value_t = 5)]
+        products: usize,
+    },
+}
+
+/// Input that cannot be used: exit 2.
+struct Unusable(anyhow::Error);
+
+fn read(path: &Path) -> Result<String, Unusable> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))
+        .map_err(Unusable)
+}
+
+struct FilterConfig {
+    unsupported: UnsupportedPolicies,
+    failure: FailureMode,
+}
+
+fn filter_config(path: Option<&Path>) -> Result<FilterConfig, Unusable> {
+    let mut cfg = FilterConfig {
+        unsupported: UnsupportedPolicies::Reject,
+        failure: FailureMode::Closed,
+    };
+    let Some(path) = path else { return Ok(cfg) };
+    let text = read(path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))
+        .map_err(Unusable)?;
+    match v.get("unsupportedPolicies").and_then(|x| x.as_str()) {
+        None | Some("reject") => {}
+        Some("skip") => cfg.unsupported = UnsupportedPolicies::Skip,
+        Some(other) => {
+            return Err(Unusable(anyhow!(
+                "{}: unsupportedPolicies: expected \"reject\" or \"skip\", not {other:?}",
+                path.display()
+            )))
+        }
+    }
+    match v.get("failureMode").and_then(|x| x.as_str()) {
+        None | Some("closed") => {}
+        Some("open") => cfg.failure = FailureMode::Open,
+        Some(other) => {
+            return Err(Unusable(anyhow!(
+                "{}: failureMode: expected \"closed\" or \"open\", not {other:?}",
+                path.display()
+            )))
+        }
+    }
+    Ok(cfg)
+}
+
+fn load(path: &Path, unsupported: UnsupportedPolicies) -> Result<Catalog, Unusable> {
+    let text = read(path)?;
+    Catalog::load_str(&text, LoadOptions { unsupported }).map_err(|e| {
+        Unusable(anyhow!(
+            "{}: the snapshot does not load:\n{e}",
+            path.display()
+        ))
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Unusable> {
+    match cli.command {
+        Command::Replay {
+            snapshot,
+            trace: trace_path,
+            wasm,
+            workers,
+            config,
+            check,
+            start,
+        } => {
+            if wasm.is_some() || workers != 1 {
+                return Err(Unusable(anyhow!(
+                    "--wasm and --workers need the wasmtime host, which this build does not have yet; replay runs the native engine"
+                )));
+            }
+            let cfg = filter_config(config.as_deref())?;
+            let catalog = load(&snapshot, cfg.unsupported)?;
+            let start = parse_rfc3339(&start)
+                .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {start}")))?;
+            let entries = trace::parse(&read(&trace_path)?, start)
+                .map_err(|e| Unusable(anyhow!("{}: {e:#}", trace_path.display())))?;
+            let store = MemoryStore::new();
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut failed = 0;
+            for (i, e) in entries.iter().enumerate() {
+                let record = replay_one(&catalog, &store, i, e, cfg.failure);
+                let line = serde_json::to_string(&record).map_err(|e| Unusable(e.into()))?;
+                let _ = writeln!(out, "{line}");
+                if check {
+                    if let Some(expect) = &e.expect {
+                        let wrong = mismatches(&record, expect);
+                        if !wrong.is_empty() {
+                            failed += 1;
+                            let _ = out.flush();
+                            eprintln!(
+                                "mismatch at request {i} ({} {}): {}",
+                                e.method,
+                                e.path,
+                                wrong.join("; ")
+                            );
+                        }
+                    }
+                }
+            }
+            let _ = out.flush();
+            if check {
+                eprintln!("check: {} requests, {} mismatched", entries.len(), failed);
+            }
+            Ok(if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Check {
+            snapshot,
+            skip_unsupported,
+        } => {
+            let mode = if skip_unsupported {
+                UnsupportedPolicies::Skip
+            } else {
+                UnsupportedPolicies::Reject
+            };
+            let catalog = load(&snapshot, mode)?;
+            let s = catalog.summary();
+            println!("snapshot {}: loads", snapshot.display());
+            println!("  service        {}", s.service);
+            println!("  apis           {} ({} operations)", s.apis, s.operations);
+            println!(
+                "  products       {} ({} without subscriptions)",
+                s.products, s.open_products
+            );
+            println!(
+                "  subscriptions  {} ({} active, {} keys)",
+                s.subscriptions, s.active_subscriptions, s.keys
+            );
+            println!(
+                "  policies       {} documents, {} steps, {} effective programs",
+                s.policy_documents, s.steps, s.programs
+            );
+            println!("  warnings       {}", catalog.warnings().len());
+            for w in catalog.warnings() {
+                println!("    {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seal { input, output } => {
+            let text = read(&input)?;
+            let mut doc: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", input.display()))
+                .map_err(Unusable)?;
+            let sealed = apim_edge_policies::seal(&mut doc);
+            Catalog::load(
+                &doc,
+                LoadOptions {
+                    unsupported: UnsupportedPolicies::Skip,
+                },
+            )
+            .map_err(|e| {
+                Unusable(anyhow!(
+                    "{}: the snapshot does not load:\n{e}",
+                    input.display()
+                ))
+            })?;
+            let text = serde_json::to_string_pretty(&doc).map_err(|e| Unusable(e.into()))?;
+            std::fs::write(&output, text + "\n")
+                .with_context(|| format!("cannot write {}", output.display()))
+                .map_err(Unusable)?;
+            eprintln!("sealed {sealed} keys into {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth {
+            subscriptions,
+            apis,
+            products,
+        } => {
+            if apis == 0 || products == 0 {
+                return Err(Unusable(anyhow!(
+                    "--apis and --products must be at least 1"
+                )));
+            }
+            let doc = synth::catalog(synth::Sizes {
+                subscriptions,
+                apis,
+                products,
+            });
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            serde_json::to_writer(&mut out, &doc).map_err(|e| Unusable(e.into()))?;
+            let _ = writeln!(out);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(Unusable(e)) => {
+            eprintln!("apim-edge: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! # apim-edge-harness
+//!
+//! The `apim-edge` command line and the pieces it is made of: reading recorded traffic
+//! ([`trace`]), replaying it through the engine ([`replay`]), and generating synthetic
+//! catalogs for benchmarks ([`synth`]).
+
+pub mod replay;
+pub mod synth;
+pub mod trace;

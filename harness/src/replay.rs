@@ -1,0 +1,180 @@
+//! Replaying a trace through the native engine: one decision per request on a virtual clock
+//! (the trace's own times), printed as SPEC §6's JSON objects and compared with expectations.
+
+use crate::trace::{Entry, Expect};
+use apim_edge_policies::{
+    Catalog, Completion, CounterStore, Decision, HeaderEdit, Outcome, Request,
+};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// What the configuration's `failureMode` makes of an internal failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Answer 500 with an APIM-shaped body.
+    #[default]
+    Closed,
+    /// Let the call through.
+    Open,
+}
+
+/// One line of replay output.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DecisionRecord {
+    pub index: usize,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub api: Option<String>,
+    pub operation: Option<String>,
+    pub product: Option<String>,
+    pub subscription: Option<String>,
+    /// Headers the gateway set on its own response, names lower-case.
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// Applies edits to a header map (names lower-case).
+fn apply(map: &mut BTreeMap<String, String>, edits: &[HeaderEdit]) {
+    for e in edits {
+        match e {
+            HeaderEdit::Set(n, v) => {
+                map.insert(n.to_ascii_lowercase(), v.clone());
+            }
+            HeaderEdit::Append(n, v) => {
+                map.entry(n.to_ascii_lowercase())
+                    .and_modify(|old| {
+                        old.push_str(", ");
+                        old.push_str(v);
+                    })
+                    .or_insert_with(|| v.clone());
+            }
+            HeaderEdit::Remove(n) => {
+                map.remove(&n.to_ascii_lowercase());
+            }
+        }
+    }
+}
+
+/// Decides one recorded request, completes it, and describes the result.
+pub fn replay_one(
+    catalog: &Catalog,
+    store: &dyn CounterStore,
+    index: usize,
+    e: &Entry,
+    failure: FailureMode,
+) -> DecisionRecord {
+    let req = Request {
+        method: &e.method,
+        host: &e.host,
+        path: &e.path,
+        query: &e.query,
+        headers: &e.headers,
+        client_ip: e.client_ip,
+    };
+    let decision = catalog.decide(&req, e.at, store);
+    let decision = match decision {
+        Ok(d) => d,
+        Err(_) if failure == FailureMode::Open => {
+            return DecisionRecord {
+                index,
+                status: e.upstream_status,
+                outcome: Outcome::InternalError.as_str(),
+                api: None,
+                operation: None,
+                product: None,
+                subscription: None,
+                headers: BTreeMap::new(),
+                body: String::new(),
+            };
+        }
+        Err(_) => Decision::internal_error(None),
+    };
+    let (api, operation, product, subscription) = match &decision.call {
+        Some(c) => {
+            let (a, o, p, s) = catalog.names(c);
+            (
+                Some(a.to_string()),
+                o.map(String::from),
+                p.map(String::from),
+                s.map(String::from),
+            )
+        }
+        None => (None, None, None, None),
+    };
+    let mut headers = BTreeMap::new();
+    let (status, body, outcome) = match (&decision.response, &decision.call) {
+        (Some(r), _) => {
+            for (n, v) in &r.headers {
+                headers.insert(n.clone(), v.clone());
+            }
+            (r.status, r.body.clone(), decision.outcome)
+        }
+        (None, Some(call)) => {
+            let mut outcome = decision.outcome;
+            match catalog.respond(call, e.upstream_status, &[]) {
+                Ok(edits) => apply(&mut headers, &edits),
+                Err(_) => outcome = Outcome::InternalError,
+            }
+            let done = Completion {
+                status: e.upstream_status,
+                request_bytes: e.request_bytes,
+                response_bytes: e.response_bytes,
+            };
+            if catalog.complete(call, done, e.at, store).is_err() {
+                outcome = Outcome::InternalError;
+            }
+            (e.upstream_status, String::new(), outcome)
+        }
+        (None, None) => (e.upstream_status, String::new(), decision.outcome),
+    };
+    DecisionRecord {
+        index,
+        status,
+        outcome: outcome.as_str(),
+        api,
+        operation,
+        product,
+        subscription,
+        headers,
+        body,
+    }
+}
+
+/// Every way a result differs from its expectation.
+pub fn mismatches(got: &DecisionRecord, expect: &Expect) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(s) = expect.status {
+        if s != got.status {
+            out.push(format!("status: expected {s}, got {}", got.status));
+        }
+    }
+    if let Some(o) = &expect.outcome {
+        if o != got.outcome {
+            out.push(format!("outcome: expected {o}, got {}", got.outcome));
+        }
+    }
+    for (name, want) in &expect.headers {
+        match got.headers.get(name) {
+            Some(v) if v == want => {}
+            Some(v) => out.push(format!("header {name}: expected {want:?}, got {v:?}")),
+            None => out.push(format!("header {name}: expected {want:?}, absent")),
+        }
+    }
+    for (field, want) in &expect.identity {
+        let got_value = match *field {
+            "api" => &got.api,
+            "operation" => &got.operation,
+            "product" => &got.product,
+            _ => &got.subscription,
+        };
+        if got_value != want {
+            out.push(format!("{field}: expected {want:?}, got {got_value:?}"));
+        }
+    }
+    if let Some(b) = &expect.body {
+        if *b != got.body {
+            out.push(format!("body: expected {b:?}, got {:?}", got.body));
+        }
+    }
+    out
+}

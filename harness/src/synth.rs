@@ -1,0 +1,79 @@
+//! Synthetic catalogs for benchmarks: many APIs, products and subscriptions, each product with a
+//! rate limit and a quota, each API with operations and a policy. Deterministic: the same sizes
+//! give the same document, and subscription `i` has the key [`key_of`]`(i)`.
+
+use serde_json::{json, Value};
+
+/// Sizes of a synthetic catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub subscriptions: usize,
+    pub apis: usize,
+    pub products: usize,
+}
+
+/// The primary key of synthetic subscription `i`.
+pub fn key_of(i: usize) -> String {
+    format!("synth-key-{i:08}")
+}
+
+/// APIs of product `p`: a run of consecutive APIs, so every API is in some product.
+pub fn product_apis(s: Sizes, p: usize) -> Vec<usize> {
+    let per = (s.apis * 2)
+        .div_ceil(s.products.max(1))
+        .clamp(1, s.apis.max(1));
+    (0..per)
+        .map(|k| (p * s.apis / s.products.max(1) + k) % s.apis.max(1))
+        .collect()
+}
+
+/// Builds the snapshot document.
+pub fn catalog(s: Sizes) -> Value {
+    let apis: Vec<Value> = (0..s.apis)
+        .map(|a| {
+            json!({
+                "name": format!("api-{a}"),
+                "properties": {"displayName": format!("API {a}"), "path": format!("svc/api-{a}"), "subscriptionRequired": true},
+                "operations": [
+                    {"name": "list", "properties": {"method": "GET", "urlTemplate": "/items"}},
+                    {"name": "get", "properties": {"method": "GET", "urlTemplate": "/items/{id}"}},
+                    {"name": "create", "properties": {"method": "POST", "urlTemplate": "/items"}}
+                ],
+                "policy": "<policies><inbound><base /><set-header name=\"x-api\" exists-action=\"override\"><value>@(context.Api.Id)</value></set-header></inbound><backend><base /></backend><outbound><base /></outbound></policies>"
+            })
+        })
+        .collect();
+    let products: Vec<Value> = (0..s.products)
+        .map(|p| {
+            let members: Vec<String> = product_apis(s, p).into_iter().map(|a| format!("api-{a}")).collect();
+            json!({
+                "name": format!("product-{p}"),
+                "properties": {"displayName": format!("Product {p}"), "subscriptionRequired": true, "state": "published"},
+                "apis": members,
+                "policy": format!("<policies><inbound><rate-limit calls=\"{}\" renewal-period=\"60\" remaining-calls-header-name=\"x-ratelimit-remaining\" /><quota calls=\"{}\" renewal-period=\"86400\" /><base /></inbound></policies>", 1000 + p, 1_000_000 + p)
+            })
+        })
+        .collect();
+    let subscriptions: Vec<Value> = (0..s.subscriptions)
+        .map(|i| {
+            json!({
+                "name": format!("sub-{i}"),
+                "properties": {
+                    "scope": format!("/products/product-{}", i % s.products.max(1)),
+                    "state": "active",
+                    "displayName": format!("Subscriber {i}"),
+                    "createdDate": "2026-01-01T00:00:00Z",
+                    "primaryKey": key_of(i),
+                    "secondaryKey": format!("synth-secondary-{i:08}")
+                }
+            })
+        })
+        .collect();
+    json!({
+        "schemaVersion": 1,
+        "service": {"name": "synth", "policy": "<policies><inbound><ip-filter action=\"forbid\"><address-range from=\"198.51.100.0\" to=\"198.51.100.255\" /></ip-filter></inbound><backend><forward-request /></backend><outbound /></policies>"},
+        "apis": apis,
+        "products": products,
+        "subscriptions": subscriptions
+    })
+}
