@@ -189,19 +189,33 @@ pub(crate) struct Compiler<'a> {
     pub errors: &'a mut Vec<LoadError>,
 }
 
+/// Is this a possible named-value name (letters, digits, `.`, `-`, `_`)?
+pub(crate) fn is_named_value_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
 /// Replaces `{{name}}` from the named values; an unknown name is an error at its position.
+/// A `{{` that does not open a well-formed reference is left as it is.
 pub(crate) fn substitute_named_values(
     text: &str,
     named: &HashMap<String, String>,
 ) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    let mut consumed = 0;
-    while let Some(open) = rest.find("{{") {
-        let Some(close) = rest[open + 2..].find("}}") else {
-            break;
+    let mut i = 0;
+    while let Some(found) = text[i..].find("{{") {
+        let open = i + found;
+        let reference = text[open + 2..]
+            .find("}}")
+            .map(|close| &text[open + 2..open + 2 + close])
+            .filter(|name| is_named_value_name(name));
+        let Some(name) = reference else {
+            out.push_str(&text[i..open + 2]);
+            i = open + 2;
+            continue;
         };
-        let name = rest[open + 2..open + 2 + close].trim();
         let value = named
             .get(name)
             .or_else(|| {
@@ -210,18 +224,12 @@ pub(crate) fn substitute_named_values(
                     .find(|(k, _)| k.eq_ignore_ascii_case(name))
                     .map(|(_, v)| v)
             })
-            .ok_or_else(|| {
-                (
-                    consumed + open,
-                    format!("named value '{name}' is not defined"),
-                )
-            })?;
-        out.push_str(&rest[..open]);
+            .ok_or_else(|| (open, format!("named value '{name}' is not defined")))?;
+        out.push_str(&text[i..open]);
         out.push_str(value);
-        consumed += open + close + 4;
-        rest = &rest[open + close + 4..];
+        i = open + 2 + name.len() + 2;
     }
-    out.push_str(rest);
+    out.push_str(&text[i..]);
     Ok(out)
 }
 
@@ -513,7 +521,12 @@ fn text(el: &Element, what: &str, value: &str, ty: Ty) -> Compiled<Text> {
     Ok(Text::Expr(e))
 }
 
-fn allowance(el: &Element, quota: bool, keyed: bool) -> Compiled<Allowance> {
+fn allowance(
+    el: &Element,
+    quota: bool,
+    keyed: bool,
+    inherited_period: Option<u64>,
+) -> Compiled<Allowance> {
     let calls = int_attr(el, "calls")?;
     let bandwidth_kb = if quota {
         int_attr(el, "bandwidth")?
@@ -530,7 +543,10 @@ fn allowance(el: &Element, quota: bool, keyed: bool) -> Compiled<Allowance> {
             missing(el, "calls")
         });
     }
-    let seconds = int_attr(el, "renewal-period")?.ok_or_else(|| missing(el, "renewal-period"))?;
+    // A nested <api> or <operation> without its own period uses its parent's.
+    let seconds = int_attr(el, "renewal-period")?
+        .or(inherited_period)
+        .ok_or_else(|| missing(el, "renewal-period"))?;
     if !quota && !(1..=300).contains(&seconds) {
         return Err(Fault::Invalid(
             el.pos,
@@ -562,7 +578,13 @@ fn header_name_attr(el: &Element, attr: &str) -> Compiled<Option<String>> {
         .transpose()
 }
 
-fn nested(el: &Element, parent_counter: &str, quota: bool, kind: &str) -> Compiled<Nested> {
+fn nested(
+    el: &Element,
+    parent_counter: &str,
+    quota: bool,
+    kind: &str,
+    parent_period: Option<u64>,
+) -> Compiled<Nested> {
     let name = el.attr("name").map(str::to_string);
     let id = el.attr("id").map(str::to_string);
     let label = id
@@ -570,10 +592,12 @@ fn nested(el: &Element, parent_counter: &str, quota: bool, kind: &str) -> Compil
         .or_else(|| name.clone())
         .ok_or_else(|| missing(el, "name"))?;
     let counter = format!("{parent_counter}/{kind}:{label}");
+    let allowance = allowance(el, quota, false, parent_period)?;
+    let period = Some((allowance.period / 1000) as u64);
     let mut operations = Vec::new();
     for c in &el.children {
         if c.name == "operation" && kind == "api" {
-            operations.push(nested(c, &counter, quota, "operation")?);
+            operations.push(nested(c, &counter, quota, "operation", period)?);
         } else {
             return Err(Fault::Invalid(
                 c.pos,
@@ -584,7 +608,7 @@ fn nested(el: &Element, parent_counter: &str, quota: bool, kind: &str) -> Compil
     Ok(Nested {
         name,
         id,
-        allowance: allowance(el, quota, false)?,
+        allowance,
         counter,
         operations,
     })
@@ -593,10 +617,11 @@ fn nested(el: &Element, parent_counter: &str, quota: bool, kind: &str) -> Compil
 fn subscription_limit(el: &Element, scope: &Scope, quota: bool) -> Compiled<SubscriptionLimit> {
     let counter = format!("{}/{}", scope.id, el.name);
     let has_own = el.attr("calls").is_some() || el.attr("bandwidth").is_some();
+    let period = int_attr(el, "renewal-period")?;
     let mut nested_limits = Vec::new();
     for c in &el.children {
         if c.name == "api" {
-            nested_limits.push(nested(c, &counter, quota, "api")?);
+            nested_limits.push(nested(c, &counter, quota, "api", period)?);
         } else {
             return Err(Fault::Invalid(
                 c.pos,
@@ -605,7 +630,7 @@ fn subscription_limit(el: &Element, scope: &Scope, quota: bool) -> Compiled<Subs
         }
     }
     let allowance = if has_own || nested_limits.is_empty() {
-        Some(allowance(el, quota, false)?)
+        Some(allowance(el, quota, false, None)?)
     } else {
         None
     };
@@ -669,7 +694,7 @@ fn keyed_limit(el: &Element, quota: bool) -> Compiled<KeyedLimit> {
         _ => YEAR_ONE,
     };
     Ok(KeyedLimit {
-        allowance: allowance(el, quota, true)?,
+        allowance: allowance(el, quota, true, None)?,
         counter_key,
         increment_condition,
         increment_count,
@@ -939,6 +964,27 @@ mod tests {
         assert_eq!(
             e,
             "product 'starter' policy, line 2, column 28: named value 'nope' is not defined"
+        );
+    }
+
+    #[test]
+    fn only_well_formed_references_are_named_values() {
+        let named: HashMap<String, String> = [("a-b.c_1".to_string(), "X".to_string())].into();
+        assert_eq!(
+            substitute_named_values("{{a-b.c_1}}/{{A-B.C_1}}", &named).unwrap(),
+            "X/X"
+        );
+        assert_eq!(
+            substitute_named_values("{{x}] and {{a-b.c_1}}", &named).unwrap(),
+            "{{x}] and X"
+        );
+        assert_eq!(
+            substitute_named_values("{{ not a name }}", &named).unwrap(),
+            "{{ not a name }}"
+        );
+        assert_eq!(
+            substitute_named_values("a {{nope}}", &named).unwrap_err().0,
+            2
         );
     }
 

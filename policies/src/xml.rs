@@ -84,6 +84,9 @@ enum Place {
     Attr(u8),
 }
 
+/// Where something that must be closed was opened, and what it was.
+struct Unterminated(usize, &'static str);
+
 struct Protector<'a> {
     src: &'a [u8],
     i: usize,
@@ -165,13 +168,13 @@ impl<'a> Protector<'a> {
     }
 
     /// At `@(` or `@{`: copies the whole expression, protected. Errors on an unbalanced one.
-    fn expression(&mut self, place: Place) -> Result<(), usize> {
+    fn expression(&mut self, place: Place) -> Result<(), Unterminated> {
         let start = self.i;
         self.copy(1); // '@'
         let mut depth = 0usize;
         loop {
             if self.i >= self.src.len() {
-                return Err(start);
+                return Err(Unterminated(start, "policy expression"));
             }
             let verbatim = self.starts_with(b"@\"") || self.starts_with(b"$@\"");
             let c = self.expression_char(place);
@@ -193,19 +196,33 @@ impl<'a> Protector<'a> {
                     }
                     self.literal(b'"', true, place)?;
                 }
-                b'/' if self.starts_with(b"/") => self.copy_until(b"\n"),
-                b'/' if self.starts_with(b"*") => self.copy_until(b"*/"),
+                // Comments are escaped like the code around them: they may hold `"`, `<`, `&`.
+                b'/' if self.starts_with(b"/") => {
+                    while self.i < self.src.len() && self.src[self.i] != b'\n' {
+                        self.expression_char(place);
+                    }
+                }
+                b'/' if self.starts_with(b"*") => {
+                    let mut previous = 0u8;
+                    while self.i < self.src.len() {
+                        let c = self.expression_char(place);
+                        if previous == b'*' && c == b'/' {
+                            break;
+                        }
+                        previous = c;
+                    }
+                }
                 _ => {}
             }
         }
     }
 
     /// Skips the rest of a C# string or char literal whose opening quote was read.
-    fn literal(&mut self, quote: u8, verbatim: bool, place: Place) -> Result<(), usize> {
-        let start = self.i;
+    fn literal(&mut self, quote: u8, verbatim: bool, place: Place) -> Result<(), Unterminated> {
+        let start = self.i.saturating_sub(1);
         loop {
             if self.i >= self.src.len() {
-                return Err(start);
+                return Err(Unterminated(start, "string literal in a policy expression"));
             }
             let c = self.expression_char(place);
             if c == b'\\' && !verbatim {
@@ -222,7 +239,7 @@ impl<'a> Protector<'a> {
         }
     }
 
-    fn run(mut self) -> Result<(String, OffsetMap), usize> {
+    fn run(mut self) -> Result<(String, OffsetMap), Unterminated> {
         while self.i < self.src.len() {
             if self.starts_with(b"<!--") {
                 self.copy_until(b"-->");
@@ -238,11 +255,12 @@ impl<'a> Protector<'a> {
                 self.copy(1);
             }
         }
-        let text = String::from_utf8(self.out).map_err(|e| e.utf8_error().valid_up_to())?;
+        let text = String::from_utf8(self.out)
+            .map_err(|e| Unterminated(e.utf8_error().valid_up_to(), "UTF-8 text"))?;
         Ok((text, OffsetMap { marks: self.marks }))
     }
 
-    fn tag(&mut self) -> Result<(), usize> {
+    fn tag(&mut self) -> Result<(), Unterminated> {
         self.copy(1);
         while self.i < self.src.len() {
             let b = self.src[self.i];
@@ -281,9 +299,9 @@ fn protect_expressions(src: &str) -> Result<(String, OffsetMap), XmlError> {
         out: Vec::with_capacity(src.len() + 64),
         marks: Vec::new(),
     };
-    p.run().map_err(|at| XmlError {
+    p.run().map_err(|Unterminated(at, what)| XmlError {
         pos: position_of(src, at),
-        message: "unterminated policy expression".into(),
+        message: format!("unterminated {what}"),
     })
 }
 
@@ -456,6 +474,38 @@ mod tests {
             Pos {
                 line: 2,
                 column: 10
+            }
+        );
+    }
+
+    #[test]
+    fn comments_inside_code_are_escaped_too() {
+        let doc = "<policies><inbound><set-body>@{\n// As<string>() & \"quotes\"\n/* a < b */ return \"x\"; }</set-body><x a=\"@{ // c \"q\"\n return 1; }\" /></inbound></policies>";
+        let root = parse_document(doc).unwrap();
+        assert!(root.children[0].children[0]
+            .text
+            .contains("// As<string>() & \"quotes\""));
+        assert!(root.children[0].children[1]
+            .attr("a")
+            .unwrap()
+            .contains("// c \"q\""));
+    }
+
+    #[test]
+    fn unterminated_string_literal_is_named() {
+        let e = parse_document(
+            "<policies><inbound><set-body>@{ var s = \"abc; }</set-body></inbound></policies>",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "unterminated string literal in a policy expression"
+        );
+        assert_eq!(
+            e.pos,
+            Pos {
+                line: 1,
+                column: 41
             }
         );
     }

@@ -1,0 +1,168 @@
+//! The outside corpus (`../shared/corpus/apim-policies`, 118 real APIM policy documents): every
+//! document is read without a panic; under `reject` each one compiles or is refused with an
+//! error that names the first unsupported element or expression with its line and column; under
+//! `skip` every document loads. Each document is loaded as a product's policy, with a
+//! placeholder for every named value it references.
+
+use apim_edge_policies::{Catalog, LoadError, LoadOptions, UnsupportedPolicies};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn corpus() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/apim-policies");
+    let mut docs = Vec::new();
+    for sub in ["policy-toolkit", "policy-snippets"] {
+        for e in
+            std::fs::read_dir(dir.join(sub)).expect("the shared corpus is beside the repository")
+        {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "xml") {
+                docs.push(p);
+            }
+        }
+    }
+    docs.sort();
+    docs
+}
+
+/// A placeholder for every `{{name}}` the document references. "1" serves where a number is
+/// expected as well as where text is.
+fn named_values(doc: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for piece in doc.split("{{").skip(1) {
+        if let Some((name, _)) = piece.split_once("}}") {
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                out.insert(name.to_string(), "1".to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The one document APIM itself refuses: its C# has an unterminated string literal
+/// (`context.Variables["latlong=""` on line 41), so it is not a policy in either format.
+const BROKEN: &str = "call-out-to-an-http-endpoint-and-cache-the-response.xml";
+
+/// A policy fragment is not a policy document: APIM includes its content where
+/// `<include-fragment>` stands. It is loaded that way here, as a product's inbound section.
+fn as_policy(doc: &str) -> String {
+    if doc.contains("<fragment>") {
+        doc.replacen("<fragment>", "<policies><inbound>", 1)
+            .replacen("</fragment>", "</inbound></policies>", 1)
+    } else {
+        doc.to_string()
+    }
+}
+
+fn load(doc: &str, mode: UnsupportedPolicies) -> Result<Catalog, Vec<LoadError>> {
+    let doc = &as_policy(doc);
+    let snapshot = json!({
+        "namedValues": named_values(doc),
+        "apis": [{"name": "api", "path": "api"}],
+        "products": [{"name": "product", "apis": ["api"], "policy": doc}]
+    });
+    Catalog::load(&snapshot, LoadOptions { unsupported: mode }).map_err(|e| e.0)
+}
+
+/// The reason of a refusal, without its position: `<cors> is not supported`, `expression`.
+fn reason(message: &str) -> String {
+    if message.starts_with("expression") {
+        return "expression outside the subset".into();
+    }
+    if let Some(start) = message.find('<') {
+        if let Some(end) = message[start..].find('>') {
+            let element = &message[start..=start + end];
+            if message.contains("is not supported") {
+                return format!("{element} not supported");
+            }
+        }
+    }
+    if message.contains("expression") {
+        return "expression outside the subset".into();
+    }
+    message.to_string()
+}
+
+#[test]
+fn the_corpus_has_118_documents() {
+    assert_eq!(corpus().len(), 118);
+}
+
+#[test]
+fn reject_mode_compiles_or_names_the_first_fault_with_its_position() {
+    let mut compiled = Vec::new();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for path in corpus() {
+        let doc = std::fs::read_to_string(&path).unwrap();
+        match load(&doc, UnsupportedPolicies::Reject) {
+            Ok(_) => compiled.push(path.file_name().unwrap().to_string_lossy().to_string()),
+            Err(errors) => {
+                let first = &errors[0];
+                let LoadError::Policy {
+                    line,
+                    column,
+                    message,
+                    scope,
+                } = first
+                else {
+                    panic!("{}: not a policy error: {first}", path.display());
+                };
+                assert_eq!(scope, "product 'product'");
+                assert!(*line >= 1 && *column >= 1);
+                if path.ends_with(BROKEN) {
+                    assert_eq!((*line, *column), (44, 54), "{first}");
+                    assert_eq!(
+                        message,
+                        "unterminated string literal in a policy expression"
+                    );
+                    *reasons
+                        .entry("not a valid document (APIM refuses it too)".into())
+                        .or_default() += 1;
+                    continue;
+                }
+                assert!(
+                    message.contains('<') || message.contains("expression \""),
+                    "{}: the error names no element or expression: {first}",
+                    path.display()
+                );
+                *reasons.entry(reason(message)).or_default() += 1;
+            }
+        }
+    }
+    let mut top: Vec<_> = reasons.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    eprintln!(
+        "corpus, reject mode: {} of 118 compile: {compiled:?}",
+        compiled.len()
+    );
+    for (r, n) in top.iter().take(15) {
+        eprintln!("  {n:3}  {r}");
+    }
+    assert!(!compiled.is_empty());
+}
+
+#[test]
+fn skip_mode_loads_every_document() {
+    let mut failures = Vec::new();
+    for path in corpus() {
+        let doc = std::fs::read_to_string(&path).unwrap();
+        if path.ends_with(BROKEN) {
+            assert!(load(&doc, UnsupportedPolicies::Skip).is_err());
+            continue;
+        }
+        if let Err(errors) = load(&doc, UnsupportedPolicies::Skip) {
+            failures.push(format!("{}: {}", path.display(), errors[0]));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} documents fail to load under skip:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
