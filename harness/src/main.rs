@@ -43,6 +43,9 @@ enum Command {
         /// The origin of relative `t` times.
         #[arg(long, default_value = trace::DEFAULT_START)]
         start: String,
+        /// `json` (one object per request, SPEC §6) or `table` (for people).
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
     },
     /// Validate a snapshot and print a summary, or every error.
     Check {
@@ -62,6 +65,12 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         products: usize,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Json,
+    Table,
 }
 
 /// Input that cannot be used: exit 2.
@@ -131,6 +140,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             config,
             check,
             start,
+            format,
         } => {
             if wasm.is_some() || workers != 1 {
                 return Err(Unusable(anyhow!(
@@ -147,10 +157,35 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut failed = 0;
+            if format == Format::Table {
+                let _ = writeln!(
+                    out,
+                    "{:>4}  {:<44} {:>6}  {:<20} {:<10} subscription",
+                    "#", "request", "status", "outcome", "product"
+                );
+            }
             for (i, e) in entries.iter().enumerate() {
                 let record = replay_one(&catalog, &store, i, e, cfg.failure);
-                let line = serde_json::to_string(&record).map_err(|e| Unusable(e.into()))?;
-                let _ = writeln!(out, "{line}");
+                if format == Format::Table {
+                    let mut request = format!("{} {}", e.method, e.path);
+                    if request.len() > 44 {
+                        request.truncate(41);
+                        request.push_str("...");
+                    }
+                    let _ = writeln!(
+                        out,
+                        "{:>4}  {:<44} {:>6}  {:<20} {:<10} {}",
+                        i,
+                        request,
+                        record.status,
+                        record.outcome,
+                        record.product.as_deref().unwrap_or("-"),
+                        record.subscription.as_deref().unwrap_or("-")
+                    );
+                } else {
+                    let line = serde_json::to_string(&record).map_err(|e| Unusable(e.into()))?;
+                    let _ = writeln!(out, "{line}");
+                }
                 if check {
                     if let Some(expect) = &e.expect {
                         let wrong = mismatches(&record, expect);

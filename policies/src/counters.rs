@@ -40,10 +40,14 @@ pub enum StoreError {
     Contended(String),
 }
 
+/// A counter's bytes and version.
+type Versioned = (Vec<u8>, u32);
+
 /// Counters in memory, safe to share between threads: the native engine's store.
 #[derive(Default)]
 pub struct MemoryStore {
-    inner: Mutex<(HashMap<String, (Vec<u8>, u32)>, u32)>,
+    /// The counters, and the last version handed out.
+    inner: Mutex<(HashMap<String, Versioned>, u32)>,
 }
 
 impl MemoryStore {

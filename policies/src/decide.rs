@@ -669,7 +669,7 @@ impl Catalog {
             // An API bound to this host beats one bound to none.
             let bound = apis
                 .iter()
-                .find(|&&a| self.apis[a as usize].hostnames.iter().any(|h| *h == host));
+                .find(|&&a| self.apis[a as usize].hostnames.contains(&host));
             let open = apis
                 .iter()
                 .find(|&&a| self.apis[a as usize].hostnames.is_empty());
@@ -734,14 +734,17 @@ impl Catalog {
         }
 
         // The key: the header, else (only when the header is absent) the query parameter.
-        let key = match header(req.headers, &api.header_lower) {
+        // An empty value counts as absent.
+        let key = match header(req.headers, &api.header_lower).filter(|k| !k.is_empty()) {
             Some(k) => {
                 call.id.key = Some(KeySource::Header);
                 Some(k.to_string())
             }
-            None => query_param(req.query, &api.query_name).inspect(|_| {
-                call.id.key = Some(KeySource::Query);
-            }),
+            None => query_param(req.query, &api.query_name)
+                .filter(|k| !k.is_empty())
+                .inspect(|_| {
+                    call.id.key = Some(KeySource::Query);
+                }),
         };
         match key {
             Some(k) => {

@@ -1,0 +1,171 @@
+//! Decisions through the public engine API, for what replay output does not show: the edits
+//! made to the upstream request, where the key was found, internal failures, and the rule that a
+//! call denied by any limit consumes none.
+
+use apim_edge_policies::{
+    Catalog, Completion, HeaderEdit, KeyLocation, LoadOptions, MemoryStore, Outcome, Request,
+};
+use serde_json::json;
+
+fn catalog(product_policy: &str, api_policy: &str) -> Catalog {
+    let doc = json!({
+        "apis": [{"name": "orders", "properties": {"displayName": "Orders", "path": "orders"}, "policy": api_policy}],
+        "products": [{"name": "p", "apis": ["orders"], "policy": product_policy},
+                     {"name": "open", "properties": {"subscriptionRequired": false}, "apis": []}],
+        "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k"}}]
+    });
+    Catalog::load(&doc, LoadOptions::default()).unwrap()
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+fn request<'a>(h: &'a [(String, String)], query: &'a str) -> Request<'a> {
+    Request {
+        method: "GET",
+        host: "api.contoso.com",
+        path: "/orders/1",
+        query,
+        headers: h,
+        client_ip: Some("192.0.2.7".parse().unwrap()),
+    }
+}
+
+#[test]
+fn inbound_set_header_edits_the_upstream_request() {
+    let c = catalog(
+        "<policies><inbound><base /></inbound></policies>",
+        r#"<policies><inbound>
+            <set-header name="x-who" exists-action="override"><value>@(context.Subscription.Id + "/" + context.Product.Name + "/" + context.Api.Name)</value></set-header>
+            <set-header name="x-client" exists-action="skip"><value>edge</value></set-header>
+            <set-header name="x-new" exists-action="skip"><value>1</value></set-header>
+            <set-header name="x-list" exists-action="append"><value>a</value><value>@(context.Request.IpAddress)</value></set-header>
+            <set-header name="x-secret" exists-action="delete" />
+        </inbound></policies>"#,
+    );
+    let h = headers(&[
+        ("Ocp-Apim-Subscription-Key", "k"),
+        ("X-Client", "mine"),
+        ("x-secret", "s"),
+    ]);
+    let d = c.decide(&request(&h, ""), 0, &MemoryStore::new()).unwrap();
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert!(d.response.is_none());
+    assert_eq!(
+        d.upstream,
+        vec![
+            HeaderEdit::Set("x-who".into(), "s/p/Orders".into()),
+            HeaderEdit::Set("x-new".into(), "1".into()),
+            HeaderEdit::Append("x-list".into(), "a".into()),
+            HeaderEdit::Append("x-list".into(), "192.0.2.7".into()),
+            HeaderEdit::Remove("x-secret".into()),
+        ]
+    );
+    let call = d.call.unwrap();
+    assert_eq!(
+        c.key_location(&call),
+        Some(KeyLocation::Header("Ocp-Apim-Subscription-Key".into()))
+    );
+}
+
+#[test]
+fn the_key_location_names_the_query_parameter() {
+    let c = catalog("<policies />", "<policies />");
+    let h = headers(&[]);
+    let d = c
+        .decide(
+            &request(&h, "a=1&subscription-key=k"),
+            0,
+            &MemoryStore::new(),
+        )
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert_eq!(
+        c.key_location(d.call.as_ref().unwrap()),
+        Some(KeyLocation::Query("subscription-key".into()))
+    );
+}
+
+#[test]
+fn a_limit_that_denies_takes_back_what_earlier_limits_counted() {
+    // The rate limit (product) admits, the by-key quota (API) then denies: the rate limit's
+    // slot must be given back, or the second subscriber call below would be refused.
+    let c = catalog(
+        r#"<policies><inbound><rate-limit calls="2" renewal-period="60" /><base /></inbound></policies>"#,
+        r#"<policies><inbound><base /><quota-by-key calls="1" renewal-period="3600" counter-key="@(context.Request.Headers.GetValueOrDefault(&quot;x-tenant&quot;, &quot;&quot;))" /></inbound></policies>"#,
+    );
+    let store = MemoryStore::new();
+    let t1 = headers(&[("Ocp-Apim-Subscription-Key", "k"), ("x-tenant", "t1")]);
+    let t2 = headers(&[("Ocp-Apim-Subscription-Key", "k"), ("x-tenant", "t2")]);
+    let outcome =
+        |h: &[(String, String)], now| c.decide(&request(h, ""), now, &store).unwrap().outcome;
+    assert_eq!(outcome(&t1, 0), Outcome::Allowed);
+    assert_eq!(outcome(&t1, 1_000), Outcome::QuotaExceeded);
+    assert_eq!(outcome(&t1, 2_000), Outcome::QuotaExceeded);
+    // Two rate-limit slots: one used at 0; the denied calls used none.
+    assert_eq!(outcome(&t2, 3_000), Outcome::Allowed);
+}
+
+#[test]
+fn reading_a_null_context_member_is_an_internal_error() {
+    let doc = json!({
+        "apis": [{"name": "orders", "path": "orders", "subscriptionRequired": false,
+                  "policy": "<policies><inbound><set-header name=\"x\"><value>@(context.Subscription.Id)</value></set-header></inbound></policies>"}]
+    });
+    let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    let h = headers(&[]);
+    let err = c
+        .decide(&request(&h, ""), 0, &MemoryStore::new())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "policy expression failed: context.Subscription is null"
+    );
+}
+
+#[test]
+fn outbound_sees_the_response_status_and_the_remaining_calls() {
+    let c = catalog(
+        r#"<policies><inbound><rate-limit calls="3" renewal-period="60" remaining-calls-header-name="x-left" /><base /></inbound><outbound><base /><set-header name="x-status"><value>@("s" + context.Response.StatusCode)</value></set-header><set-header name="server" exists-action="skip"><value>edge</value></set-header></outbound></policies>"#,
+        "<policies />",
+    );
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let store = MemoryStore::new();
+    let d = c.decide(&request(&h, ""), 0, &store).unwrap();
+    let call = d.call.unwrap();
+    let edits = c
+        .respond(&call, 201, &headers(&[("Server", "upstream")]))
+        .unwrap();
+    assert_eq!(
+        edits,
+        vec![
+            HeaderEdit::Set("x-status".into(), "s201".into()),
+            HeaderEdit::Set("x-left".into(), "2".into())
+        ]
+    );
+    c.complete(
+        &call,
+        Completion {
+            status: 201,
+            request_bytes: 0,
+            response_bytes: 10,
+        },
+        0,
+        &store,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_decision_never_carries_the_key() {
+    // Decisions are logged; the key a call presented must not be in them.
+    let c = catalog("<policies />", "<policies />");
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k-not-logged")]);
+    let d = c.decide(&request(&h, ""), 0, &MemoryStore::new()).unwrap();
+    assert_eq!(d.outcome, Outcome::InvalidKey);
+    assert!(!format!("{d:?}").contains("k-not-logged"));
+}
