@@ -49,6 +49,8 @@ pub(crate) struct Product {
 
 pub(crate) struct Subscription {
     pub name: String,
+    /// The name as counters are keyed by (ARM names ignore case).
+    pub counter_id: String,
     pub display_name: String,
     pub scope: SubscriptionScope,
     pub active: bool,
@@ -60,6 +62,22 @@ pub(crate) struct Program {
     /// Inbound, then backend.
     pub request: Box<[u32]>,
     pub response: Box<[u32]>,
+    /// A later phase evaluates an expression that may read the request: keep a copy.
+    pub keeps_request: bool,
+}
+
+/// Does a program evaluate, after the inbound phase, an expression that may read the request?
+fn keeps_request(steps: &[Step], request: &[u32], response: &[u32]) -> bool {
+    let deferred = |s: &Step| match s {
+        Step::RateLimitByKey(k) | Step::QuotaByKey(k) => k.increment_condition.is_some(),
+        _ => false,
+    };
+    let expression = |s: &Step| match s {
+        Step::SetHeader(h) => h.values.iter().any(|v| matches!(v, policy::Text::Expr(_))),
+        _ => false,
+    };
+    request.iter().any(|&i| deferred(&steps[i as usize]))
+        || response.iter().any(|&i| expression(&steps[i as usize]))
 }
 
 /// A loaded, compiled snapshot. Immutable; a reload builds a new one.
@@ -133,6 +151,7 @@ impl Catalog {
             }
             subscriptions.push(Subscription {
                 name: s.name.clone(),
+                counter_id: s.name.to_ascii_lowercase(),
                 display_name: s.display_name.clone(),
                 scope: s.scope,
                 active: s.state == "active",
@@ -282,9 +301,11 @@ impl Catalog {
                     ];
                     let mut request = policy::inline(&chain, INBOUND);
                     request.extend(policy::inline(&chain, BACKEND));
+                    let response = policy::inline(&chain, OUTBOUND);
                     programs.push(Program {
+                        keeps_request: keeps_request(&steps, &request, &response),
                         request: request.into_boxed_slice(),
-                        response: policy::inline(&chain, OUTBOUND).into_boxed_slice(),
+                        response: response.into_boxed_slice(),
                     });
                 }
             }

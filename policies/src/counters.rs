@@ -190,6 +190,14 @@ fn sliding_verdict(entries: &[(Millis, u32)], calls: u64, period: Millis, now: M
     }
 }
 
+/// Counts `n` admissions at `at`, merged into an entry of the same instant.
+fn record(entries: &mut Vec<(Millis, u32)>, at: Millis, n: u32) {
+    match entries.iter_mut().rev().find(|(t, _)| *t == at) {
+        Some(e) => e.1 = e.1.saturating_add(n),
+        None => entries.push((at, n)),
+    }
+}
+
 /// Admits a call of weight `n` if fewer than `calls` were admitted in `(now - period, now]`.
 pub(crate) fn sliding_admit(
     store: &dyn CounterStore,
@@ -203,7 +211,7 @@ pub(crate) fn sliding_admit(
         let mut entries = live(bytes, period, now);
         match sliding_verdict(&entries, calls, period, now) {
             Verdict::Admitted { .. } => {
-                entries.push((now, n));
+                record(&mut entries, now, n);
                 let used: u64 = entries.iter().map(|(_, n)| u64::from(*n)).sum();
                 let remaining = calls.saturating_sub(used);
                 (
@@ -239,7 +247,7 @@ pub(crate) fn sliding_add(
 ) -> Result<(), StoreError> {
     update(store, key, |bytes| {
         let mut entries = live(bytes, period, now);
-        entries.push((now, n));
+        record(&mut entries, now, n);
         (Some(encode_sliding(&entries)), ())
     })
 }
@@ -253,9 +261,15 @@ pub(crate) fn sliding_release(
 ) -> Result<(), StoreError> {
     update(store, key, |bytes| {
         let mut entries = decode_sliding(bytes);
-        match entries.iter().position(|e| *e == (at, n)) {
+        match entries
+            .iter()
+            .position(|(t, count)| *t == at && *count >= n)
+        {
             Some(i) => {
-                entries.remove(i);
+                entries[i].1 -= n;
+                if entries[i].1 == 0 {
+                    entries.remove(i);
+                }
                 (Some(encode_sliding(&entries)), ())
             }
             None => (None, ()),
@@ -442,6 +456,20 @@ mod tests {
         // At 10 000 the call at 0 has left (t - period, t].
         assert_eq!(admit(10_000), Verdict::Admitted { remaining: 0 });
         assert_eq!(admit(10_000), Verdict::RateLimited { wait: 4_000 });
+    }
+
+    #[test]
+    fn admissions_at_one_instant_share_an_entry() {
+        let s = MemoryStore::new();
+        for _ in 0..3 {
+            sliding_admit(&s, "k", 10, 1000, 7, 1).unwrap();
+        }
+        assert_eq!(s.get("k").unwrap().unwrap().0.len(), 12);
+        sliding_release(&s, "k", 7, 1).unwrap();
+        assert_eq!(
+            decode_sliding(Some(&s.get("k").unwrap().unwrap().0)),
+            vec![(7, 2)]
+        );
     }
 
     #[test]

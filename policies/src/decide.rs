@@ -542,7 +542,8 @@ impl Run<'_> {
         };
         let a = limit.allowance;
         let verdict = if quota {
-            let key = format!("qk|{}|{}|{}", a.period, limit.first_period_start, value);
+            let window = format!("{}|{}", a.period, limit.first_period_start);
+            let key = counter_key("qk", &window, &value);
             let windows = FixedWindows {
                 origin: limit.first_period_start,
                 period: a.period,
@@ -577,7 +578,7 @@ impl Run<'_> {
                 }
             }
         } else {
-            let key = format!("rlk|{}|{}", a.period, value);
+            let key = counter_key("rlk", &a.period.to_string(), &value);
             let calls = a.calls.unwrap_or(u64::MAX);
             let n = u32::try_from(n).unwrap_or(u32::MAX);
             match &limit.increment_condition {
@@ -628,6 +629,17 @@ impl Run<'_> {
     }
 }
 
+/// A counter's stable name: `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`).
+fn counter_key(kind: &str, owner: &str, name: &str) -> String {
+    let mut key = String::with_capacity(kind.len() + owner.len() + name.len() + 2);
+    key.push_str(kind);
+    key.push('|');
+    key.push_str(owner);
+    key.push('|');
+    key.push_str(name);
+    key
+}
+
 fn limit_headers(
     call: &mut CallContext,
     remaining: &Option<String>,
@@ -645,31 +657,30 @@ fn limit_headers(
 
 impl Catalog {
     fn route(&self, req: &Request) -> Option<u32> {
-        let host = req
-            .host
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let segs: Vec<&str> = segments(req.path).collect();
-        let mut prefix = String::with_capacity(req.path.len());
-        let mut candidates: Vec<(usize, &str)> = Vec::with_capacity(segs.len() + 1);
-        candidates.push((0, ""));
-        for s in &segs {
-            if !prefix.is_empty() {
-                prefix.push('/');
+        let host = req.host.split(':').next().unwrap_or("");
+        // The path's segments, lower-case, joined by '/'; then its segment-aligned prefixes,
+        // longest first.
+        let mut joined = String::with_capacity(req.path.len());
+        for seg in segments(req.path) {
+            if !joined.is_empty() {
+                joined.push('/');
             }
-            prefix.push_str(&s.to_ascii_lowercase());
-            candidates.push((prefix.len(), ""));
+            joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
         }
-        for (len, _) in candidates.iter().rev() {
-            let Some(apis) = self.paths.get(&prefix[..*len]) else {
+        let mut len = Some(joined.len());
+        while let Some(end) = len {
+            // Next: the prefix one segment shorter (the empty path last).
+            len = (end > 0).then(|| joined[..end].rfind('/').unwrap_or(0));
+            let Some(apis) = self.paths.get(&joined[..end]) else {
                 continue;
             };
             // An API bound to this host beats one bound to none.
-            let bound = apis
-                .iter()
-                .find(|&&a| self.apis[a as usize].hostnames.contains(&host));
+            let bound = apis.iter().find(|&&a| {
+                self.apis[a as usize]
+                    .hostnames
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(host))
+            });
             let open = apis
                 .iter()
                 .find(|&&a| self.apis[a as usize].hostnames.is_empty());
@@ -798,7 +809,7 @@ impl Catalog {
         let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
         match result {
             Ok(None) => {
-                if self.needs_saved_request(program) {
+                if program.keeps_request {
                     call.saved = Some(Box::new(SavedRequest::of(req)));
                 }
                 Ok(Decision {
@@ -819,15 +830,6 @@ impl Catalog {
                 Err(e)
             }
         }
-    }
-
-    fn needs_saved_request(&self, program: &Program) -> bool {
-        let deferred_request = |s: &Step| match s {
-            Step::RateLimitByKey(k) | Step::QuotaByKey(k) => k.increment_condition.is_some(),
-            _ => false,
-        };
-        program.request.iter().any(|&i| deferred_request(&self.steps[i as usize]))
-            || program.response.iter().any(|&i| matches!(&self.steps[i as usize], Step::SetHeader(h) if h.values.iter().any(|v| matches!(v, Text::Expr(_)))))
     }
 
     fn run_request(

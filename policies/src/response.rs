@@ -13,10 +13,29 @@ pub struct LocalResponse {
 
 /// `{"statusCode": N, "message": "..."}` exactly, JSON-escaped.
 pub(crate) fn error_body(status: u16, message: &str) -> String {
-    format!(
-        "{{\"statusCode\": {status}, \"message\": {}}}",
-        serde_json::Value::String(message.to_string())
-    )
+    let mut body = String::with_capacity(message.len() + 40);
+    body.push_str("{\"statusCode\": ");
+    body.push_str(&status.to_string());
+    body.push_str(", \"message\": \"");
+    let plain = !message.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    if plain {
+        body.push_str(message);
+        body.push_str("\"}");
+        return body;
+    }
+    for c in message.chars() {
+        match c {
+            '"' => body.push_str("\\\""),
+            '\\' => body.push_str("\\\\"),
+            '\n' => body.push_str("\\n"),
+            '\r' => body.push_str("\\r"),
+            '\t' => body.push_str("\\t"),
+            c if (c as u32) < 0x20 => body.push_str(&format!("\\u{:04x}", c as u32)),
+            c => body.push(c),
+        }
+    }
+    body.push_str("\"}");
+    body
 }
 
 fn json(status: u16, message: &str, mut headers: Vec<(String, String)>) -> LocalResponse {

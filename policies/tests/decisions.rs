@@ -169,3 +169,29 @@ fn a_decision_never_carries_the_key() {
     assert_eq!(d.outcome, Outcome::InvalidKey);
     assert!(!format!("{d:?}").contains("k-not-logged"));
 }
+
+#[test]
+fn routing_finds_deep_api_paths() {
+    let deep: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    let doc = json!({
+        "apis": [{"name": "deep", "path": deep.join("/"), "subscriptionRequired": false},
+                 {"name": "root", "path": "", "subscriptionRequired": false}]
+    });
+    let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    let h = headers(&[]);
+    let route = |path: &str| {
+        let d = c
+            .decide(
+                &Request {
+                    path,
+                    ..request(&h, "")
+                },
+                0,
+                &MemoryStore::new(),
+            )
+            .unwrap();
+        c.names(d.call.as_ref().unwrap()).0.to_string()
+    };
+    assert_eq!(route(&format!("/{}/leaf/x", deep.join("/"))), "deep");
+    assert_eq!(route("/s0/s1/other"), "root");
+}

@@ -1,0 +1,68 @@
+//! Loading and compiling a big synthetic catalog (100,000 subscriptions, 1,000 APIs and 500
+//! products, each with a policy): the time from JSON text to a ready catalog (criterion), and
+//! the memory the loaded catalog holds (a counting allocator: live bytes after the load minus
+//! before, with the JSON text and every temporary freed).
+
+use apim_edge_harness::synth::{self, Sizes};
+use apim_edge_policies::{Catalog, LoadOptions};
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const SIZES: Sizes = Sizes {
+    subscriptions: 100_000,
+    apis: 1_000,
+    products: 500,
+};
+
+fn bench(c: &mut Criterion) {
+    let text = serde_json::to_string(&synth::catalog(SIZES)).unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    let catalog = Catalog::load_str(&text, LoadOptions::default()).unwrap();
+    let held = LIVE.load(Ordering::Relaxed) - before;
+    let s = catalog.summary();
+    eprintln!(
+        "catalog of {} subscriptions, {} APIs, {} products ({} programs, {} bytes of JSON): {:.1} MiB held",
+        s.subscriptions,
+        s.apis,
+        s.products,
+        s.programs,
+        text.len(),
+        held as f64 / (1024.0 * 1024.0)
+    );
+    drop(catalog);
+
+    let mut group = c.benchmark_group("load");
+    group.sample_size(10);
+    group.bench_function("100k subscriptions, 1k APIs, 500 products", |b| {
+        b.iter(|| Catalog::load_str(&text, LoadOptions::default()).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
