@@ -466,12 +466,8 @@ impl Run<'_> {
         }
         let mut headline: Option<(u64, u64)> = None;
         for (counter, a) in counters {
-            let key = format!(
-                "{}|{}|{}",
-                if quota { "q" } else { "rl" },
-                subscription.name.to_ascii_lowercase(),
-                counter
-            );
+            let kind = if quota { "q" } else { "rl" };
+            let key = counter_key(kind, &subscription.counter_id, counter);
             let verdict = if quota {
                 let windows = FixedWindows {
                     origin: subscription.origin,
