@@ -66,6 +66,25 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // One busy subscriber calling once a second: the same work, with its data in cache.
+    let hot_store = MemoryStore::new();
+    let hot = req(0);
+    let mut hot_now = now;
+    c.bench_function(
+        "decide/admitted keyed call, one subscriber at 1 call/s",
+        |b| {
+            b.iter(|| {
+                let d = catalog
+                    .decide(black_box(&hot), hot_now, &hot_store)
+                    .unwrap();
+                let call = d.call.as_ref().unwrap();
+                black_box(catalog.respond(call, 200, &[]).unwrap());
+                catalog.complete(call, done, hot_now, &hot_store).unwrap();
+                hot_now += 1_000;
+            })
+        },
+    );
+
     let bad = vec![(
         "Ocp-Apim-Subscription-Key".to_string(),
         "not-a-key".to_string(),

@@ -31,11 +31,13 @@ pub(crate) fn parse_digest_hex(text: &str) -> Option<Digest> {
     Some(d)
 }
 
-/// Subscription keys by digest. Buckets are found by an 8-byte prefix of the digest (a leak of
-/// which tells nothing about a key), then every candidate is compared in constant time.
+/// Subscription keys by digest. An entry is found by an 8-byte prefix of the digest (a leak of
+/// which tells nothing about a key), then the whole digest is compared in constant time. Two
+/// digests sharing a prefix (about one chance in 2^64 per pair) go to a short overflow list.
 #[derive(Default)]
 pub(crate) struct KeyIndex {
-    buckets: HashMap<u64, Vec<(Digest, u32)>>,
+    entries: HashMap<u64, (Digest, u32)>,
+    overflow: Vec<(Digest, u32)>,
 }
 
 fn prefix(d: &Digest) -> u64 {
@@ -47,24 +49,31 @@ fn prefix(d: &Digest) -> u64 {
 impl KeyIndex {
     /// Adds a key; returns the subscription that already holds it, if any.
     pub fn insert(&mut self, d: Digest, subscription: u32) -> Option<u32> {
-        let bucket = self.buckets.entry(prefix(&d)).or_default();
-        if let Some((_, other)) = bucket.iter().find(|(e, _)| e == &d) {
-            return Some(*other);
+        if let Some(existing) = self.find(&d) {
+            return Some(existing);
         }
-        bucket.push((d, subscription));
+        match self.entries.entry(prefix(&d)) {
+            hashbrown::hash_map::Entry::Vacant(v) => {
+                v.insert((d, subscription));
+            }
+            hashbrown::hash_map::Entry::Occupied(_) => self.overflow.push((d, subscription)),
+        }
         None
     }
 
     /// How many keys are indexed.
     pub fn len(&self) -> usize {
-        self.buckets.values().map(Vec::len).sum()
+        self.entries.len() + self.overflow.len()
     }
 
     /// The subscription holding the key with this digest.
     pub fn find(&self, d: &Digest) -> Option<u32> {
-        let bucket = self.buckets.get(&prefix(d))?;
+        let (candidate, sub) = self.entries.get(&prefix(d))?;
+        if bool::from(candidate.ct_eq(d)) {
+            return Some(*sub);
+        }
         let mut found = None;
-        for (candidate, sub) in bucket {
+        for (candidate, sub) in &self.overflow {
             if bool::from(candidate.ct_eq(d)) {
                 found = Some(*sub);
             }
@@ -88,6 +97,24 @@ mod tests {
         assert_eq!(idx.find(&key_digest("k2")), None);
         // A digest sent as if it were the key is just another key.
         assert_eq!(idx.find(&key_digest(&digest_hex(&d))), None);
+    }
+
+    #[test]
+    fn digests_sharing_a_prefix_are_both_found() {
+        let mut idx = KeyIndex::default();
+        let a = [1u8; 32];
+        let mut b = [1u8; 32];
+        b[31] = 2;
+        assert_eq!(idx.insert(a, 1), None);
+        assert_eq!(idx.insert(b, 2), None);
+        assert_eq!(idx.insert(b, 3), Some(2));
+        assert_eq!(
+            (idx.find(&a), idx.find(&b), idx.len()),
+            (Some(1), Some(2), 2)
+        );
+        let mut c = [1u8; 32];
+        c[31] = 3;
+        assert_eq!(idx.find(&c), None);
     }
 
     #[test]
