@@ -144,9 +144,20 @@ pub(crate) enum Verdict {
 
 // ---- sliding window ----
 
+/// Every counter state starts with the instant after which it is as good as absent, so that a
+/// store that must bound its memory can drop expired states without knowing their kind.
+const EXPIRY: usize = 8;
+
+/// When a counter state expires (it then counts as never written).
+pub fn counter_expiry(bytes: &[u8]) -> Option<Millis> {
+    let head: [u8; EXPIRY] = bytes.get(..EXPIRY)?.try_into().ok()?;
+    Some(i64::from_le_bytes(head))
+}
+
 /// Admission times (with their counts) inside the window.
 fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
     bytes
+        .and_then(|b| b.get(EXPIRY..))
         .unwrap_or(&[])
         .chunks_exact(12)
         .map(|c| {
@@ -159,8 +170,10 @@ fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
         .collect()
 }
 
-fn encode_sliding(entries: &[(Millis, u32)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(entries.len() * 12);
+fn encode_sliding(entries: &[(Millis, u32)], period: Millis) -> Vec<u8> {
+    let mut out = Vec::with_capacity(EXPIRY + entries.len() * 12);
+    let last = entries.iter().map(|(t, _)| *t).max().unwrap_or(Millis::MIN);
+    out.extend_from_slice(&last.saturating_add(period).to_le_bytes());
     for (t, n) in entries {
         out.extend_from_slice(&t.to_le_bytes());
         out.extend_from_slice(&n.to_le_bytes());
@@ -215,7 +228,7 @@ pub(crate) fn sliding_admit(
                 let used: u64 = entries.iter().map(|(_, n)| u64::from(*n)).sum();
                 let remaining = calls.saturating_sub(used);
                 (
-                    Some(encode_sliding(&entries)),
+                    Some(encode_sliding(&entries, period)),
                     Verdict::Admitted { remaining },
                 )
             }
@@ -248,7 +261,7 @@ pub(crate) fn sliding_add(
     update(store, key, |bytes| {
         let mut entries = live(bytes, period, now);
         record(&mut entries, now, n);
-        (Some(encode_sliding(&entries)), ())
+        (Some(encode_sliding(&entries, period)), ())
     })
 }
 
@@ -261,6 +274,7 @@ pub(crate) fn sliding_release(
 ) -> Result<(), StoreError> {
     update(store, key, |bytes| {
         let mut entries = decode_sliding(bytes);
+        let expiry = bytes.and_then(counter_expiry).unwrap_or(Millis::MIN);
         match entries
             .iter()
             .position(|(t, count)| *t == at && *count >= n)
@@ -270,7 +284,10 @@ pub(crate) fn sliding_release(
                 if entries[i].1 == 0 {
                     entries.remove(i);
                 }
-                (Some(encode_sliding(&entries)), ())
+                // The admissions left are the same or older: the expiry stands.
+                let mut out = encode_sliding(&entries, 0);
+                out[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
+                (Some(out), ())
             }
             None => (None, ()),
         }
@@ -287,7 +304,7 @@ struct Window {
 }
 
 fn decode_window(bytes: Option<&[u8]>) -> Option<Window> {
-    let b = bytes?;
+    let b = bytes?.get(EXPIRY..)?;
     if b.len() != 24 {
         return None;
     }
@@ -303,8 +320,14 @@ fn decode_window(bytes: Option<&[u8]>) -> Option<Window> {
     })
 }
 
-fn encode_window(w: &Window) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24);
+fn encode_window(w: &Window, period: Millis) -> Vec<u8> {
+    let mut out = Vec::with_capacity(EXPIRY + 24);
+    let expiry = if period <= 0 {
+        Millis::MAX
+    } else {
+        w.start.saturating_add(period)
+    };
+    out.extend_from_slice(&expiry.to_le_bytes());
     out.extend_from_slice(&w.start.to_le_bytes());
     out.extend_from_slice(&w.calls.to_le_bytes());
     out.extend_from_slice(&w.bytes.to_le_bytes());
@@ -383,7 +406,7 @@ impl FixedWindows {
                         .map(|c| c.saturating_sub(w.calls))
                         .unwrap_or(u64::MAX);
                     (
-                        Some(encode_window(&w)),
+                        Some(encode_window(&w, self.period)),
                         (Verdict::Admitted { remaining }, w.start),
                     )
                 }
@@ -420,12 +443,13 @@ impl FixedWindows {
             let mut w = self.current(current, now);
             w.calls = w.calls.saturating_add(calls);
             w.bytes = w.bytes.saturating_add(bytes);
-            (Some(encode_window(&w)), ())
+            (Some(encode_window(&w, self.period)), ())
         })
     }
 
     /// Takes back `n` calls counted in the window starting at `start`.
     pub fn release(
+        &self,
         store: &dyn CounterStore,
         key: &str,
         start: Millis,
@@ -434,7 +458,7 @@ impl FixedWindows {
         update(store, key, |bytes| match decode_window(bytes) {
             Some(mut w) if w.start == start && w.calls >= n => {
                 w.calls -= n;
-                (Some(encode_window(&w)), ())
+                (Some(encode_window(&w, self.period)), ())
             }
             _ => (None, ()),
         })
@@ -464,11 +488,36 @@ mod tests {
         for _ in 0..3 {
             sliding_admit(&s, "k", 10, 1000, 7, 1).unwrap();
         }
-        assert_eq!(s.get("k").unwrap().unwrap().0.len(), 12);
+        assert_eq!(s.get("k").unwrap().unwrap().0.len(), EXPIRY + 12);
         sliding_release(&s, "k", 7, 1).unwrap();
         assert_eq!(
             decode_sliding(Some(&s.get("k").unwrap().unwrap().0)),
             vec![(7, 2)]
+        );
+    }
+
+    #[test]
+    fn states_carry_their_expiry() {
+        let s = MemoryStore::new();
+        sliding_admit(&s, "r", 5, 1_000, 10, 1).unwrap();
+        sliding_admit(&s, "r", 5, 1_000, 20, 1).unwrap();
+        assert_eq!(counter_expiry(&s.get("r").unwrap().unwrap().0), Some(1_020));
+        let q = FixedWindows {
+            origin: 0,
+            period: 60_000,
+            calls: Some(1),
+            bandwidth_kb: None,
+        };
+        q.admit(&s, "q", 61_000, 1).unwrap();
+        assert_eq!(
+            counter_expiry(&s.get("q").unwrap().unwrap().0),
+            Some(120_000)
+        );
+        let forever = FixedWindows { period: 0, ..q };
+        forever.admit(&s, "f", 5, 1).unwrap();
+        assert_eq!(
+            counter_expiry(&s.get("f").unwrap().unwrap().0),
+            Some(Millis::MAX)
         );
     }
 

@@ -175,8 +175,17 @@ enum Pending {
 /// A counted admission, taken back when a later limit denies the call.
 #[derive(Debug, Clone)]
 enum Reservation {
-    Sliding { key: String, at: Millis, n: u32 },
-    Fixed { key: String, start: Millis, n: u64 },
+    Sliding {
+        key: String,
+        at: Millis,
+        n: u32,
+    },
+    Fixed {
+        key: String,
+        windows: FixedWindows,
+        start: Millis,
+        n: u64,
+    },
 }
 
 /// A routed call: who it is, and what is left to do for it after the inbound phase.
@@ -427,9 +436,12 @@ impl Run<'_> {
                 Reservation::Sliding { key, at, n } => {
                     counters::sliding_release(self.store, &key, at, n)
                 }
-                Reservation::Fixed { key, start, n } => {
-                    FixedWindows::release(self.store, &key, start, n)
-                }
+                Reservation::Fixed {
+                    key,
+                    windows,
+                    start,
+                    n,
+                } => windows.release(self.store, &key, start, n),
             };
         }
     }
@@ -479,6 +491,7 @@ impl Run<'_> {
                 if matches!(v, Verdict::Admitted { .. }) {
                     self.reservations.push(Reservation::Fixed {
                         key: key.clone(),
+                        windows,
                         start,
                         n: 1,
                     });
@@ -552,6 +565,7 @@ impl Run<'_> {
                     if matches!(v, Verdict::Admitted { .. }) {
                         self.reservations.push(Reservation::Fixed {
                             key: key.clone(),
+                            windows,
                             start,
                             n,
                         });
