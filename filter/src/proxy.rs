@@ -1,0 +1,413 @@
+//! The proxy-wasm contexts: the root context of each worker VM, and one HTTP context per call.
+
+use crate::config::{FailureMode, FilterConfig};
+use crate::slots::{self, SharedData, SlotStore};
+use apim_edge_policies::{
+    CallContext, Catalog, Completion, Decision, HeaderEdit, KeyLocation, LoadOptions, Millis,
+    Outcome, Request, StoreError,
+};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Shared data through the host.
+struct HostSharedData;
+
+impl SharedData for HostSharedData {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        hostcalls::get_shared_data(key)
+            .map_err(|s| StoreError::Unavailable(format!("get_shared_data: {s:?}")))
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(s) => Err(StoreError::Unavailable(format!("set_shared_data: {s:?}"))),
+        }
+    }
+}
+
+fn now_millis() -> Millis {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Counters of what the filter does, by name as Envoy's stats show them.
+struct Metrics {
+    outcomes: Vec<(Outcome, u32)>,
+    snapshot_loads: Option<u32>,
+    snapshot_failures: Option<u32>,
+    store_failures: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Metrics {
+            outcomes: Outcome::ALL
+                .iter()
+                .filter_map(|o| Some((*o, counter(&format!("apim_edge.requests.{}", o.as_str()))?)))
+                .collect(),
+            snapshot_loads: counter("apim_edge.snapshot.loads"),
+            snapshot_failures: counter("apim_edge.snapshot.failures"),
+            store_failures: counter("apim_edge.counters.failures"),
+        }
+    }
+
+    fn bump(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn outcome(&self, outcome: Outcome) {
+        Self::bump(
+            self.outcomes
+                .iter()
+                .find(|(o, _)| *o == outcome)
+                .map(|(_, id)| *id),
+        );
+    }
+}
+
+/// What every call of a VM shares: the configuration and the catalog in force.
+struct Loaded {
+    config: FilterConfig,
+    catalog: Catalog,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Root {
+    loaded: Option<Rc<Loaded>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let metrics = Metrics::define();
+        let config = match FilterConfig::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log(
+                    LogLevel::Critical,
+                    &format!("apim-edge: configuration refused: {e}"),
+                );
+                Metrics::bump(metrics.snapshot_failures);
+                return false;
+            }
+        };
+        let catalog = match Catalog::load(
+            &config.snapshot,
+            LoadOptions {
+                unsupported: config.unsupported,
+            },
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                let first = e.0.first().map(ToString::to_string).unwrap_or_default();
+                log(
+                    LogLevel::Critical,
+                    &format!(
+                        "apim-edge: snapshot refused ({} errors); the first: {first}",
+                        e.0.len()
+                    ),
+                );
+                Metrics::bump(metrics.snapshot_failures);
+                return false;
+            }
+        };
+        for w in catalog.warnings() {
+            log(LogLevel::Warn, &format!("apim-edge: {w}"));
+        }
+        if let Err(e) = slots::create_slots(&HostSharedData) {
+            log(
+                LogLevel::Critical,
+                &format!("apim-edge: counters unavailable: {e}"),
+            );
+            return false;
+        }
+        Metrics::bump(metrics.snapshot_loads);
+        let s = catalog.summary();
+        log(
+            LogLevel::Info,
+            &format!(
+                "apim-edge: snapshot loaded: {} APIs, {} products, {} subscriptions",
+                s.apis, s.products, s.subscriptions
+            ),
+        );
+        // A refused configuration never replaces the one in force: we only get here on success.
+        self.loaded = Some(Rc::new(Loaded {
+            config,
+            catalog,
+            metrics,
+        }));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Call {
+            loaded: self.loaded.clone(),
+            call: None,
+            status: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// One call.
+struct Call {
+    loaded: Option<Rc<Loaded>>,
+    call: Option<CallContext>,
+    status: u16,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Context for Call {}
+
+const IDENTITY_HEADERS: [&str; 2] = ["x-apim-product-id", "x-apim-subscription-id"];
+
+/// The client's address from `source.address` (`1.2.3.4:5678`, `[::1]:5678`).
+fn client_ip() -> Option<IpAddr> {
+    let raw = hostcalls::get_property(vec!["source", "address"])
+        .ok()
+        .flatten()?;
+    let text = String::from_utf8(raw).ok()?;
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let host = match text.strip_prefix('[') {
+        Some(rest) => rest.split(']').next()?,
+        None => text.rsplit_once(':')?.0,
+    };
+    host.parse().ok()
+}
+
+fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+impl Call {
+    fn expose(&self, loaded: &Loaded, decision: &Decision) {
+        let set = |name: &str, value: &str| {
+            let key = format!("apim_edge.{name}");
+            let _ = hostcalls::set_property(vec![key.as_str()], Some(value.as_bytes()));
+        };
+        set("outcome", decision.outcome.as_str());
+        if let Some(call) = &decision.call {
+            let (api, operation, product, subscription) = loaded.catalog.names(call);
+            set("api", api);
+            for (name, value) in [
+                ("operation", operation),
+                ("product", product),
+                ("subscription", subscription),
+            ] {
+                if let Some(v) = value {
+                    set(name, v);
+                }
+            }
+        }
+    }
+
+    fn apply(edits: &[HeaderEdit]) {
+        use proxy_wasm::types::MapType::HttpRequestHeaders as Map;
+        for e in edits {
+            let _ = match e {
+                HeaderEdit::Set(n, v) => hostcalls::set_map_value(Map, n, Some(v)),
+                HeaderEdit::Append(n, v) => hostcalls::add_map_value(Map, n, v),
+                HeaderEdit::Remove(n) => hostcalls::set_map_value(Map, n, None),
+            };
+        }
+    }
+
+    fn answer(status: u16, headers: &[(String, String)], body: &str) {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let _ = hostcalls::send_http_response(u32::from(status), headers, Some(body.as_bytes()));
+    }
+}
+
+impl HttpContext for Call {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(loaded) = self.loaded.clone() else {
+            Self::answer(
+                500,
+                &[],
+                "{\"statusCode\": 500, \"message\": \"Internal server error\"}",
+            );
+            return Action::Pause;
+        };
+        let method = request_header(":method").unwrap_or_default();
+        let full_path = request_header(":path").unwrap_or_else(|| "/".into());
+        let authority = request_header(":authority").unwrap_or_default();
+        let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
+        let host = authority.split(':').next().unwrap_or("");
+        let headers =
+            hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders).unwrap_or_default();
+        let req = Request {
+            method: &method,
+            host,
+            path,
+            query,
+            headers: &headers,
+            client_ip: client_ip(),
+        };
+        let now = now_millis();
+        let store = SlotStore {
+            shared: &HostSharedData,
+            now,
+        };
+        let decision = match loaded.catalog.decide(&req, now, &store) {
+            Ok(d) => d,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apim-edge: {e}"));
+                Metrics::bump(loaded.metrics.store_failures);
+                loaded.metrics.outcome(Outcome::InternalError);
+                if loaded.config.failure_mode == FailureMode::Open {
+                    return Action::Continue;
+                }
+                Decision::internal_error(None)
+            }
+        };
+        loaded.metrics.outcome(decision.outcome);
+        self.expose(&loaded, &decision);
+        if let Some(r) = &decision.response {
+            Self::answer(r.status, &r.headers, &r.body);
+            return Action::Pause;
+        }
+        Self::apply(&decision.upstream);
+        let call = decision.call;
+        if let Some(call) = &call {
+            if loaded.config.strip_subscription_key {
+                match loaded.catalog.key_location(call) {
+                    Some(KeyLocation::Header(h)) => Self::apply(&[HeaderEdit::Remove(h)]),
+                    Some(KeyLocation::Query(q)) => {
+                        let kept: Vec<&str> = query
+                            .split('&')
+                            .filter(|p| p.split('=').next() != Some(q.as_str()) && !p.is_empty())
+                            .collect();
+                        let new_path = if kept.is_empty() {
+                            path.to_string()
+                        } else {
+                            format!("{path}?{}", kept.join("&"))
+                        };
+                        Self::apply(&[HeaderEdit::Set(":path".into(), new_path)]);
+                    }
+                    None => {}
+                }
+            }
+            if loaded.config.identity_headers {
+                let (_, _, product, subscription) = loaded.catalog.names(call);
+                let mut edits: Vec<HeaderEdit> = IDENTITY_HEADERS
+                    .iter()
+                    .map(|h| HeaderEdit::Remove((*h).into()))
+                    .collect();
+                if let Some(p) = product {
+                    edits.push(HeaderEdit::Set(IDENTITY_HEADERS[0].into(), p.into()));
+                }
+                if let Some(s) = subscription {
+                    edits.push(HeaderEdit::Set(IDENTITY_HEADERS[1].into(), s.into()));
+                }
+                Self::apply(&edits);
+            }
+        } else if loaded.config.identity_headers {
+            Self::apply(&IDENTITY_HEADERS.map(|h| HeaderEdit::Remove(h.into())));
+        }
+        self.call = call;
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        self.request_bytes += body_size as u64;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        use proxy_wasm::types::MapType::HttpResponseHeaders as Map;
+        let (Some(loaded), Some(call)) = (&self.loaded, &self.call) else {
+            return Action::Continue;
+        };
+        self.status = hostcalls::get_map_value(Map, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers = hostcalls::get_map(Map).unwrap_or_default();
+        match loaded.catalog.respond(call, self.status, &headers) {
+            Ok(edits) => {
+                for e in &edits {
+                    let _ = match e {
+                        HeaderEdit::Set(n, v) => hostcalls::set_map_value(Map, n, Some(v)),
+                        HeaderEdit::Append(n, v) => hostcalls::add_map_value(Map, n, v),
+                        HeaderEdit::Remove(n) => hostcalls::set_map_value(Map, n, None),
+                    };
+                }
+            }
+            Err(e) => log(LogLevel::Error, &format!("apim-edge: outbound: {e}")),
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        self.response_bytes += body_size as u64;
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let (Some(loaded), Some(call)) = (&self.loaded, &self.call) else {
+            return;
+        };
+        let now = now_millis();
+        let done = Completion {
+            status: self.status,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+        };
+        if let Err(e) = loaded.catalog.complete(
+            call,
+            done,
+            now,
+            &SlotStore {
+                shared: &HostSharedData,
+                now,
+            },
+        ) {
+            Metrics::bump(loaded.metrics.store_failures);
+            log(LogLevel::Error, &format!("apim-edge: completion: {e}"));
+        }
+    }
+}

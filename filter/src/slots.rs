@@ -1,0 +1,302 @@
+//! Counters on proxy-wasm shared data, with memory bounded.
+//!
+//! Envoy's shared data is the only state its worker VMs share, it offers compare-and-swap, and it
+//! can never delete a key. So counters do not get a key each: every counter hashes (FNV-1a,
+//! the same in every VM) to one of [`SLOTS`] slot keys, created when the filter is configured,
+//! and a slot holds the states of its counters. Each write to a slot drops the states that have
+//! expired (see `apim_edge_policies::counter_expiry`), and a slot never grows past
+//! [`SLOT_BYTES`]: a write that would is refused, and `failureMode` decides the call. The
+//! shared memory the counters can take is therefore at most `SLOTS × SLOT_BYTES` (64 MiB),
+//! however many distinct `counter-key` values (client IPs, say) are seen.
+//!
+//! A counter's version is its slot's CAS value, so a write fails, and is retried by the engine,
+//! when anything in the slot changed since the read: never a lost update.
+
+use apim_edge_policies::{counter_expiry, CounterStore, Millis, StoreError};
+
+/// How many slot keys hold counters.
+pub const SLOTS: u32 = 1024;
+/// The most bytes one slot may hold.
+pub const SLOT_BYTES: usize = 64 * 1024;
+
+/// Shared data as the proxy offers it: a missing key has no CAS value, and `set` with
+/// `cas: None` (0 on the wire) writes unconditionally.
+pub trait SharedData {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError>;
+    /// `Ok(false)` on a CAS mismatch.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
+}
+
+fn fnv1a(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The shared-data key of a slot.
+pub fn slot_key(slot: u32) -> String {
+    format!("apim-edge/counters/{slot}")
+}
+
+fn slot_of(counter: &str) -> u32 {
+    (fnv1a(counter) % u64::from(SLOTS)) as u32
+}
+
+/// Creates every slot that does not exist yet. Called from `on_configure`, before the VM takes
+/// traffic; a slot that exists (another worker's, or from before a reload) is left as it is.
+pub fn create_slots(shared: &dyn SharedData) -> Result<u32, StoreError> {
+    let mut created = 0;
+    for slot in 0..SLOTS {
+        let key = slot_key(slot);
+        if shared.get(&key)?.1.is_none() && shared.set(&key, &[], None)? {
+            created += 1;
+        }
+    }
+    Ok(created)
+}
+
+/// A slot's entries: `[u16 name length][name][u32 state length][state]`, repeated.
+fn entries(slot: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut rest = slot;
+    std::iter::from_fn(move || {
+        let name_len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        let name = rest.get(2..2 + name_len)?;
+        let at = 2 + name_len;
+        let state_len = u32::from_le_bytes(rest.get(at..at + 4)?.try_into().ok()?) as usize;
+        let state = rest.get(at + 4..at + 4 + state_len)?;
+        rest = &rest[at + 4 + state_len..];
+        Some((name, state))
+    })
+}
+
+fn push_entry(out: &mut Vec<u8>, name: &[u8], state: &[u8]) {
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    out.extend_from_slice(state);
+}
+
+/// The engine's counter store over slots of shared data, at one instant (for expiry).
+pub struct SlotStore<'a> {
+    pub shared: &'a dyn SharedData,
+    pub now: Millis,
+}
+
+impl CounterStore for SlotStore<'_> {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let (bytes, cas) = self.shared.get(&slot_key(slot_of(key)))?;
+        let Some(cas) = cas else {
+            return Err(StoreError::Unavailable(format!(
+                "counter slot {} was never created",
+                slot_of(key)
+            )));
+        };
+        let bytes = bytes.unwrap_or_default();
+        let state = entries(&bytes)
+            .find(|(name, _)| *name == key.as_bytes())
+            .map(|(_, s)| s.to_vec())
+            .unwrap_or_default();
+        // A counter never written reads as empty, at the slot's version.
+        Ok(Some((state, cas)))
+    }
+
+    fn compare_and_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        let slot = slot_of(key);
+        let slot_name = slot_key(slot);
+        let (bytes, cas) = self.shared.get(&slot_name)?;
+        if cas.is_none() || cas != version {
+            return Ok(false);
+        }
+        if key.len() > usize::from(u16::MAX) {
+            return Err(StoreError::Unavailable("counter name too long".into()));
+        }
+        let bytes = bytes.unwrap_or_default();
+        let mut out = Vec::with_capacity(bytes.len() + key.len() + value.len() + 6);
+        for (name, state) in entries(&bytes) {
+            let expired = counter_expiry(state).is_none_or(|e| e <= self.now);
+            if name != key.as_bytes() && !expired {
+                push_entry(&mut out, name, state);
+            }
+        }
+        push_entry(&mut out, key.as_bytes(), value);
+        if out.len() > SLOT_BYTES {
+            return Err(StoreError::Unavailable(format!(
+                "counter slot {slot} is full ({SLOT_BYTES} bytes of live counters)"
+            )));
+        }
+        self.shared.set(&slot_name, &out, cas)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Shared data with Envoy's semantics (a set with cas 0, or on a missing key, always wins).
+    #[derive(Default)]
+    struct EnvoyLike {
+        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        next: RefCell<u32>,
+    }
+
+    impl SharedData for EnvoyLike {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            Ok(match self.map.borrow().get(key) {
+                Some((v, c)) => (Some(v.clone()), Some(*c)),
+                None => (None, None),
+            })
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            let mut map = self.map.borrow_mut();
+            if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
+                if *current != cas {
+                    return Ok(false);
+                }
+            }
+            *self.next.borrow_mut() += 1;
+            map.insert(key.to_string(), (value.to_vec(), *self.next.borrow()));
+            Ok(true)
+        }
+    }
+
+    fn state(expiry: Millis, body: &[u8]) -> Vec<u8> {
+        let mut s = expiry.to_le_bytes().to_vec();
+        s.extend_from_slice(body);
+        s
+    }
+
+    #[test]
+    fn slots_are_created_once() {
+        let shared = EnvoyLike::default();
+        assert_eq!(create_slots(&shared).unwrap(), SLOTS);
+        assert_eq!(create_slots(&shared).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_counter_round_trips_and_stale_versions_fail() {
+        let shared = EnvoyLike::default();
+        create_slots(&shared).unwrap();
+        let store = SlotStore {
+            shared: &shared,
+            now: 0,
+        };
+        let (empty, v) = store.get("rl|a").unwrap().unwrap();
+        assert!(empty.is_empty());
+        assert!(store
+            .compare_and_set("rl|a", &state(100, b"x"), Some(v))
+            .unwrap());
+        assert!(!store
+            .compare_and_set("rl|a", &state(100, b"y"), Some(v))
+            .unwrap());
+        let (got, _) = store.get("rl|a").unwrap().unwrap();
+        assert_eq!(got, state(100, b"x"));
+    }
+
+    #[test]
+    fn expired_counters_are_dropped_and_a_slot_never_overflows() {
+        let shared = EnvoyLike::default();
+        create_slots(&shared).unwrap();
+        // Many distinct keys (client IPs) over time, each state living 50 ms. A slot drops
+        // expired states whenever it is written, so what it holds does not grow with the
+        // number of keys seen: about one state per slot, not one per key.
+        let big = vec![0u8; 1000];
+        let held = |shared: &EnvoyLike| -> Vec<usize> {
+            (0..SLOTS)
+                .map(|s| shared.get(&slot_key(s)).unwrap().0.unwrap().len())
+                .collect()
+        };
+        let mut totals = Vec::new();
+        for round in 0..2u32 {
+            for i in 0..20_000u32 {
+                let n = round * 20_000 + i;
+                let now = i64::from(n) * 10;
+                let store = SlotStore {
+                    shared: &shared,
+                    now,
+                };
+                let key = format!("rlk|60000|10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
+                let (_, v) = store.get(&key).unwrap().unwrap();
+                assert!(store
+                    .compare_and_set(&key, &state(now + 50, &big), Some(v))
+                    .unwrap());
+            }
+            let sizes = held(&shared);
+            assert!(sizes.iter().all(|&b| b <= SLOT_BYTES));
+            totals.push(sizes.iter().sum::<usize>());
+        }
+        let per_slot = 1000 + 8 + 30 + 6;
+        assert!(totals[0] <= SLOTS as usize * per_slot * 2, "{totals:?}");
+        assert!(totals[1] <= SLOTS as usize * per_slot * 2, "{totals:?}");
+        // A slot full of live counters refuses a write instead of evicting one.
+        let store = SlotStore {
+            shared: &shared,
+            now: 0,
+        };
+        let mut refused = false;
+        let same_slot = (0..)
+            .map(|i| format!("live-{i}"))
+            .filter(|k| slot_of(k) == 7);
+        for key in same_slot.take(100) {
+            let (_, v) = store.get(&key).unwrap().unwrap();
+            match store.compare_and_set(&key, &state(Millis::MAX, &big), Some(v)) {
+                Ok(true) => {}
+                Ok(false) => panic!("no contention here"),
+                Err(e) => {
+                    assert!(e.to_string().contains("is full"), "{e}");
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        assert!(refused);
+    }
+
+    #[test]
+    fn the_engine_counts_exactly_on_slots() {
+        use apim_edge_policies::{Catalog, LoadOptions, Outcome, Request};
+        let doc = serde_json::json!({
+            "apis": [{"name": "a", "path": "a"}],
+            "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><quota calls=\"3\" renewal-period=\"3600\" /></inbound></policies>"}],
+            "subscriptions": [{"name": "s", "scope": "/products/p", "primaryKey": "k"}]
+        });
+        let catalog = Catalog::load(&doc, LoadOptions::default()).unwrap();
+        let shared = EnvoyLike::default();
+        create_slots(&shared).unwrap();
+        let headers = vec![("ocp-apim-subscription-key".to_string(), "k".to_string())];
+        let req = Request {
+            method: "GET",
+            host: "h",
+            path: "/a/x",
+            query: "",
+            headers: &headers,
+            client_ip: None,
+        };
+        let outcomes: Vec<Outcome> = (0..5)
+            .map(|t| {
+                catalog
+                    .decide(
+                        &req,
+                        t,
+                        &SlotStore {
+                            shared: &shared,
+                            now: t,
+                        },
+                    )
+                    .unwrap()
+                    .outcome
+            })
+            .collect();
+        assert_eq!(outcomes[..3], [Outcome::Allowed; 3]);
+        assert_eq!(outcomes[3..], [Outcome::QuotaExceeded; 2]);
+    }
+}
