@@ -268,7 +268,7 @@ pub fn bootstrap(
                             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                             "path": access_log,
                             "log_format": {"text_format_source": {"inline_string":
-                                "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)%\n"}}}}],
+                                "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)% index=%REQ(X-APIM-EDGE-INDEX)%\n"}}}}],
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
                         "http_filters": [
