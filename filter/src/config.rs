@@ -13,10 +13,22 @@ pub enum FailureMode {
     Open,
 }
 
+/// Where the snapshot is fetched from, and how often it is checked for a new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSource {
+    /// The proxy's cluster to call.
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub refresh_seconds: u64,
+}
+
 /// The plugin configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FilterConfig {
-    pub snapshot: Value,
+    /// The inline snapshot; with a source too, it serves until a fetched one loads.
+    pub snapshot: Option<Value>,
+    pub source: Option<SnapshotSource>,
     pub unsupported: UnsupportedPolicies,
     pub failure_mode: FailureMode,
     pub strip_subscription_key: bool,
@@ -46,6 +58,38 @@ fn flag(doc: &Value, name: &str) -> Result<bool, ConfigError> {
     }
 }
 
+fn snapshot_source(src: &Value) -> Result<SnapshotSource, ConfigError> {
+    if !src.is_object() {
+        return Err(fault("snapshotSource", "expected an object"));
+    }
+    let text = |name: &str| -> Result<Option<String>, ConfigError> {
+        match src.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(fault(
+                &format!("snapshotSource.{name}"),
+                "expected a non-empty string",
+            )),
+        }
+    };
+    let cluster = text("cluster")?.ok_or_else(|| fault("snapshotSource.cluster", "required"))?;
+    let refresh_seconds = match src.get("refreshSeconds") {
+        None | Some(Value::Null) => 10,
+        Some(v) => v.as_u64().filter(|s| *s >= 1).ok_or_else(|| {
+            fault(
+                "snapshotSource.refreshSeconds",
+                "expected a whole number of seconds, at least 1",
+            )
+        })?,
+    };
+    Ok(SnapshotSource {
+        authority: text("authority")?.unwrap_or_else(|| cluster.clone()),
+        path: text("path")?.unwrap_or_else(|| "/snapshot.json".into()),
+        cluster,
+        refresh_seconds,
+    })
+}
+
 impl FilterConfig {
     pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
         let doc: Value = serde_json::from_slice(bytes)
@@ -72,19 +116,26 @@ impl FilterConfig {
             Some("open") => FailureMode::Open,
             _ => return Err(fault("failureMode", "expected \"closed\" or \"open\"")),
         };
-        let snapshot = match (doc.get("snapshot"), doc.get("snapshotSource")) {
-            (Some(s), _) if s.is_object() => s.clone(),
-            (Some(_), _) => return Err(fault("snapshot", "expected an object (the catalog snapshot)")),
-            (None, Some(_)) => {
+        let snapshot = match doc.get("snapshot") {
+            None | Some(Value::Null) => None,
+            Some(s) if s.is_object() => Some(s.clone()),
+            Some(_) => {
                 return Err(fault(
-                    "snapshotSource",
-                    "fetching the snapshot from a cluster is not implemented in this build; give it inline as \"snapshot\"",
+                    "snapshot",
+                    "expected an object (the catalog snapshot)",
                 ))
             }
-            (None, None) => return Err(fault("snapshot", "required")),
         };
+        let source = match doc.get("snapshotSource") {
+            None | Some(Value::Null) => None,
+            Some(src) => Some(snapshot_source(src)?),
+        };
+        if snapshot.is_none() && source.is_none() {
+            return Err(fault("snapshot", "required (or a snapshotSource)"));
+        }
         Ok(FilterConfig {
             snapshot,
+            source,
             unsupported,
             failure_mode,
             strip_subscription_key: flag(&doc, "stripSubscriptionKey")?,
@@ -106,6 +157,21 @@ mod tests {
     }
 
     #[test]
+    fn a_source_with_defaults() {
+        let c = FilterConfig::parse(br#"{"snapshotSource": {"cluster": "apim-config"}}"#).unwrap();
+        assert_eq!(
+            c.source,
+            Some(SnapshotSource {
+                cluster: "apim-config".into(),
+                authority: "apim-config".into(),
+                path: "/snapshot.json".into(),
+                refresh_seconds: 10
+            })
+        );
+        assert!(c.snapshot.is_none());
+    }
+
+    #[test]
     fn faults_name_their_path() {
         let e = |t: &str| FilterConfig::parse(t.as_bytes()).unwrap_err().to_string();
         assert_eq!(
@@ -116,7 +182,15 @@ mod tests {
             e(r#"{"snapshot": {}, "identityHeaders": "yes"}"#),
             "identityHeaders: expected a boolean"
         );
-        assert_eq!(e(r#"{}"#), "snapshot: required");
+        assert_eq!(e(r#"{}"#), "snapshot: required (or a snapshotSource)");
+        assert_eq!(
+            e(r#"{"snapshotSource": {}}"#),
+            "snapshotSource.cluster: required"
+        );
+        assert_eq!(
+            e(r#"{"snapshotSource": {"cluster": "c", "refreshSeconds": 0}}"#),
+            "snapshotSource.refreshSeconds: expected a whole number of seconds, at least 1"
+        );
         assert_eq!(
             e(r#"{"snapshot": []}"#),
             "snapshot: expected an object (the catalog snapshot)"

@@ -2,6 +2,7 @@
 
 use crate::config::{FailureMode, FilterConfig};
 use crate::slots::{self, SharedData, SlotStore};
+use crate::snapshots;
 use apim_edge_policies::{
     CallContext, Catalog, Completion, Decision, HeaderEdit, KeyLocation, LoadOptions, Millis,
     Outcome, Request, StoreError,
@@ -18,8 +19,11 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// Shared data through the host.
-struct HostSharedData;
+/// Shared data through the host; counts the compare-and-swap conflicts it meets.
+#[derive(Default)]
+struct HostSharedData {
+    conflicts: std::cell::Cell<u64>,
+}
 
 impl SharedData for HostSharedData {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
@@ -29,7 +33,10 @@ impl SharedData for HostSharedData {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(true),
-            Err(Status::CasMismatch) => Ok(false),
+            Err(Status::CasMismatch) => {
+                self.conflicts.set(self.conflicts.get() + 1);
+                Ok(false)
+            }
             Err(s) => Err(StoreError::Unavailable(format!("set_shared_data: {s:?}"))),
         }
     }
@@ -49,6 +56,7 @@ struct Metrics {
     snapshot_loads: Option<u32>,
     snapshot_failures: Option<u32>,
     store_failures: Option<u32>,
+    cas_conflicts: Option<u32>,
 }
 
 impl Metrics {
@@ -62,12 +70,19 @@ impl Metrics {
             snapshot_loads: counter("apim_edge.snapshot.loads"),
             snapshot_failures: counter("apim_edge.snapshot.failures"),
             store_failures: counter("apim_edge.counters.failures"),
+            cas_conflicts: counter("apim_edge.counters.cas_conflicts"),
         }
     }
 
     fn bump(id: Option<u32>) {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn conflicts(&self, shared: &HostSharedData) {
+        if let (Some(id), n @ 1..) = (self.cas_conflicts, shared.conflicts.get()) {
+            let _ = hostcalls::increment_metric(id, n as i64);
         }
     }
 
@@ -81,19 +96,130 @@ impl Metrics {
     }
 }
 
-/// What every call of a VM shares: the configuration and the catalog in force.
+/// What every call of a VM shares: the configuration, the catalog in force, the metrics.
 struct Loaded {
-    config: FilterConfig,
-    catalog: Catalog,
-    metrics: Metrics,
+    config: Rc<FilterConfig>,
+    catalog: Option<Catalog>,
+    metrics: Rc<Metrics>,
 }
 
 #[derive(Default)]
 struct Root {
     loaded: Option<Rc<Loaded>>,
+    /// The version of the published snapshot in force here (0: the inline one, or none).
+    version: u64,
+    /// The `ETag` the snapshot in force was fetched with.
+    etag: String,
+    fetching: Option<u32>,
 }
 
-impl Context for Root {}
+impl Root {
+    /// Loads a snapshot; on success it replaces the catalog in force (counters live in shared
+    /// data under stable names, so they carry over). A snapshot that fails leaves all as it was
+    /// and gives the reason; the caller logs it.
+    fn install(&mut self, snapshot: &[u8], origin: &str) -> Result<(), String> {
+        let Some(loaded) = self.loaded.clone() else {
+            return Err("not configured".into());
+        };
+        let started = now_millis();
+        let options = LoadOptions {
+            unsupported: loaded.config.unsupported,
+        };
+        let result = serde_json::from_slice::<serde_json::Value>(snapshot)
+            .map_err(|e| format!("not valid JSON: {e}"))
+            .and_then(|doc| {
+                Catalog::load(&doc, options).map_err(|e| {
+                    let first = e.0.first().map(ToString::to_string).unwrap_or_default();
+                    format!("{} errors; the first: {first}", e.0.len())
+                })
+            });
+        match result {
+            Ok(catalog) => {
+                let s = catalog.summary();
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "apim-edge: snapshot from {origin} loaded in {} ms: {} APIs, {} products, {} subscriptions",
+                        now_millis() - started,
+                        s.apis,
+                        s.products,
+                        s.subscriptions
+                    ),
+                );
+                for w in catalog.warnings() {
+                    log(LogLevel::Warn, &format!("apim-edge: {w}"));
+                }
+                Metrics::bump(loaded.metrics.snapshot_loads);
+                self.loaded = Some(Rc::new(Loaded {
+                    config: loaded.config.clone(),
+                    catalog: Some(catalog),
+                    metrics: loaded.metrics.clone(),
+                }));
+                Ok(())
+            }
+            Err(why) => {
+                Metrics::bump(loaded.metrics.snapshot_failures);
+                Err(why)
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if self.fetching != Some(token) {
+            return;
+        }
+        self.fetching = None;
+        let Some(loaded) = self.loaded.clone() else {
+            return;
+        };
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        match status.as_str() {
+            "304" => {}
+            "200" => {
+                let body = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                    0,
+                    body_size,
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                let etag = self
+                    .get_http_call_response_header("etag")
+                    .unwrap_or_default();
+                let installed = self.install(&body, "snapshotSource");
+                if let Err(why) = &installed {
+                    log(LogLevel::Error, &format!("apim-edge: snapshot from snapshotSource refused, the last good one stays: {why}"));
+                }
+                if installed.is_ok() {
+                    self.etag = etag.clone();
+                    match snapshots::publish(&HostSharedData::default(), &etag, &body) {
+                        Ok(Some(v)) => self.version = v,
+                        Ok(None) => {}
+                        Err(e) => log(
+                            LogLevel::Error,
+                            &format!("apim-edge: cannot share the snapshot: {e}"),
+                        ),
+                    }
+                }
+            }
+            other => {
+                log(LogLevel::Error, &format!("apim-edge: snapshotSource answered {other:?}; the last good snapshot stays"));
+                Metrics::bump(loaded.metrics.snapshot_failures);
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -105,9 +231,9 @@ impl RootContext for Root {
         .ok()
         .flatten()
         .unwrap_or_default();
-        let metrics = Metrics::define();
+        let metrics = Rc::new(Metrics::define());
         let config = match FilterConfig::parse(&bytes) {
-            Ok(c) => c,
+            Ok(c) => Rc::new(c),
             Err(e) => {
                 log(
                     LogLevel::Critical,
@@ -117,52 +243,111 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let catalog = match Catalog::load(
-            &config.snapshot,
-            LoadOptions {
-                unsupported: config.unsupported,
-            },
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                let first = e.0.first().map(ToString::to_string).unwrap_or_default();
-                log(
-                    LogLevel::Critical,
-                    &format!(
-                        "apim-edge: snapshot refused ({} errors); the first: {first}",
-                        e.0.len()
-                    ),
-                );
-                Metrics::bump(metrics.snapshot_failures);
-                return false;
-            }
-        };
-        for w in catalog.warnings() {
-            log(LogLevel::Warn, &format!("apim-edge: {w}"));
-        }
-        if let Err(e) = slots::create_slots(&HostSharedData) {
+        if let Err(e) = slots::create_slots(&HostSharedData::default()) {
             log(
                 LogLevel::Critical,
                 &format!("apim-edge: counters unavailable: {e}"),
             );
             return false;
         }
-        Metrics::bump(metrics.snapshot_loads);
-        let s = catalog.summary();
-        log(
-            LogLevel::Info,
-            &format!(
-                "apim-edge: snapshot loaded: {} APIs, {} products, {} subscriptions",
-                s.apis, s.products, s.subscriptions
-            ),
-        );
-        // A refused configuration never replaces the one in force: we only get here on success.
+        let previous = self.loaded.take();
         self.loaded = Some(Rc::new(Loaded {
-            config,
-            catalog,
-            metrics,
+            config: config.clone(),
+            catalog: None,
+            metrics: metrics.clone(),
         }));
+        if let Some(inline) = &config.snapshot {
+            let text = inline.to_string();
+            if let Err(why) = self.install(text.as_bytes(), "the configuration") {
+                log(
+                    LogLevel::Critical,
+                    &format!("apim-edge: configuration refused: snapshot: {why}"),
+                );
+                self.loaded = previous;
+                return false;
+            }
+        }
+        if let Some(source) = &config.source {
+            // Check for a newer shared snapshot every second; fetch every refreshSeconds.
+            self.set_tick_period(std::time::Duration::from_secs(1));
+            log(
+                LogLevel::Info,
+                &format!(
+                    "apim-edge: snapshots from cluster {} {}",
+                    source.cluster, source.path
+                ),
+            );
+            self.version = 0;
+            self.on_tick();
+        }
         true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(loaded) = self.loaded.clone() else {
+            return;
+        };
+        let Some(source) = loaded.config.source.clone() else {
+            return;
+        };
+        // A snapshot another VM fetched and loaded.
+        match snapshots::newer(&HostSharedData::default(), self.version) {
+            Ok(Some(p)) => {
+                self.version = p.version;
+                match self.install(&p.body, "a shared fetch") {
+                    Ok(()) => self.etag = p.etag,
+                    Err(why) => log(
+                        LogLevel::Error,
+                        &format!(
+                            "apim-edge: shared snapshot refused, the last good one stays: {why}"
+                        ),
+                    ),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log(LogLevel::Error, &format!("apim-edge: {e}")),
+        }
+        if self.fetching.is_some() {
+            return;
+        }
+        let refresh = (source.refresh_seconds as Millis).saturating_mul(1000);
+        match snapshots::take_lease(&HostSharedData::default(), now_millis(), refresh) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apim-edge: {e}"));
+                return;
+            }
+        }
+        let etag = snapshots::current(&HostSharedData::default())
+            .ok()
+            .flatten()
+            .map(|(_, e)| e)
+            .unwrap_or_else(|| self.etag.clone());
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", source.path.as_str()),
+            (":authority", source.authority.as_str()),
+        ];
+        if !etag.is_empty() && loaded.catalog.is_some() {
+            headers.push(("if-none-match", etag.as_str()));
+        }
+        match hostcalls::dispatch_http_call(
+            &source.cluster,
+            headers,
+            None,
+            vec![],
+            std::time::Duration::from_secs(10),
+        ) {
+            Ok(token) => self.fetching = Some(token),
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("apim-edge: cannot call cluster {}: {e:?}", source.cluster),
+                );
+                Metrics::bump(loaded.metrics.snapshot_failures);
+            }
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -220,14 +405,14 @@ fn request_header(name: &str) -> Option<String> {
 }
 
 impl Call {
-    fn expose(&self, loaded: &Loaded, decision: &Decision) {
+    fn expose(&self, catalog: &Catalog, decision: &Decision) {
         let set = |name: &str, value: &str| {
             let key = format!("apim_edge.{name}");
             let _ = hostcalls::set_property(vec![key.as_str()], Some(value.as_bytes()));
         };
         set("outcome", decision.outcome.as_str());
         if let Some(call) = &decision.call {
-            let (api, operation, product, subscription) = loaded.catalog.names(call);
+            let (api, operation, product, subscription) = catalog.names(call);
             set("api", api);
             for (name, value) in [
                 ("operation", operation),
@@ -271,6 +456,17 @@ impl HttpContext for Call {
             );
             return Action::Pause;
         };
+        let Some(catalog) = loaded.catalog.as_ref() else {
+            // No snapshot has loaded yet (it is still being fetched).
+            loaded.metrics.outcome(Outcome::InternalError);
+            if loaded.config.failure_mode == FailureMode::Open {
+                return Action::Continue;
+            }
+            if let Some(r) = Decision::internal_error(None).response {
+                Self::answer(r.status, &r.headers, &r.body);
+            }
+            return Action::Pause;
+        };
         let method = request_header(":method").unwrap_or_default();
         let full_path = request_header(":path").unwrap_or_else(|| "/".into());
         let authority = request_header(":authority").unwrap_or_default();
@@ -287,11 +483,14 @@ impl HttpContext for Call {
             client_ip: client_ip(),
         };
         let now = now_millis();
+        let shared = HostSharedData::default();
         let store = SlotStore {
-            shared: &HostSharedData,
+            shared: &shared,
             now,
         };
-        let decision = match loaded.catalog.decide(&req, now, &store) {
+        let decided = catalog.decide(&req, now, &store);
+        loaded.metrics.conflicts(&shared);
+        let decision = match decided {
             Ok(d) => d,
             Err(e) => {
                 log(LogLevel::Error, &format!("apim-edge: {e}"));
@@ -304,7 +503,7 @@ impl HttpContext for Call {
             }
         };
         loaded.metrics.outcome(decision.outcome);
-        self.expose(&loaded, &decision);
+        self.expose(catalog, &decision);
         if let Some(r) = &decision.response {
             Self::answer(r.status, &r.headers, &r.body);
             return Action::Pause;
@@ -313,7 +512,7 @@ impl HttpContext for Call {
         let call = decision.call;
         if let Some(call) = &call {
             if loaded.config.strip_subscription_key {
-                match loaded.catalog.key_location(call) {
+                match catalog.key_location(call) {
                     Some(KeyLocation::Header(h)) => Self::apply(&[HeaderEdit::Remove(h)]),
                     Some(KeyLocation::Query(q)) => {
                         let kept: Vec<&str> = query
@@ -331,7 +530,7 @@ impl HttpContext for Call {
                 }
             }
             if loaded.config.identity_headers {
-                let (_, _, product, subscription) = loaded.catalog.names(call);
+                let (_, _, product, subscription) = catalog.names(call);
                 let mut edits: Vec<HeaderEdit> = IDENTITY_HEADERS
                     .iter()
                     .map(|h| HeaderEdit::Remove((*h).into()))
@@ -358,7 +557,10 @@ impl HttpContext for Call {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         use proxy_wasm::types::MapType::HttpResponseHeaders as Map;
-        let (Some(loaded), Some(call)) = (&self.loaded, &self.call) else {
+        let (Some(catalog), Some(call)) = (
+            self.loaded.as_ref().and_then(|l| l.catalog.as_ref()),
+            &self.call,
+        ) else {
             return Action::Continue;
         };
         self.status = hostcalls::get_map_value(Map, ":status")
@@ -367,7 +569,7 @@ impl HttpContext for Call {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let headers = hostcalls::get_map(Map).unwrap_or_default();
-        match loaded.catalog.respond(call, self.status, &headers) {
+        match catalog.respond(call, self.status, &headers) {
             Ok(edits) => {
                 for e in &edits {
                     let _ = match e {
@@ -391,21 +593,27 @@ impl HttpContext for Call {
         let (Some(loaded), Some(call)) = (&self.loaded, &self.call) else {
             return;
         };
+        let Some(catalog) = loaded.catalog.as_ref() else {
+            return;
+        };
         let now = now_millis();
         let done = Completion {
             status: self.status,
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
         };
-        if let Err(e) = loaded.catalog.complete(
+        let shared = HostSharedData::default();
+        let completed = catalog.complete(
             call,
             done,
             now,
             &SlotStore {
-                shared: &HostSharedData,
+                shared: &shared,
                 now,
             },
-        ) {
+        );
+        loaded.metrics.conflicts(&shared);
+        if let Err(e) = completed {
             Metrics::bump(loaded.metrics.store_failures);
             log(LogLevel::Error, &format!("apim-edge: completion: {e}"));
         }

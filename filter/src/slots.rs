@@ -139,35 +139,7 @@ impl CounterStore for SlotStore<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    /// Shared data with Envoy's semantics (a set with cas 0, or on a missing key, always wins).
-    #[derive(Default)]
-    struct EnvoyLike {
-        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        next: RefCell<u32>,
-    }
-
-    impl SharedData for EnvoyLike {
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-            Ok(match self.map.borrow().get(key) {
-                Some((v, c)) => (Some(v.clone()), Some(*c)),
-                None => (None, None),
-            })
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-            let mut map = self.map.borrow_mut();
-            if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
-                if *current != cas {
-                    return Ok(false);
-                }
-            }
-            *self.next.borrow_mut() += 1;
-            map.insert(key.to_string(), (value.to_vec(), *self.next.borrow()));
-            Ok(true)
-        }
-    }
+    use crate::testing::EnvoyLike;
 
     fn state(expiry: Millis, body: &[u8]) -> Vec<u8> {
         let mut s = expiry.to_le_bytes().to_vec();

@@ -1,6 +1,8 @@
 //! The filter's `.wasm` in real Envoy 1.40 (`--concurrency 4`), with real HTTP on loopback.
 
-use apim_edge_e2e::{request, root, start_envoy, start_upstream, Response};
+use apim_edge_e2e::{
+    request, root, start_envoy, start_envoy_with, start_upstream, ConfigServer, Response,
+};
 use apim_edge_harness::trace::{self, Entry};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -320,8 +322,14 @@ fn a_snapshot_that_does_not_load_is_refused_with_the_reason() {
         Ok(e) => panic!("Envoy took a broken snapshot:\n{}", e.log_text()),
         Err(log) => log,
     };
+    // One line that says why.
+    assert_eq!(
+        log.lines().filter(|l| l.contains("wasm log")).count(),
+        1,
+        "{log}"
+    );
     assert!(
-        log.contains("apim-edge: snapshot refused (1 errors); the first: products[0].properties.subscriptionRequired: expected a boolean"),
+        log.contains("apim-edge: configuration refused: snapshot: 1 errors; the first: products[0].properties.subscriptionRequired: expected a boolean"),
         "{log}"
     );
 }
@@ -378,5 +386,92 @@ fn access_log_and_metrics_carry_the_decisions() {
     assert!(
         log.contains("ACCESS GET /echo/items/2 401 outcome=missing_key product=- subscription=-"),
         "{log}"
+    );
+}
+
+fn reload_catalog(keys: &[(&str, &str)]) -> String {
+    let subs: Vec<Value> = keys
+        .iter()
+        .map(|(name, key)| json!({"name": name, "properties": {"scope": "/products/p", "primaryKey": key}}))
+        .collect();
+    json!({
+        "apis": [{"name": "a", "path": "a"}],
+        "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><rate-limit calls=\"3\" renewal-period=\"300\" /></inbound></policies>"}],
+        "subscriptions": subs
+    })
+    .to_string()
+}
+
+fn status_with(port: u16, key: &str) -> u16 {
+    request(
+        port,
+        "GET",
+        "/a/x",
+        &[("Ocp-Apim-Subscription-Key".into(), key.into())],
+    )
+    .status
+}
+
+/// Polls until a call with `key` gets `want` (within 15 s); the calls made, with statuses.
+fn until(port: u16, key: &str, want: u16) -> Vec<u16> {
+    let mut seen = Vec::new();
+    for _ in 0..75 {
+        let s = status_with(port, key);
+        seen.push(s);
+        if s == want {
+            return seen;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("no {want} for {key} in 15 s: {seen:?}");
+}
+
+#[test]
+fn snapshots_from_a_source_reload_without_a_restart_and_keep_counters() {
+    let upstream = start_upstream();
+    let source = ConfigServer::start(&reload_catalog(&[("s1", "k1")]));
+    let config = json!({"snapshotSource": {"cluster": "apim-config", "authority": "config", "path": "/snapshot.json", "refreshSeconds": 1}});
+    let envoy = start_envoy_with(&upstream, &config, Some(&source)).unwrap();
+
+    // Until the first fetch loads, calls are internal errors (failureMode closed).
+    let first = until(envoy.port, "k1", 200);
+    assert!(
+        first[..first.len() - 1].iter().all(|s| *s == 500),
+        "{first:?}"
+    );
+    assert_eq!(status_with(envoy.port, "k1"), 200); // 2 of s1's 3 calls used
+    assert_eq!(status_with(envoy.port, "k2"), 401);
+
+    // A new snapshot: k2 becomes valid without a restart...
+    source.replace(&reload_catalog(&[("s1", "k1"), ("s2", "k2")]));
+    let polled = until(envoy.port, "k2", 200);
+    assert!(polled.iter().all(|s| *s == 401 || *s == 200), "{polled:?}");
+    // ...and s1's rate-limit counter carried over: one call left, then 429.
+    assert_eq!(status_with(envoy.port, "k1"), 200);
+    assert_eq!(status_with(envoy.port, "k1"), 429);
+
+    // Unchanged snapshot: one fetch per refresh period for all 4 workers, answered 304.
+    let before = source.fetches();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let fetched = source.fetches() - before;
+    assert!((1..=5).contains(&fetched), "{fetched} fetches in 3 s");
+
+    // A broken snapshot is refused everywhere; the last good one keeps serving.
+    source.replace("{\"apis\": [{\"name\": \"a\"}, {\"name\": \"a\"}]}");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(status_with(envoy.port, "k2"), 200);
+    let stats = envoy.stats("apim_edge.snapshot");
+    let failures: u64 = stats
+        .iter()
+        .find(|(n, _)| n.ends_with("apim_edge.snapshot.failures"))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or(0);
+    assert!(failures >= 1, "{stats:?}");
+    assert!(
+        envoy.log_text().contains(
+            "refused, the last good one stays: 1 errors; the first: apis[1]: duplicate API 'a'"
+        ),
+        "{}",
+        envoy.log_text()
     );
 }

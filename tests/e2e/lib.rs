@@ -250,8 +250,9 @@ pub fn bootstrap(
     wasm: &Path,
     filter_config: &Value,
     access_log: &Path,
+    config_server: Option<u16>,
 ) -> Value {
-    json!({
+    let mut boot = json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [{
@@ -286,12 +287,31 @@ pub fn bootstrap(
                 "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint":
                     {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}}}]}]}}]
         }
-    })
+    });
+    if let Some(port) = config_server {
+        let cluster = json!({"name": "apim-config", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "apim-config", "endpoints": [{"lb_endpoints": [{"endpoint":
+                {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}});
+        boot["static_resources"]["clusters"]
+            .as_array_mut()
+            .unwrap()
+            .push(cluster);
+    }
+    boot
 }
 
 /// Starts Envoy (`--concurrency 4`) with the filter configured by `filter_config`. `Err` holds
 /// Envoy's log when it exits instead of becoming ready.
 pub fn start_envoy(upstream: &Upstream, filter_config: &Value) -> Result<Envoy, String> {
+    start_envoy_with(upstream, filter_config, None)
+}
+
+/// [`start_envoy`], with a cluster `apim-config` to a [`ConfigServer`].
+pub fn start_envoy_with(
+    upstream: &Upstream,
+    filter_config: &Value,
+    config_server: Option<&ConfigServer>,
+) -> Result<Envoy, String> {
     let (port, admin) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -304,6 +324,7 @@ pub fn start_envoy(upstream: &Upstream, filter_config: &Value) -> Result<Envoy, 
         &filter_wasm(),
         filter_config,
         &access_log,
+        config_server.map(|c| c.port),
     );
     std::fs::write(&config, boot.to_string()).unwrap();
     let log = dir.join("envoy.log");
@@ -366,5 +387,82 @@ impl Envoy {
 
     pub fn access_log_text(&self) -> String {
         std::fs::read_to_string(&self.access_log).unwrap_or_default()
+    }
+}
+
+/// Serves one snapshot at `/snapshot.json`, with an `ETag`, answering 304 to a matching
+/// `If-None-Match`; the snapshot can be replaced, and fetches are counted.
+pub struct ConfigServer {
+    pub port: u16,
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ConfigServer {
+    pub fn start(body: &str) -> ConfigServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = ConfigServer {
+            port,
+            body: std::sync::Arc::new(std::sync::Mutex::new(body.to_string())),
+            fetches: Default::default(),
+        };
+        let (body, fetches) = (server.body.clone(), server.fetches.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (body, fetches) = (body.clone(), fetches.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut if_none_match = None;
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                            if let Some((n, v)) = h.split_once(':') {
+                                if n.trim().eq_ignore_ascii_case("if-none-match") {
+                                    if_none_match = Some(v.trim().to_string());
+                                }
+                            }
+                        }
+                        fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let text = body.lock().unwrap().clone();
+                        let etag = format!(
+                            "\"{:x}\"",
+                            text.len() * 31 + text.bytes().map(usize::from).sum::<usize>()
+                        );
+                        let response = if if_none_match.as_deref() == Some(etag.as_str()) {
+                            format!("HTTP/1.1 304 Not Modified\r\netag: {etag}\r\ncontent-length: 0\r\n\r\n")
+                        } else {
+                            format!(
+                                "HTTP/1.1 200 OK\r\netag: {etag}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+                                text.len()
+                            )
+                        };
+                        let mut w = &conn;
+                        if w.write_all(response.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    pub fn replace(&self, body: &str) {
+        *self.body.lock().unwrap() = body.to_string();
+    }
+
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
