@@ -118,6 +118,13 @@ impl Root {
     /// data under stable names, so they carry over). A snapshot that fails leaves all as it was
     /// and gives the reason; the caller logs it.
     fn install(&mut self, snapshot: &[u8], origin: &str) -> Result<(), String> {
+        let doc = serde_json::from_slice::<serde_json::Value>(snapshot)
+            .map_err(|e| format!("not valid JSON: {e}"))?;
+        self.install_document(&doc, origin)
+    }
+
+    /// [`Root::install`] for a document already parsed (the inline snapshot).
+    fn install_document(&mut self, doc: &serde_json::Value, origin: &str) -> Result<(), String> {
         let Some(loaded) = self.loaded.clone() else {
             return Err("not configured".into());
         };
@@ -125,14 +132,10 @@ impl Root {
         let options = LoadOptions {
             unsupported: loaded.config.unsupported,
         };
-        let result = serde_json::from_slice::<serde_json::Value>(snapshot)
-            .map_err(|e| format!("not valid JSON: {e}"))
-            .and_then(|doc| {
-                Catalog::load(&doc, options).map_err(|e| {
-                    let first = e.0.first().map(ToString::to_string).unwrap_or_default();
-                    format!("{} errors; the first: {first}", e.0.len())
-                })
-            });
+        let result = Catalog::load(doc, options).map_err(|e| {
+            let first = e.0.first().map(ToString::to_string).unwrap_or_default();
+            format!("{} errors; the first: {first}", e.0.len())
+        });
         match result {
             Ok(catalog) => {
                 let s = catalog.summary();
@@ -233,7 +236,7 @@ impl RootContext for Root {
         .unwrap_or_default();
         let metrics = Rc::new(Metrics::define());
         let config = match FilterConfig::parse(&bytes) {
-            Ok(c) => Rc::new(c),
+            Ok(c) => c,
             Err(e) => {
                 log(
                     LogLevel::Critical,
@@ -250,15 +253,18 @@ impl RootContext for Root {
             );
             return false;
         }
+        // The inline snapshot's JSON is only needed until it is loaded.
+        let mut config = config;
+        let inline = config.snapshot.take();
+        let config = Rc::new(config);
         let previous = self.loaded.take();
         self.loaded = Some(Rc::new(Loaded {
             config: config.clone(),
             catalog: None,
             metrics: metrics.clone(),
         }));
-        if let Some(inline) = &config.snapshot {
-            let text = inline.to_string();
-            if let Err(why) = self.install(text.as_bytes(), "the configuration") {
+        if let Some(inline) = &inline {
+            if let Err(why) = self.install_document(inline, "the configuration") {
                 log(
                     LogLevel::Critical,
                     &format!("apim-edge: configuration refused: snapshot: {why}"),
