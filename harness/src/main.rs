@@ -56,6 +56,41 @@ enum Command {
     },
     /// Replace every plain subscription key of a snapshot by its SHA-256 digest.
     Seal { input: PathBuf, output: PathBuf },
+    /// Write a ready Envoy bootstrap with the filter (JSON, which Envoy reads as YAML).
+    EnvoyConfig {
+        /// The snapshot to put inline in the filter configuration.
+        #[arg(long, required_unless_present = "snapshot_source")]
+        snapshot: Option<PathBuf>,
+        /// HOST:PORT serving the snapshot at /snapshot.json (a cluster apim-config), refreshed.
+        #[arg(long)]
+        snapshot_source: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        upstream: String,
+        #[arg(long, default_value_t = 8080)]
+        listen: u16,
+        #[arg(long, default_value_t = 9901)]
+        admin: u16,
+        /// Envoy's worker threads (a flag of Envoy's: printed in the command to run).
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Workers with the same VM id share counters.
+        #[arg(long, default_value = "apim-edge")]
+        vm_id: String,
+        #[arg(
+            long,
+            default_value = "target/wasm32-wasip1/release/apim_edge_filter.wasm"
+        )]
+        wasm: PathBuf,
+        /// A file for the access log (default: standard output).
+        #[arg(long)]
+        access_log: Option<PathBuf>,
+        /// More filter settings (JSON): failureMode, unsupportedPolicies, stripSubscriptionKey, identityHeaders.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write the bootstrap (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write a synthetic catalog (JSON) to stdout, for benchmarks.
     Synth {
         #[arg(long, default_value_t = 1000)]
@@ -88,15 +123,23 @@ struct FilterConfig {
 }
 
 fn filter_config(path: Option<&Path>) -> Result<FilterConfig, Unusable> {
-    let mut cfg = FilterConfig {
-        unsupported: UnsupportedPolicies::Reject,
-        failure: FailureMode::Closed,
+    let Some(path) = path else {
+        return filter_config_of(&serde_json::json!({}), None);
     };
-    let Some(path) = path else { return Ok(cfg) };
     let text = read(path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))
         .map_err(Unusable)?;
+    filter_config_of(&v, Some(path))
+}
+
+/// The settings of a filter configuration that the command line uses.
+fn filter_config_of(v: &serde_json::Value, path: Option<&Path>) -> Result<FilterConfig, Unusable> {
+    let path = path.unwrap_or(Path::new("(configuration)"));
+    let mut cfg = FilterConfig {
+        unsupported: UnsupportedPolicies::Reject,
+        failure: FailureMode::Closed,
+    };
     match v.get("unsupportedPolicies").and_then(|x| x.as_str()) {
         None | Some("reject") => {}
         Some("skip") => cfg.unsupported = UnsupportedPolicies::Skip,
@@ -267,6 +310,91 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 .with_context(|| format!("cannot write {}", output.display()))
                 .map_err(Unusable)?;
             eprintln!("sealed {sealed} keys into {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnvoyConfig {
+            snapshot,
+            snapshot_source,
+            upstream,
+            listen,
+            admin,
+            concurrency,
+            vm_id,
+            wasm,
+            access_log,
+            config,
+            out,
+        } => {
+            let host_port = |text: &str, what: &str| -> Result<(String, u16), Unusable> {
+                let (h, p) = text
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| {
+                        Some((h.parse::<std::net::IpAddr>().ok()?, p.parse::<u16>().ok()?))
+                    })
+                    .ok_or_else(|| Unusable(anyhow!("{what}: expected IP:PORT, not {text:?}")))?;
+                Ok((h.to_string(), p))
+            };
+            let mut filter_config = match &config {
+                Some(path) => serde_json::from_str::<serde_json::Value>(&read(path)?)
+                    .with_context(|| format!("{}: not valid JSON", path.display()))
+                    .map_err(Unusable)?,
+                None => serde_json::json!({}),
+            };
+            let cfg = filter_config_of(&filter_config, config.as_deref())?;
+            if let Some(path) = &snapshot {
+                let text = read(path)?;
+                let doc: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not valid JSON", path.display()))
+                    .map_err(Unusable)?;
+                Catalog::load(
+                    &doc,
+                    LoadOptions {
+                        unsupported: cfg.unsupported,
+                    },
+                )
+                .map_err(|e| {
+                    Unusable(anyhow!(
+                        "{}: the snapshot does not load:\n{e}",
+                        path.display()
+                    ))
+                })?;
+                filter_config["snapshot"] = doc;
+            }
+            let config_server = match &snapshot_source {
+                Some(s) => {
+                    filter_config["snapshotSource"] = serde_json::json!({"cluster": "apim-config", "authority": s, "path": "/snapshot.json", "refreshSeconds": 10});
+                    Some(host_port(s, "--snapshot-source")?)
+                }
+                None => None,
+            };
+            let wasm = std::path::absolute(&wasm).unwrap_or(wasm);
+            let boot = apim_edge_harness::envoy::Bootstrap {
+                listen,
+                admin,
+                upstream: host_port(&upstream, "--upstream")?,
+                wasm: wasm.clone(),
+                filter_config,
+                access_log,
+                vm_id,
+                config_server,
+            };
+            let text = serde_json::to_string_pretty(&boot.to_json())
+                .map_err(|e| Unusable(e.into()))?
+                + "\n";
+            match &out {
+                Some(path) => std::fs::write(path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))
+                    .map_err(Unusable)?,
+                None => print!("{text}"),
+            }
+            if !wasm.exists() {
+                eprintln!("note: {} does not exist yet: cargo build --release --target wasm32-wasip1 -p apim-edge-filter", wasm.display());
+            }
+            eprintln!(
+                "run: envoy -c {} --concurrency {concurrency}",
+                out.as_deref()
+                    .map_or("BOOTSTRAP".into(), |p| p.display().to_string())
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth {

@@ -1,6 +1,7 @@
 //! What the end-to-end tests need around real Envoy: the filter built from the current source,
 //! a small upstream, a raw HTTP/1.1 client, and Envoy itself on free loopback ports.
 
+use apim_edge_harness::envoy::Bootstrap;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -241,65 +242,6 @@ impl Drop for Envoy {
     }
 }
 
-/// The bootstrap: a listener with the HTTP connection manager (client addresses from
-/// `X-Forwarded-For`), the wasm filter, the router, an access log of the filter's properties.
-pub fn bootstrap(
-    port: u16,
-    admin: u16,
-    upstream: u16,
-    wasm: &Path,
-    filter_config: &Value,
-    access_log: &Path,
-    config_server: Option<u16>,
-) -> Value {
-    let mut boot = json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "apim-edge",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "apim",
-                        "use_remote_address": false,
-                        "xff_num_trusted_hops": 0,
-                        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                            "path": access_log,
-                            "log_format": {"text_format_source": {"inline_string":
-                                "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)% index=%REQ(X-APIM-EDGE-INDEX)%\n"}}}}],
-                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
-                        "http_filters": [
-                            {"name": "envoy.filters.http.wasm", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                                "config": {
-                                    "name": "apim-edge",
-                                    "vm_config": {"vm_id": "apim-edge", "runtime": "envoy.wasm.runtime.v8",
-                                                  "code": {"local": {"filename": wasm}}},
-                                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                                      "value": filter_config.to_string()}}}},
-                            {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
-            "clusters": [{"name": "upstream", "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint":
-                    {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}}}]}]}}]
-        }
-    });
-    if let Some(port) = config_server {
-        let cluster = json!({"name": "apim-config", "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": "apim-config", "endpoints": [{"lb_endpoints": [{"endpoint":
-                {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}});
-        boot["static_resources"]["clusters"]
-            .as_array_mut()
-            .unwrap()
-            .push(cluster);
-    }
-    boot
-}
-
 /// Starts Envoy (`--concurrency 4`) with the filter configured by `filter_config`. `Err` holds
 /// Envoy's log when it exits instead of becoming ready.
 pub fn start_envoy(upstream: &Upstream, filter_config: &Value) -> Result<Envoy, String> {
@@ -317,15 +259,17 @@ pub fn start_envoy_with(
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("envoy.json");
     let access_log = dir.join("access.log");
-    let boot = bootstrap(
-        port,
+    let boot = Bootstrap {
+        listen: port,
         admin,
-        upstream.port,
-        &filter_wasm(),
-        filter_config,
-        &access_log,
-        config_server.map(|c| c.port),
-    );
+        upstream: ("127.0.0.1".into(), upstream.port),
+        wasm: filter_wasm(),
+        filter_config: filter_config.clone(),
+        access_log: Some(access_log.clone()),
+        vm_id: "apim-edge".into(),
+        config_server: config_server.map(|c| ("127.0.0.1".to_string(), c.port)),
+    }
+    .to_json();
     std::fs::write(&config, boot.to_string()).unwrap();
     let log = dir.join("envoy.log");
     let out = std::fs::File::create(&log).unwrap();

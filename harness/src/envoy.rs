@@ -1,0 +1,85 @@
+//! Envoy bootstraps for the filter: a listener with the HTTP connection manager, the wasm filter
+//! with its configuration, the router, the upstream cluster, an access log of the filter's
+//! properties, and the admin listener (with Prometheus stats at `/stats/prometheus`).
+//! `apim-edge envoy-config`, the end-to-end tests and the main job all use this one builder.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// The access-log line: request, status, and the filter's decision (SPEC §4 outcome, product,
+/// subscription) from its properties, which Envoy keeps as filter state.
+pub const ACCESS_LOG_FORMAT: &str = "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)% index=%REQ(X-APIM-EDGE-INDEX)%\n";
+
+/// What a bootstrap is made of.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub listen: u16,
+    pub admin: u16,
+    /// The upstream's host (an IP address) and port.
+    pub upstream: (String, u16),
+    pub wasm: PathBuf,
+    /// The filter configuration (SPEC §5).
+    pub filter_config: Value,
+    /// Where the access log goes; `None`: standard output.
+    pub access_log: Option<PathBuf>,
+    /// Worker VMs with the same `vm_id` share their shared data, hence their counters.
+    pub vm_id: String,
+    /// A cluster `apim-config` at this host and port, for `snapshotSource`.
+    pub config_server: Option<(String, u16)>,
+}
+
+fn cluster(name: &str, (host, port): &(String, u16)) -> Value {
+    json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint":
+            {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]}})
+}
+
+impl Bootstrap {
+    /// The bootstrap as Envoy reads it (JSON is YAML).
+    pub fn to_json(&self) -> Value {
+        let access_log = match &self.access_log {
+            Some(path) => json!({"name": "envoy.access_loggers.file", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path,
+                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}),
+            None => json!({"name": "envoy.access_loggers.stdout", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}),
+        };
+        let mut clusters = vec![cluster("upstream", &self.upstream)];
+        if let Some(c) = &self.config_server {
+            clusters.push(cluster("apim-config", c));
+        }
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin}}},
+            "static_resources": {
+                "listeners": [{
+                    "name": "apim-edge",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.listen}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "apim",
+                            // The client address (for ip-filter) from X-Forwarded-For.
+                            "use_remote_address": false,
+                            "xff_num_trusted_hops": 0,
+                            "access_log": [access_log],
+                            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
+                            "http_filters": [
+                                {"name": "envoy.filters.http.wasm", "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                    "config": {
+                                        "name": "apim-edge",
+                                        "vm_config": {"vm_id": self.vm_id, "runtime": "envoy.wasm.runtime.v8",
+                                                      "code": {"local": {"filename": self.wasm}}},
+                                        "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                                          "value": self.filter_config.to_string()}}}},
+                                {"name": "envoy.filters.http.router", "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
+                "clusters": clusters
+            }
+        })
+    }
+}
