@@ -404,12 +404,6 @@ fn client_ip() -> Option<IpAddr> {
     host.parse().ok()
 }
 
-fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
 impl Call {
     fn expose(&self, catalog: &Catalog, decision: &Decision) {
         let set = |name: &str, value: &str| {
@@ -473,13 +467,20 @@ impl HttpContext for Call {
             }
             return Action::Pause;
         };
-        let method = request_header(":method").unwrap_or_default();
-        let full_path = request_header(":path").unwrap_or_else(|| "/".into());
-        let authority = request_header(":authority").unwrap_or_default();
-        let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
-        let host = authority.split(':').next().unwrap_or("");
+        // One host call for every header, the pseudo-headers among them.
         let headers =
             hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders).unwrap_or_default();
+        let pseudo = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let method = pseudo(":method").unwrap_or_default().to_string();
+        let full_path = pseudo(":path").unwrap_or("/").to_string();
+        let authority = pseudo(":authority").unwrap_or_default().to_string();
+        let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
+        let host = authority.split(':').next().unwrap_or("");
         let req = Request {
             method: &method,
             host,
@@ -490,10 +491,7 @@ impl HttpContext for Call {
         };
         let now = now_millis();
         let shared = HostSharedData::default();
-        let store = SlotStore {
-            shared: &shared,
-            now,
-        };
+        let store = SlotStore::new(&shared, now);
         let decided = catalog.decide(&req, now, &store);
         loaded.metrics.conflicts(&shared);
         let decision = match decided {
@@ -574,8 +572,9 @@ impl HttpContext for Call {
             .flatten()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let headers = hostcalls::get_map(Map).unwrap_or_default();
-        match catalog.respond(call, self.status, &headers) {
+        // Asked only where an outbound set-header with exists-action="skip" needs to know.
+        let exists = |name: &str| hostcalls::get_map_value(Map, name).ok().flatten().is_some();
+        match catalog.respond(call, self.status, &exists) {
             Ok(edits) => {
                 for e in &edits {
                     let _ = match e {
@@ -609,15 +608,7 @@ impl HttpContext for Call {
             response_bytes: self.response_bytes,
         };
         let shared = HostSharedData::default();
-        let completed = catalog.complete(
-            call,
-            done,
-            now,
-            &SlotStore {
-                shared: &shared,
-                now,
-            },
-        );
+        let completed = catalog.complete(call, done, now, &SlotStore::new(&shared, now));
         loaded.metrics.conflicts(&shared);
         if let Err(e) = completed {
             Metrics::bump(loaded.metrics.store_failures);

@@ -81,20 +81,38 @@ fn push_entry(out: &mut Vec<u8>, name: &[u8], state: &[u8]) {
 
 /// The engine's counter store over slots of shared data, at one instant (for expiry).
 pub struct SlotStore<'a> {
-    pub shared: &'a dyn SharedData,
-    pub now: Millis,
+    shared: &'a dyn SharedData,
+    now: Millis,
+    /// The slot last read (key, bytes, version): a write at that version needs no second read.
+    last_read: std::cell::RefCell<Option<(String, Vec<u8>, u32)>>,
+}
+
+impl<'a> SlotStore<'a> {
+    pub fn new(shared: &'a dyn SharedData, now: Millis) -> Self {
+        SlotStore {
+            shared,
+            now,
+            last_read: Default::default(),
+        }
+    }
+
+    fn read_slot(&self, slot_name: &str) -> Result<(Vec<u8>, Option<u32>), StoreError> {
+        let (bytes, cas) = self.shared.get(slot_name)?;
+        let bytes = bytes.unwrap_or_default();
+        *self.last_read.borrow_mut() = cas.map(|c| (slot_name.to_string(), bytes.clone(), c));
+        Ok((bytes, cas))
+    }
 }
 
 impl CounterStore for SlotStore<'_> {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        let (bytes, cas) = self.shared.get(&slot_key(slot_of(key)))?;
+        let (bytes, cas) = self.read_slot(&slot_key(slot_of(key)))?;
         let Some(cas) = cas else {
             return Err(StoreError::Unavailable(format!(
                 "counter slot {} was never created",
                 slot_of(key)
             )));
         };
-        let bytes = bytes.unwrap_or_default();
         let state = entries(&bytes)
             .find(|(name, _)| *name == key.as_bytes())
             .map(|(_, s)| s.to_vec())
@@ -111,14 +129,20 @@ impl CounterStore for SlotStore<'_> {
     ) -> Result<bool, StoreError> {
         let slot = slot_of(key);
         let slot_name = slot_key(slot);
-        let (bytes, cas) = self.shared.get(&slot_name)?;
+        // The slot as last read, if this write is at that version; else read it again.
+        let cached = self.last_read.borrow_mut().take();
+        let (bytes, cas) = match cached {
+            Some((name, bytes, cas)) if name == slot_name && Some(cas) == version => {
+                (bytes, Some(cas))
+            }
+            _ => self.read_slot(&slot_name)?,
+        };
         if cas.is_none() || cas != version {
             return Ok(false);
         }
         if key.len() > usize::from(u16::MAX) {
             return Err(StoreError::Unavailable("counter name too long".into()));
         }
-        let bytes = bytes.unwrap_or_default();
         let mut out = Vec::with_capacity(bytes.len() + key.len() + value.len() + 6);
         for (name, state) in entries(&bytes) {
             let expired = counter_expiry(state).is_none_or(|e| e <= self.now);
@@ -158,10 +182,7 @@ mod tests {
     fn a_counter_round_trips_and_stale_versions_fail() {
         let shared = EnvoyLike::default();
         create_slots(&shared).unwrap();
-        let store = SlotStore {
-            shared: &shared,
-            now: 0,
-        };
+        let store = SlotStore::new(&shared, 0);
         let (empty, v) = store.get("rl|a").unwrap().unwrap();
         assert!(empty.is_empty());
         assert!(store
@@ -192,10 +213,7 @@ mod tests {
             for i in 0..20_000u32 {
                 let n = round * 20_000 + i;
                 let now = i64::from(n) * 10;
-                let store = SlotStore {
-                    shared: &shared,
-                    now,
-                };
+                let store = SlotStore::new(&shared, now);
                 let key = format!("rlk|60000|10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
                 let (_, v) = store.get(&key).unwrap().unwrap();
                 assert!(store
@@ -210,10 +228,7 @@ mod tests {
         assert!(totals[0] <= SLOTS as usize * per_slot * 2, "{totals:?}");
         assert!(totals[1] <= SLOTS as usize * per_slot * 2, "{totals:?}");
         // A slot full of live counters refuses a write instead of evicting one.
-        let store = SlotStore {
-            shared: &shared,
-            now: 0,
-        };
+        let store = SlotStore::new(&shared, 0);
         let mut refused = false;
         let same_slot = (0..)
             .map(|i| format!("live-{i}"))
@@ -256,14 +271,7 @@ mod tests {
         let outcomes: Vec<Outcome> = (0..5)
             .map(|t| {
                 catalog
-                    .decide(
-                        &req,
-                        t,
-                        &SlotStore {
-                            shared: &shared,
-                            now: t,
-                        },
-                    )
+                    .decide(&req, t, &SlotStore::new(&shared, t))
                     .unwrap()
                     .outcome
             })

@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let d = catalog.decide(black_box(&req(i)), now, &store).unwrap();
             let call = d.call.as_ref().unwrap();
-            black_box(catalog.respond(call, 200, &[]).unwrap());
+            black_box(catalog.respond(call, 200, &|_| false).unwrap());
             catalog.complete(call, done, now, &store).unwrap();
             i = (i + 1) % SIZES.subscriptions;
             now += 1;
@@ -78,7 +78,7 @@ fn bench(c: &mut Criterion) {
                     .decide(black_box(&hot), hot_now, &hot_store)
                     .unwrap();
                 let call = d.call.as_ref().unwrap();
-                black_box(catalog.respond(call, 200, &[]).unwrap());
+                black_box(catalog.respond(call, 200, &|_| false).unwrap());
                 catalog.complete(call, done, hot_now, &hot_store).unwrap();
                 hot_now += 1_000;
             })

@@ -111,7 +111,7 @@ pub fn replay_one(
         }
         (None, Some(call)) => {
             let mut outcome = decision.outcome;
-            match catalog.respond(call, e.upstream_status, &[]) {
+            match catalog.respond(call, e.upstream_status, &|_| false) {
                 Ok(edits) => apply(&mut headers, &edits),
                 Err(_) => outcome = Outcome::InternalError,
             }

