@@ -2,7 +2,7 @@
 //! upstream; the sample traffic sent through it; each decision printed from Envoy's access log.
 //! Leaves nothing running.
 
-use apim_edge_e2e::{request, root, start_envoy, start_upstream};
+use apim_edge_e2e::{root, send_entry, start_envoy, start_upstream};
 use apim_edge_harness::trace;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -35,18 +35,11 @@ fn main() {
         let entries =
             trace::parse(&std::fs::read_to_string(path).unwrap(), 0).expect("a valid trace");
         for e in entries {
-            let mut headers = e.headers.clone();
-            headers.push(("host".into(), e.host.clone()));
-            headers.push(("x-apim-edge-index".into(), index.to_string()));
-            if let Some(ip) = e.client_ip {
-                headers.push(("x-forwarded-for".into(), ip.to_string()));
-            }
-            let target = if e.query.is_empty() {
-                e.path.clone()
-            } else {
-                format!("{}?{}", e.path, e.query)
-            };
-            request(envoy.port, &e.method, &target, &headers);
+            send_entry(
+                envoy.port,
+                &e,
+                &[("x-apim-edge-index".into(), index.to_string())],
+            );
             sent.push((index, name.clone(), format!("{} {}", e.method, e.path)));
             index += 1;
         }

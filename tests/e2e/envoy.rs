@@ -1,7 +1,8 @@
 //! The filter's `.wasm` in real Envoy 1.40 (`--concurrency 4`), with real HTTP on loopback.
 
 use apim_edge_e2e::{
-    request, root, start_envoy, start_envoy_with, start_upstream, ConfigServer, Response,
+    request, root, send_entry, start_envoy, start_envoy_with, start_upstream, ConfigServer,
+    Response,
 };
 use apim_edge_harness::trace::{self, Entry};
 use serde_json::{json, Value};
@@ -16,20 +17,14 @@ fn sample() -> Value {
 }
 
 fn send(port: u16, e: &Entry) -> Response {
-    let mut headers = e.headers.clone();
-    headers.push(("host".into(), e.host.clone()));
-    if let Some(ip) = e.client_ip {
-        headers.push(("x-forwarded-for".into(), ip.to_string()));
-    }
-    let target = if e.query.is_empty() {
-        e.path.clone()
-    } else {
-        format!("{}?{}", e.path, e.query)
-    };
+    let mut extra = Vec::new();
     if e.upstream_status != 200 {
-        headers.push(("x-upstream-status".into(), e.upstream_status.to_string()));
+        extra.push((
+            "x-upstream-status".to_string(),
+            e.upstream_status.to_string(),
+        ));
     }
-    request(port, &e.method, &target, &headers)
+    send_entry(port, e, &extra)
 }
 
 /// Where Envoy's transport differs from the decision, by design: (trace, line index, header).

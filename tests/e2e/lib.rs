@@ -2,6 +2,7 @@
 //! a small upstream, a raw HTTP/1.1 client, and Envoy itself on free loopback ports.
 
 use apim_edge_harness::envoy::Bootstrap;
+use apim_edge_harness::trace::Entry;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -77,6 +78,23 @@ impl Response {
             .collect();
         (!values.is_empty()).then(|| values.join(", "))
     }
+}
+
+/// Sends a recorded request through Envoy: its method, target and headers, its host, its client
+/// address as `X-Forwarded-For`, and the `extra` headers.
+pub fn send_entry(port: u16, e: &Entry, extra: &[(String, String)]) -> Response {
+    let mut headers = e.headers.clone();
+    headers.push(("host".into(), e.host.clone()));
+    if let Some(ip) = e.client_ip {
+        headers.push(("x-forwarded-for".into(), ip.to_string()));
+    }
+    headers.extend_from_slice(extra);
+    let target = if e.query.is_empty() {
+        e.path.clone()
+    } else {
+        format!("{}?{}", e.path, e.query)
+    };
+    request(port, &e.method, &target, &headers)
 }
 
 /// One request on its own connection.
