@@ -2,9 +2,12 @@
 //!
 //! The `apim-edge` command line and the pieces it is made of: reading recorded traffic
 //! ([`trace`]), replaying it through the engine ([`replay`]), generating synthetic catalogs
-//! for benchmarks ([`synth`]), and Envoy bootstraps for the filter ([`envoy`]).
+//! for benchmarks ([`synth`]), Envoy bootstraps for the filter ([`envoy`]), and the wasmtime
+//! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]).
 
 pub mod envoy;
+pub mod host;
 pub mod replay;
 pub mod synth;
 pub mod trace;
+pub mod wasm_replay;

@@ -34,6 +34,12 @@ enum Command {
         wasm: Option<PathBuf>,
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// With --wasm: run each worker VM on a thread of its own (as Envoy's workers run).
+        #[arg(long)]
+        parallel: bool,
+        /// With --wasm: replay natively too, and print every request where the two differ.
+        #[arg(long)]
+        diff: bool,
         /// A filter configuration (JSON) for unsupportedPolicies and failureMode.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -184,10 +190,12 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             check,
             start,
             format,
+            parallel,
+            diff,
         } => {
-            if wasm.is_some() || workers != 1 {
+            if wasm.is_none() && (workers != 1 || parallel || diff) {
                 return Err(Unusable(anyhow!(
-                    "--wasm and --workers need the wasmtime host, which this build does not have yet; replay runs the native engine"
+                    "--workers, --parallel and --diff need --wasm"
                 )));
             }
             let cfg = filter_config(config.as_deref())?;
@@ -197,6 +205,53 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let entries = trace::parse(&read(&trace_path)?, start)
                 .map_err(|e| Unusable(anyhow!("{}: {e:#}", trace_path.display())))?;
             let store = MemoryStore::new();
+            let native: Vec<_> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| replay_one(&catalog, &store, i, e, cfg.failure))
+                .collect();
+            let records = match &wasm {
+                None => native.clone(),
+                Some(path) => {
+                    let mut plugin: serde_json::Value = match &config {
+                        Some(p) => {
+                            serde_json::from_str(&read(p)?).map_err(|e| Unusable(e.into()))?
+                        }
+                        None => serde_json::json!({}),
+                    };
+                    plugin["snapshot"] =
+                        serde_json::from_str(&read(&snapshot)?).map_err(|e| Unusable(e.into()))?;
+                    let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
+                    apim_edge_harness::wasm_replay::replay(
+                        &host,
+                        plugin.to_string().as_bytes(),
+                        &entries,
+                        workers,
+                        parallel,
+                    )
+                    .map_err(Unusable)?
+                }
+            };
+            if diff {
+                let mut differ = 0;
+                for (n, w) in native.iter().zip(&records) {
+                    if n != w {
+                        differ += 1;
+                        println!(
+                            "request {}:\n  native {}\n  wasm   {}",
+                            n.index,
+                            serde_json::to_string(n).unwrap_or_default(),
+                            serde_json::to_string(w).unwrap_or_default()
+                        );
+                    }
+                }
+                eprintln!("diff: {} requests, {differ} differ", records.len());
+                return Ok(if differ > 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut failed = 0;
@@ -207,8 +262,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     "#", "request", "status", "outcome", "product"
                 );
             }
-            for (i, e) in entries.iter().enumerate() {
-                let record = replay_one(&catalog, &store, i, e, cfg.failure);
+            for (i, (e, record)) in entries.iter().zip(records).enumerate() {
                 if format == Format::Table {
                     let mut request = format!("{} {}", e.method, e.path);
                     if request.len() > 44 {

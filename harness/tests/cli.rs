@@ -147,18 +147,3 @@ fn synth_makes_a_catalog_that_loads() {
         "{s}"
     );
 }
-
-#[test]
-fn wasm_mode_is_refused_until_the_host_exists() {
-    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/traces/keys.jsonl");
-    let out = apim_edge(&[
-        "replay",
-        "--snapshot",
-        &sample(),
-        "--trace",
-        trace.to_str().unwrap(),
-        "--wasm",
-        "x.wasm",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-}

@@ -1,0 +1,1158 @@
+//! The wasmtime host: runs a proxy-wasm module (ABI 0.2.1) outside any proxy.
+//!
+//! The module is compiled once ([`Host::load`]); each worker gets its own instance ([`Vm`]),
+//! and all the VMs of a host share one shared-data store and one queue registry, as Envoy's
+//! worker threads do. Each VM has a virtual clock, read by both
+//! `proxy_get_current_time_nanoseconds` and WASI's `clock_time_get`, so replays are
+//! deterministic. Host functions answer with the ABI's status codes as Envoy does (the Rust SDK
+//! traps on a status it does not expect). A guest that runs longer than [`CALL_DEADLINE`] is
+//! interrupted (wasmtime epochs), and a trap is an error that says where, never a hang.
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use wasmtime::{
+    Caller, Config, Engine, Extern, Instance, Linker, Memory, Module, Store, TypedFunc,
+};
+
+/// A wasmtime result as an anyhow one, with context.
+fn wt<T>(r: wasmtime::Result<T>, what: impl FnOnce() -> String) -> Result<T> {
+    r.map_err(|e| anyhow::Error::from(e).context(what()))
+}
+
+/// How long one call into the guest may run.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+// proxy-wasm ABI 0.2.1 statuses.
+const OK: i32 = 0;
+const NOT_FOUND: i32 = 1;
+const BAD_ARGUMENT: i32 = 2;
+const EMPTY: i32 = 7;
+const CAS_MISMATCH: i32 = 8;
+const INTERNAL_FAILURE: i32 = 10;
+
+// Buffer and map types.
+const HTTP_REQUEST_BODY: i32 = 0;
+const HTTP_RESPONSE_BODY: i32 = 1;
+const HTTP_CALL_RESPONSE_BODY: i32 = 4;
+const VM_CONFIGURATION: i32 = 6;
+const PLUGIN_CONFIGURATION: i32 = 7;
+const REQUEST_HEADERS: i32 = 0;
+const RESPONSE_HEADERS: i32 = 2;
+const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+
+/// State every VM of a host shares: shared data with compare-and-swap, queues, metrics.
+#[derive(Default)]
+pub struct Shared {
+    data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: AtomicU32,
+    queues: Mutex<Vec<(String, VecDeque<Vec<u8>>)>>,
+    metrics: Mutex<Vec<(String, i64)>>,
+}
+
+impl Shared {
+    /// Envoy's semantics: `cas` 0 writes unconditionally, as does any write to a missing key;
+    /// otherwise the key's current CAS value must match.
+    pub fn set(&self, key: &str, value: &[u8], cas: u32) -> bool {
+        let mut data = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, current)) = data.get(key) {
+            if cas != 0 && cas != *current {
+                return false;
+            }
+        }
+        let next = self
+            .next_cas
+            .fetch_add(1, Ordering::SeqCst)
+            .wrapping_add(1)
+            .max(1);
+        data.insert(key.to_string(), (value.to_vec(), next));
+        true
+    }
+
+    pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Every metric and its value, as tests read them.
+    pub fn metrics(&self) -> Vec<(String, i64)> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A response the guest sent on its own (`proxy_send_local_response`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The state of one stream (HTTP context) as the guest sees it.
+#[derive(Debug, Default, Clone)]
+pub struct Stream {
+    pub request_headers: Vec<(String, String)>,
+    pub response_headers: Vec<(String, String)>,
+    pub request_body: Vec<u8>,
+    pub response_body: Vec<u8>,
+    pub local_reply: Option<LocalReply>,
+    /// Properties the guest set (path elements joined by `.`).
+    pub properties: HashMap<String, Vec<u8>>,
+    /// `source.address` as Envoy gives it (`ip:port`).
+    pub source_address: Option<String>,
+}
+
+type CalloutResponse = (Vec<(String, String)>, Vec<u8>);
+
+/// An HTTP callout the guest dispatched, waiting for an answer.
+#[derive(Debug, Clone)]
+pub struct Callout {
+    pub token: u32,
+    pub context: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+}
+
+pub struct VmState {
+    shared: Arc<Shared>,
+    pub now_ns: u64,
+    plugin_config: Vec<u8>,
+    pub stream: Stream,
+    pub logs: Vec<(i32, String)>,
+    pub tick_period_ms: u32,
+    pub callouts: Vec<Callout>,
+    /// The answer to the callout being handled: headers and body.
+    callout_response: Option<CalloutResponse>,
+    next_token: u32,
+    random: u64,
+    metric_ids: HashMap<u32, usize>,
+}
+
+/// A compiled module and the state its VMs share.
+pub struct Host {
+    engine: Engine,
+    module: Module,
+    pub shared: Arc<Shared>,
+}
+
+fn ticker(engine: &Engine) {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    let engine = engine.clone();
+    STARTED.get_or_init(|| {
+        std::thread::spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+        });
+    });
+}
+
+fn engine() -> Result<Engine> {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    if let Some(e) = ENGINE.get() {
+        return Ok(e.clone());
+    }
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    let engine = Engine::new(&config)?;
+    ticker(&engine);
+    Ok(ENGINE.get_or_init(|| engine).clone())
+}
+
+impl Host {
+    /// Compiles a module. Imports the host does not provide are an error that names them.
+    pub fn load(wasm: &Path) -> Result<Host> {
+        let engine = engine()?;
+        let bytes =
+            std::fs::read(wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
+        let module = wt(Module::new(&engine, &bytes), || {
+            format!("{} is not a wasm module", wasm.display())
+        })?;
+        let linker = linker(&engine)?;
+        let mut probe = Store::new(&engine, blank_state());
+        let unknown: Vec<String> = module
+            .imports()
+            .filter(|i| linker.get_by_import(&mut probe, i).is_none())
+            .map(|i| format!("{}::{}", i.module(), i.name()))
+            .collect();
+        if !unknown.is_empty() {
+            bail!(
+                "{} imports what this host does not provide: {}",
+                wasm.display(),
+                unknown.join(", ")
+            );
+        }
+        Ok(Host {
+            engine,
+            module,
+            shared: Arc::new(Shared::default()),
+        })
+    }
+
+    /// A new VM (a worker): instantiated, started and configured with `plugin_config`.
+    pub fn vm(&self, plugin_config: &[u8]) -> Result<Vm> {
+        let mut state = blank_state();
+        state.shared = self.shared.clone();
+        state.plugin_config = plugin_config.to_vec();
+        let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(deadline_ticks());
+        let linker = linker(&self.engine)?;
+        let instance = wt(linker.instantiate(&mut store, &self.module), || {
+            "instantiating the module".into()
+        })?;
+        let mut vm = Vm { store, instance };
+        if let Ok(init) = vm
+            .instance
+            .get_typed_func::<(), ()>(&mut vm.store, "_initialize")
+        {
+            vm.guard(|s| init.call(s, ()), "_initialize")?;
+        }
+        vm.call2("proxy_on_context_create", ROOT, 0)?;
+        if vm.call2r("proxy_on_vm_start", ROOT, 0)? == 0 {
+            bail!("proxy_on_vm_start returned false{}", vm.log_tail());
+        }
+        let size = plugin_config.len() as i32;
+        if vm.call2r("proxy_on_configure", ROOT, size)? == 0 {
+            bail!("proxy_on_configure returned false{}", vm.log_tail());
+        }
+        Ok(vm)
+    }
+}
+
+fn blank_state() -> VmState {
+    VmState {
+        shared: Arc::new(Shared::default()),
+        now_ns: 0,
+        plugin_config: Vec::new(),
+        stream: Stream::default(),
+        logs: Vec::new(),
+        tick_period_ms: 0,
+        callouts: Vec::new(),
+        callout_response: None,
+        next_token: 0,
+        random: 0x9e37_79b9_7f4a_7c15,
+        metric_ids: HashMap::new(),
+    }
+}
+
+fn deadline_ticks() -> u64 {
+    (CALL_DEADLINE.as_millis() / EPOCH_TICK.as_millis()) as u64
+}
+
+/// The root context's id.
+pub const ROOT: i32 = 1;
+
+/// One instance of the module: a worker VM.
+pub struct Vm {
+    pub store: Store<VmState>,
+    instance: Instance,
+}
+
+impl Vm {
+    fn guard<T>(
+        &mut self,
+        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<T>,
+        what: &str,
+    ) -> Result<T> {
+        self.store.set_epoch_deadline(deadline_ticks());
+        f(&mut self.store).map_err(|e| {
+            let interrupted =
+                e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
+            if interrupted {
+                anyhow!("{what}: the guest ran longer than {CALL_DEADLINE:?} and was stopped")
+            } else {
+                anyhow!("{what}: the guest trapped: {e:#}{}", self.log_tail())
+            }
+        })
+    }
+
+    fn func<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        &mut self,
+        name: &str,
+    ) -> Result<TypedFunc<P, R>> {
+        wt(
+            self.instance.get_typed_func::<P, R>(&mut self.store, name),
+            || format!("the module does not export {name}"),
+        )
+    }
+
+    pub fn call1(&mut self, name: &str, a: i32) -> Result<()> {
+        let f = self.func::<i32, ()>(name)?;
+        self.guard(|s| f.call(s, a), name)
+    }
+
+    pub fn call1r(&mut self, name: &str, a: i32) -> Result<i32> {
+        let f = self.func::<i32, i32>(name)?;
+        self.guard(|s| f.call(s, a), name)
+    }
+
+    pub fn call2(&mut self, name: &str, a: i32, b: i32) -> Result<()> {
+        let f = self.func::<(i32, i32), ()>(name)?;
+        self.guard(|s| f.call(s, (a, b)), name)
+    }
+
+    pub fn call2r(&mut self, name: &str, a: i32, b: i32) -> Result<i32> {
+        let f = self.func::<(i32, i32), i32>(name)?;
+        self.guard(|s| f.call(s, (a, b)), name)
+    }
+
+    pub fn call3r(&mut self, name: &str, a: i32, b: i32, c: i32) -> Result<i32> {
+        let f = self.func::<(i32, i32, i32), i32>(name)?;
+        self.guard(|s| f.call(s, (a, b, c)), name)
+    }
+
+    pub fn call5(&mut self, name: &str, a: i32, b: i32, c: i32, d: i32, e: i32) -> Result<()> {
+        let f = self.func::<(i32, i32, i32, i32, i32), ()>(name)?;
+        self.guard(|s| f.call(s, (a, b, c, d, e)), name)
+    }
+
+    /// The last lines the guest logged, for error messages.
+    pub fn log_tail(&self) -> String {
+        let logs = &self.store.data().logs;
+        let tail: Vec<&str> = logs.iter().rev().take(3).map(|(_, l)| l.as_str()).collect();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (guest log: {})",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }
+    }
+
+    /// Answers the oldest pending callout and lets the guest handle the answer.
+    pub fn answer_callout(
+        &mut self,
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<bool> {
+        if self.store.data().callouts.is_empty() {
+            return Ok(false);
+        }
+        let c = self.store.data_mut().callouts.remove(0);
+        let mut all = vec![(":status".to_string(), status.to_string())];
+        all.extend_from_slice(headers);
+        let n = all.len() as i32;
+        self.store.data_mut().callout_response = Some((all, body.to_vec()));
+        self.call5(
+            "proxy_on_http_call_response",
+            c.context as i32,
+            c.token as i32,
+            n,
+            body.len() as i32,
+            0,
+        )?;
+        self.store.data_mut().callout_response = None;
+        Ok(true)
+    }
+
+    /// Runs the root context's tick.
+    pub fn tick(&mut self) -> Result<()> {
+        self.call1("proxy_on_tick", ROOT)
+    }
+}
+
+/// The proxy-wasm serialization of a header map.
+pub fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Reads a serialized header map; `None` when it is malformed.
+pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let mut sizes = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = 4 + i * 8;
+        let k = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+        let v = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?) as usize;
+        sizes.push((k, v));
+    }
+    let mut at = 4 + n * 8;
+    let mut out = Vec::with_capacity(n);
+    for (k, v) in sizes {
+        let key = String::from_utf8_lossy(bytes.get(at..at + k)?).into_owned();
+        at += k + 1;
+        let value = String::from_utf8_lossy(bytes.get(at..at + v)?).into_owned();
+        at += v + 1;
+        out.push((key, value));
+    }
+    Some(out)
+}
+
+type C<'a> = Caller<'a, VmState>;
+
+fn memory(c: &mut C) -> Option<Memory> {
+    match c.get_export("memory") {
+        Some(Extern::Memory(m)) => Some(m),
+        _ => None,
+    }
+}
+
+fn read(c: &mut C, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let m = memory(c)?;
+    let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+    m.data(&*c)
+        .get(ptr..ptr.checked_add(len)?)
+        .map(<[u8]>::to_vec)
+}
+
+fn read_str(c: &mut C, ptr: i32, len: i32) -> Option<String> {
+    read(c, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn write(c: &mut C, ptr: i32, bytes: &[u8]) -> bool {
+    let Some(m) = memory(c) else { return false };
+    let Ok(ptr) = usize::try_from(ptr) else {
+        return false;
+    };
+    m.write(&mut *c, ptr, bytes).is_ok()
+}
+
+fn write_u32(c: &mut C, ptr: i32, v: u32) -> bool {
+    write(c, ptr, &v.to_le_bytes())
+}
+
+/// Copies `bytes` into memory the guest allocates, and writes where and how long.
+fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> i32 {
+    let alloc = match c
+        .get_export("proxy_on_memory_allocate")
+        .and_then(Extern::into_func)
+    {
+        Some(f) => f,
+        None => return INTERNAL_FAILURE,
+    };
+    let Ok(alloc) = alloc.typed::<i32, i32>(&*c) else {
+        return INTERNAL_FAILURE;
+    };
+    let Ok(ptr) = alloc.call(&mut *c, bytes.len() as i32) else {
+        return INTERNAL_FAILURE;
+    };
+    if (ptr == 0 && !bytes.is_empty())
+        || !write(c, ptr, bytes)
+        || !write_u32(c, ret_ptr, ptr as u32)
+        || !write_u32(c, ret_size, bytes.len() as u32)
+    {
+        return BAD_ARGUMENT;
+    }
+    OK
+}
+
+fn map_of(s: &mut VmState, map_type: i32) -> Option<&mut Vec<(String, String)>> {
+    match map_type {
+        REQUEST_HEADERS => Some(&mut s.stream.request_headers),
+        RESPONSE_HEADERS => Some(&mut s.stream.response_headers),
+        HTTP_CALL_RESPONSE_HEADERS => s.callout_response.as_mut().map(|(h, _)| h),
+        _ => None,
+    }
+}
+
+fn property(s: &VmState, path: &str) -> Option<Vec<u8>> {
+    match path {
+        "source.address" => s.stream.source_address.clone().map(String::into_bytes),
+        "plugin_name" | "plugin_vm_id" | "plugin_root_id" => Some(b"apim-edge".to_vec()),
+        _ => s.stream.properties.get(path).cloned(),
+    }
+}
+
+fn linker(engine: &Engine) -> Result<Linker<VmState>> {
+    let mut l: Linker<VmState> = Linker::new(engine);
+    let env = "env";
+    l.func_wrap(
+        env,
+        "proxy_log",
+        |mut c: C, level: i32, ptr: i32, len: i32| -> i32 {
+            match read_str(&mut c, ptr, len) {
+                Some(m) => {
+                    c.data_mut().logs.push((level, m));
+                    OK
+                }
+                None => BAD_ARGUMENT,
+            }
+        },
+    )?;
+    l.func_wrap(env, "proxy_get_log_level", |mut c: C, ret: i32| -> i32 {
+        if write_u32(&mut c, ret, 2) {
+            OK
+        } else {
+            BAD_ARGUMENT
+        }
+    })?;
+    l.func_wrap(
+        env,
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C, ret: i32| -> i32 {
+            let now = c.data().now_ns;
+            if write(&mut c, ret, &now.to_le_bytes()) {
+                OK
+            } else {
+                BAD_ARGUMENT
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C, period: i32| -> i32 {
+            c.data_mut().tick_period_ms = period as u32;
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_buffer_bytes",
+        |mut c: C, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_size: i32| -> i32 {
+            let s = c.data();
+            let buffer = match kind {
+                HTTP_REQUEST_BODY => s.stream.request_body.clone(),
+                HTTP_RESPONSE_BODY => s.stream.response_body.clone(),
+                HTTP_CALL_RESPONSE_BODY => match &s.callout_response {
+                    Some((_, b)) => b.clone(),
+                    None => return NOT_FOUND,
+                },
+                PLUGIN_CONFIGURATION => s.plugin_config.clone(),
+                VM_CONFIGURATION => Vec::new(),
+                _ => return NOT_FOUND,
+            };
+            // Sizes are unsigned in the ABI (usize::MAX arrives as -1).
+            let start = (start as u32 as usize).min(buffer.len());
+            let end = start.saturating_add(max as u32 as usize).min(buffer.len());
+            if start == end {
+                return NOT_FOUND;
+            }
+            give(&mut c, &buffer[start..end], ret_ptr, ret_size)
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_buffer_bytes",
+        |mut c: C, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> i32 {
+            let Some(data) = read(&mut c, ptr, len) else {
+                return BAD_ARGUMENT;
+            };
+            let s = c.data_mut();
+            let buffer = match kind {
+                HTTP_REQUEST_BODY => &mut s.stream.request_body,
+                HTTP_RESPONSE_BODY => &mut s.stream.response_body,
+                _ => return NOT_FOUND,
+            };
+            let start = (start as u32 as usize).min(buffer.len());
+            let end = start.saturating_add(size as u32 as usize).min(buffer.len());
+            buffer.splice(start..end, data);
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_header_map_pairs",
+        |mut c: C, map: i32, ret_ptr: i32, ret_size: i32| -> i32 {
+            let Some(pairs) = map_of(c.data_mut(), map).map(|m| m.clone()) else {
+                return NOT_FOUND;
+            };
+            give(&mut c, &serialize_map(&pairs), ret_ptr, ret_size)
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_header_map_pairs",
+        |mut c: C, map: i32, ptr: i32, len: i32| -> i32 {
+            let Some(pairs) = read(&mut c, ptr, len).and_then(|b| deserialize_map(&b)) else {
+                return BAD_ARGUMENT;
+            };
+            match map_of(c.data_mut(), map) {
+                Some(m) => {
+                    *m = pairs;
+                    OK
+                }
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_header_map_value",
+        |mut c: C, map: i32, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32| -> i32 {
+            let Some(key) = read_str(&mut c, kp, kl) else {
+                return BAD_ARGUMENT;
+            };
+            let value = map_of(c.data_mut(), map).and_then(|m| {
+                m.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(&key))
+                    .map(|(_, v)| v.clone())
+            });
+            match value {
+                Some(v) => give(&mut c, v.as_bytes(), ret_ptr, ret_size),
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_replace_header_map_value",
+        |mut c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read_str(&mut c, vp, vl))
+            else {
+                return BAD_ARGUMENT;
+            };
+            let Some(m) = map_of(c.data_mut(), map) else {
+                return NOT_FOUND;
+            };
+            m.retain(|(k, _)| !k.eq_ignore_ascii_case(&key));
+            m.push((key.to_ascii_lowercase(), value));
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_add_header_map_value",
+        |mut c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read_str(&mut c, vp, vl))
+            else {
+                return BAD_ARGUMENT;
+            };
+            let Some(m) = map_of(c.data_mut(), map) else {
+                return NOT_FOUND;
+            };
+            m.push((key.to_ascii_lowercase(), value));
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_remove_header_map_value",
+        |mut c: C, map: i32, kp: i32, kl: i32| -> i32 {
+            let Some(key) = read_str(&mut c, kp, kl) else {
+                return BAD_ARGUMENT;
+            };
+            let Some(m) = map_of(c.data_mut(), map) else {
+                return NOT_FOUND;
+            };
+            m.retain(|(k, _)| !k.eq_ignore_ascii_case(&key));
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_property",
+        |mut c: C, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| -> i32 {
+            let Some(path) = read(&mut c, pp, pl) else {
+                return BAD_ARGUMENT;
+            };
+            let path = String::from_utf8_lossy(&path).replace('\0', ".");
+            match property(c.data(), &path) {
+                Some(v) => give(&mut c, &v, ret_ptr, ret_size),
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_property",
+        |mut c: C, pp: i32, pl: i32, vp: i32, vl: i32| -> i32 {
+            let (Some(path), Some(value)) = (read(&mut c, pp, pl), read(&mut c, vp, vl)) else {
+                return BAD_ARGUMENT;
+            };
+            let path = String::from_utf8_lossy(&path).replace('\0', ".");
+            c.data_mut().stream.properties.insert(path, value);
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_shared_data",
+        |mut c: C, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| -> i32 {
+            let Some(key) = read_str(&mut c, kp, kl) else {
+                return BAD_ARGUMENT;
+            };
+            let Some((value, cas)) = c.data().shared.get(&key) else {
+                return NOT_FOUND;
+            };
+            let status = give(&mut c, &value, ret_ptr, ret_size);
+            if status != OK || !write_u32(&mut c, ret_cas, cas) {
+                return BAD_ARGUMENT;
+            }
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_shared_data",
+        |mut c: C, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
+            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read(&mut c, vp, vl)) else {
+                return BAD_ARGUMENT;
+            };
+            if c.data().shared.set(&key, &value, cas as u32) {
+                OK
+            } else {
+                CAS_MISMATCH
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_register_shared_queue",
+        |mut c: C, np: i32, nl: i32, ret: i32| -> i32 {
+            let Some(name) = read_str(&mut c, np, nl) else {
+                return BAD_ARGUMENT;
+            };
+            let id = {
+                let mut q = c
+                    .data()
+                    .shared
+                    .queues
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match q.iter().position(|(n, _)| *n == name) {
+                    Some(i) => i,
+                    None => {
+                        q.push((name, VecDeque::new()));
+                        q.len() - 1
+                    }
+                }
+            };
+            if write_u32(&mut c, ret, id as u32) {
+                OK
+            } else {
+                BAD_ARGUMENT
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_resolve_shared_queue",
+        |mut c: C, _vp: i32, _vl: i32, np: i32, nl: i32, ret: i32| -> i32 {
+            let Some(name) = read_str(&mut c, np, nl) else {
+                return BAD_ARGUMENT;
+            };
+            let id = c
+                .data()
+                .shared
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .position(|(n, _)| *n == name);
+            match id {
+                Some(id) => {
+                    if write_u32(&mut c, ret, id as u32) {
+                        OK
+                    } else {
+                        BAD_ARGUMENT
+                    }
+                }
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_enqueue_shared_queue",
+        |mut c: C, id: i32, vp: i32, vl: i32| -> i32 {
+            let Some(value) = read(&mut c, vp, vl) else {
+                return BAD_ARGUMENT;
+            };
+            let mut q = c
+                .data()
+                .shared
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match q.get_mut(id as usize) {
+                Some((_, items)) => {
+                    items.push_back(value);
+                    OK
+                }
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_dequeue_shared_queue",
+        |mut c: C, id: i32, ret_ptr: i32, ret_size: i32| -> i32 {
+            let item = {
+                let mut q = c
+                    .data()
+                    .shared
+                    .queues
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match q.get_mut(id as usize) {
+                    Some((_, items)) => items.pop_front(),
+                    None => return NOT_FOUND,
+                }
+            };
+            match item {
+                Some(v) => give(&mut c, &v, ret_ptr, ret_size),
+                None => EMPTY,
+            }
+        },
+    )?;
+    l.func_wrap(env, "proxy_continue_stream", |_: C, _kind: i32| -> i32 {
+        OK
+    })?;
+    l.func_wrap(env, "proxy_close_stream", |_: C, _kind: i32| -> i32 { OK })?;
+    l.func_wrap(
+        env,
+        "proxy_send_local_response",
+        |mut c: C,
+         status: i32,
+         _dp: i32,
+         _dl: i32,
+         bp: i32,
+         bl: i32,
+         hp: i32,
+         hl: i32,
+         _grpc: i32|
+         -> i32 {
+            let (Some(body), Some(headers)) = (
+                read(&mut c, bp, bl),
+                read(&mut c, hp, hl).and_then(|h| deserialize_map(&h)),
+            ) else {
+                return BAD_ARGUMENT;
+            };
+            c.data_mut().stream.local_reply = Some(LocalReply {
+                status: status as u16,
+                headers,
+                body,
+            });
+            OK
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_http_call",
+        |mut c: C,
+         up: i32,
+         ul: i32,
+         hp: i32,
+         hl: i32,
+         _bp: i32,
+         _bl: i32,
+         _tp: i32,
+         _tl: i32,
+         _timeout: i32,
+         ret: i32|
+         -> i32 {
+            let (Some(cluster), Some(headers)) = (
+                read_str(&mut c, up, ul),
+                read(&mut c, hp, hl).and_then(|h| deserialize_map(&h)),
+            ) else {
+                return BAD_ARGUMENT;
+            };
+            let s = c.data_mut();
+            s.next_token += 1;
+            let token = s.next_token;
+            s.callouts.push(Callout {
+                token,
+                context: ROOT as u32,
+                cluster,
+                headers,
+            });
+            if write_u32(&mut c, ret, token) {
+                OK
+            } else {
+                BAD_ARGUMENT
+            }
+        },
+    )?;
+    // gRPC: no gRPC service is reachable from this host.
+    l.func_wrap(
+        env,
+        "proxy_grpc_call",
+        |_: C,
+         _a: i32,
+         _b: i32,
+         _c: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _i: i32,
+         _j: i32,
+         _k: i32,
+         _ret: i32|
+         -> i32 { INTERNAL_FAILURE },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_grpc_stream",
+        |_: C,
+         _a: i32,
+         _b: i32,
+         _c: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _ret: i32|
+         -> i32 { INTERNAL_FAILURE },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_grpc_send",
+        |_: C, _t: i32, _p: i32, _l: i32, _e: i32| -> i32 { NOT_FOUND },
+    )?;
+    l.func_wrap(env, "proxy_grpc_cancel", |_: C, _t: i32| -> i32 {
+        NOT_FOUND
+    })?;
+    l.func_wrap(env, "proxy_grpc_close", |_: C, _t: i32| -> i32 {
+        NOT_FOUND
+    })?;
+    l.func_wrap(
+        env,
+        "proxy_get_status",
+        |mut c: C, code: i32, _mp: i32, ms: i32| -> i32 {
+            if write_u32(&mut c, code, 0) && write_u32(&mut c, ms, 0) {
+                OK
+            } else {
+                BAD_ARGUMENT
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_effective_context",
+        |_: C, _id: i32| -> i32 { OK },
+    )?;
+    l.func_wrap(env, "proxy_done", |_: C| -> i32 { OK })?;
+    // Foreign functions: none here, as in an Envoy without them registered.
+    l.func_wrap(
+        env,
+        "proxy_call_foreign_function",
+        |_: C, _np: i32, _nl: i32, _ap: i32, _al: i32, _rp: i32, _rs: i32| -> i32 { NOT_FOUND },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_define_metric",
+        |mut c: C, _kind: i32, np: i32, nl: i32, ret: i32| -> i32 {
+            let Some(name) = read_str(&mut c, np, nl) else {
+                return BAD_ARGUMENT;
+            };
+            let index = {
+                let mut m = c
+                    .data()
+                    .shared
+                    .metrics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match m.iter().position(|(n, _)| *n == name) {
+                    Some(i) => i,
+                    None => {
+                        m.push((name, 0));
+                        m.len() - 1
+                    }
+                }
+            };
+            c.data_mut().metric_ids.insert(index as u32, index);
+            if write_u32(&mut c, ret, index as u32) {
+                OK
+            } else {
+                BAD_ARGUMENT
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_increment_metric",
+        |c: C, id: i32, offset: i64| -> i32 {
+            let mut m = c
+                .data()
+                .shared
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match m.get_mut(id as usize) {
+                Some((_, v)) => {
+                    *v += offset;
+                    OK
+                }
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_record_metric",
+        |c: C, id: i32, value: i64| -> i32 {
+            let mut m = c
+                .data()
+                .shared
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match m.get_mut(id as usize) {
+                Some((_, v)) => {
+                    *v = value;
+                    OK
+                }
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_metric",
+        |mut c: C, id: i32, ret: i32| -> i32 {
+            let value = c
+                .data()
+                .shared
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id as usize)
+                .map(|(_, v)| *v);
+            match value {
+                Some(v) => {
+                    if write(&mut c, ret, &v.to_le_bytes()) {
+                        OK
+                    } else {
+                        BAD_ARGUMENT
+                    }
+                }
+                None => NOT_FOUND,
+            }
+        },
+    )?;
+
+    // WASI preview1, as Rust guests import it. Errno 0 is success.
+    let wasi = "wasi_snapshot_preview1";
+    l.func_wrap(
+        wasi,
+        "fd_write",
+        |mut c: C, fd: i32, iovs: i32, n: i32, written: i32| -> i32 {
+            let mut total = 0u32;
+            let mut text = Vec::new();
+            for i in 0..n.max(0) {
+                let Some(iov) = read(&mut c, iovs + i * 8, 8) else {
+                    return 21;
+                };
+                let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                let Some(bytes) = read(&mut c, ptr, len) else {
+                    return 21;
+                };
+                total += bytes.len() as u32;
+                text.extend(bytes);
+            }
+            if fd == 1 || fd == 2 {
+                c.data_mut().logs.push((
+                    if fd == 2 { 4 } else { 2 },
+                    String::from_utf8_lossy(&text).trim_end().to_string(),
+                ));
+            }
+            if write_u32(&mut c, written, total) {
+                0
+            } else {
+                21
+            }
+        },
+    )?;
+    l.func_wrap(
+        wasi,
+        "clock_time_get",
+        |mut c: C, _clock: i32, _precision: i64, ret: i32| -> i32 {
+            let now = c.data().now_ns;
+            if write(&mut c, ret, &now.to_le_bytes()) {
+                0
+            } else {
+                21
+            }
+        },
+    )?;
+    l.func_wrap(wasi, "random_get", |mut c: C, ptr: i32, len: i32| -> i32 {
+        // Deterministic (xorshift), so replays are repeatable.
+        let mut bytes = Vec::with_capacity(len.max(0) as usize);
+        let mut x = c.data().random;
+        for _ in 0..len.max(0) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.push(x as u8);
+        }
+        c.data_mut().random = x;
+        if write(&mut c, ptr, &bytes) {
+            0
+        } else {
+            21
+        }
+    })?;
+    for name in ["environ_sizes_get", "args_sizes_get"] {
+        l.func_wrap(wasi, name, |mut c: C, count: i32, size: i32| -> i32 {
+            if write_u32(&mut c, count, 0) && write_u32(&mut c, size, 0) {
+                0
+            } else {
+                21
+            }
+        })?;
+    }
+    for name in ["environ_get", "args_get"] {
+        l.func_wrap(wasi, name, |_: C, _a: i32, _b: i32| -> i32 { 0 })?;
+    }
+    l.func_wrap(
+        wasi,
+        "proc_exit",
+        |_: C, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::msg(format!(
+                "the guest called proc_exit({code})"
+            )))
+        },
+    )?;
+    l.func_wrap(wasi, "sched_yield", |_: C| -> i32 { 0 })?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_maps_round_trip() {
+        let pairs = vec![
+            (":path".to_string(), "/a?b".to_string()),
+            ("x-empty".into(), String::new()),
+            ("k".into(), "ü".into()),
+        ];
+        assert_eq!(deserialize_map(&serialize_map(&pairs)), Some(pairs));
+        assert_eq!(deserialize_map(&[]), Some(vec![]));
+        assert_eq!(deserialize_map(&[9, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn shared_data_cas_as_envoy_does() {
+        let s = Shared::default();
+        assert!(s.set("k", b"1", 0)); // a new key
+        let (_, cas) = s.get("k").unwrap();
+        assert!(!s.set("k", b"2", cas + 1)); // mismatch
+        assert!(s.set("k", b"2", cas));
+        assert!(s.set("k", b"3", 0)); // cas 0: unconditional
+        assert_eq!(s.get("k").unwrap().0, b"3");
+        assert!(s.set("new", b"x", 12345)); // a missing key ignores cas, as in Envoy
+    }
+}

@@ -1,0 +1,190 @@
+//! Replaying a trace through the filter's `.wasm` in the wasmtime host ([`crate::host`]): each
+//! request is one proxy-wasm stream (create, request headers and body, response headers and
+//! body, log, done, delete) at the trace's own time, and the result has the shape of native
+//! replay. Workers are VMs sharing one shared-data store: taken in turn (deterministic, for
+//! conformance) or on threads of their own (to stress compare-and-swap).
+
+use crate::host::{Host, Vm, ROOT};
+use crate::replay::DecisionRecord;
+use crate::trace::Entry;
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Decides one recorded request in `vm`, as stream `context`.
+pub fn replay_one(vm: &mut Vm, context: i32, index: usize, e: &Entry) -> Result<DecisionRecord> {
+    let s = vm.store.data_mut();
+    s.now_ns = u64::try_from(e.at).unwrap_or(0).saturating_mul(1_000_000);
+    s.stream = Default::default();
+    let target = if e.query.is_empty() {
+        e.path.clone()
+    } else {
+        format!("{}?{}", e.path, e.query)
+    };
+    let mut headers = vec![
+        (":method".to_string(), e.method.clone()),
+        (":path".to_string(), target),
+        (":authority".to_string(), e.host.clone()),
+        (":scheme".to_string(), "https".to_string()),
+    ];
+    headers.extend(
+        e.headers
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
+    );
+    s.stream.request_headers = headers;
+    s.stream.source_address = e.client_ip.map(|ip| match ip {
+        IpAddr::V4(v4) => format!("{v4}:40000"),
+        IpAddr::V6(v6) => format!("[{v6}]:40000"),
+    });
+    s.stream.request_body = vec![0; e.request_bytes as usize];
+    let n_headers = s.stream.request_headers.len() as i32;
+
+    vm.call2("proxy_on_context_create", context, ROOT)?;
+    let no_body = i32::from(e.request_bytes == 0);
+    vm.call3r("proxy_on_request_headers", context, n_headers, no_body)?;
+    if vm.store.data().stream.local_reply.is_none() && e.request_bytes > 0 {
+        vm.call3r("proxy_on_request_body", context, e.request_bytes as i32, 1)?;
+    }
+    let reply = vm.store.data().stream.local_reply.clone();
+    let (status, headers, body) = match reply {
+        Some(r) => (
+            r.status,
+            collect(&r.headers),
+            String::from_utf8_lossy(&r.body).into_owned(),
+        ),
+        None => {
+            let s = vm.store.data_mut();
+            s.stream.response_headers = vec![(":status".into(), e.upstream_status.to_string())];
+            s.stream.response_body = vec![0; e.response_bytes as usize];
+            vm.call3r(
+                "proxy_on_response_headers",
+                context,
+                1,
+                i32::from(e.response_bytes == 0),
+            )?;
+            if e.response_bytes > 0 {
+                vm.call3r(
+                    "proxy_on_response_body",
+                    context,
+                    e.response_bytes as i32,
+                    1,
+                )?;
+            }
+            let set: Vec<(String, String)> = vm
+                .store
+                .data()
+                .stream
+                .response_headers
+                .iter()
+                .filter(|(n, _)| n != ":status")
+                .cloned()
+                .collect();
+            (e.upstream_status, collect(&set), String::new())
+        }
+    };
+    vm.call1("proxy_on_log", context)?;
+    vm.call1r("proxy_on_done", context)?;
+    vm.call1("proxy_on_delete", context)?;
+
+    let props = &vm.store.data().stream.properties;
+    let prop = |name: &str| {
+        props
+            .get(&format!("apim_edge.{name}"))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let outcome = prop("outcome").unwrap_or_else(|| "unknown".into());
+    Ok(DecisionRecord {
+        index,
+        status,
+        outcome: leak_outcome(&outcome),
+        api: prop("api"),
+        operation: prop("operation"),
+        product: prop("product"),
+        subscription: prop("subscription"),
+        headers,
+        body,
+    })
+}
+
+/// Outcomes are a fixed set; map the guest's text onto the engine's names.
+fn leak_outcome(text: &str) -> &'static str {
+    apim_edge_policies::Outcome::ALL
+        .iter()
+        .map(|o| o.as_str())
+        .find(|o| *o == text)
+        .unwrap_or("unknown")
+}
+
+/// Header names lower-case; repeated headers joined with ", " (as native replay does).
+fn collect(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (n, v) in pairs {
+        out.entry(n.to_ascii_lowercase())
+            .and_modify(|old| {
+                old.push_str(", ");
+                old.push_str(v);
+            })
+            .or_insert_with(|| v.clone());
+    }
+    out
+}
+
+/// Replays `entries` over `workers` VMs of `host`: in turn, or each on its own thread.
+pub fn replay(
+    host: &Host,
+    plugin_config: &[u8],
+    entries: &[Entry],
+    workers: usize,
+    parallel: bool,
+) -> Result<Vec<DecisionRecord>> {
+    let workers = workers.max(1);
+    if !parallel {
+        let mut vms = (0..workers)
+            .map(|_| host.vm(plugin_config))
+            .collect::<Result<Vec<_>>>()?;
+        return entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| replay_one(&mut vms[i % workers], 2 + i as i32, i, e))
+            .collect();
+    }
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<DecisionRecord>>>> =
+        Mutex::new((0..entries.len()).map(|_| None).collect());
+    let started: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let mut vm = host.vm(plugin_config)?;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= entries.len() {
+                            return Ok(());
+                        }
+                        let r = replay_one(&mut vm, 2 + i as i32, i, &entries[i]);
+                        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
+            })
+            .collect()
+    });
+    for s in started {
+        s?;
+    }
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a request was not replayed"))))
+        .collect()
+}

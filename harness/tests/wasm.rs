@@ -1,0 +1,206 @@
+//! The filter's `.wasm` in the wasmtime host: the same answers as the native engine for every
+//! trace (one worker and four), exact counting with truly parallel workers, and clear errors
+//! for modules that cannot run.
+
+use apim_edge_harness::host::Host;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The filter built from the current source (once per test binary).
+fn filter_wasm() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip1",
+                    "-p",
+                    "apim-edge-filter",
+                ])
+                .current_dir(root())
+                .status()
+                .unwrap();
+            assert!(status.success(), "the filter does not build");
+            root().join("target/wasm32-wasip1/release/apim_edge_filter.wasm")
+        })
+        .clone()
+}
+
+fn apim_edge(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_apim-edge"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_trace_gives_the_same_answers_from_the_wasm() {
+    let wasm = filter_wasm();
+    let mut traces: Vec<PathBuf> = std::fs::read_dir(root().join("tests/traces"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    traces.sort();
+    for t in traces {
+        for workers in ["1", "4"] {
+            let out = apim_edge(&[
+                "replay",
+                "--snapshot",
+                "tests/catalog/sample.json",
+                "--trace",
+                t.to_str().unwrap(),
+                "--wasm",
+                wasm.to_str().unwrap(),
+                "--workers",
+                workers,
+                "--diff",
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.contains(" 0 differ"),
+                "{} with {workers} workers:\n{}{stderr}",
+                t.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
+#[test]
+fn the_wasm_meets_every_expectation_of_the_traces() {
+    let wasm = filter_wasm();
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        "tests/catalog/sample.json",
+        "--trace",
+        "tests/traces/policies.jsonl",
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--workers",
+        "4",
+        "--check",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn parallel_workers_admit_a_quota_exactly() {
+    let wasm = filter_wasm();
+    let dir = std::env::temp_dir().join(format!("apim-edge-wasm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snapshot = dir.join("quota.json");
+    std::fs::write(
+        &snapshot,
+        serde_json::json!({
+            "apis": [{"name": "a", "path": "a"}],
+            "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><quota calls=\"200\" renewal-period=\"86400\" /></inbound></policies>"}],
+            "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k"}}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let trace = dir.join("burst.jsonl");
+    let line = r#"{"t": 0, "method": "GET", "url": "/a/x", "headers": {"Ocp-Apim-Subscription-Key": "k"}}"#;
+    std::fs::write(&trace, vec![line; 300].join("\n")).unwrap();
+    for run in 0..5 {
+        let out = apim_edge(&[
+            "replay",
+            "--snapshot",
+            snapshot.to_str().unwrap(),
+            "--trace",
+            trace.to_str().unwrap(),
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--workers",
+            "4",
+            "--parallel",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let allowed = text
+            .lines()
+            .filter(|l| l.contains(r#""outcome":"allowed""#))
+            .count();
+        let exceeded = text
+            .lines()
+            .filter(|l| l.contains(r#""outcome":"quota_exceeded""#))
+            .count();
+        assert_eq!((allowed, exceeded), (200, 100), "run {run}");
+    }
+}
+
+/// A module from its binary encoding: magic, version, then sections.
+fn module(sections: &[&[u8]]) -> PathBuf {
+    let mut bytes = vec![0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+    for s in sections {
+        bytes.extend_from_slice(s);
+    }
+    let path = std::env::temp_dir().join(format!(
+        "apim-edge-guest-{}-{}.wasm",
+        std::process::id(),
+        bytes.len()
+    ));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+const TYPE_VOID: &[u8] = &[0x01, 0x04, 0x01, 0x60, 0x00, 0x00];
+const FUNC_ONE: &[u8] = &[0x03, 0x02, 0x01, 0x00];
+const EXPORT_INITIALIZE: &[u8] = &[
+    0x07, 0x0f, 0x01, 0x0b, b'_', b'i', b'n', b'i', b't', b'i', b'a', b'l', b'i', b'z', b'e', 0x00,
+    0x00,
+];
+
+#[test]
+fn unknown_imports_are_refused_at_load_by_name() {
+    // (import "env" "nope" (func))
+    let import = &[
+        0x02, 0x0c, 0x01, 0x03, b'e', b'n', b'v', 0x04, b'n', b'o', b'p', b'e', 0x00, 0x00,
+    ][..];
+    let err = Host::load(&module(&[TYPE_VOID, import])).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("imports what this host does not provide: env::nope"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn a_guest_that_traps_is_an_error() {
+    // (func (export "_initialize") unreachable)
+    let code = &[0x0a, 0x05, 0x01, 0x03, 0x00, 0x00, 0x0b][..];
+    let host = Host::load(&module(&[TYPE_VOID, FUNC_ONE, EXPORT_INITIALIZE, code])).unwrap();
+    let err = host.vm(b"{}").err().unwrap();
+    assert!(
+        format!("{err:#}").contains("_initialize: the guest trapped"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn a_guest_that_never_returns_is_stopped() {
+    // (func (export "_initialize") (loop (br 0)))
+    let code = &[
+        0x0a, 0x09, 0x01, 0x07, 0x00, 0x03, 0x40, 0x0c, 0x00, 0x0b, 0x0b,
+    ][..];
+    let host = Host::load(&module(&[TYPE_VOID, FUNC_ONE, EXPORT_INITIALIZE, code])).unwrap();
+    let err = host.vm(b"{}").err().unwrap();
+    assert!(format!("{err:#}").contains("ran longer than"), "{err:#}");
+}
