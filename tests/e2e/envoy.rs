@@ -469,4 +469,23 @@ fn snapshots_from_a_source_reload_without_a_restart_and_keep_counters() {
         "{}",
         envoy.log_text()
     );
+
+    // A source that fails (HTTP 500): refused too, counted, and the last good one serves on.
+    source.fail_with(500);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(status_with(envoy.port, "k2"), 200);
+    let after: u64 = envoy
+        .stats("apim_edge.snapshot")
+        .iter()
+        .find(|(n, _)| n.ends_with("apim_edge.snapshot.failures"))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or(0);
+    assert!(after > failures, "failures {failures} -> {after}");
+    assert!(
+        envoy
+            .log_text()
+            .contains("snapshotSource answered \"500\"; the last good snapshot stays"),
+        "{}",
+        envoy.log_text()
+    );
 }

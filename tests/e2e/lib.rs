@@ -357,6 +357,8 @@ impl Envoy {
 pub struct ConfigServer {
     pub port: u16,
     body: std::sync::Arc<std::sync::Mutex<String>>,
+    /// When set, every fetch is answered with this status and no snapshot.
+    failing: std::sync::Arc<std::sync::Mutex<Option<u16>>>,
     fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -367,12 +369,17 @@ impl ConfigServer {
         let server = ConfigServer {
             port,
             body: std::sync::Arc::new(std::sync::Mutex::new(body.to_string())),
+            failing: Default::default(),
             fetches: Default::default(),
         };
-        let (body, fetches) = (server.body.clone(), server.fetches.clone());
+        let (body, fetches, failing) = (
+            server.body.clone(),
+            server.fetches.clone(),
+            server.failing.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (body, fetches) = (body.clone(), fetches.clone());
+                let (body, fetches, failing) = (body.clone(), fetches.clone(), failing.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(conn.try_clone().unwrap());
                     loop {
@@ -401,7 +408,10 @@ impl ConfigServer {
                             "\"{:x}\"",
                             text.len() * 31 + text.bytes().map(usize::from).sum::<usize>()
                         );
-                        let response = if if_none_match.as_deref() == Some(etag.as_str()) {
+                        let failure = *failing.lock().unwrap();
+                        let response = if let Some(status) = failure {
+                            format!("HTTP/1.1 {status} Failing\r\ncontent-length: 0\r\n\r\n")
+                        } else if if_none_match.as_deref() == Some(etag.as_str()) {
                             format!("HTTP/1.1 304 Not Modified\r\netag: {etag}\r\ncontent-length: 0\r\n\r\n")
                         } else {
                             format!(
@@ -418,6 +428,11 @@ impl ConfigServer {
             }
         });
         server
+    }
+
+    /// Answers every fetch with `status` from now on.
+    pub fn fail_with(&self, status: u16) {
+        *self.failing.lock().unwrap() = Some(status);
     }
 
     pub fn replace(&self, body: &str) {
