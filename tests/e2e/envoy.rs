@@ -1,5 +1,6 @@
 //! The filter's `.wasm` in real Envoy 1.40 (`--concurrency 4`), with real HTTP on loopback.
 
+use apim_edge_e2e::start_envoy_lds;
 use apim_edge_e2e::{
     request, root, send_entry, start_envoy, start_envoy_with, start_upstream, ConfigServer,
     Response,
@@ -488,4 +489,42 @@ fn snapshots_from_a_source_reload_without_a_restart_and_keep_counters() {
         "{}",
         envoy.log_text()
     );
+}
+
+#[test]
+fn a_configuration_update_reloads_the_snapshot_and_keeps_counters() {
+    let upstream = start_upstream();
+    let first: Value = serde_json::from_str(&reload_catalog(&[("s1", "k1")])).unwrap();
+    let mut lds = start_envoy_lds(&upstream, &json!({"snapshot": first})).unwrap();
+    let port = lds.envoy.port;
+    assert_eq!(status_with(port, "k1"), 200);
+    assert_eq!(status_with(port, "k1"), 200); // 2 of s1's 3 calls used
+    assert_eq!(status_with(port, "k2"), 401);
+
+    // Envoy builds a new listener and filter configuration from the updated file.
+    let second: Value =
+        serde_json::from_str(&reload_catalog(&[("s1", "k1"), ("s2", "k2")])).unwrap();
+    lds.update(&json!({"snapshot": second}));
+    until(port, "k2", 200);
+    // The counters live in shared data under the same VM id: s1 has one call left.
+    assert_eq!(status_with(port, "k1"), 200);
+    assert_eq!(status_with(port, "k1"), 429);
+
+    // An update whose snapshot does not load is rejected; the configuration in force serves on.
+    lds.update(&json!({"snapshot": {"apis": [{"name": "a"}, {"name": "a"}]}}));
+    let log_says = |needle: &str| {
+        (0..50).any(|_| {
+            let found = lds.envoy.log_text().contains(needle);
+            if !found {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            found
+        })
+    };
+    assert!(
+        log_says("apis[1]: duplicate API 'a'"),
+        "{}",
+        lds.envoy.log_text()
+    );
+    assert_eq!(status_with(port, "k2"), 200);
 }

@@ -289,11 +289,17 @@ pub fn start_envoy_with(
     }
     .to_json();
     std::fs::write(&config, boot.to_string()).unwrap();
+    launch(&config, &dir, port, admin)
+}
+
+/// Starts Envoy with a bootstrap and waits until it is ready on `port`.
+fn launch(config: &Path, dir: &Path, port: u16, admin: u16) -> Result<Envoy, String> {
+    let access_log = dir.join("access.log");
     let log = dir.join("envoy.log");
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(envoy_bin())
         .arg("-c")
-        .arg(&config)
+        .arg(config)
         .args([
             "--concurrency",
             "4",
@@ -442,4 +448,66 @@ impl ConfigServer {
     pub fn fetches(&self) -> usize {
         self.fetches.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// Envoy whose listener comes from a file (LDS), so that its filter configuration can be
+/// replaced without a restart, as an operator's configuration update does.
+pub struct LdsEnvoy {
+    pub envoy: Envoy,
+    lds: PathBuf,
+    listener: Value,
+}
+
+const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const FILTER_CONFIG: &str =
+    "/filter_chains/0/filters/0/typed_config/http_filters/0/typed_config/config/configuration/value";
+
+impl LdsEnvoy {
+    /// Replaces the listener's filter configuration (written aside, then moved into place).
+    pub fn update(&mut self, filter_config: &Value) {
+        *self.listener.pointer_mut(FILTER_CONFIG).unwrap() =
+            Value::String(filter_config.to_string());
+        let doc = json!({"resources": [self.listener]});
+        let aside = self.lds.with_extension("next");
+        std::fs::write(&aside, doc.to_string()).unwrap();
+        std::fs::rename(&aside, &self.lds).unwrap();
+    }
+}
+
+/// [`start_envoy`] with the listener served from a file by LDS.
+pub fn start_envoy_lds(upstream: &Upstream, filter_config: &Value) -> Result<LdsEnvoy, String> {
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("apim-edge-e2e-lds-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut boot = Bootstrap {
+        listen: port,
+        admin,
+        upstream: ("127.0.0.1".into(), upstream.port),
+        wasm: filter_wasm(),
+        filter_config: filter_config.clone(),
+        access_log: Some(dir.join("access.log")),
+        vm_id: "apim-edge".into(),
+        config_server: None,
+    }
+    .to_json();
+    let mut listener = boot["static_resources"]["listeners"][0].take();
+    listener["@type"] = Value::String(LISTENER_TYPE.into());
+    boot["static_resources"]
+        .as_object_mut()
+        .unwrap()
+        .remove("listeners");
+    let lds = dir.join("lds.json");
+    std::fs::write(&lds, json!({"resources": [listener]}).to_string()).unwrap();
+    // Dynamic resources need the node to have an identity.
+    boot["node"] = json!({"id": "apim-edge-e2e", "cluster": "apim-edge-e2e"});
+    boot["dynamic_resources"] = json!({"lds_config": {"resource_api_version": "V3",
+        "path_config_source": {"path": lds, "watched_directory": {"path": dir}}}});
+    let config = dir.join("envoy.json");
+    std::fs::write(&config, boot.to_string()).unwrap();
+    let envoy = launch(&config, &dir, port, admin)?;
+    Ok(LdsEnvoy {
+        envoy,
+        lds,
+        listener,
+    })
 }
