@@ -364,6 +364,16 @@ fn access_log_and_metrics_carry_the_decisions() {
         Some("1"),
         "{stats:?}"
     );
+    // The same counters in Prometheus format (Envoy strips the wasmcustom namespace).
+    let prometheus = request(envoy.admin, "GET", "/stats/prometheus", &[]).body;
+    assert!(
+        prometheus.contains("apim_edge_requests_allowed{} 1"),
+        "{prometheus}"
+    );
+    assert!(
+        prometheus.contains("apim_edge_requests_missing_key{} 1"),
+        "{prometheus}"
+    );
     // The access log is written when a stream ends; give Envoy a moment to flush it.
     let mut log = String::new();
     for _ in 0..50 {
