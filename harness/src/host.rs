@@ -45,6 +45,11 @@ const REQUEST_HEADERS: i32 = 0;
 const RESPONSE_HEADERS: i32 = 2;
 const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 
+/// Locks a mutex; a thread that panicked while holding it leaves its data usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// State every VM of a host shares: shared data with compare-and-swap, queues, metrics.
 #[derive(Default)]
 pub struct Shared {
@@ -58,7 +63,7 @@ impl Shared {
     /// Envoy's semantics: `cas` 0 writes unconditionally, as does any write to a missing key;
     /// otherwise the key's current CAS value must match.
     pub fn set(&self, key: &str, value: &[u8], cas: u32) -> bool {
-        let mut data = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let mut data = lock(&self.data);
         if let Some((_, current)) = data.get(key) {
             if cas != 0 && cas != *current {
                 return false;
@@ -74,19 +79,17 @@ impl Shared {
     }
 
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        lock(&self.data).get(key).cloned()
+    }
+
+    /// Applies `f` to metric `id`'s value; `None` when there is no such metric.
+    fn metric<R>(&self, id: i32, f: impl FnOnce(&mut i64) -> R) -> Option<R> {
+        lock(&self.metrics).get_mut(id as usize).map(|(_, v)| f(v))
     }
 
     /// Every metric and its value, as tests read them.
     pub fn metrics(&self) -> Vec<(String, i64)> {
-        self.metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.metrics).clone()
     }
 }
 
@@ -720,12 +723,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 return BAD_ARGUMENT;
             };
             let id = {
-                let mut q = c
-                    .data()
-                    .shared
-                    .queues
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut q = lock(&c.data().shared.queues);
                 match q.iter().position(|(n, _)| *n == name) {
                     Some(i) => i,
                     None => {
@@ -748,12 +746,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             let Some(name) = read_str(&mut c, np, nl) else {
                 return BAD_ARGUMENT;
             };
-            let id = c
-                .data()
-                .shared
-                .queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            let id = lock(&c.data().shared.queues)
                 .iter()
                 .position(|(n, _)| *n == name);
             match id {
@@ -775,12 +768,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             let Some(value) = read(&mut c, vp, vl) else {
                 return BAD_ARGUMENT;
             };
-            let mut q = c
-                .data()
-                .shared
-                .queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut q = lock(&c.data().shared.queues);
             match q.get_mut(id as usize) {
                 Some((_, items)) => {
                     items.push_back(value);
@@ -795,12 +783,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_dequeue_shared_queue",
         |mut c: C, id: i32, ret_ptr: i32, ret_size: i32| -> i32 {
             let item = {
-                let mut q = c
-                    .data()
-                    .shared
-                    .queues
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut q = lock(&c.data().shared.queues);
                 match q.get_mut(id as usize) {
                     Some((_, items)) => items.pop_front(),
                     None => return NOT_FOUND,
@@ -956,12 +939,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 return BAD_ARGUMENT;
             };
             let index = {
-                let mut m = c
-                    .data()
-                    .shared
-                    .metrics
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut m = lock(&c.data().shared.metrics);
                 match m.iter().position(|(n, _)| *n == name) {
                     Some(i) => i,
                     None => {
@@ -982,60 +960,29 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         env,
         "proxy_increment_metric",
         |c: C, id: i32, offset: i64| -> i32 {
-            let mut m = c
-                .data()
+            c.data()
                 .shared
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match m.get_mut(id as usize) {
-                Some((_, v)) => {
-                    *v += offset;
-                    OK
-                }
-                None => NOT_FOUND,
-            }
+                .metric(id, |v| *v += offset)
+                .map_or(NOT_FOUND, |_| OK)
         },
     )?;
     l.func_wrap(
         env,
         "proxy_record_metric",
         |c: C, id: i32, value: i64| -> i32 {
-            let mut m = c
-                .data()
+            c.data()
                 .shared
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match m.get_mut(id as usize) {
-                Some((_, v)) => {
-                    *v = value;
-                    OK
-                }
-                None => NOT_FOUND,
-            }
+                .metric(id, |v| *v = value)
+                .map_or(NOT_FOUND, |_| OK)
         },
     )?;
     l.func_wrap(
         env,
         "proxy_get_metric",
         |mut c: C, id: i32, ret: i32| -> i32 {
-            let value = c
-                .data()
-                .shared
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id as usize)
-                .map(|(_, v)| *v);
-            match value {
-                Some(v) => {
-                    if write(&mut c, ret, &v.to_le_bytes()) {
-                        OK
-                    } else {
-                        BAD_ARGUMENT
-                    }
-                }
+            match c.data().shared.metric(id, |v| *v) {
+                Some(v) if write(&mut c, ret, &v.to_le_bytes()) => OK,
+                Some(_) => BAD_ARGUMENT,
                 None => NOT_FOUND,
             }
         },

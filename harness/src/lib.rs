@@ -5,6 +5,7 @@
 //! for benchmarks ([`synth`]), Envoy bootstraps for the filter ([`envoy`]), and the wasmtime
 //! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]).
 
+pub mod build;
 pub mod envoy;
 pub mod host;
 pub mod replay;

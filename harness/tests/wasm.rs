@@ -3,36 +3,10 @@
 //! for modules that cannot run.
 
 use apim_edge_harness::host::Host;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The filter built from the current source (once per test binary).
-fn filter_wasm() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip1",
-                    "-p",
-                    "apim-edge-filter",
-                ])
-                .current_dir(root())
-                .status()
-                .unwrap();
-            assert!(status.success(), "the filter does not build");
-            root().join("target/wasm32-wasip1/release/apim_edge_filter.wasm")
-        })
-        .clone()
-}
+use apim_edge_harness::build::{filter_wasm, workspace_root as root};
 
 fn apim_edge(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_apim-edge"))

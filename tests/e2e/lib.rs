@@ -8,35 +8,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Builds the filter's `.wasm` from the current source (once per test binary).
-pub fn filter_wasm() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip1",
-                    "-p",
-                    "apim-edge-filter",
-                ])
-                .current_dir(root())
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "the filter does not build");
-            root().join("target/wasm32-wasip1/release/apim_edge_filter.wasm")
-        })
-        .clone()
-}
+pub use apim_edge_harness::build::{filter_wasm, workspace_root as root};
 
 /// The Envoy binary: `ENVOY_BIN`, else the project venv's (installed by `tests/run.sh`).
 pub fn envoy_bin() -> PathBuf {
