@@ -148,17 +148,20 @@ impl FilterConfig {
 mod tests {
     use super::*;
 
+    type R = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn defaults_and_flags() {
-        let c = FilterConfig::parse(br#"{"snapshot": {}, "stripSubscriptionKey": true}"#).unwrap();
+    fn defaults_and_flags() -> R {
+        let c = FilterConfig::parse(br#"{"snapshot": {}, "stripSubscriptionKey": true}"#)?;
         assert_eq!(c.unsupported, UnsupportedPolicies::Reject);
         assert_eq!(c.failure_mode, FailureMode::Closed);
         assert!(c.strip_subscription_key && !c.identity_headers);
+        Ok(())
     }
 
     #[test]
-    fn a_source_with_defaults() {
-        let c = FilterConfig::parse(br#"{"snapshotSource": {"cluster": "apim-config"}}"#).unwrap();
+    fn a_source_with_defaults() -> R {
+        let c = FilterConfig::parse(br#"{"snapshotSource": {"cluster": "apim-config"}}"#)?;
         assert_eq!(
             c.source,
             Some(SnapshotSource {
@@ -169,10 +172,11 @@ mod tests {
             })
         );
         assert!(c.snapshot.is_none());
+        Ok(())
     }
 
     #[test]
-    fn faults_name_their_path() {
+    fn faults_name_their_path() -> R {
         let e = |t: &str| FilterConfig::parse(t.as_bytes()).unwrap_err().to_string();
         assert_eq!(
             e(r#"{"snapshot": {}, "failureMode": "maybe"}"#),
@@ -196,5 +200,6 @@ mod tests {
             "snapshot: expected an object (the catalog snapshot)"
         );
         assert!(e("{").starts_with("(configuration): not valid JSON"));
+        Ok(())
     }
 }

@@ -163,6 +163,8 @@ impl CounterStore for SlotStore<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type R = Result<(), Box<dyn std::error::Error>>;
     use crate::testing::EnvoyLike;
 
     fn state(expiry: Millis, body: &[u8]) -> Vec<u8> {
@@ -172,40 +174,38 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_created_once() {
+    fn slots_are_created_once() -> R {
         let shared = EnvoyLike::default();
-        assert_eq!(create_slots(&shared).unwrap(), SLOTS);
-        assert_eq!(create_slots(&shared).unwrap(), 0);
+        assert_eq!(create_slots(&shared)?, SLOTS);
+        assert_eq!(create_slots(&shared)?, 0);
+        Ok(())
     }
 
     #[test]
-    fn a_counter_round_trips_and_stale_versions_fail() {
+    fn a_counter_round_trips_and_stale_versions_fail() -> R {
         let shared = EnvoyLike::default();
-        create_slots(&shared).unwrap();
+        create_slots(&shared)?;
         let store = SlotStore::new(&shared, 0);
-        let (empty, v) = store.get("rl|a").unwrap().unwrap();
+        let (empty, v) = store.get("rl|a")?.ok_or("absent")?;
         assert!(empty.is_empty());
-        assert!(store
-            .compare_and_set("rl|a", &state(100, b"x"), Some(v))
-            .unwrap());
-        assert!(!store
-            .compare_and_set("rl|a", &state(100, b"y"), Some(v))
-            .unwrap());
-        let (got, _) = store.get("rl|a").unwrap().unwrap();
+        assert!(store.compare_and_set("rl|a", &state(100, b"x"), Some(v))?);
+        assert!(!store.compare_and_set("rl|a", &state(100, b"y"), Some(v))?);
+        let (got, _) = store.get("rl|a")?.ok_or("absent")?;
         assert_eq!(got, state(100, b"x"));
+        Ok(())
     }
 
     #[test]
-    fn expired_counters_are_dropped_and_a_slot_never_overflows() {
+    fn expired_counters_are_dropped_and_a_slot_never_overflows() -> R {
         let shared = EnvoyLike::default();
-        create_slots(&shared).unwrap();
+        create_slots(&shared)?;
         // Many distinct keys (client IPs) over time, each state living 50 ms. A slot drops
         // expired states whenever it is written, so what it holds does not grow with the
         // number of keys seen: about one state per slot, not one per key.
         let big = vec![0u8; 1000];
-        let held = |shared: &EnvoyLike| -> Vec<usize> {
+        let held = |shared: &EnvoyLike| -> Result<Vec<usize>, StoreError> {
             (0..SLOTS)
-                .map(|s| shared.get(&slot_key(s)).unwrap().0.unwrap().len())
+                .map(|s| Ok(shared.get(&slot_key(s))?.0.unwrap_or_default().len()))
                 .collect()
         };
         let mut totals = Vec::new();
@@ -215,12 +215,10 @@ mod tests {
                 let now = i64::from(n) * 10;
                 let store = SlotStore::new(&shared, now);
                 let key = format!("rlk|60000|10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
-                let (_, v) = store.get(&key).unwrap().unwrap();
-                assert!(store
-                    .compare_and_set(&key, &state(now + 50, &big), Some(v))
-                    .unwrap());
+                let (_, v) = store.get(&key)?.ok_or("absent")?;
+                assert!(store.compare_and_set(&key, &state(now + 50, &big), Some(v))?);
             }
-            let sizes = held(&shared);
+            let sizes = held(&shared)?;
             assert!(sizes.iter().all(|&b| b <= SLOT_BYTES));
             totals.push(sizes.iter().sum::<usize>());
         }
@@ -234,10 +232,10 @@ mod tests {
             .map(|i| format!("live-{i}"))
             .filter(|k| slot_of(k) == 7);
         for key in same_slot.take(100) {
-            let (_, v) = store.get(&key).unwrap().unwrap();
+            let (_, v) = store.get(&key)?.ok_or("absent")?;
             match store.compare_and_set(&key, &state(Millis::MAX, &big), Some(v)) {
                 Ok(true) => {}
-                Ok(false) => panic!("no contention here"),
+                Ok(false) => return Err("a write lost with no contention".into()),
                 Err(e) => {
                     assert!(e.to_string().contains("is full"), "{e}");
                     refused = true;
@@ -246,19 +244,20 @@ mod tests {
             }
         }
         assert!(refused);
+        Ok(())
     }
 
     #[test]
-    fn the_engine_counts_exactly_on_slots() {
+    fn the_engine_counts_exactly_on_slots() -> R {
         use apim_edge_policies::{Catalog, LoadOptions, Outcome, Request};
         let doc = serde_json::json!({
             "apis": [{"name": "a", "path": "a"}],
             "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><quota calls=\"3\" renewal-period=\"3600\" /></inbound></policies>"}],
             "subscriptions": [{"name": "s", "scope": "/products/p", "primaryKey": "k"}]
         });
-        let catalog = Catalog::load(&doc, LoadOptions::default()).unwrap();
+        let catalog = Catalog::load(&doc, LoadOptions::default())?;
         let shared = EnvoyLike::default();
-        create_slots(&shared).unwrap();
+        create_slots(&shared)?;
         let headers = vec![("ocp-apim-subscription-key".to_string(), "k".to_string())];
         let req = Request {
             method: "GET",
@@ -268,15 +267,15 @@ mod tests {
             headers: &headers,
             client_ip: None,
         };
-        let outcomes: Vec<Outcome> = (0..5)
+        let outcomes = (0..5)
             .map(|t| {
-                catalog
-                    .decide(&req, t, &SlotStore::new(&shared, t))
-                    .unwrap()
-                    .outcome
+                Ok(catalog
+                    .decide(&req, t, &SlotStore::new(&shared, t))?
+                    .outcome)
             })
-            .collect();
+            .collect::<Result<Vec<Outcome>, apim_edge_policies::EngineError>>()?;
         assert_eq!(outcomes[..3], [Outcome::Allowed; 3]);
         assert_eq!(outcomes[3..], [Outcome::QuotaExceeded; 2]);
+        Ok(())
     }
 }

@@ -100,30 +100,34 @@ pub fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type R = Result<(), Box<dyn std::error::Error>>;
     use crate::testing::EnvoyLike;
 
     #[test]
-    fn one_fetch_per_refresh_period() {
+    fn one_fetch_per_refresh_period() -> R {
         let shared = EnvoyLike::default();
-        assert!(take_lease(&shared, 0, 10_000).unwrap());
+        assert!(take_lease(&shared, 0, 10_000)?);
         // Every other VM's tick in the same period finds the lease taken.
-        assert!(!take_lease(&shared, 1, 10_000).unwrap());
-        assert!(!take_lease(&shared, 9_999, 10_000).unwrap());
-        assert!(take_lease(&shared, 10_000, 10_000).unwrap());
+        assert!(!take_lease(&shared, 1, 10_000)?);
+        assert!(!take_lease(&shared, 9_999, 10_000)?);
+        assert!(take_lease(&shared, 10_000, 10_000)?);
+        Ok(())
     }
 
     #[test]
-    fn versions_only_move_forward() {
+    fn versions_only_move_forward() -> R {
         let shared = EnvoyLike::default();
-        assert_eq!(newer(&shared, 0).unwrap(), None);
-        assert_eq!(publish(&shared, "\"a\"", b"{}").unwrap(), Some(1));
-        assert_eq!(publish(&shared, "\"b\"", b"{\"x\":1}").unwrap(), Some(2));
-        let p = newer(&shared, 1).unwrap().unwrap();
+        assert_eq!(newer(&shared, 0)?, None);
+        assert_eq!(publish(&shared, "\"a\"", b"{}")?, Some(1));
+        assert_eq!(publish(&shared, "\"b\"", b"{\"x\":1}")?, Some(2));
+        let p = newer(&shared, 1)?.ok_or("absent")?;
         assert_eq!(
             (p.version, p.etag.as_str(), p.body.as_slice()),
             (2, "\"b\"", &b"{\"x\":1}"[..])
         );
-        assert_eq!(newer(&shared, 2).unwrap(), None);
-        assert_eq!(current(&shared).unwrap(), Some((2, "\"b\"".to_string())));
+        assert_eq!(newer(&shared, 2)?, None);
+        assert_eq!(current(&shared)?, Some((2, "\"b\"".to_string())));
+        Ok(())
     }
 }

@@ -474,6 +474,31 @@ fn map_of(s: &mut VmState, map_type: i32) -> Option<&mut Vec<(String, String)>> 
     }
 }
 
+/// Replace, add or remove a header: removes the key's values when `remove` is set, then adds
+/// `value` (names lower-case, as Envoy keeps them).
+fn edit_map(mut c: C, map: i32, key: (i32, i32), value: Option<(i32, i32)>, remove: bool) -> i32 {
+    let Some(key) = read_str(&mut c, key.0, key.1) else {
+        return BAD_ARGUMENT;
+    };
+    let value = match value {
+        Some((p, l)) => match read_str(&mut c, p, l) {
+            Some(v) => Some(v),
+            None => return BAD_ARGUMENT,
+        },
+        None => None,
+    };
+    let Some(m) = map_of(c.data_mut(), map) else {
+        return NOT_FOUND;
+    };
+    if remove {
+        m.retain(|(k, _)| !k.eq_ignore_ascii_case(&key));
+    }
+    if let Some(v) = value {
+        m.push((key.to_ascii_lowercase(), v));
+    }
+    OK
+}
+
 fn property(s: &VmState, path: &str) -> Option<Vec<u8>> {
     match path {
         "source.address" => s.stream.source_address.clone().map(String::into_bytes),
@@ -616,47 +641,21 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
     l.func_wrap(
         env,
         "proxy_replace_header_map_value",
-        |mut c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read_str(&mut c, vp, vl))
-            else {
-                return BAD_ARGUMENT;
-            };
-            let Some(m) = map_of(c.data_mut(), map) else {
-                return NOT_FOUND;
-            };
-            m.retain(|(k, _)| !k.eq_ignore_ascii_case(&key));
-            m.push((key.to_ascii_lowercase(), value));
-            OK
+        |c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+            edit_map(c, map, (kp, kl), Some((vp, vl)), true)
         },
     )?;
     l.func_wrap(
         env,
         "proxy_add_header_map_value",
-        |mut c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read_str(&mut c, vp, vl))
-            else {
-                return BAD_ARGUMENT;
-            };
-            let Some(m) = map_of(c.data_mut(), map) else {
-                return NOT_FOUND;
-            };
-            m.push((key.to_ascii_lowercase(), value));
-            OK
+        |c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+            edit_map(c, map, (kp, kl), Some((vp, vl)), false)
         },
     )?;
     l.func_wrap(
         env,
         "proxy_remove_header_map_value",
-        |mut c: C, map: i32, kp: i32, kl: i32| -> i32 {
-            let Some(key) = read_str(&mut c, kp, kl) else {
-                return BAD_ARGUMENT;
-            };
-            let Some(m) = map_of(c.data_mut(), map) else {
-                return NOT_FOUND;
-            };
-            m.retain(|(k, _)| !k.eq_ignore_ascii_case(&key));
-            OK
-        },
+        |c: C, map: i32, kp: i32, kl: i32| -> i32 { edit_map(c, map, (kp, kl), None, true) },
     )?;
     l.func_wrap(
         env,
