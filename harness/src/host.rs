@@ -31,6 +31,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 const OK: i32 = 0;
 const NOT_FOUND: i32 = 1;
 const BAD_ARGUMENT: i32 = 2;
+const INVALID_MEMORY_ACCESS: i32 = 6;
 const EMPTY: i32 = 7;
 const CAS_MISMATCH: i32 = 8;
 const INTERNAL_FAILURE: i32 = 10;
@@ -39,6 +40,7 @@ const INTERNAL_FAILURE: i32 = 10;
 const HTTP_REQUEST_BODY: i32 = 0;
 const HTTP_RESPONSE_BODY: i32 = 1;
 const HTTP_CALL_RESPONSE_BODY: i32 = 4;
+const GRPC_CALL_MESSAGE: i32 = 5;
 const VM_CONFIGURATION: i32 = 6;
 const PLUGIN_CONFIGURATION: i32 = 7;
 const REQUEST_HEADERS: i32 = 0;
@@ -117,14 +119,64 @@ pub struct Stream {
 
 type CalloutResponse = (Vec<(String, String)>, Vec<u8>);
 
-/// An HTTP callout the guest dispatched, waiting for an answer.
+/// What a callout asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CalloutKind {
+    /// `proxy_http_call`.
+    Http,
+    /// `proxy_grpc_call` (unary).
+    Grpc { service: String, method: String },
+}
+
+/// A callout the guest dispatched, waiting for an answer.
 #[derive(Debug, Clone)]
 pub struct Callout {
     pub token: u32,
     pub context: u32,
+    pub kind: CalloutKind,
+    /// The upstream (Envoy cluster) named.
     pub cluster: String,
+    /// HTTP headers, or gRPC initial metadata.
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
+
+/// The answer to a callout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status, or the gRPC status code (0 is OK).
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Answers callouts: scripted in tests, by rules in replay. `None` is a failed call (reset,
+/// timeout, no such cluster), which Envoy reports with no headers (HTTP) or `UNAVAILABLE` (gRPC).
+pub trait Responder: Sync {
+    fn answer(&self, callout: &Callout) -> Option<Answer>;
+}
+
+impl<F: Fn(&Callout) -> Option<Answer> + Sync> Responder for F {
+    fn answer(&self, callout: &Callout) -> Option<Answer> {
+        self(callout)
+    }
+}
+
+/// A responder for which every callout fails.
+pub struct NoUpstreams;
+
+impl Responder for NoUpstreams {
+    fn answer(&self, _: &Callout) -> Option<Answer> {
+        None
+    }
+}
+
+/// The gRPC status Envoy reports for a call that got no answer.
+const GRPC_UNAVAILABLE: u16 = 14;
+
+/// Missed ticks run one by one up to this many in one [`Vm::advance`]; the rest coalesce into
+/// one, as a timer whose event loop was busy fires once.
+const MAX_TICKS_PER_ADVANCE: u32 = 1000;
 
 pub struct VmState {
     shared: Arc<Shared>,
@@ -133,9 +185,13 @@ pub struct VmState {
     pub stream: Stream,
     pub logs: Vec<(i32, String)>,
     pub tick_period_ms: u32,
+    /// When the next tick is due on the virtual clock, while a tick period is set.
+    pub next_tick_ns: Option<u64>,
     pub callouts: Vec<Callout>,
     /// The answer to the callout being handled: headers and body.
     callout_response: Option<CalloutResponse>,
+    /// The status `proxy_get_status` reports: the last gRPC call closed.
+    grpc_status: u32,
     next_token: u32,
     random: u64,
     metric_ids: HashMap<u32, usize>,
@@ -201,9 +257,16 @@ impl Host {
         })
     }
 
-    /// A new VM (a worker): instantiated, started and configured with `plugin_config`.
+    /// A new VM (a worker): instantiated, started and configured with `plugin_config`, its
+    /// clock at the epoch.
     pub fn vm(&self, plugin_config: &[u8]) -> Result<Vm> {
+        self.vm_at(plugin_config, 0)
+    }
+
+    /// A new VM whose virtual clock starts at `now_ns` (nanoseconds since the Unix epoch).
+    pub fn vm_at(&self, plugin_config: &[u8], now_ns: u64) -> Result<Vm> {
         let mut state = blank_state();
+        state.now_ns = now_ns;
         state.shared = self.shared.clone();
         state.plugin_config = plugin_config.to_vec();
         let mut store = Store::new(&self.engine, state);
@@ -239,8 +302,10 @@ fn blank_state() -> VmState {
         stream: Stream::default(),
         logs: Vec::new(),
         tick_period_ms: 0,
+        next_tick_ns: None,
         callouts: Vec::new(),
         callout_response: None,
+        grpc_status: 0,
         next_token: 0,
         random: 0x9e37_79b9_7f4a_7c15,
         metric_ids: HashMap::new(),
@@ -308,6 +373,11 @@ impl Vm {
         self.guard(|s| f.call(s, (a, b)), name)
     }
 
+    pub fn call3(&mut self, name: &str, a: i32, b: i32, c: i32) -> Result<()> {
+        let f = self.func::<(i32, i32, i32), ()>(name)?;
+        self.guard(|s| f.call(s, (a, b, c)), name)
+    }
+
     pub fn call3r(&mut self, name: &str, a: i32, b: i32, c: i32) -> Result<i32> {
         let f = self.func::<(i32, i32, i32), i32>(name)?;
         self.guard(|s| f.call(s, (a, b, c)), name)
@@ -316,6 +386,19 @@ impl Vm {
     pub fn call5(&mut self, name: &str, a: i32, b: i32, c: i32, d: i32, e: i32) -> Result<()> {
         let f = self.func::<(i32, i32, i32, i32, i32), ()>(name)?;
         self.guard(|s| f.call(s, (a, b, c, d, e)), name)
+    }
+
+    /// `len` bytes of the guest's memory from `at`, for tests that read what a guest recorded.
+    pub fn memory_bytes(&mut self, at: usize, len: usize) -> Result<Vec<u8>> {
+        let memory = match self.instance.get_export(&mut self.store, "memory") {
+            Some(Extern::Memory(m)) => m,
+            _ => bail!("the module exports no memory"),
+        };
+        memory
+            .data(&self.store)
+            .get(at..at.saturating_add(len))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| anyhow!("{len} bytes at {at} lie outside the guest's memory"))
     }
 
     /// The last lines the guest logged, for error messages.
@@ -332,36 +415,75 @@ impl Vm {
         }
     }
 
-    /// Answers the oldest pending callout and lets the guest handle the answer.
-    pub fn answer_callout(
-        &mut self,
-        status: u16,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Result<bool> {
-        if self.store.data().callouts.is_empty() {
-            return Ok(false);
+    /// Answers every pending callout with `responder`, oldest first, and lets the guest handle
+    /// each answer (callouts the guest makes meanwhile are answered too). Returns how many.
+    pub fn answer_callouts(&mut self, responder: &dyn Responder) -> Result<usize> {
+        let mut answered = 0;
+        while !self.store.data().callouts.is_empty() {
+            let c = self.store.data_mut().callouts.remove(0);
+            let answer = responder.answer(&c);
+            self.deliver(&c, answer)?;
+            answered += 1;
         }
-        let c = self.store.data_mut().callouts.remove(0);
-        let mut all = vec![(":status".to_string(), status.to_string())];
-        all.extend_from_slice(headers);
-        let n = all.len() as i32;
-        self.store.data_mut().callout_response = Some((all, body.to_vec()));
-        self.call5(
-            "proxy_on_http_call_response",
-            c.context as i32,
-            c.token as i32,
-            n,
-            body.len() as i32,
-            0,
-        )?;
-        self.store.data_mut().callout_response = None;
-        Ok(true)
+        Ok(answered)
     }
 
-    /// Runs the root context's tick.
-    pub fn tick(&mut self) -> Result<()> {
-        self.call1("proxy_on_tick", ROOT)
+    /// Hands one answer to the guest as Envoy does.
+    fn deliver(&mut self, c: &Callout, answer: Option<Answer>) -> Result<()> {
+        let (context, token) = (c.context as i32, c.token as i32);
+        match (&c.kind, answer) {
+            (CalloutKind::Http, Some(a)) => {
+                let mut all = vec![(":status".to_string(), a.status.to_string())];
+                all.extend(a.headers);
+                let (n, size) = (all.len() as i32, a.body.len() as i32);
+                self.store.data_mut().callout_response = Some((all, a.body));
+                let r = self.call5("proxy_on_http_call_response", context, token, n, size, 0);
+                self.store.data_mut().callout_response = None;
+                r
+            }
+            (CalloutKind::Http, None) => {
+                self.store.data_mut().callout_response = Some((Vec::new(), Vec::new()));
+                let r = self.call5("proxy_on_http_call_response", context, token, 0, 0, 0);
+                self.store.data_mut().callout_response = None;
+                r
+            }
+            (CalloutKind::Grpc { .. }, Some(a)) if a.status == 0 => {
+                let size = a.body.len() as i32;
+                self.store.data_mut().callout_response = Some((a.headers, a.body));
+                let r = self.call3("proxy_on_grpc_receive", context, token, size);
+                self.store.data_mut().callout_response = None;
+                r
+            }
+            (CalloutKind::Grpc { .. }, answer) => {
+                let code = answer.map_or(GRPC_UNAVAILABLE, |a| a.status);
+                self.store.data_mut().grpc_status = u32::from(code);
+                self.call3("proxy_on_grpc_close", context, token, i32::from(code))
+            }
+        }
+    }
+
+    /// Moves this VM's virtual clock to `to_ns`, running the ticks that fall due on the way,
+    /// each at its own time, and answering the callouts they make with `responder`.
+    /// Returns how many ticks ran. A clock moved backwards runs none.
+    pub fn advance(&mut self, to_ns: u64, responder: &dyn Responder) -> Result<u32> {
+        let mut ran = 0;
+        self.answer_callouts(responder)?;
+        while let Some(due) = self.store.data().next_tick_ns.filter(|due| *due <= to_ns) {
+            let s = self.store.data_mut();
+            let period = u64::from(s.tick_period_ms) * 1_000_000;
+            let mut at = due;
+            if ran + 1 >= MAX_TICKS_PER_ADVANCE && period > 0 {
+                // Coalesce: the last due time at or before `to_ns`.
+                at = due + (to_ns - due) / period * period;
+            }
+            s.now_ns = at;
+            s.next_tick_ns = Some(at.saturating_add(period.max(1)));
+            self.call1("proxy_on_tick", ROOT)?;
+            ran += 1;
+            self.answer_callouts(responder)?;
+        }
+        self.store.data_mut().now_ns = to_ns;
+        Ok(ran)
     }
 }
 
@@ -387,22 +509,27 @@ pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
-    let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let mut sizes = Vec::with_capacity(n);
-    for i in 0..n {
-        let at = 4 + i * 8;
-        let k = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-        let v = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?) as usize;
-        sizes.push((k, v));
+    let word = |at: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let n = word(0)?;
+    // The count comes from the guest: the sizes it promises must be there before anything
+    // is allocated for them.
+    let mut at = n.checked_mul(8)?.checked_add(4)?;
+    if at > bytes.len() {
+        return None;
     }
-    let mut at = 4 + n * 8;
     let mut out = Vec::with_capacity(n);
-    for (k, v) in sizes {
-        let key = String::from_utf8_lossy(bytes.get(at..at + k)?).into_owned();
-        at += k + 1;
-        let value = String::from_utf8_lossy(bytes.get(at..at + v)?).into_owned();
-        at += v + 1;
-        out.push((key, value));
+    for i in 0..n {
+        let (k, v) = (word(4 + i * 8)?, word(8 + i * 8)?);
+        let key = bytes.get(at..at.checked_add(k)?)?;
+        at = at + k + 1;
+        let value = bytes.get(at..at.checked_add(v)?)?;
+        at = at + v + 1;
+        out.push((
+            String::from_utf8_lossy(key).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
     }
     Some(out)
 }
@@ -426,6 +553,13 @@ fn read(c: &mut C, ptr: i32, len: i32) -> Option<Vec<u8>> {
 
 fn read_str(c: &mut C, ptr: i32, len: i32) -> Option<String> {
     read(c, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A serialized header map in guest memory: `INVALID_MEMORY_ACCESS` when it lies outside
+/// memory, `BAD_ARGUMENT` when it is not a header map.
+fn read_map(c: &mut C, ptr: i32, len: i32) -> Result<Vec<(String, String)>, i32> {
+    let bytes = read(c, ptr, len).ok_or(INVALID_MEMORY_ACCESS)?;
+    deserialize_map(&bytes).ok_or(BAD_ARGUMENT)
 }
 
 fn write(c: &mut C, ptr: i32, bytes: &[u8]) -> bool {
@@ -460,7 +594,7 @@ fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> i32 {
         || !write_u32(c, ret_ptr, ptr as u32)
         || !write_u32(c, ret_size, bytes.len() as u32)
     {
-        return BAD_ARGUMENT;
+        return INVALID_MEMORY_ACCESS;
     }
     OK
 }
@@ -478,12 +612,12 @@ fn map_of(s: &mut VmState, map_type: i32) -> Option<&mut Vec<(String, String)>> 
 /// `value` (names lower-case, as Envoy keeps them).
 fn edit_map(mut c: C, map: i32, key: (i32, i32), value: Option<(i32, i32)>, remove: bool) -> i32 {
     let Some(key) = read_str(&mut c, key.0, key.1) else {
-        return BAD_ARGUMENT;
+        return INVALID_MEMORY_ACCESS;
     };
     let value = match value {
         Some((p, l)) => match read_str(&mut c, p, l) {
             Some(v) => Some(v),
-            None => return BAD_ARGUMENT,
+            None => return INVALID_MEMORY_ACCESS,
         },
         None => None,
     };
@@ -519,7 +653,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                     c.data_mut().logs.push((level, m));
                     OK
                 }
-                None => BAD_ARGUMENT,
+                None => INVALID_MEMORY_ACCESS,
             }
         },
     )?;
@@ -527,7 +661,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         if write_u32(&mut c, ret, 2) {
             OK
         } else {
-            BAD_ARGUMENT
+            INVALID_MEMORY_ACCESS
         }
     })?;
     l.func_wrap(
@@ -538,7 +672,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             if write(&mut c, ret, &now.to_le_bytes()) {
                 OK
             } else {
-                BAD_ARGUMENT
+                INVALID_MEMORY_ACCESS
             }
         },
     )?;
@@ -546,7 +680,12 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         env,
         "proxy_set_tick_period_milliseconds",
         |mut c: C, period: i32| -> i32 {
-            c.data_mut().tick_period_ms = period as u32;
+            let s = c.data_mut();
+            s.tick_period_ms = period as u32;
+            s.next_tick_ns = (period != 0).then(|| {
+                s.now_ns
+                    .saturating_add(u64::from(period as u32) * 1_000_000)
+            });
             OK
         },
     )?;
@@ -558,7 +697,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             let buffer = match kind {
                 HTTP_REQUEST_BODY => s.stream.request_body.clone(),
                 HTTP_RESPONSE_BODY => s.stream.response_body.clone(),
-                HTTP_CALL_RESPONSE_BODY => match &s.callout_response {
+                HTTP_CALL_RESPONSE_BODY | GRPC_CALL_MESSAGE => match &s.callout_response {
                     Some((_, b)) => b.clone(),
                     None => return NOT_FOUND,
                 },
@@ -580,7 +719,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_set_buffer_bytes",
         |mut c: C, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> i32 {
             let Some(data) = read(&mut c, ptr, len) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let s = c.data_mut();
             let buffer = match kind {
@@ -608,8 +747,9 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         env,
         "proxy_set_header_map_pairs",
         |mut c: C, map: i32, ptr: i32, len: i32| -> i32 {
-            let Some(pairs) = read(&mut c, ptr, len).and_then(|b| deserialize_map(&b)) else {
-                return BAD_ARGUMENT;
+            let pairs = match read_map(&mut c, ptr, len) {
+                Ok(p) => p,
+                Err(status) => return status,
             };
             match map_of(c.data_mut(), map) {
                 Some(m) => {
@@ -625,7 +765,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_get_header_map_value",
         |mut c: C, map: i32, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32| -> i32 {
             let Some(key) = read_str(&mut c, kp, kl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let value = map_of(c.data_mut(), map).and_then(|m| {
                 m.iter()
@@ -662,7 +802,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_get_property",
         |mut c: C, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| -> i32 {
             let Some(path) = read(&mut c, pp, pl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let path = String::from_utf8_lossy(&path).replace('\0', ".");
             match property(c.data(), &path) {
@@ -676,7 +816,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_set_property",
         |mut c: C, pp: i32, pl: i32, vp: i32, vl: i32| -> i32 {
             let (Some(path), Some(value)) = (read(&mut c, pp, pl), read(&mut c, vp, vl)) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let path = String::from_utf8_lossy(&path).replace('\0', ".");
             c.data_mut().stream.properties.insert(path, value);
@@ -688,14 +828,14 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_get_shared_data",
         |mut c: C, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| -> i32 {
             let Some(key) = read_str(&mut c, kp, kl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let Some((value, cas)) = c.data().shared.get(&key) else {
                 return NOT_FOUND;
             };
             let status = give(&mut c, &value, ret_ptr, ret_size);
             if status != OK || !write_u32(&mut c, ret_cas, cas) {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             }
             OK
         },
@@ -705,7 +845,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_set_shared_data",
         |mut c: C, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
             let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read(&mut c, vp, vl)) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             if c.data().shared.set(&key, &value, cas as u32) {
                 OK
@@ -719,7 +859,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_register_shared_queue",
         |mut c: C, np: i32, nl: i32, ret: i32| -> i32 {
             let Some(name) = read_str(&mut c, np, nl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let id = {
                 let mut q = lock(&c.data().shared.queues);
@@ -734,7 +874,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             if write_u32(&mut c, ret, id as u32) {
                 OK
             } else {
-                BAD_ARGUMENT
+                INVALID_MEMORY_ACCESS
             }
         },
     )?;
@@ -743,7 +883,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_resolve_shared_queue",
         |mut c: C, _vp: i32, _vl: i32, np: i32, nl: i32, ret: i32| -> i32 {
             let Some(name) = read_str(&mut c, np, nl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let id = lock(&c.data().shared.queues)
                 .iter()
@@ -753,7 +893,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                     if write_u32(&mut c, ret, id as u32) {
                         OK
                     } else {
-                        BAD_ARGUMENT
+                        INVALID_MEMORY_ACCESS
                     }
                 }
                 None => NOT_FOUND,
@@ -765,7 +905,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_enqueue_shared_queue",
         |mut c: C, id: i32, vp: i32, vl: i32| -> i32 {
             let Some(value) = read(&mut c, vp, vl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let mut q = lock(&c.data().shared.queues);
             match q.get_mut(id as usize) {
@@ -811,11 +951,12 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
          hl: i32,
          _grpc: i32|
          -> i32 {
-            let (Some(body), Some(headers)) = (
-                read(&mut c, bp, bl),
-                read(&mut c, hp, hl).and_then(|h| deserialize_map(&h)),
-            ) else {
-                return BAD_ARGUMENT;
+            let Some(body) = read(&mut c, bp, bl) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let headers = match read_map(&mut c, hp, hl) {
+                Ok(h) => h,
+                Err(status) => return status,
             };
             c.data_mut().stream.local_reply = Some(LocalReply {
                 status: status as u16,
@@ -833,18 +974,20 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
          ul: i32,
          hp: i32,
          hl: i32,
-         _bp: i32,
-         _bl: i32,
+         bp: i32,
+         bl: i32,
          _tp: i32,
          _tl: i32,
          _timeout: i32,
          ret: i32|
          -> i32 {
-            let (Some(cluster), Some(headers)) = (
-                read_str(&mut c, up, ul),
-                read(&mut c, hp, hl).and_then(|h| deserialize_map(&h)),
-            ) else {
-                return BAD_ARGUMENT;
+            let (Some(cluster), Some(body)) = (read_str(&mut c, up, ul), read(&mut c, bp, bl))
+            else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let headers = match read_map(&mut c, hp, hl) {
+                Ok(h) => h,
+                Err(status) => return status,
             };
             let s = c.data_mut();
             s.next_token += 1;
@@ -852,34 +995,65 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             s.callouts.push(Callout {
                 token,
                 context: ROOT as u32,
+                kind: CalloutKind::Http,
                 cluster,
                 headers,
+                body,
             });
             if write_u32(&mut c, ret, token) {
                 OK
             } else {
-                BAD_ARGUMENT
+                INVALID_MEMORY_ACCESS
             }
         },
     )?;
-    // gRPC: no gRPC service is reachable from this host.
+    // gRPC: unary calls are answered by the responder; streams are not offered.
     l.func_wrap(
         env,
         "proxy_grpc_call",
-        |_: C,
-         _a: i32,
-         _b: i32,
-         _c: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _j: i32,
-         _k: i32,
-         _ret: i32|
-         -> i32 { INTERNAL_FAILURE },
+        |mut c: C,
+         up: i32,
+         ul: i32,
+         sp: i32,
+         sl: i32,
+         mp: i32,
+         ml: i32,
+         hp: i32,
+         hl: i32,
+         bp: i32,
+         bl: i32,
+         _timeout: i32,
+         ret: i32|
+         -> i32 {
+            let (Some(cluster), Some(service), Some(method), Some(body)) = (
+                read_str(&mut c, up, ul),
+                read_str(&mut c, sp, sl),
+                read_str(&mut c, mp, ml),
+                read(&mut c, bp, bl),
+            ) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            let headers = match read_map(&mut c, hp, hl) {
+                Ok(h) => h,
+                Err(status) => return status,
+            };
+            let s = c.data_mut();
+            s.next_token += 1;
+            let token = s.next_token;
+            s.callouts.push(Callout {
+                token,
+                context: ROOT as u32,
+                kind: CalloutKind::Grpc { service, method },
+                cluster,
+                headers,
+                body,
+            });
+            if write_u32(&mut c, ret, token) {
+                OK
+            } else {
+                INVALID_MEMORY_ACCESS
+            }
+        },
     )?;
     l.func_wrap(
         env,
@@ -901,20 +1075,28 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_grpc_send",
         |_: C, _t: i32, _p: i32, _l: i32, _e: i32| -> i32 { NOT_FOUND },
     )?;
-    l.func_wrap(env, "proxy_grpc_cancel", |_: C, _t: i32| -> i32 {
-        NOT_FOUND
-    })?;
-    l.func_wrap(env, "proxy_grpc_close", |_: C, _t: i32| -> i32 {
-        NOT_FOUND
-    })?;
+    // Cancelling or closing a pending call drops it: its answer is never delivered.
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        l.func_wrap(env, name, |mut c: C, token: i32| -> i32 {
+            let callouts = &mut c.data_mut().callouts;
+            let before = callouts.len();
+            callouts.retain(|x| !(x.token == token as u32 && x.kind != CalloutKind::Http));
+            if callouts.len() < before {
+                OK
+            } else {
+                NOT_FOUND
+            }
+        })?;
+    }
     l.func_wrap(
         env,
         "proxy_get_status",
         |mut c: C, code: i32, _mp: i32, ms: i32| -> i32 {
-            if write_u32(&mut c, code, 0) && write_u32(&mut c, ms, 0) {
+            let status = c.data().grpc_status;
+            if write_u32(&mut c, code, status) && write_u32(&mut c, ms, 0) {
                 OK
             } else {
-                BAD_ARGUMENT
+                INVALID_MEMORY_ACCESS
             }
         },
     )?;
@@ -935,7 +1117,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_define_metric",
         |mut c: C, _kind: i32, np: i32, nl: i32, ret: i32| -> i32 {
             let Some(name) = read_str(&mut c, np, nl) else {
-                return BAD_ARGUMENT;
+                return INVALID_MEMORY_ACCESS;
             };
             let index = {
                 let mut m = lock(&c.data().shared.metrics);
@@ -951,7 +1133,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             if write_u32(&mut c, ret, index as u32) {
                 OK
             } else {
-                BAD_ARGUMENT
+                INVALID_MEMORY_ACCESS
             }
         },
     )?;
@@ -981,7 +1163,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         |mut c: C, id: i32, ret: i32| -> i32 {
             match c.data().shared.metric(id, |v| *v) {
                 Some(v) if write(&mut c, ret, &v.to_le_bytes()) => OK,
-                Some(_) => BAD_ARGUMENT,
+                Some(_) => INVALID_MEMORY_ACCESS,
                 None => NOT_FOUND,
             }
         },
@@ -1088,6 +1270,8 @@ mod tests {
         assert_eq!(deserialize_map(&serialize_map(&pairs)), Some(pairs));
         assert_eq!(deserialize_map(&[]), Some(vec![]));
         assert_eq!(deserialize_map(&[9, 0, 0, 0]), None);
+        // A count far beyond the bytes given is refused before anything is allocated.
+        assert_eq!(deserialize_map(&[0xff, 0xff, 0xff, 0x7f, 1, 0, 0, 0]), None);
     }
 
     #[test]

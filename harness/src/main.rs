@@ -2,10 +2,12 @@
 //! generate synthetic catalogs. Exit codes: 0 fine, 1 a `--check` mismatch, 2 unusable input.
 
 use anyhow::{anyhow, Context};
+use apim_edge_harness::host::{Answer, Callout, CalloutKind};
 use apim_edge_harness::replay::{mismatches, replay_one, FailureMode};
-use apim_edge_harness::{synth, trace};
+use apim_edge_harness::{synth, trace, wasm_replay};
 use apim_edge_policies::{parse_rfc3339, Catalog, LoadOptions, MemoryStore, UnsupportedPolicies};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +51,14 @@ enum Command {
         /// The origin of relative `t` times.
         #[arg(long, default_value = trace::DEFAULT_START)]
         start: String,
+        /// With a HAR trace: each entry's recorded response status is its expectation (implies
+        /// --check).
+        #[arg(long)]
+        expect_recorded: bool,
+        /// With --wasm: answer the filter's HTTP callouts to CLUSTER with 200 and FILE's bytes
+        /// (repeatable). Callouts to other clusters fail, as to an unreachable upstream.
+        #[arg(long, value_name = "CLUSTER=FILE")]
+        callout: Vec<String>,
         /// `json` (one object per request, SPEC §6) or `table` (for people).
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
@@ -179,6 +189,59 @@ fn load(path: &Path, unsupported: UnsupportedPolicies) -> Result<Catalog, Unusab
     })
 }
 
+/// Replay's answers to the filter's HTTP callouts: cluster name to body.
+struct CalloutRules(Vec<(String, Vec<u8>)>);
+
+impl apim_edge_harness::host::Responder for CalloutRules {
+    fn answer(&self, c: &Callout) -> Option<Answer> {
+        let body = self
+            .0
+            .iter()
+            .find(|(cluster, _)| *cluster == c.cluster && c.kind == CalloutKind::Http)?
+            .1
+            .clone();
+        Some(Answer {
+            status: 200,
+            headers: Vec::new(),
+            body,
+        })
+    }
+}
+
+fn callout_rules(rules: &[String]) -> Result<CalloutRules, Unusable> {
+    rules
+        .iter()
+        .map(|rule| {
+            let (cluster, file) = rule
+                .split_once('=')
+                .filter(|(c, f)| !c.is_empty() && !f.is_empty())
+                .ok_or_else(|| {
+                    Unusable(anyhow!("--callout: expected CLUSTER=FILE, not {rule:?}"))
+                })?;
+            let body = std::fs::read(file)
+                .with_context(|| format!("--callout {rule}: cannot read {file}"))
+                .map_err(Unusable)?;
+            Ok((cluster.to_string(), body))
+        })
+        .collect::<Result<_, _>>()
+        .map(CalloutRules)
+}
+
+/// A progress bar on standard error for long replays, drawn only on a terminal.
+fn progress_bar(len: usize) -> ProgressBar {
+    use std::io::IsTerminal;
+    if len < 10_000 || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests, {per_sec}, {eta} left")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Unusable> {
     match cli.command {
         Command::Replay {
@@ -192,23 +255,32 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             format,
             parallel,
             diff,
+            expect_recorded,
+            callout,
         } => {
-            if wasm.is_none() && (workers != 1 || parallel || diff) {
+            if wasm.is_none() && (workers != 1 || parallel || diff || !callout.is_empty()) {
                 return Err(Unusable(anyhow!(
-                    "--workers, --parallel and --diff need --wasm"
+                    "--workers, --parallel, --diff and --callout need --wasm"
                 )));
             }
+            let check = check || expect_recorded;
+            let rules = callout_rules(&callout)?;
             let cfg = filter_config(config.as_deref())?;
             let catalog = load(&snapshot, cfg.unsupported)?;
             let start = parse_rfc3339(&start)
                 .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {start}")))?;
-            let entries = trace::parse(&read(&trace_path)?, start)
+            let entries = trace::read(&read(&trace_path)?, start, expect_recorded)
                 .map_err(|e| Unusable(anyhow!("{}: {e:#}", trace_path.display())))?;
             let store = MemoryStore::new();
+            let runs = if wasm.is_some() && diff { 2 } else { 1 };
+            let progress = progress_bar(entries.len() * runs);
             let native: Vec<_> = entries
                 .iter()
                 .enumerate()
-                .map(|(i, e)| replay_one(&catalog, &store, i, e, cfg.failure))
+                .map(|(i, e)| {
+                    progress.inc(1);
+                    replay_one(&catalog, &store, i, e, cfg.failure)
+                })
                 .collect();
             let records = match &wasm {
                 None => native.clone(),
@@ -222,16 +294,17 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     plugin["snapshot"] =
                         serde_json::from_str(&read(&snapshot)?).map_err(|e| Unusable(e.into()))?;
                     let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
-                    apim_edge_harness::wasm_replay::replay(
-                        &host,
-                        plugin.to_string().as_bytes(),
-                        &entries,
+                    let options = wasm_replay::Options {
                         workers,
                         parallel,
-                    )
-                    .map_err(Unusable)?
+                        responder: &rules,
+                        progress: &progress,
+                    };
+                    wasm_replay::replay(&host, plugin.to_string().as_bytes(), &entries, &options)
+                        .map_err(Unusable)?
                 }
             };
+            progress.finish_and_clear();
             if diff {
                 let mut differ = 0;
                 for (n, w) in native.iter().zip(&records) {

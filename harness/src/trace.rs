@@ -1,4 +1,6 @@
-//! Recorded traffic (SPEC §6): JSON Lines, one request per line, with optional expectations.
+//! Recorded traffic (SPEC §6): JSON Lines, one request per line, with optional expectations;
+//! or a HAR 1.2 file (browser devtools, mitmproxy), whose recorded responses can become the
+//! expectations.
 
 use anyhow::{anyhow, bail, Context, Result};
 use apim_edge_policies::{parse_rfc3339, Millis};
@@ -193,6 +195,173 @@ pub fn parse(text: &str, start: Millis) -> Result<Vec<Entry>> {
         .collect()
 }
 
+/// The shape of a trace file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    JsonLines,
+    Har,
+}
+
+/// Tells a HAR file (one JSON object with a `log`) from JSON Lines.
+pub fn format_of(text: &str) -> Format {
+    let head = text.trim_start();
+    if head.starts_with('{') {
+        if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(text) {
+            if m.contains_key("log") {
+                return Format::Har;
+            }
+        }
+    }
+    Format::JsonLines
+}
+
+/// Reads a trace of either shape. `expect_recorded` (HAR only) makes each entry's recorded
+/// response status its expectation.
+pub fn read(text: &str, start: Millis, expect_recorded: bool) -> Result<Vec<Entry>> {
+    match format_of(text) {
+        Format::Har => parse_har(text, expect_recorded),
+        Format::JsonLines if expect_recorded => {
+            bail!("--expect-recorded needs a HAR file; JSON Lines traces carry `expect` themselves")
+        }
+        Format::JsonLines => parse(text, start),
+    }
+}
+
+/// Reads a HAR 1.2 (or 1.3) file: one entry per recorded exchange, in file order.
+///
+/// - `startedDateTime` is the call's time; `request.url` gives host, path and query.
+/// - HTTP/2 pseudo-headers (`:authority`, ...) are dropped; the URL already says them.
+/// - `bodySize` (or, when unknown, the post data or content size) gives the byte counts.
+/// - The recorded status is the upstream's answer. An entry with status 0 (a browser's aborted
+///   or blocked request) has no response: it gets upstream status 200 and no expectation.
+/// - HAR records no client address, so `clientIp` is absent.
+pub fn parse_har(text: &str, expect_recorded: bool) -> Result<Vec<Entry>> {
+    let har = har::from_str(text).map_err(|e| {
+        let detail = std::error::Error::source(&e)
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default();
+        anyhow!("not a HAR file: {e}{detail}")
+    })?;
+    let exchanges: Vec<Exchange> = match har.log {
+        har::Spec::V1_2(log) => log
+            .entries
+            .into_iter()
+            .map(|e| Exchange {
+                started: e.started_date_time,
+                method: e.request.method,
+                url: e.request.url,
+                headers: e
+                    .request
+                    .headers
+                    .into_iter()
+                    .map(|h| (h.name, h.value))
+                    .collect(),
+                request_body: e.request.body_size,
+                request_text: e.request.post_data.and_then(|p| p.text).map(|t| t.len()),
+                status: e.response.status,
+                response_body: e.response.body_size,
+                content_size: e.response.content.size,
+            })
+            .collect(),
+        har::Spec::V1_3(log) => log
+            .entries
+            .into_iter()
+            .map(|e| Exchange {
+                started: e.started_date_time,
+                method: e.request.method,
+                url: e.request.url,
+                headers: e
+                    .request
+                    .headers
+                    .into_iter()
+                    .map(|h| (h.name, h.value))
+                    .collect(),
+                request_body: e.request.body_size,
+                request_text: e.request.post_data.and_then(|p| p.text).map(|t| t.len()),
+                status: e.response.status,
+                response_body: e.response.body_size,
+                content_size: e.response.content.size,
+            })
+            .collect(),
+    };
+    exchanges
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| {
+            x.entry(expect_recorded)
+                .with_context(|| format!("log.entries[{i}]"))
+        })
+        .collect()
+}
+
+/// The fields of a HAR entry that replay uses, whichever HAR version carried them.
+struct Exchange {
+    started: String,
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    request_body: i64,
+    request_text: Option<usize>,
+    status: i64,
+    response_body: i64,
+    content_size: i64,
+}
+
+impl Exchange {
+    fn entry(self, expect_recorded: bool) -> Result<Entry> {
+        let at = parse_rfc3339(&self.started)
+            .ok_or_else(|| anyhow!("startedDateTime: not an RFC 3339 time: {}", self.started))?;
+        let (url_host, path, query) = split_url(&self.url);
+        let headers: Vec<(String, String)> = self
+            .headers
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with(':'))
+            .collect();
+        let host = url_host
+            .or_else(|| {
+                headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case("host"))
+                    .map(|(_, h)| h.clone())
+            })
+            .ok_or_else(|| anyhow!("request.url: expected an absolute URL, not {}", self.url))?;
+        let known = |n: i64| u64::try_from(n).ok();
+        let request_bytes = known(self.request_body)
+            .or(self.request_text.map(|n| n as u64))
+            .unwrap_or(0);
+        let response_bytes = known(self.response_body)
+            .or(known(self.content_size))
+            .unwrap_or(0);
+        let recorded = match self.status {
+            0 => None,
+            n => Some(status(
+                u64::try_from(n).unwrap_or(u64::MAX),
+                "response.status",
+            )?),
+        };
+        let expect = match recorded {
+            Some(s) if expect_recorded => Some(Expect {
+                status: Some(s),
+                ..Expect::default()
+            }),
+            _ => None,
+        };
+        Ok(Entry {
+            at,
+            method: self.method,
+            host,
+            path,
+            query,
+            headers,
+            client_ip: None,
+            request_bytes,
+            response_bytes,
+            upstream_status: recorded.unwrap_or(200),
+            expect,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +393,81 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "expect.status: 1000 is not an HTTP status");
+    }
+
+    const HAR: &str = r#"{"log": {"version": "1.2", "creator": {"name": "devtools", "version": "1"},
+      "entries": [
+        {"startedDateTime": "2026-01-05T10:00:00.250+01:00", "time": 12,
+         "request": {"method": "GET", "url": "https://api.contoso.com/echo/items/1?a=b",
+                     "httpVersion": "h2", "cookies": [], "queryString": [{"name": "a", "value": "b"}],
+                     "headers": [{"name": ":authority", "value": "api.contoso.com"},
+                                 {"name": "Ocp-Apim-Subscription-Key", "value": "k"}],
+                     "headersSize": -1, "bodySize": 0},
+         "response": {"status": 429, "statusText": "", "httpVersion": "h2", "cookies": [],
+                      "headers": [], "content": {"size": 80, "mimeType": "application/json"},
+                      "redirectURL": "", "headersSize": -1, "bodySize": -1},
+         "cache": {}, "timings": {"send": 0, "wait": 10, "receive": 2}},
+        {"startedDateTime": "2026-01-05T09:00:01Z", "time": 1,
+         "request": {"method": "POST", "url": "https://api.contoso.com/echo/items",
+                     "httpVersion": "HTTP/1.1", "cookies": [], "queryString": [], "headers": [],
+                     "postData": {"mimeType": "text/plain", "text": "hello"},
+                     "headersSize": -1, "bodySize": -1},
+         "response": {"status": 0, "statusText": "", "httpVersion": "", "cookies": [],
+                      "headers": [], "content": {"size": 0}, "redirectURL": "",
+                      "headersSize": -1, "bodySize": -1},
+         "cache": {}, "timings": {"send": 0, "wait": 0, "receive": 0}}]}}"#;
+
+    #[test]
+    fn har_entries_become_trace_entries() -> Result<()> {
+        assert_eq!(format_of(HAR), Format::Har);
+        assert_eq!(
+            format_of(r#"{"method": "GET", "url": "/"}"#),
+            Format::JsonLines
+        );
+        let entries = read(HAR, 0, true)?;
+        let first = &entries[0];
+        let at = parse_rfc3339("2026-01-05T09:00:00.250Z").ok_or_else(|| anyhow!("time"))?;
+        assert_eq!(first.at, at);
+        assert_eq!(
+            (
+                first.host.as_str(),
+                first.path.as_str(),
+                first.query.as_str()
+            ),
+            ("api.contoso.com", "/echo/items/1", "a=b")
+        );
+        assert_eq!(
+            first.headers,
+            vec![("Ocp-Apim-Subscription-Key".to_string(), "k".to_string())]
+        );
+        assert_eq!((first.response_bytes, first.upstream_status), (80, 429));
+        assert_eq!(first.expect.as_ref().and_then(|e| e.status), Some(429));
+        let second = &entries[1];
+        assert_eq!((second.method.as_str(), second.request_bytes), ("POST", 5));
+        assert_eq!(
+            (second.upstream_status, second.expect.is_none()),
+            (200, true)
+        );
+        // Without --expect-recorded, nothing is expected.
+        assert!(read(HAR, 0, false)?.iter().all(|e| e.expect.is_none()));
+        Ok(())
+    }
+
+    #[test]
+    fn har_faults_are_named() {
+        let err = read(r#"{"method": "GET", "url": "/"}"#, 0, true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--expect-recorded needs a HAR file"),
+            "{err}"
+        );
+        let err = read(r#"{"log": {"version": "1.1", "entries": []}}"#, 0, false).unwrap_err();
+        assert!(err.to_string().starts_with("not a HAR file"), "{err}");
+        let bad = HAR.replace("2026-01-05T09:00:01Z", "yesterday");
+        let err = read(&bad, 0, false).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "log.entries[1]: startedDateTime: not an RFC 3339 time: yesterday"
+        );
     }
 }

@@ -4,19 +4,56 @@
 //! replay. Workers are VMs sharing one shared-data store: taken in turn (deterministic, for
 //! conformance) or on threads of their own (to stress compare-and-swap).
 
-use crate::host::{Host, Vm, ROOT};
+use crate::host::{Host, NoUpstreams, Responder, Vm, ROOT};
 use crate::replay::DecisionRecord;
 use crate::trace::Entry;
 use anyhow::Result;
+use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Decides one recorded request in `vm`, as stream `context`.
-pub fn replay_one(vm: &mut Vm, context: i32, index: usize, e: &Entry) -> Result<DecisionRecord> {
+/// How a replay runs.
+pub struct Options<'a> {
+    /// VMs (Envoy's worker threads).
+    pub workers: usize,
+    /// Each VM on a thread of its own, instead of taking requests in turn.
+    pub parallel: bool,
+    /// Answers the callouts the filter makes (its `snapshotSource` fetches).
+    pub responder: &'a dyn Responder,
+    /// Advanced once per request.
+    pub progress: &'a ProgressBar,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        static HIDDEN: std::sync::OnceLock<ProgressBar> = std::sync::OnceLock::new();
+        Options {
+            workers: 1,
+            parallel: false,
+            responder: &NoUpstreams,
+            progress: HIDDEN.get_or_init(ProgressBar::hidden),
+        }
+    }
+}
+
+/// A trace time (ms) on the host's clock (ns).
+fn nanos(at: apim_edge_policies::Millis) -> u64 {
+    u64::try_from(at).unwrap_or(0).saturating_mul(1_000_000)
+}
+
+/// Decides one recorded request in `vm`, as stream `context`: first the VM's clock moves to the
+/// request's time, running the ticks due on the way (callouts answered by `responder`).
+pub fn replay_one(
+    vm: &mut Vm,
+    context: i32,
+    index: usize,
+    e: &Entry,
+    responder: &dyn Responder,
+) -> Result<DecisionRecord> {
+    vm.advance(nanos(e.at), responder)?;
     let s = vm.store.data_mut();
-    s.now_ns = u64::try_from(e.at).unwrap_or(0).saturating_mul(1_000_000);
     s.stream = Default::default();
     let target = if e.query.is_empty() {
         e.path.clone()
@@ -132,23 +169,34 @@ fn collect(pairs: &[(String, String)]) -> BTreeMap<String, String> {
     out
 }
 
-/// Replays `entries` over `workers` VMs of `host`: in turn, or each on its own thread.
+/// Starts a worker VM at the time of the trace's first request, its first callouts answered.
+fn worker(host: &Host, plugin_config: &[u8], entries: &[Entry], options: &Options) -> Result<Vm> {
+    let start = entries.first().map_or(0, |e| nanos(e.at));
+    let mut vm = host.vm_at(plugin_config, start)?;
+    vm.answer_callouts(options.responder)?;
+    Ok(vm)
+}
+
+/// Replays `entries` over `options.workers` VMs of `host`: in turn, or each on its own thread.
 pub fn replay(
     host: &Host,
     plugin_config: &[u8],
     entries: &[Entry],
-    workers: usize,
-    parallel: bool,
+    options: &Options,
 ) -> Result<Vec<DecisionRecord>> {
-    let workers = workers.max(1);
-    if !parallel {
+    let workers = options.workers.max(1);
+    let (responder, progress) = (options.responder, options.progress);
+    if !options.parallel {
         let mut vms = (0..workers)
-            .map(|_| host.vm(plugin_config))
+            .map(|_| worker(host, plugin_config, entries, options))
             .collect::<Result<Vec<_>>>()?;
         return entries
             .iter()
             .enumerate()
-            .map(|(i, e)| replay_one(&mut vms[i % workers], 2 + i as i32, i, e))
+            .map(|(i, e)| {
+                progress.inc(1);
+                replay_one(&mut vms[i % workers], 2 + i as i32, i, e, responder)
+            })
             .collect();
     }
     let next = AtomicUsize::new(0);
@@ -158,13 +206,14 @@ pub fn replay(
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| -> Result<()> {
-                    let mut vm = host.vm(plugin_config)?;
+                    let mut vm = worker(host, plugin_config, entries, options)?;
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         if i >= entries.len() {
                             return Ok(());
                         }
-                        let r = replay_one(&mut vm, 2 + i as i32, i, &entries[i]);
+                        progress.inc(1);
+                        let r = replay_one(&mut vm, 2 + i as i32, i, &entries[i], responder);
                         results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                     }
                 })

@@ -178,3 +178,130 @@ fn a_guest_that_never_returns_is_stopped() {
     let err = host.vm(b"{}").err().unwrap();
     assert!(format!("{err:#}").contains("ran longer than"), "{err:#}");
 }
+
+#[test]
+fn snapshot_source_fetches_are_answered_by_callout_rules() {
+    let wasm = filter_wasm();
+    let dir = std::env::temp_dir().join(format!("apim-edge-callout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snapshot = |state: &str| {
+        serde_json::json!({
+            "apis": [{"name": "a", "path": "a"}],
+            "products": [{"name": "p", "apis": ["a"]}],
+            "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k", "state": state}}]
+        })
+        .to_string()
+    };
+    let (inline, fetched) = (dir.join("inline.json"), dir.join("fetched.json"));
+    std::fs::write(&inline, snapshot("active")).unwrap();
+    std::fs::write(&fetched, snapshot("suspended")).unwrap();
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"snapshotSource": {"cluster": "apim-config", "authority": "config", "path": "/snapshot.json", "refreshSeconds": 10}}"#,
+    )
+    .unwrap();
+    let trace = dir.join("calls.jsonl");
+    std::fs::write(
+        &trace,
+        r#"{"t": 1, "method": "GET", "url": "/a/x", "headers": {"Ocp-Apim-Subscription-Key": "k"}}"#,
+    )
+    .unwrap();
+    let replay = |rules: &[&str]| {
+        let mut args = vec![
+            "replay",
+            "--snapshot",
+            inline.to_str().unwrap(),
+            "--trace",
+            trace.to_str().unwrap(),
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(rules);
+        let out = apim_edge(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            record["status"].as_u64(),
+            record["outcome"].as_str().map(String::from),
+        )
+    };
+    // The fetched snapshot suspends the subscription: its key is refused from the first call.
+    let rule = format!("apim-config={}", fetched.display());
+    assert_eq!(
+        replay(&["--callout", &rule]),
+        (Some(401), Some("invalid_key".into()))
+    );
+    // Without a rule the fetch fails, and the inline snapshot stays in force.
+    assert_eq!(replay(&[]), (Some(200), Some("allowed".into())));
+    // A rule that is not CLUSTER=FILE is unusable input.
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        inline.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--callout",
+        "apim-config",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected CLUSTER=FILE"));
+}
+
+#[test]
+fn a_har_file_replays_with_its_recorded_statuses_as_expectations() {
+    let wasm = filter_wasm();
+    let har = "tests/har/starter.har";
+    // Natively and through the .wasm with four workers: every recorded status matches.
+    for extra in [
+        &[][..],
+        &["--wasm", wasm.to_str().unwrap(), "--workers", "4"][..],
+    ] {
+        let mut args = vec![
+            "replay",
+            "--snapshot",
+            "tests/catalog/sample.json",
+            "--trace",
+            har,
+            "--expect-recorded",
+        ];
+        args.extend_from_slice(extra);
+        let out = apim_edge(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("check: 9 requests, 0 mismatched"),
+            "{stderr}"
+        );
+    }
+    // A recording that disagrees with the catalog is reported, request by request.
+    let dir = std::env::temp_dir().join(format!("apim-edge-har-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(har)).unwrap()).unwrap();
+    doc["log"]["entries"][5]["response"]["status"] = 200.into();
+    let wrong = dir.join("wrong.har");
+    std::fs::write(&wrong, doc.to_string()).unwrap();
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        "tests/catalog/sample.json",
+        "--trace",
+        wrong.to_str().unwrap(),
+        "--expect-recorded",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mismatch at request 5 (GET /echo/items/1): status: expected 200, got 429"),
+        "{stderr}"
+    );
+}
