@@ -98,15 +98,14 @@ impl<'a> SlotStore<'a> {
 
     fn read_slot(&self, slot_name: &str) -> Result<(Vec<u8>, Option<u32>), StoreError> {
         let (bytes, cas) = self.shared.get(slot_name)?;
-        let bytes = bytes.unwrap_or_default();
-        *self.last_read.borrow_mut() = cas.map(|c| (slot_name.to_string(), bytes.clone(), c));
-        Ok((bytes, cas))
+        Ok((bytes.unwrap_or_default(), cas))
     }
 }
 
 impl CounterStore for SlotStore<'_> {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        let (bytes, cas) = self.read_slot(&slot_key(slot_of(key)))?;
+        let slot_name = slot_key(slot_of(key));
+        let (bytes, cas) = self.read_slot(&slot_name)?;
         let Some(cas) = cas else {
             return Err(StoreError::Unavailable(format!(
                 "counter slot {} was never created",
@@ -117,6 +116,8 @@ impl CounterStore for SlotStore<'_> {
             .find(|(name, _)| *name == key.as_bytes())
             .map(|(_, s)| s.to_vec())
             .unwrap_or_default();
+        // Kept (moved, not copied) for the write that usually follows.
+        *self.last_read.borrow_mut() = Some((slot_name, bytes, cas));
         // A counter never written reads as empty, at the slot's version.
         Ok(Some((state, cas)))
     }

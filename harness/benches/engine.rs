@@ -24,12 +24,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     // Subscription i is in product i % 50, whose first API is api-(p * 2).
     let paths: Vec<String> = (0..SIZES.subscriptions)
-        .map(|i| {
-            format!(
-                "/svc/api-{}/items/42",
-                synth::product_apis(SIZES, i % SIZES.products)[0]
-            )
-        })
+        .map(|i| synth::path_of(SIZES, i))
         .collect();
     let req = |i: usize| Request {
         method: "GET",

@@ -195,6 +195,9 @@ pub struct VmState {
     next_token: u32,
     random: u64,
     metric_ids: HashMap<u32, usize>,
+    /// The guest's memory and allocator, found once at instantiation.
+    memory: Option<Memory>,
+    alloc: Option<TypedFunc<i32, i32>>,
 }
 
 /// A compiled module and the state its VMs share.
@@ -222,6 +225,10 @@ fn engine() -> Result<Engine> {
     }
     let mut config = Config::new();
     config.epoch_interruption(true);
+    #[cfg(feature = "profiling")]
+    if std::env::var_os("APIM_EDGE_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config)?;
     ticker(&engine);
     Ok(ENGINE.get_or_init(|| engine).clone())
@@ -275,12 +282,23 @@ impl Host {
         let instance = wt(linker.instantiate(&mut store, &self.module), || {
             "instantiating the module".into()
         })?;
-        let mut vm = Vm { store, instance };
-        if let Ok(init) = vm
-            .instance
-            .get_typed_func::<(), ()>(&mut vm.store, "_initialize")
-        {
-            vm.guard(|s| init.call(s, ()), "_initialize")?;
+        let memory = match instance.get_export(&mut store, "memory") {
+            Some(Extern::Memory(m)) => Some(m),
+            _ => None,
+        };
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
+            .ok();
+        let s = store.data_mut();
+        s.memory = memory;
+        s.alloc = alloc;
+        let mut vm = Vm {
+            store,
+            instance,
+            exports: Vec::new(),
+        };
+        if vm.instance.get_func(&mut vm.store, "_initialize").is_some() {
+            vm.call::<(), ()>("_initialize", ())?;
         }
         vm.call2("proxy_on_context_create", ROOT, 0)?;
         if vm.call2r("proxy_on_vm_start", ROOT, 0)? == 0 {
@@ -309,6 +327,8 @@ fn blank_state() -> VmState {
         next_token: 0,
         random: 0x9e37_79b9_7f4a_7c15,
         metric_ids: HashMap::new(),
+        memory: None,
+        alloc: None,
     }
 }
 
@@ -319,73 +339,89 @@ fn deadline_ticks() -> u64 {
 /// The root context's id.
 pub const ROOT: i32 = 1;
 
+/// Typed exports by name and signature (a handful: a list is the fastest lookup).
+type Exports = Vec<(
+    (String, std::any::TypeId),
+    Box<dyn std::any::Any + Send + Sync>,
+)>;
+
 /// One instance of the module: a worker VM.
 pub struct Vm {
     pub store: Store<VmState>,
     instance: Instance,
+    /// The guest's exports, looked up and type-checked once per name and signature.
+    exports: Exports,
 }
 
 impl Vm {
-    fn guard<T>(
-        &mut self,
-        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<T>,
-        what: &str,
-    ) -> Result<T> {
-        self.store.set_epoch_deadline(deadline_ticks());
-        f(&mut self.store).map_err(|e| {
-            let interrupted =
-                e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
-            if interrupted {
-                anyhow!("{what}: the guest ran longer than {CALL_DEADLINE:?} and was stopped")
-            } else {
-                anyhow!("{what}: the guest trapped: {e:#}{}", self.log_tail())
-            }
-        })
+    /// Explains a failed call into the guest: interrupted, or trapped (with its last logs).
+    fn failure(&self, e: wasmtime::Error, what: &str) -> anyhow::Error {
+        let interrupted = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
+        if interrupted {
+            anyhow!("{what}: the guest ran longer than {CALL_DEADLINE:?} and was stopped")
+        } else {
+            anyhow!("{what}: the guest trapped: {e:#}{}", self.log_tail())
+        }
     }
 
-    fn func<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
-        &mut self,
-        name: &str,
-    ) -> Result<TypedFunc<P, R>> {
-        wt(
-            self.instance.get_typed_func::<P, R>(&mut self.store, name),
-            || format!("the module does not export {name}"),
-        )
+    /// Calls the guest's export `name`, looked up and type-checked on its first call only.
+    pub fn call<P, R>(&mut self, name: &str, args: P) -> Result<R>
+    where
+        P: wasmtime::WasmParams + 'static,
+        R: wasmtime::WasmResults + 'static,
+    {
+        let signature = std::any::TypeId::of::<TypedFunc<P, R>>();
+        let known = |exports: &Exports| {
+            exports
+                .iter()
+                .position(|((n, t), _)| *t == signature && n == name)
+        };
+        let at = match known(&self.exports) {
+            Some(at) => at,
+            None => {
+                let f = wt(
+                    self.instance.get_typed_func::<P, R>(&mut self.store, name),
+                    || format!("the module does not export {name} with that signature"),
+                )?;
+                self.exports
+                    .push(((name.to_string(), signature), Box::new(f)));
+                self.exports.len() - 1
+            }
+        };
+        let Some(f) = self.exports[at].1.downcast_ref::<TypedFunc<P, R>>() else {
+            bail!("{name}: cached with another signature");
+        };
+        self.store.set_epoch_deadline(deadline_ticks());
+        let result = f.call(&mut self.store, args);
+        result.map_err(|e| self.failure(e, name))
     }
 
     pub fn call1(&mut self, name: &str, a: i32) -> Result<()> {
-        let f = self.func::<i32, ()>(name)?;
-        self.guard(|s| f.call(s, a), name)
+        self.call(name, a)
     }
 
     pub fn call1r(&mut self, name: &str, a: i32) -> Result<i32> {
-        let f = self.func::<i32, i32>(name)?;
-        self.guard(|s| f.call(s, a), name)
+        self.call(name, a)
     }
 
     pub fn call2(&mut self, name: &str, a: i32, b: i32) -> Result<()> {
-        let f = self.func::<(i32, i32), ()>(name)?;
-        self.guard(|s| f.call(s, (a, b)), name)
+        self.call(name, (a, b))
     }
 
     pub fn call2r(&mut self, name: &str, a: i32, b: i32) -> Result<i32> {
-        let f = self.func::<(i32, i32), i32>(name)?;
-        self.guard(|s| f.call(s, (a, b)), name)
+        self.call(name, (a, b))
     }
 
     pub fn call3(&mut self, name: &str, a: i32, b: i32, c: i32) -> Result<()> {
-        let f = self.func::<(i32, i32, i32), ()>(name)?;
-        self.guard(|s| f.call(s, (a, b, c)), name)
+        self.call(name, (a, b, c))
     }
 
     pub fn call3r(&mut self, name: &str, a: i32, b: i32, c: i32) -> Result<i32> {
-        let f = self.func::<(i32, i32, i32), i32>(name)?;
-        self.guard(|s| f.call(s, (a, b, c)), name)
+        self.call(name, (a, b, c))
     }
 
     pub fn call5(&mut self, name: &str, a: i32, b: i32, c: i32, d: i32, e: i32) -> Result<()> {
-        let f = self.func::<(i32, i32, i32, i32, i32), ()>(name)?;
-        self.guard(|s| f.call(s, (a, b, c, d, e)), name)
+        self.call(name, (a, b, c, d, e))
     }
 
     /// `len` bytes of the guest's memory from `at`, for tests that read what a guest recorded.
@@ -537,10 +573,7 @@ pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
 type C<'a> = Caller<'a, VmState>;
 
 fn memory(c: &mut C) -> Option<Memory> {
-    match c.get_export("memory") {
-        Some(Extern::Memory(m)) => Some(m),
-        _ => None,
-    }
+    c.data().memory
 }
 
 fn read(c: &mut C, ptr: i32, len: i32) -> Option<Vec<u8>> {
@@ -576,17 +609,13 @@ fn write_u32(c: &mut C, ptr: i32, v: u32) -> bool {
 
 /// Copies `bytes` into memory the guest allocates, and writes where and how long.
 fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> i32 {
-    let alloc = match c
-        .get_export("proxy_on_memory_allocate")
-        .and_then(Extern::into_func)
-    {
-        Some(f) => f,
-        None => return INTERNAL_FAILURE,
-    };
-    let Ok(alloc) = alloc.typed::<i32, i32>(&*c) else {
+    // Taken out for the call (the guest may call back in) and put back: no clone per call.
+    let Some(alloc) = c.data_mut().alloc.take() else {
         return INTERNAL_FAILURE;
     };
-    let Ok(ptr) = alloc.call(&mut *c, bytes.len() as i32) else {
+    let allocated = alloc.call(&mut *c, bytes.len() as i32);
+    c.data_mut().alloc = Some(alloc);
+    let Ok(ptr) = allocated else {
         return INTERNAL_FAILURE;
     };
     if (ptr == 0 && !bytes.is_empty())
@@ -694,15 +723,15 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         "proxy_get_buffer_bytes",
         |mut c: C, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_size: i32| -> i32 {
             let s = c.data();
-            let buffer = match kind {
-                HTTP_REQUEST_BODY => s.stream.request_body.clone(),
-                HTTP_RESPONSE_BODY => s.stream.response_body.clone(),
+            let buffer: &[u8] = match kind {
+                HTTP_REQUEST_BODY => &s.stream.request_body,
+                HTTP_RESPONSE_BODY => &s.stream.response_body,
                 HTTP_CALL_RESPONSE_BODY | GRPC_CALL_MESSAGE => match &s.callout_response {
-                    Some((_, b)) => b.clone(),
+                    Some((_, b)) => b,
                     None => return NOT_FOUND,
                 },
-                PLUGIN_CONFIGURATION => s.plugin_config.clone(),
-                VM_CONFIGURATION => Vec::new(),
+                PLUGIN_CONFIGURATION => &s.plugin_config,
+                VM_CONFIGURATION => &[],
                 _ => return NOT_FOUND,
             };
             // Sizes are unsigned in the ABI (usize::MAX arrives as -1).
@@ -711,7 +740,8 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             if start == end {
                 return NOT_FOUND;
             }
-            give(&mut c, &buffer[start..end], ret_ptr, ret_size)
+            let wanted = buffer[start..end].to_vec();
+            give(&mut c, &wanted, ret_ptr, ret_size)
         },
     )?;
     l.func_wrap(

@@ -3,8 +3,10 @@
 //! The `apim-edge` command line and the pieces it is made of: reading recorded traffic
 //! ([`trace`]), replaying it through the engine ([`replay`]), generating synthetic catalogs
 //! for benchmarks ([`synth`]), Envoy bootstraps for the filter ([`envoy`]), and the wasmtime
-//! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]).
+//! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]), and the
+//! latency benchmark of both ([`bench`]).
 
+pub mod bench;
 pub mod build;
 pub mod envoy;
 pub mod host;

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Context};
 use apim_edge_harness::host::{Answer, Callout, CalloutKind};
 use apim_edge_harness::replay::{mismatches, replay_one, FailureMode};
-use apim_edge_harness::{synth, trace, wasm_replay};
+use apim_edge_harness::{bench, synth, trace, wasm_replay};
 use apim_edge_policies::{parse_rfc3339, Catalog, LoadOptions, MemoryStore, UnsupportedPolicies};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -63,6 +63,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
+    /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
+    /// one worker each, over a trace replayed in a loop; and their ratio.
+    Bench {
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long)]
+        trace: PathBuf,
+        /// The filter's .wasm, run in the wasmtime host beside the native engine.
+        #[arg(long)]
+        wasm: Option<PathBuf>,
+        /// Requests timed on each side (the trace repeats, shifted later in time each pass).
+        #[arg(long, default_value_t = 200_000)]
+        requests: usize,
+        /// Untimed requests first, on each side.
+        #[arg(long, default_value_t = 10_000)]
+        warmup: usize,
+        /// A filter configuration (JSON), as for replay.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The origin of relative `t` times.
+        #[arg(long, default_value = trace::DEFAULT_START)]
+        start: String,
+    },
     /// Validate a snapshot and print a summary, or every error.
     Check {
         snapshot: PathBuf,
@@ -115,6 +138,12 @@ enum Command {
         apis: usize,
         #[arg(long, default_value_t = 5)]
         products: usize,
+        /// Also write a trace of this many keyed calls, rotating over the subscriptions.
+        #[arg(long, requires = "trace_out")]
+        calls: Option<usize>,
+        /// Where to write that trace (JSON Lines).
+        #[arg(long, requires = "calls")]
+        trace_out: Option<PathBuf>,
     },
 }
 
@@ -177,6 +206,20 @@ fn filter_config_of(v: &serde_json::Value, path: Option<&Path>) -> Result<Filter
         }
     }
     Ok(cfg)
+}
+
+/// The filter's plugin configuration: `--config` (or `{}`) with the snapshot put inline.
+fn plugin_config(config: Option<&Path>, snapshot: &Path) -> Result<String, Unusable> {
+    let mut plugin: serde_json::Value = match config {
+        Some(p) => serde_json::from_str(&read(p)?)
+            .with_context(|| format!("{}: not valid JSON", p.display()))
+            .map_err(Unusable)?,
+        None => serde_json::json!({}),
+    };
+    plugin["snapshot"] = serde_json::from_str(&read(snapshot)?)
+        .with_context(|| format!("{}: not valid JSON", snapshot.display()))
+        .map_err(Unusable)?;
+    Ok(plugin.to_string())
 }
 
 fn load(path: &Path, unsupported: UnsupportedPolicies) -> Result<Catalog, Unusable> {
@@ -285,14 +328,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let records = match &wasm {
                 None => native.clone(),
                 Some(path) => {
-                    let mut plugin: serde_json::Value = match &config {
-                        Some(p) => {
-                            serde_json::from_str(&read(p)?).map_err(|e| Unusable(e.into()))?
-                        }
-                        None => serde_json::json!({}),
-                    };
-                    plugin["snapshot"] =
-                        serde_json::from_str(&read(&snapshot)?).map_err(|e| Unusable(e.into()))?;
+                    let plugin = plugin_config(config.as_deref(), &snapshot)?;
                     let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
                     let options = wasm_replay::Options {
                         workers,
@@ -300,7 +336,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                         responder: &rules,
                         progress: &progress,
                     };
-                    wasm_replay::replay(&host, plugin.to_string().as_bytes(), &entries, &options)
+                    wasm_replay::replay(&host, plugin.as_bytes(), &entries, &options)
                         .map_err(Unusable)?
                 }
             };
@@ -381,6 +417,46 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Bench {
+            snapshot,
+            trace: trace_path,
+            wasm,
+            requests,
+            warmup,
+            config,
+            start,
+        } => {
+            let cfg = filter_config(config.as_deref())?;
+            let catalog = load(&snapshot, cfg.unsupported)?;
+            let start = parse_rfc3339(&start)
+                .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {start}")))?;
+            let entries = trace::read(&read(&trace_path)?, start, false)
+                .map_err(|e| Unusable(anyhow!("{}: {e:#}", trace_path.display())))?;
+            if entries.is_empty() || requests == 0 {
+                return Err(Unusable(anyhow!(
+                    "nothing to measure: the trace and --requests must not be empty"
+                )));
+            }
+            eprintln!(
+                "bench: {requests} requests per side (after {warmup} untimed) from {} ({} distinct), one worker",
+                trace_path.display(),
+                entries.len()
+            );
+            let native = bench::native(&catalog, &entries, requests, warmup).map_err(Unusable)?;
+            let measured_wasm = match &wasm {
+                None => None,
+                Some(path) => {
+                    let plugin = plugin_config(config.as_deref(), &snapshot)?;
+                    let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
+                    Some(
+                        bench::wasm(&host, plugin.as_bytes(), &entries, requests, warmup)
+                            .map_err(Unusable)?,
+                    )
+                }
+            };
+            print!("{}", bench::report(&native, measured_wasm.as_ref()));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check {
             snapshot,
@@ -528,17 +604,30 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             subscriptions,
             apis,
             products,
+            calls,
+            trace_out,
         } => {
             if apis == 0 || products == 0 {
                 return Err(Unusable(anyhow!(
                     "--apis and --products must be at least 1"
                 )));
             }
-            let doc = synth::catalog(synth::Sizes {
+            let sizes = synth::Sizes {
                 subscriptions,
                 apis,
                 products,
-            });
+            };
+            if let (Some(calls), Some(path)) = (calls, &trace_out) {
+                if subscriptions == 0 {
+                    return Err(Unusable(anyhow!(
+                        "--calls needs --subscriptions of at least 1"
+                    )));
+                }
+                std::fs::write(path, synth::trace(sizes, calls))
+                    .with_context(|| format!("cannot write {}", path.display()))
+                    .map_err(Unusable)?;
+            }
+            let doc = synth::catalog(sizes);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             serde_json::to_writer(&mut out, &doc).map_err(|e| Unusable(e.into()))?;

@@ -1,6 +1,7 @@
 //! Synthetic catalogs for benchmarks: many APIs, products and subscriptions, each product with a
 //! rate limit and a quota, each API with operations and a policy. Deterministic: the same sizes
-//! give the same document, and subscription `i` has the key [`key_of`]`(i)`.
+//! give the same document, and subscription `i` has the key [`key_of`]`(i)`. A matching trace
+//! ([`trace`]) calls every subscription in turn, for latency benchmarks.
 
 use serde_json::{json, Value};
 
@@ -76,4 +77,30 @@ pub fn catalog(s: Sizes) -> Value {
         "products": products,
         "subscriptions": subscriptions
     })
+}
+
+/// The path of a call subscription `i` may make: an item of its product's first API.
+pub fn path_of(s: Sizes, i: usize) -> String {
+    let product = i % s.products.max(1);
+    format!("/svc/api-{}/items/42", product_apis(s, product)[0])
+}
+
+/// A JSON Lines trace of `calls` keyed calls, 1 ms apart, rotating over the subscriptions:
+/// each is admitted (the rate limits allow 1,000 calls a minute per subscription).
+pub fn trace(s: Sizes, calls: usize) -> String {
+    let mut out = String::new();
+    for k in 0..calls {
+        let i = k % s.subscriptions.max(1);
+        let line = json!({
+            "t": k as f64 / 1000.0,
+            "method": "GET",
+            "url": format!("https://api.contoso.com{}", path_of(s, i)),
+            "headers": {"Ocp-Apim-Subscription-Key": key_of(i)},
+            "clientIp": "192.0.2.1",
+            "responseBytes": 512
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
 }

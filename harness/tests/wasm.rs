@@ -305,3 +305,56 @@ fn a_har_file_replays_with_its_recorded_statuses_as_expectations() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_reports_both_sides_and_their_ratio() {
+    let wasm = filter_wasm();
+    let out = apim_edge(&[
+        "bench",
+        "--snapshot",
+        "tests/catalog/sample.json",
+        "--trace",
+        "tests/traces/rate-limit.jsonl",
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--requests",
+        "500",
+        "--warmup",
+        "50",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for label in ["requests/s", "p50", "p90", "p99", "p99.9", "max"] {
+        assert!(lines[0].contains(label), "{stdout}");
+    }
+    assert!(lines[1].starts_with("native "), "{stdout}");
+    assert!(lines[2].starts_with("wasm "), "{stdout}");
+    assert!(lines[3].starts_with("wasm/native "), "{stdout}");
+    // Every figure is a number: requests/s, then five latencies with units, then ratios.
+    let figures: Vec<&str> = lines[2].split_whitespace().skip(1).collect();
+    assert!(figures[0].parse::<f64>().unwrap() > 0.0, "{stdout}");
+    assert_eq!(
+        lines[3]
+            .split_whitespace()
+            .filter(|f| f.ends_with('x'))
+            .count(),
+        5
+    );
+    // An empty trace is unusable input.
+    let empty = std::env::temp_dir().join(format!("apim-edge-empty-{}.jsonl", std::process::id()));
+    std::fs::write(&empty, "").unwrap();
+    let out = apim_edge(&[
+        "bench",
+        "--snapshot",
+        "tests/catalog/sample.json",
+        "--trace",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

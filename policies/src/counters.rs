@@ -154,8 +154,9 @@ pub fn counter_expiry(bytes: &[u8]) -> Option<Millis> {
     Some(i64::from_le_bytes(head))
 }
 
-/// Admission times (with their counts) inside the window.
-fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
+/// The admissions a sliding-window state holds, `(time, count)`, oldest first, read straight
+/// from its bytes (12 bytes each after the expiry): nothing is decoded into a list.
+fn admissions(bytes: Option<&[u8]>) -> impl Iterator<Item = (Millis, u32)> + '_ {
     bytes
         .and_then(|b| b.get(EXPIRY..))
         .unwrap_or(&[])
@@ -167,48 +168,76 @@ fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
             n.copy_from_slice(&c[8..]);
             (i64::from_le_bytes(t), u32::from_le_bytes(n))
         })
-        .collect()
 }
 
-fn encode_sliding(entries: &[(Millis, u32)], period: Millis) -> Vec<u8> {
-    let mut out = Vec::with_capacity(EXPIRY + entries.len() * 12);
-    let last = entries.iter().map(|(t, _)| *t).max().unwrap_or(Millis::MIN);
-    out.extend_from_slice(&last.saturating_add(period).to_le_bytes());
-    for (t, n) in entries {
-        out.extend_from_slice(&t.to_le_bytes());
-        out.extend_from_slice(&n.to_le_bytes());
+#[cfg(test)]
+fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
+    admissions(bytes).collect()
+}
+
+/// What the admissions inside `(now - period, now]` add up to (later ones, from a worker whose
+/// clock runs ahead, count too: never over-admit).
+struct Tally {
+    used: u64,
+    oldest: Option<Millis>,
+    live: usize,
+}
+
+fn tally(bytes: Option<&[u8]>, period: Millis, now: Millis) -> Tally {
+    let floor = now.saturating_sub(period);
+    let mut t = Tally {
+        used: 0,
+        oldest: None,
+        live: 0,
+    };
+    for (at, n) in admissions(bytes).filter(|(at, _)| *at > floor) {
+        t.used += u64::from(n);
+        t.oldest = Some(t.oldest.map_or(at, |o| o.min(at)));
+        t.live += 1;
     }
-    out
+    t
 }
 
-/// The entries still inside `(now - period, now]` (later ones, from a worker whose clock runs
-/// ahead, count too: never over-admit).
-fn live(bytes: Option<&[u8]>, period: Millis, now: Millis) -> Vec<(Millis, u32)> {
-    let mut e = decode_sliding(bytes);
-    e.retain(|(t, _)| *t > now.saturating_sub(period));
-    e
-}
-
-fn sliding_verdict(entries: &[(Millis, u32)], calls: u64, period: Millis, now: Millis) -> Verdict {
-    let used: u64 = entries.iter().map(|(_, n)| u64::from(*n)).sum();
-    if used < calls {
+fn sliding_verdict(t: &Tally, calls: u64, period: Millis, now: Millis) -> Verdict {
+    if t.used < calls {
         Verdict::Admitted {
-            remaining: calls - used,
+            remaining: calls - t.used,
         }
     } else {
-        let oldest = entries.iter().map(|(t, _)| *t).min().unwrap_or(now);
         Verdict::RateLimited {
-            wait: (oldest + period - now).max(1),
+            wait: (t.oldest.unwrap_or(now) + period - now).max(1),
         }
     }
 }
 
-/// Counts `n` admissions at `at`, merged into an entry of the same instant.
-fn record(entries: &mut Vec<(Millis, u32)>, at: Millis, n: u32) {
-    match entries.iter_mut().rev().find(|(t, _)| *t == at) {
-        Some(e) => e.1 = e.1.saturating_add(n),
-        None => entries.push((at, n)),
+/// The state after counting `n` admissions at `now`: the live admissions, with `n` merged into
+/// an entry of the same instant, and the expiry of the latest. One allocation, no list.
+fn with_admission(
+    bytes: Option<&[u8]>,
+    live: usize,
+    period: Millis,
+    now: Millis,
+    n: u32,
+) -> Vec<u8> {
+    let floor = now.saturating_sub(period);
+    let mut out = Vec::with_capacity(EXPIRY + (live + 1) * 12);
+    out.extend_from_slice(&[0; EXPIRY]);
+    let (mut latest, mut merged) = (now, false);
+    for (at, mut count) in admissions(bytes).filter(|(at, _)| *at > floor) {
+        if at == now && !merged {
+            count = count.saturating_add(n);
+            merged = true;
+        }
+        latest = latest.max(at);
+        out.extend_from_slice(&at.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
     }
+    if !merged {
+        out.extend_from_slice(&now.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out[..EXPIRY].copy_from_slice(&latest.saturating_add(period).to_le_bytes());
+    out
 }
 
 /// Admits a call of weight `n` if fewer than `calls` were admitted in `(now - period, now]`.
@@ -221,15 +250,15 @@ pub(crate) fn sliding_admit(
     n: u32,
 ) -> Result<Verdict, StoreError> {
     update(store, key, |bytes| {
-        let mut entries = live(bytes, period, now);
-        match sliding_verdict(&entries, calls, period, now) {
+        let t = tally(bytes, period, now);
+        match sliding_verdict(&t, calls, period, now) {
             Verdict::Admitted { .. } => {
-                record(&mut entries, now, n);
-                let used: u64 = entries.iter().map(|(_, n)| u64::from(*n)).sum();
-                let remaining = calls.saturating_sub(used);
+                let used = t.used + u64::from(n);
                 (
-                    Some(encode_sliding(&entries, period)),
-                    Verdict::Admitted { remaining },
+                    Some(with_admission(bytes, t.live, period, now, n)),
+                    Verdict::Admitted {
+                        remaining: calls.saturating_sub(used),
+                    },
                 )
             }
             denied => (None, denied),
@@ -246,8 +275,8 @@ pub(crate) fn sliding_check(
     now: Millis,
 ) -> Result<Verdict, StoreError> {
     let current = store.get(key)?;
-    let entries = live(current.as_ref().map(|(b, _)| b.as_slice()), period, now);
-    Ok(sliding_verdict(&entries, calls, period, now))
+    let t = tally(current.as_ref().map(|(b, _)| b.as_slice()), period, now);
+    Ok(sliding_verdict(&t, calls, period, now))
 }
 
 /// Counts `n` calls at `now` unconditionally (an `increment-condition` that held).
@@ -259,9 +288,8 @@ pub(crate) fn sliding_add(
     n: u32,
 ) -> Result<(), StoreError> {
     update(store, key, |bytes| {
-        let mut entries = live(bytes, period, now);
-        record(&mut entries, now, n);
-        (Some(encode_sliding(&entries, period)), ())
+        let live = tally(bytes, period, now).live;
+        (Some(with_admission(bytes, live, period, now, n)), ())
     })
 }
 
@@ -273,24 +301,28 @@ pub(crate) fn sliding_release(
     n: u32,
 ) -> Result<(), StoreError> {
     update(store, key, |bytes| {
-        let mut entries = decode_sliding(bytes);
-        let expiry = bytes.and_then(counter_expiry).unwrap_or(Millis::MIN);
-        match entries
-            .iter()
-            .position(|(t, count)| *t == at && *count >= n)
-        {
-            Some(i) => {
-                entries[i].1 -= n;
-                if entries[i].1 == 0 {
-                    entries.remove(i);
-                }
-                // The admissions left are the same or older: the expiry stands.
-                let mut out = encode_sliding(&entries, 0);
-                out[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
-                (Some(out), ())
-            }
-            None => (None, ()),
+        let Some(b) = bytes.filter(|b| b.len() >= EXPIRY) else {
+            return (None, ());
+        };
+        if !admissions(bytes).any(|(t, count)| t == at && count >= n) {
+            return (None, ());
         }
+        // The admissions left are the same or older: the expiry stands.
+        let mut out = Vec::with_capacity(b.len());
+        out.extend_from_slice(&b[..EXPIRY]);
+        let mut released = false;
+        for (t, mut count) in admissions(bytes) {
+            if t == at && count >= n && !released {
+                count -= n;
+                released = true;
+                if count == 0 {
+                    continue;
+                }
+            }
+            out.extend_from_slice(&t.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        (Some(out), ())
     })
 }
 

@@ -764,20 +764,22 @@ impl Catalog {
 
         // The key: the header, else (only when the header is absent) the query parameter.
         // An empty value counts as absent.
+        // Only the key's digest is kept.
         let key = match header(req.headers, &api.header_lower).filter(|k| !k.is_empty()) {
             Some(k) => {
                 call.id.key = Some(KeySource::Header);
-                Some(k.to_string())
+                Some(key_digest(k))
             }
             None => query_param(req.query, &api.query_name)
                 .filter(|k| !k.is_empty())
-                .inspect(|_| {
+                .map(|k| {
                     call.id.key = Some(KeySource::Query);
+                    key_digest(&k)
                 }),
         };
         match key {
-            Some(k) => {
-                let sub = self.keys.find(&key_digest(&k)).filter(|&s| {
+            Some(digest) => {
+                let sub = self.keys.find(&digest).filter(|&s| {
                     let s = &self.subscriptions[s as usize];
                     s.active
                         && match s.scope {
