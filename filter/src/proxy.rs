@@ -407,17 +407,16 @@ fn client_ip() -> Option<IpAddr> {
 impl Call {
     fn expose(&self, catalog: &Catalog, decision: &Decision) {
         let set = |name: &str, value: &str| {
-            let key = format!("apim_edge.{name}");
-            let _ = hostcalls::set_property(vec![key.as_str()], Some(value.as_bytes()));
+            let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
         };
-        set("outcome", decision.outcome.as_str());
+        set("apim_edge.outcome", decision.outcome.as_str());
         if let Some(call) = &decision.call {
             let (api, operation, product, subscription) = catalog.names(call);
-            set("api", api);
+            set("apim_edge.api", api);
             for (name, value) in [
-                ("operation", operation),
-                ("product", product),
-                ("subscription", subscription),
+                ("apim_edge.operation", operation),
+                ("apim_edge.product", product),
+                ("apim_edge.subscription", subscription),
             ] {
                 if let Some(v) = value {
                     set(name, v);

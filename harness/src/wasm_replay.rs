@@ -129,29 +129,31 @@ pub fn replay_one(
     let props = &vm.store.data().stream.properties;
     let prop = |name: &str| {
         props
-            .get(&format!("apim_edge.{name}"))
+            .get(name)
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
-    let outcome = prop("outcome").unwrap_or_else(|| "unknown".into());
+    let outcome = props
+        .get("apim_edge.outcome")
+        .map_or("unknown", |v| leak_outcome(v));
     Ok(DecisionRecord {
         index,
         status,
-        outcome: leak_outcome(&outcome),
-        api: prop("api"),
-        operation: prop("operation"),
-        product: prop("product"),
-        subscription: prop("subscription"),
+        outcome,
+        api: prop("apim_edge.api"),
+        operation: prop("apim_edge.operation"),
+        product: prop("apim_edge.product"),
+        subscription: prop("apim_edge.subscription"),
         headers,
         body,
     })
 }
 
 /// Outcomes are a fixed set; map the guest's text onto the engine's names.
-fn leak_outcome(text: &str) -> &'static str {
+fn leak_outcome(text: &[u8]) -> &'static str {
     apim_edge_policies::Outcome::ALL
         .iter()
         .map(|o| o.as_str())
-        .find(|o| *o == text)
+        .find(|o| o.as_bytes() == text)
         .unwrap_or("unknown")
 }
 
