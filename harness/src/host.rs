@@ -670,6 +670,33 @@ fn property(s: &VmState, path: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// Queues a callout for the responder and writes its token where the guest asked.
+fn dispatch(
+    c: &mut C,
+    kind: CalloutKind,
+    cluster: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    ret: i32,
+) -> i32 {
+    let s = c.data_mut();
+    s.next_token += 1;
+    let token = s.next_token;
+    s.callouts.push(Callout {
+        token,
+        context: ROOT as u32,
+        kind,
+        cluster,
+        headers,
+        body,
+    });
+    if write_u32(c, ret, token) {
+        OK
+    } else {
+        INVALID_MEMORY_ACCESS
+    }
+}
+
 fn linker(engine: &Engine) -> Result<Linker<VmState>> {
     let mut l: Linker<VmState> = Linker::new(engine);
     let env = "env";
@@ -1019,22 +1046,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 Ok(h) => h,
                 Err(status) => return status,
             };
-            let s = c.data_mut();
-            s.next_token += 1;
-            let token = s.next_token;
-            s.callouts.push(Callout {
-                token,
-                context: ROOT as u32,
-                kind: CalloutKind::Http,
-                cluster,
-                headers,
-                body,
-            });
-            if write_u32(&mut c, ret, token) {
-                OK
-            } else {
-                INVALID_MEMORY_ACCESS
-            }
+            dispatch(&mut c, CalloutKind::Http, cluster, headers, body, ret)
         },
     )?;
     // gRPC: unary calls are answered by the responder; streams are not offered.
@@ -1067,22 +1079,14 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 Ok(h) => h,
                 Err(status) => return status,
             };
-            let s = c.data_mut();
-            s.next_token += 1;
-            let token = s.next_token;
-            s.callouts.push(Callout {
-                token,
-                context: ROOT as u32,
-                kind: CalloutKind::Grpc { service, method },
+            dispatch(
+                &mut c,
+                CalloutKind::Grpc { service, method },
                 cluster,
                 headers,
                 body,
-            });
-            if write_u32(&mut c, ret, token) {
-                OK
-            } else {
-                INVALID_MEMORY_ACCESS
-            }
+                ret,
+            )
         },
     )?;
     l.func_wrap(

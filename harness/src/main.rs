@@ -27,10 +27,8 @@ struct Cli {
 enum Command {
     /// Replay a trace and print one JSON decision per request.
     Replay {
-        #[arg(long)]
-        snapshot: PathBuf,
-        #[arg(long)]
-        trace: PathBuf,
+        #[command(flatten)]
+        traffic: Traffic,
         /// Run the filter's .wasm in the wasmtime host instead of the native engine.
         #[arg(long)]
         wasm: Option<PathBuf>,
@@ -42,15 +40,9 @@ enum Command {
         /// With --wasm: replay natively too, and print every request where the two differ.
         #[arg(long)]
         diff: bool,
-        /// A filter configuration (JSON) for unsupportedPolicies and failureMode.
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// Compare each result with the trace's `expect`; exit 1 on any mismatch.
         #[arg(long)]
         check: bool,
-        /// The origin of relative `t` times.
-        #[arg(long, default_value = trace::DEFAULT_START)]
-        start: String,
         /// With a HAR trace: each entry's recorded response status is its expectation (implies
         /// --check).
         #[arg(long)]
@@ -66,10 +58,8 @@ enum Command {
     /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
     /// one worker each, over a trace replayed in a loop; and their ratio.
     Bench {
-        #[arg(long)]
-        snapshot: PathBuf,
-        #[arg(long)]
-        trace: PathBuf,
+        #[command(flatten)]
+        traffic: Traffic,
         /// The filter's .wasm, run in the wasmtime host beside the native engine.
         #[arg(long)]
         wasm: Option<PathBuf>,
@@ -79,12 +69,6 @@ enum Command {
         /// Untimed requests first, on each side.
         #[arg(long, default_value_t = 10_000)]
         warmup: usize,
-        /// A filter configuration (JSON), as for replay.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The origin of relative `t` times.
-        #[arg(long, default_value = trace::DEFAULT_START)]
-        start: String,
     },
     /// Validate a snapshot and print a summary, or every error.
     Check {
@@ -145,6 +129,50 @@ enum Command {
         #[arg(long, requires = "calls")]
         trace_out: Option<PathBuf>,
     },
+}
+
+/// The catalog and the recorded traffic that `replay` and `bench` run.
+#[derive(clap::Args)]
+struct Traffic {
+    #[arg(long)]
+    snapshot: PathBuf,
+    #[arg(long)]
+    trace: PathBuf,
+    /// A filter configuration (JSON): unsupportedPolicies and failureMode here, all of it in
+    /// the .wasm.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The origin of relative `t` times.
+    #[arg(long, default_value = trace::DEFAULT_START)]
+    start: String,
+}
+
+/// Traffic, loaded.
+struct Loaded {
+    cfg: FilterConfig,
+    catalog: Catalog,
+    entries: Vec<trace::Entry>,
+}
+
+impl Traffic {
+    fn load(&self, expect_recorded: bool) -> Result<Loaded, Unusable> {
+        let cfg = filter_config(self.config.as_deref())?;
+        let catalog = load(&self.snapshot, cfg.unsupported)?;
+        let start = parse_rfc3339(&self.start)
+            .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {}", self.start)))?;
+        let entries = trace::read(&read(&self.trace)?, start, expect_recorded)
+            .map_err(|e| Unusable(anyhow!("{}: {e:#}", self.trace.display())))?;
+        Ok(Loaded {
+            cfg,
+            catalog,
+            entries,
+        })
+    }
+
+    /// The filter's plugin configuration: `--config` (or `{}`) with the snapshot inline.
+    fn plugin_config(&self) -> Result<String, Unusable> {
+        plugin_config(self.config.as_deref(), &self.snapshot)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -288,13 +316,10 @@ fn progress_bar(len: usize) -> ProgressBar {
 fn run(cli: Cli) -> Result<ExitCode, Unusable> {
     match cli.command {
         Command::Replay {
-            snapshot,
-            trace: trace_path,
+            traffic,
             wasm,
             workers,
-            config,
             check,
-            start,
             format,
             parallel,
             diff,
@@ -308,12 +333,11 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             }
             let check = check || expect_recorded;
             let rules = callout_rules(&callout)?;
-            let cfg = filter_config(config.as_deref())?;
-            let catalog = load(&snapshot, cfg.unsupported)?;
-            let start = parse_rfc3339(&start)
-                .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {start}")))?;
-            let entries = trace::read(&read(&trace_path)?, start, expect_recorded)
-                .map_err(|e| Unusable(anyhow!("{}: {e:#}", trace_path.display())))?;
+            let Loaded {
+                cfg,
+                catalog,
+                entries,
+            } = traffic.load(expect_recorded)?;
             let store = MemoryStore::new();
             let runs = if wasm.is_some() && diff { 2 } else { 1 };
             let progress = progress_bar(entries.len() * runs);
@@ -328,7 +352,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let records = match &wasm {
                 None => native.clone(),
                 Some(path) => {
-                    let plugin = plugin_config(config.as_deref(), &snapshot)?;
+                    let plugin = traffic.plugin_config()?;
                     let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
                     let options = wasm_replay::Options {
                         workers,
@@ -419,20 +443,14 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             })
         }
         Command::Bench {
-            snapshot,
-            trace: trace_path,
+            traffic,
             wasm,
             requests,
             warmup,
-            config,
-            start,
         } => {
-            let cfg = filter_config(config.as_deref())?;
-            let catalog = load(&snapshot, cfg.unsupported)?;
-            let start = parse_rfc3339(&start)
-                .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {start}")))?;
-            let entries = trace::read(&read(&trace_path)?, start, false)
-                .map_err(|e| Unusable(anyhow!("{}: {e:#}", trace_path.display())))?;
+            let Loaded {
+                catalog, entries, ..
+            } = traffic.load(false)?;
             if entries.is_empty() || requests == 0 {
                 return Err(Unusable(anyhow!(
                     "nothing to measure: the trace and --requests must not be empty"
@@ -440,14 +458,14 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             }
             eprintln!(
                 "bench: {requests} requests per side (after {warmup} untimed) from {} ({} distinct), one worker",
-                trace_path.display(),
+                traffic.trace.display(),
                 entries.len()
             );
             let native = bench::native(&catalog, &entries, requests, warmup).map_err(Unusable)?;
             let measured_wasm = match &wasm {
                 None => None,
                 Some(path) => {
-                    let plugin = plugin_config(config.as_deref(), &snapshot)?;
+                    let plugin = traffic.plugin_config()?;
                     let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
                     Some(
                         bench::wasm(&host, plugin.as_bytes(), &entries, requests, warmup)

@@ -242,47 +242,33 @@ pub fn parse_har(text: &str, expect_recorded: bool) -> Result<Vec<Entry>> {
             .unwrap_or_default();
         anyhow!("not a HAR file: {e}{detail}")
     })?;
-    let exchanges: Vec<Exchange> = match har.log {
-        har::Spec::V1_2(log) => log
-            .entries
-            .into_iter()
-            .map(|e| Exchange {
-                started: e.started_date_time,
-                method: e.request.method,
-                url: e.request.url,
-                headers: e
-                    .request
-                    .headers
-                    .into_iter()
-                    .map(|h| (h.name, h.value))
-                    .collect(),
-                request_body: e.request.body_size,
-                request_text: e.request.post_data.and_then(|p| p.text).map(|t| t.len()),
-                status: e.response.status,
-                response_body: e.response.body_size,
-                content_size: e.response.content.size,
-            })
-            .collect(),
-        har::Spec::V1_3(log) => log
-            .entries
-            .into_iter()
-            .map(|e| Exchange {
-                started: e.started_date_time,
-                method: e.request.method,
-                url: e.request.url,
-                headers: e
-                    .request
-                    .headers
-                    .into_iter()
-                    .map(|h| (h.name, h.value))
-                    .collect(),
-                request_body: e.request.body_size,
-                request_text: e.request.post_data.and_then(|p| p.text).map(|t| t.len()),
-                status: e.response.status,
-                response_body: e.response.body_size,
-                content_size: e.response.content.size,
-            })
-            .collect(),
+    // HAR 1.2 and 1.3 entries are distinct types with the same fields.
+    macro_rules! exchanges {
+        ($log:expr) => {
+            $log.entries
+                .into_iter()
+                .map(|e| Exchange {
+                    started: e.started_date_time,
+                    method: e.request.method,
+                    url: e.request.url,
+                    headers: e
+                        .request
+                        .headers
+                        .into_iter()
+                        .map(|h| (h.name, h.value))
+                        .collect(),
+                    request_body: e.request.body_size,
+                    request_text: e.request.post_data.and_then(|p| p.text).map(|t| t.len()),
+                    status: e.response.status,
+                    response_body: e.response.body_size,
+                    content_size: e.response.content.size,
+                })
+                .collect::<Vec<_>>()
+        };
+    }
+    let exchanges = match har.log {
+        har::Spec::V1_2(log) => exchanges!(log),
+        har::Spec::V1_3(log) => exchanges!(log),
     };
     exchanges
         .into_iter()
