@@ -73,11 +73,24 @@ const GUEST: &str = r#"
 )
 "#;
 
+/// A host over the guest. The module is written once per process: tests run in parallel, and
+/// one test rewriting the file while another reads it would be a race.
 fn guest() -> Result<Host> {
-    let bytes = wat::parse_str(GUEST)?;
-    let path = std::env::temp_dir().join(format!("apim-edge-abi-{}.wasm", std::process::id()));
-    std::fs::write(&path, bytes)?;
-    Host::load(&path)
+    static MODULE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let path = match MODULE.get() {
+        Some(p) => p,
+        None => {
+            let bytes = wat::parse_str(GUEST)?;
+            let path =
+                std::env::temp_dir().join(format!("apim-edge-abi-{}.wasm", std::process::id()));
+            // Written under another name and renamed: a reader never sees a partial file.
+            let partial = path.with_extension(format!("{:?}.part", std::thread::current().id()));
+            std::fs::write(&partial, bytes)?;
+            std::fs::rename(&partial, &path)?;
+            MODULE.get_or_init(|| path)
+        }
+    };
+    Host::load(path)
 }
 
 fn u32_at(vm: &mut Vm, at: usize) -> Result<u32> {

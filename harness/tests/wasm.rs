@@ -127,11 +127,11 @@ fn module(sections: &[&[u8]]) -> PathBuf {
     for s in sections {
         bytes.extend_from_slice(s);
     }
-    let path = std::env::temp_dir().join(format!(
-        "apim-edge-guest-{}-{}.wasm",
-        std::process::id(),
-        bytes.len()
-    ));
+    // One file per module: tests run in parallel.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path =
+        std::env::temp_dir().join(format!("apim-edge-guest-{}-{n}.wasm", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
     path
 }
