@@ -121,35 +121,21 @@ fn parallel_workers_admit_a_quota_exactly() {
     }
 }
 
-/// A module from its binary encoding: magic, version, then sections.
-fn module(sections: &[&[u8]]) -> PathBuf {
-    let mut bytes = vec![0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
-    for s in sections {
-        bytes.extend_from_slice(s);
-    }
-    // One file per module: tests run in parallel.
+/// A module from WebAssembly text, in a file of its own (tests run in parallel).
+fn module(text: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path =
         std::env::temp_dir().join(format!("apim-edge-guest-{}-{n}.wasm", std::process::id()));
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(&path, wat::parse_str(text).unwrap()).unwrap();
     path
 }
 
-const TYPE_VOID: &[u8] = &[0x01, 0x04, 0x01, 0x60, 0x00, 0x00];
-const FUNC_ONE: &[u8] = &[0x03, 0x02, 0x01, 0x00];
-const EXPORT_INITIALIZE: &[u8] = &[
-    0x07, 0x0f, 0x01, 0x0b, b'_', b'i', b'n', b'i', b't', b'i', b'a', b'l', b'i', b'z', b'e', 0x00,
-    0x00,
-];
-
 #[test]
 fn unknown_imports_are_refused_at_load_by_name() {
-    // (import "env" "nope" (func))
-    let import = &[
-        0x02, 0x0c, 0x01, 0x03, b'e', b'n', b'v', 0x04, b'n', b'o', b'p', b'e', 0x00, 0x00,
-    ][..];
-    let err = Host::load(&module(&[TYPE_VOID, import])).err().unwrap();
+    let err = Host::load(&module(r#"(module (import "env" "nope" (func)))"#))
+        .err()
+        .unwrap();
     assert!(
         format!("{err:#}").contains("imports what this host does not provide: env::nope"),
         "{err:#}"
@@ -158,9 +144,10 @@ fn unknown_imports_are_refused_at_load_by_name() {
 
 #[test]
 fn a_guest_that_traps_is_an_error() {
-    // (func (export "_initialize") unreachable)
-    let code = &[0x0a, 0x05, 0x01, 0x03, 0x00, 0x00, 0x0b][..];
-    let host = Host::load(&module(&[TYPE_VOID, FUNC_ONE, EXPORT_INITIALIZE, code])).unwrap();
+    let host = Host::load(&module(
+        r#"(module (func (export "_initialize") unreachable))"#,
+    ))
+    .unwrap();
     let err = host.vm(b"{}").err().unwrap();
     assert!(
         format!("{err:#}").contains("_initialize: the guest trapped"),
@@ -170,11 +157,10 @@ fn a_guest_that_traps_is_an_error() {
 
 #[test]
 fn a_guest_that_never_returns_is_stopped() {
-    // (func (export "_initialize") (loop (br 0)))
-    let code = &[
-        0x0a, 0x09, 0x01, 0x07, 0x00, 0x03, 0x40, 0x0c, 0x00, 0x0b, 0x0b,
-    ][..];
-    let host = Host::load(&module(&[TYPE_VOID, FUNC_ONE, EXPORT_INITIALIZE, code])).unwrap();
+    let host = Host::load(&module(
+        r#"(module (func (export "_initialize") (loop (br 0))))"#,
+    ))
+    .unwrap();
     let err = host.vm(b"{}").err().unwrap();
     assert!(format!("{err:#}").contains("ran longer than"), "{err:#}");
 }
