@@ -13,6 +13,12 @@
 //! Nothing here panics on bad input: decisions return errors and the configuration's
 //! `failureMode` decides what an internal failure does.
 
+/// Talc instead of the default dlmalloc: the filter allocates on every call, and dlmalloc was the
+/// top guest symbol in the profile.
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 pub mod config;
 pub mod slots;
 pub mod snapshots;
