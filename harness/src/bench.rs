@@ -118,11 +118,7 @@ pub fn wasm(
     requests: usize,
     warmup: usize,
 ) -> Result<Measured> {
-    let start = entries.first().map_or(0, |e| e.at);
-    let mut vm = host.vm_at(
-        plugin_config,
-        u64::try_from(start).unwrap_or(0).saturating_mul(1_000_000),
-    )?;
+    let mut vm = wasm_replay::worker(host, plugin_config, entries, &NoUpstreams)?;
     measure(entries, requests, warmup, |k, e| {
         let record =
             wasm_replay::replay_one(&mut vm, 2 + (k % 1_000_000) as i32, k, e, &NoUpstreams)?;

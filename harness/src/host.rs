@@ -426,9 +426,8 @@ impl Vm {
 
     /// `len` bytes of the guest's memory from `at`, for tests that read what a guest recorded.
     pub fn memory_bytes(&mut self, at: usize, len: usize) -> Result<Vec<u8>> {
-        let memory = match self.instance.get_export(&mut self.store, "memory") {
-            Some(Extern::Memory(m)) => m,
-            _ => bail!("the module exports no memory"),
+        let Some(memory) = self.store.data().memory else {
+            bail!("the module exports no memory");
         };
         memory
             .data(&self.store)

@@ -4,7 +4,7 @@
 //! replay. Workers are VMs sharing one shared-data store: taken in turn (deterministic, for
 //! conformance) or on threads of their own (to stress compare-and-swap).
 
-use crate::host::{Host, NoUpstreams, Responder, Vm, ROOT};
+use crate::host::{Host, Responder, Vm, ROOT};
 use crate::replay::DecisionRecord;
 use crate::trace::Entry;
 use anyhow::Result;
@@ -24,18 +24,6 @@ pub struct Options<'a> {
     pub responder: &'a dyn Responder,
     /// Advanced once per request.
     pub progress: &'a ProgressBar,
-}
-
-impl Default for Options<'_> {
-    fn default() -> Self {
-        static HIDDEN: std::sync::OnceLock<ProgressBar> = std::sync::OnceLock::new();
-        Options {
-            workers: 1,
-            parallel: false,
-            responder: &NoUpstreams,
-            progress: HIDDEN.get_or_init(ProgressBar::hidden),
-        }
-    }
 }
 
 /// A trace time (ms) on the host's clock (ns).
@@ -172,10 +160,15 @@ fn collect(pairs: &[(String, String)]) -> BTreeMap<String, String> {
 }
 
 /// Starts a worker VM at the time of the trace's first request, its first callouts answered.
-fn worker(host: &Host, plugin_config: &[u8], entries: &[Entry], options: &Options) -> Result<Vm> {
+pub fn worker(
+    host: &Host,
+    plugin_config: &[u8],
+    entries: &[Entry],
+    responder: &dyn Responder,
+) -> Result<Vm> {
     let start = entries.first().map_or(0, |e| nanos(e.at));
     let mut vm = host.vm_at(plugin_config, start)?;
-    vm.answer_callouts(options.responder)?;
+    vm.answer_callouts(responder)?;
     Ok(vm)
 }
 
@@ -190,7 +183,7 @@ pub fn replay(
     let (responder, progress) = (options.responder, options.progress);
     if !options.parallel {
         let mut vms = (0..workers)
-            .map(|_| worker(host, plugin_config, entries, options))
+            .map(|_| worker(host, plugin_config, entries, responder))
             .collect::<Result<Vec<_>>>()?;
         return entries
             .iter()
@@ -208,7 +201,7 @@ pub fn replay(
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| -> Result<()> {
-                    let mut vm = worker(host, plugin_config, entries, options)?;
+                    let mut vm = worker(host, plugin_config, entries, responder)?;
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         if i >= entries.len() {
