@@ -12,7 +12,7 @@
 //! A counter's version is its slot's CAS value, so a write fails, and is retried by the engine,
 //! when anything in the slot changed since the read: never a lost update.
 
-use apim_edge_policies::{counter_expiry, CounterStore, Millis, StoreError};
+use apim_edge_policies::{counter_expiry, Change, CounterStore, Millis, StoreError, MAX_ATTEMPTS};
 
 /// How many slot keys hold counters.
 pub const SLOTS: u32 = 1024;
@@ -100,6 +100,36 @@ impl<'a> SlotStore<'a> {
         let (bytes, cas) = self.shared.get(slot_name)?;
         Ok((bytes.unwrap_or_default(), cas))
     }
+
+    /// The slot `slot` with `key`'s state replaced by `state`, and the expired states of
+    /// other counters dropped, written into `out`. Refused when it would not fit.
+    fn rebuild(
+        &self,
+        slot: u32,
+        bytes: &[u8],
+        key: &str,
+        state: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        if key.len() > usize::from(u16::MAX) {
+            return Err(StoreError::Unavailable("counter name too long".into()));
+        }
+        out.clear();
+        out.reserve(bytes.len() + key.len() + state.len() + 6);
+        for (name, other) in entries(bytes) {
+            let expired = counter_expiry(other).is_none_or(|e| e <= self.now);
+            if name != key.as_bytes() && !expired {
+                push_entry(out, name, other);
+            }
+        }
+        push_entry(out, key.as_bytes(), state);
+        if out.len() > SLOT_BYTES {
+            return Err(StoreError::Unavailable(format!(
+                "counter slot {slot} is full ({SLOT_BYTES} bytes of live counters)"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl CounterStore for SlotStore<'_> {
@@ -141,23 +171,37 @@ impl CounterStore for SlotStore<'_> {
         if cas.is_none() || cas != version {
             return Ok(false);
         }
-        if key.len() > usize::from(u16::MAX) {
-            return Err(StoreError::Unavailable("counter name too long".into()));
-        }
-        let mut out = Vec::with_capacity(bytes.len() + key.len() + value.len() + 6);
-        for (name, state) in entries(&bytes) {
-            let expired = counter_expiry(state).is_none_or(|e| e <= self.now);
-            if name != key.as_bytes() && !expired {
-                push_entry(&mut out, name, state);
+        let mut out = Vec::new();
+        self.rebuild(slot, &bytes, key, value, &mut out)?;
+        self.shared.set(&slot_name, &out, cas)
+    }
+
+    /// One read of the slot per attempt: the counter's state is handed to `change` where it
+    /// lies in the slot, and the slot is rebuilt around the new state.
+    fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
+        let slot = slot_of(key);
+        let slot_name = slot_key(slot);
+        let (mut next, mut out) = (Vec::new(), Vec::new());
+        for _ in 0..MAX_ATTEMPTS {
+            let (bytes, cas) = self.read_slot(&slot_name)?;
+            let Some(cas) = cas else {
+                return Err(StoreError::Unavailable(format!(
+                    "counter slot {slot} was never created"
+                )));
+            };
+            let state = entries(&bytes)
+                .find(|(name, _)| *name == key.as_bytes())
+                .map(|(_, s)| s);
+            next.clear();
+            if !change(state, &mut next) {
+                return Ok(());
+            }
+            self.rebuild(slot, &bytes, key, &next, &mut out)?;
+            if self.shared.set(&slot_name, &out, Some(cas))? {
+                return Ok(());
             }
         }
-        push_entry(&mut out, key.as_bytes(), value);
-        if out.len() > SLOT_BYTES {
-            return Err(StoreError::Unavailable(format!(
-                "counter slot {slot} is full ({SLOT_BYTES} bytes of live counters)"
-            )));
-        }
-        self.shared.set(&slot_name, &out, cas)
+        Err(StoreError::Contended(key.to_string()))
     }
 }
 
@@ -245,6 +289,60 @@ mod tests {
             }
         }
         assert!(refused);
+        Ok(())
+    }
+
+    /// Another worker writes the same slot between this update's read and its write.
+    struct Interleaved<'a> {
+        inner: &'a EnvoyLike,
+        other: std::cell::Cell<Option<(&'static str, &'static [u8])>>,
+    }
+
+    impl SharedData for Interleaved<'_> {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            let read = self.inner.get(key)?;
+            if let Some((counter, state)) = self.other.take() {
+                let other = SlotStore::new(self.inner, 0);
+                other.update(counter, &mut |_, next| {
+                    next.extend_from_slice(state);
+                    true
+                })?;
+            }
+            Ok(read)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn an_update_that_loses_the_race_runs_again_on_what_won() -> R {
+        let shared = EnvoyLike::default();
+        create_slots(&shared)?;
+        // Two counters in one slot.
+        let mut same_slot = (0..).map(|i| format!("c-{i}")).filter(|k| slot_of(k) == 3);
+        let (mine, theirs) = (same_slot.next().ok_or("")?, same_slot.next().ok_or("")?);
+        let theirs: &'static str = Box::leak(theirs.into_boxed_str());
+        let interleaved = Interleaved {
+            inner: &shared,
+            other: std::cell::Cell::new(Some((theirs, b"\xff\xff\xff\xff\xff\xff\xff\x7ftheirs"))),
+        };
+        let store = SlotStore::new(&interleaved, 0);
+        let mut seen = Vec::new();
+        store.update(&mine, &mut |current, next| {
+            seen.push(current.map(<[u8]>::to_vec));
+            next.extend_from_slice(&state(100, b"mine"));
+            true
+        })?;
+        // The first attempt lost to the other write and ran again; both states are there.
+        assert_eq!(seen, vec![None, None]);
+        let plain = SlotStore::new(&shared, 0);
+        assert_eq!(plain.get(&mine)?.ok_or("")?.0, state(100, b"mine"));
+        assert!(plain.get(theirs)?.ok_or("")?.0.ends_with(b"theirs"));
+        // A change that writes nothing leaves the slot as it is.
+        let before = shared.get(&slot_key(3))?;
+        store.update(&mine, &mut |_, _| false)?;
+        assert_eq!(shared.get(&slot_key(3))?, before);
         Ok(())
     }
 

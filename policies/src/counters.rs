@@ -11,11 +11,15 @@
 //! - a **fixed window** (`quota`, `quota-by-key`): the window's start, calls and bytes.
 
 use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 /// How many times a counter update is retried when other workers keep writing first.
-pub(crate) const MAX_ATTEMPTS: u32 = 64;
+pub const MAX_ATTEMPTS: u32 = 64;
+
+/// What a counter update's `change` decided: write the bytes it put in `next`, or nothing.
+pub type Change<'c> = dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> bool + 'c;
 
 /// Versioned bytes with compare-and-swap: what the engine needs of shared state.
 pub trait CounterStore {
@@ -29,6 +33,28 @@ pub trait CounterStore {
         value: &[u8],
         version: Option<u32>,
     ) -> Result<bool, StoreError>;
+
+    /// Reads the counter and calls `change` with its bytes (`None`: never written) and an empty
+    /// buffer. When `change` returns true, the buffer becomes the counter's bytes, provided
+    /// nothing else wrote the counter in between; otherwise `change` runs again on what is there
+    /// now. The default is a compare-and-swap loop over [`get`](Self::get) and
+    /// [`compare_and_set`](Self::compare_and_set), retried at most [`MAX_ATTEMPTS`] times; a
+    /// store that can update in place under its own lock may do so.
+    fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
+        let mut next = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.get(key)?;
+            let (bytes, version) = match &current {
+                Some((b, v)) => (Some(b.as_slice()), Some(*v)),
+                None => (None, None),
+            };
+            next.clear();
+            if !change(bytes, &mut next) || self.compare_and_set(key, &next, version)? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Contended(key.to_string()))
+    }
 }
 
 /// A counter could not be read or written.
@@ -40,14 +66,81 @@ pub enum StoreError {
     Contended(String),
 }
 
-/// A counter's bytes and version.
-type Versioned = (Vec<u8>, u32);
+/// One counter of a [`MemoryStore`]: its name and its state in one allocation, so that finding
+/// it and reading it touch one place.
+struct Counter {
+    /// The name's bytes, then the state's.
+    bytes: Vec<u8>,
+    name_len: usize,
+    version: u32,
+}
 
-/// Counters in memory, safe to share between threads: the native engine's store.
+impl Counter {
+    fn name(&self) -> &[u8] {
+        &self.bytes[..self.name_len]
+    }
+
+    fn state(&self) -> &[u8] {
+        &self.bytes[self.name_len..]
+    }
+
+    fn set_state(&mut self, state: &[u8], version: u32) {
+        self.bytes.truncate(self.name_len);
+        self.bytes.extend_from_slice(state);
+        self.version = version;
+    }
+}
+
+/// Counters in memory, safe to share between threads: the native engine's store. An update
+/// runs under its lock, in place.
 #[derive(Default)]
 pub struct MemoryStore {
-    /// The counters, and the last version handed out.
-    inner: Mutex<(HashMap<String, Versioned>, u32)>,
+    inner: Mutex<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    table: HashTable<Counter>,
+    hasher: DefaultHashBuilder,
+    /// The last version handed out.
+    version: u32,
+    /// The buffer an update writes the new state into, kept so that a steady update
+    /// allocates nothing.
+    spare: Vec<u8>,
+}
+
+impl Counters {
+    fn hash(&self, name: &str) -> u64 {
+        self.hasher.hash_one(name.as_bytes())
+    }
+
+    fn find(&self, name: &str) -> Option<&Counter> {
+        self.table
+            .find(self.hash(name), |c| c.name() == name.as_bytes())
+    }
+
+    fn insert(&mut self, name: &str, state: &[u8]) {
+        let mut bytes = Vec::with_capacity(name.len() + state.len());
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(state);
+        let version = next_version(&mut self.version);
+        let counter = Counter {
+            bytes,
+            name_len: name.len(),
+            version,
+        };
+        let hasher = &self.hasher;
+        self.table
+            .insert_unique(hasher.hash_one(name.as_bytes()), counter, |c| {
+                hasher.hash_one(c.name())
+            });
+    }
+}
+
+/// Hands out the next version (never 0, which means "never written" on the wire).
+fn next_version(last: &mut u32) -> u32 {
+    *last = last.wrapping_add(1).max(1);
+    *last
 }
 
 impl MemoryStore {
@@ -57,21 +150,24 @@ impl MemoryStore {
 
     /// How many counters exist.
     pub fn len(&self) -> usize {
-        self.inner.lock().map(|g| g.0.len()).unwrap_or(0)
+        self.inner.lock().map(|g| g.table.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn counters(&self) -> Result<std::sync::MutexGuard<'_, Counters>, StoreError> {
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))
+    }
 }
 
 impl CounterStore for MemoryStore {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        let g = self
-            .inner
-            .lock()
-            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
-        Ok(g.0.get(key).cloned())
+        let g = self.counters()?;
+        Ok(g.find(key).map(|c| (c.state().to_vec(), c.version)))
     }
 
     fn compare_and_set(
@@ -80,55 +176,60 @@ impl CounterStore for MemoryStore {
         value: &[u8],
         version: Option<u32>,
     ) -> Result<bool, StoreError> {
-        let mut g = self
-            .inner
-            .lock()
-            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
-        let (map, next) = &mut *g;
-        let current = map.get(key).map(|(_, v)| *v);
-        if current != version {
-            return Ok(false);
+        let mut guard = self.counters()?;
+        let g = &mut *guard;
+        let hash = g.hash(key);
+        match g.table.find_mut(hash, |c| c.name() == key.as_bytes()) {
+            Some(c) if Some(c.version) == version => {
+                c.set_state(value, next_version(&mut g.version));
+                Ok(true)
+            }
+            None if version.is_none() => {
+                g.insert(key, value);
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        *next = next.wrapping_add(1).max(1);
-        let v = *next;
-        match map.get_mut(key) {
-            Some(slot) => {
-                slot.0.clear();
-                slot.0.extend_from_slice(value);
-                slot.1 = v;
+    }
+
+    fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
+        let mut guard = self.counters()?;
+        let g = &mut *guard;
+        g.spare.clear();
+        let hash = g.hash(key);
+        match g.table.find_mut(hash, |c| c.name() == key.as_bytes()) {
+            Some(c) => {
+                if change(Some(c.state()), &mut g.spare) {
+                    c.set_state(&g.spare, next_version(&mut g.version));
+                }
             }
             None => {
-                map.insert(key.to_string(), (value.to_vec(), v));
-            }
-        }
-        Ok(true)
-    }
-}
-
-/// Reads, changes and conditionally writes a counter until the write wins.
-/// `change` returns the new bytes (`None`: nothing to write) and the result.
-fn update<T>(
-    store: &dyn CounterStore,
-    key: &str,
-    mut change: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
-) -> Result<T, StoreError> {
-    for _ in 0..MAX_ATTEMPTS {
-        let current = store.get(key)?;
-        let (bytes, version) = match &current {
-            Some((b, v)) => (Some(b.as_slice()), Some(*v)),
-            None => (None, None),
-        };
-        let (new, out) = change(bytes);
-        match new {
-            None => return Ok(out),
-            Some(new) => {
-                if store.compare_and_set(key, &new, version)? {
-                    return Ok(out);
+                if change(None, &mut g.spare) {
+                    let state = std::mem::take(&mut g.spare);
+                    g.insert(key, &state);
+                    g.spare = state;
                 }
             }
         }
+        Ok(())
     }
-    Err(StoreError::Contended(key.to_string()))
+}
+
+/// Reads, changes and conditionally writes a counter until the write wins (the store's
+/// [`CounterStore::update`]). `change` writes the new bytes into its buffer and returns whether
+/// to write them, and the result.
+fn update<T>(
+    store: &dyn CounterStore,
+    key: &str,
+    mut change: impl FnMut(Option<&[u8]>, &mut Vec<u8>) -> (bool, T),
+) -> Result<T, StoreError> {
+    let mut out = None;
+    store.update(key, &mut |bytes, next| {
+        let (write, result) = change(bytes, next);
+        out = Some(result);
+        write
+    })?;
+    out.ok_or_else(|| StoreError::Unavailable(format!("counter '{key}' was never read")))
 }
 
 /// What a limit says of a call.
@@ -154,13 +255,16 @@ pub fn counter_expiry(bytes: &[u8]) -> Option<Millis> {
     Some(i64::from_le_bytes(head))
 }
 
+/// The bytes of one admission in a sliding-window state: its time, then its count.
+const ADMISSION: usize = 12;
+
 /// The admissions a sliding-window state holds, `(time, count)`, oldest first, read straight
 /// from its bytes (12 bytes each after the expiry): nothing is decoded into a list.
 fn admissions(bytes: Option<&[u8]>) -> impl Iterator<Item = (Millis, u32)> + '_ {
     bytes
         .and_then(|b| b.get(EXPIRY..))
         .unwrap_or(&[])
-        .chunks_exact(12)
+        .chunks_exact(ADMISSION)
         .map(|c| {
             let mut t = [0u8; 8];
             t.copy_from_slice(&c[..8]);
@@ -211,33 +315,46 @@ fn sliding_verdict(t: &Tally, calls: u64, period: Millis, now: Millis) -> Verdic
 }
 
 /// The state after counting `n` admissions at `now`: the live admissions, with `n` merged into
-/// an entry of the same instant, and the expiry of the latest. One allocation, no list.
-fn with_admission(
-    bytes: Option<&[u8]>,
-    live: usize,
-    period: Millis,
-    now: Millis,
-    n: u32,
-) -> Vec<u8> {
+/// an entry of the same instant, and the expiry of the latest, written into `out`. Live
+/// entries are copied a run at a time (usually one run: the state is in time order).
+fn with_admission(bytes: Option<&[u8]>, period: Millis, now: Millis, n: u32, out: &mut Vec<u8>) {
     let floor = now.saturating_sub(period);
-    let mut out = Vec::with_capacity(EXPIRY + (live + 1) * 12);
+    let body = bytes.and_then(|b| b.get(EXPIRY..)).unwrap_or(&[]);
+    let body = &body[..body.len() - body.len() % ADMISSION];
+    out.reserve(EXPIRY + body.len() + ADMISSION);
     out.extend_from_slice(&[0; EXPIRY]);
-    let (mut latest, mut merged) = (now, false);
-    for (at, mut count) in admissions(bytes).filter(|(at, _)| *at > floor) {
-        if at == now && !merged {
-            count = count.saturating_add(n);
-            merged = true;
+    let mut latest = now;
+    let mut run: Option<usize> = None;
+    for (i, (at, _)) in admissions(bytes).enumerate() {
+        let offset = i * ADMISSION;
+        if at > floor {
+            latest = latest.max(at);
+            run.get_or_insert(offset);
+        } else if let Some(start) = run.take() {
+            out.extend_from_slice(&body[start..offset]);
         }
-        latest = latest.max(at);
-        out.extend_from_slice(&at.to_le_bytes());
-        out.extend_from_slice(&count.to_le_bytes());
     }
-    if !merged {
-        out.extend_from_slice(&now.to_le_bytes());
-        out.extend_from_slice(&n.to_le_bytes());
+    if let Some(start) = run {
+        out.extend_from_slice(&body[start..]);
     }
     out[..EXPIRY].copy_from_slice(&latest.saturating_add(period).to_le_bytes());
-    out
+    // Merge into the entry of this instant (the last one, when there is one), else append.
+    let same_instant = out[EXPIRY..]
+        .chunks_exact_mut(ADMISSION)
+        .rev()
+        .find(|c| c[..8] == now.to_le_bytes());
+    match same_instant {
+        Some(entry) => {
+            let mut count = [0u8; 4];
+            count.copy_from_slice(&entry[8..]);
+            let count = u32::from_le_bytes(count).saturating_add(n);
+            entry[8..].copy_from_slice(&count.to_le_bytes());
+        }
+        None => {
+            out.extend_from_slice(&now.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
 }
 
 /// Admits a call of weight `n` if fewer than `calls` were admitted in `(now - period, now]`.
@@ -249,19 +366,20 @@ pub(crate) fn sliding_admit(
     now: Millis,
     n: u32,
 ) -> Result<Verdict, StoreError> {
-    update(store, key, |bytes| {
+    update(store, key, |bytes, out| {
         let t = tally(bytes, period, now);
         match sliding_verdict(&t, calls, period, now) {
             Verdict::Admitted { .. } => {
+                with_admission(bytes, period, now, n, out);
                 let used = t.used + u64::from(n);
                 (
-                    Some(with_admission(bytes, t.live, period, now, n)),
+                    true,
                     Verdict::Admitted {
                         remaining: calls.saturating_sub(used),
                     },
                 )
             }
-            denied => (None, denied),
+            denied => (false, denied),
         }
     })
 }
@@ -287,9 +405,9 @@ pub(crate) fn sliding_add(
     now: Millis,
     n: u32,
 ) -> Result<(), StoreError> {
-    update(store, key, |bytes| {
-        let live = tally(bytes, period, now).live;
-        (Some(with_admission(bytes, live, period, now, n)), ())
+    update(store, key, |bytes, out| {
+        with_admission(bytes, period, now, n, out);
+        (true, ())
     })
 }
 
@@ -300,15 +418,14 @@ pub(crate) fn sliding_release(
     at: Millis,
     n: u32,
 ) -> Result<(), StoreError> {
-    update(store, key, |bytes| {
+    update(store, key, |bytes, out| {
         let Some(b) = bytes.filter(|b| b.len() >= EXPIRY) else {
-            return (None, ());
+            return (false, ());
         };
         if !admissions(bytes).any(|(t, count)| t == at && count >= n) {
-            return (None, ());
+            return (false, ());
         }
         // The admissions left are the same or older: the expiry stands.
-        let mut out = Vec::with_capacity(b.len());
         out.extend_from_slice(&b[..EXPIRY]);
         let mut released = false;
         for (t, mut count) in admissions(bytes) {
@@ -322,7 +439,7 @@ pub(crate) fn sliding_release(
             out.extend_from_slice(&t.to_le_bytes());
             out.extend_from_slice(&count.to_le_bytes());
         }
-        (Some(out), ())
+        (true, ())
     })
 }
 
@@ -352,8 +469,7 @@ fn decode_window(bytes: Option<&[u8]>) -> Option<Window> {
     })
 }
 
-fn encode_window(w: &Window, period: Millis) -> Vec<u8> {
-    let mut out = Vec::with_capacity(EXPIRY + 24);
+fn encode_window(w: &Window, period: Millis, out: &mut Vec<u8>) {
     let expiry = if period <= 0 {
         Millis::MAX
     } else {
@@ -363,7 +479,6 @@ fn encode_window(w: &Window, period: Millis) -> Vec<u8> {
     out.extend_from_slice(&w.start.to_le_bytes());
     out.extend_from_slice(&w.calls.to_le_bytes());
     out.extend_from_slice(&w.bytes.to_le_bytes());
-    out
 }
 
 /// Fixed windows of `period` from `origin`, allowing `calls` and/or `bandwidth_kb`.
@@ -428,7 +543,7 @@ impl FixedWindows {
         now: Millis,
         n: u64,
     ) -> Result<(Verdict, Millis), StoreError> {
-        update(store, key, |bytes| {
+        update(store, key, |bytes, out| {
             let mut w = self.current(bytes, now);
             match self.verdict(&w, now) {
                 Verdict::Admitted { .. } => {
@@ -437,12 +552,10 @@ impl FixedWindows {
                         .calls
                         .map(|c| c.saturating_sub(w.calls))
                         .unwrap_or(u64::MAX);
-                    (
-                        Some(encode_window(&w, self.period)),
-                        (Verdict::Admitted { remaining }, w.start),
-                    )
+                    encode_window(&w, self.period, out);
+                    (true, (Verdict::Admitted { remaining }, w.start))
                 }
-                denied => (None, (denied, w.start)),
+                denied => (false, (denied, w.start)),
             }
         })
     }
@@ -471,11 +584,12 @@ impl FixedWindows {
         if calls == 0 && bytes == 0 {
             return Ok(());
         }
-        update(store, key, |current| {
+        update(store, key, |current, out| {
             let mut w = self.current(current, now);
             w.calls = w.calls.saturating_add(calls);
             w.bytes = w.bytes.saturating_add(bytes);
-            (Some(encode_window(&w, self.period)), ())
+            encode_window(&w, self.period, out);
+            (true, ())
         })
     }
 
@@ -487,12 +601,13 @@ impl FixedWindows {
         start: Millis,
         n: u64,
     ) -> Result<(), StoreError> {
-        update(store, key, |bytes| match decode_window(bytes) {
+        update(store, key, |bytes, out| match decode_window(bytes) {
             Some(mut w) if w.start == start && w.calls >= n => {
                 w.calls -= n;
-                (Some(encode_window(&w, self.period)), ())
+                encode_window(&w, self.period, out);
+                (true, ())
             }
-            _ => (None, ()),
+            _ => (false, ()),
         })
     }
 }
@@ -554,6 +669,26 @@ mod tests {
     }
 
     #[test]
+    fn admissions_out_of_time_order() {
+        // Another worker's clock runs behind: its admission lands after a later one.
+        let s = MemoryStore::new();
+        let admit = |now| sliding_admit(&s, "k", 10, 1_000, now, 1).unwrap();
+        admit(1_000);
+        admit(10);
+        admit(1_000);
+        let state = |s: &MemoryStore| s.get("k").unwrap().unwrap().0;
+        assert_eq!(decode_sliding(Some(&state(&s))), vec![(1_000, 2), (10, 1)]);
+        assert_eq!(counter_expiry(&state(&s)), Some(2_000));
+        // At 1,500 the admission at 10 has left the window, though it is stored last.
+        assert_eq!(admit(1_500), Verdict::Admitted { remaining: 7 });
+        assert_eq!(
+            decode_sliding(Some(&state(&s))),
+            vec![(1_000, 2), (1_500, 1)]
+        );
+        assert_eq!(counter_expiry(&state(&s)), Some(2_500));
+    }
+
+    #[test]
     fn release_restores_a_slot() {
         let s = MemoryStore::new();
         sliding_admit(&s, "k", 1, 1000, 5, 1).unwrap();
@@ -562,6 +697,77 @@ mod tests {
             sliding_admit(&s, "k", 1, 1000, 6, 1).unwrap(),
             Verdict::Admitted { remaining: 0 }
         );
+    }
+
+    /// A store with only `get` and `compare_and_set`: the trait's own `update`, as the filter's
+    /// shared data had before it read each slot once.
+    struct CasOnly(MemoryStore);
+
+    impl CounterStore for CasOnly {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            self.0.get(key)
+        }
+        fn compare_and_set(
+            &self,
+            key: &str,
+            value: &[u8],
+            version: Option<u32>,
+        ) -> Result<bool, StoreError> {
+            self.0.compare_and_set(key, value, version)
+        }
+    }
+
+    /// Every write loses to another writer.
+    struct AlwaysBeaten;
+
+    impl CounterStore for AlwaysBeaten {
+        fn get(&self, _: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            Ok(None)
+        }
+        fn compare_and_set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn an_update_that_always_loses_is_an_error_after_the_last_attempt() {
+        let mut attempts = 0;
+        let e = AlwaysBeaten
+            .update("rl|s|x", &mut |_, next| {
+                attempts += 1;
+                next.push(1);
+                true
+            })
+            .unwrap_err();
+        assert_eq!(e, StoreError::Contended("rl|s|x".into()));
+        assert_eq!(attempts, MAX_ATTEMPTS);
+    }
+
+    #[test]
+    fn memory_store_updates_in_place() {
+        let s = MemoryStore::new();
+        let write = |bytes: &'static [u8]| {
+            move |_: Option<&[u8]>, next: &mut Vec<u8>| {
+                next.extend_from_slice(bytes);
+                true
+            }
+        };
+        s.update("a", &mut write(b"one")).unwrap();
+        let (_, v1) = s.get("a").unwrap().unwrap();
+        s.update("a", &mut write(b"two!")).unwrap();
+        let (bytes, v2) = s.get("a").unwrap().unwrap();
+        assert_eq!((bytes.as_slice(), v2 > v1), (&b"two!"[..], true));
+        // The change sees the current bytes; declining writes nothing and keeps the version.
+        let mut seen = None;
+        s.update("a", &mut |b, _| {
+            seen = b.map(<[u8]>::to_vec);
+            false
+        })
+        .unwrap();
+        assert_eq!(seen.as_deref(), Some(&b"two!"[..]));
+        assert_eq!(s.get("a").unwrap().unwrap().1, v2);
+        s.update("b", &mut |_, _| false).unwrap();
+        assert_eq!(s.get("b").unwrap(), None);
     }
 
     #[test]
@@ -649,7 +855,11 @@ mod tests {
             for g in gaps.iter_mut() { t += *g; *g = t; }
             let s = MemoryStore::new();
             let got: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
-            prop_assert_eq!(got, naive_sliding(&gaps, calls, period));
+            prop_assert_eq!(&got, &naive_sliding(&gaps, calls, period));
+            // The compare-and-swap loop counts the same as the in-place update.
+            let cas = CasOnly(MemoryStore::new());
+            let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&cas, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            prop_assert_eq!(by_cas, got);
         }
 
         #[test]
@@ -664,7 +874,10 @@ mod tests {
             let s = MemoryStore::new();
             let q = FixedWindows { origin, period, calls: Some(calls), bandwidth_kb: None };
             let got: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&s, "k", t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
-            prop_assert_eq!(got, naive_fixed(&gaps, calls, origin, period));
+            prop_assert_eq!(&got, &naive_fixed(&gaps, calls, origin, period));
+            let cas = CasOnly(MemoryStore::new());
+            let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&cas, "k", t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
+            prop_assert_eq!(by_cas, got);
         }
     }
 }

@@ -27,7 +27,7 @@ mod xml;
 
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
 pub use clock::{format_timespan, parse_rfc3339, Millis};
-pub use counters::{counter_expiry, CounterStore, MemoryStore, StoreError};
+pub use counters::{counter_expiry, Change, CounterStore, MemoryStore, StoreError, MAX_ATTEMPTS};
 pub use decide::{
     CallContext, Completion, Decision, EngineError, HeaderEdit, KeyLocation, Outcome, Request,
 };
