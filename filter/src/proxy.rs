@@ -516,7 +516,7 @@ impl HttpContext for Call {
         if let Some(call) = &call {
             if loaded.config.strip_subscription_key {
                 match catalog.key_location(call) {
-                    Some(KeyLocation::Header(h)) => Self::apply(&[HeaderEdit::Remove(h)]),
+                    Some(KeyLocation::Header(h)) => Self::apply(&[HeaderEdit::Remove(h.into())]),
                     Some(KeyLocation::Query(q)) => {
                         let kept: Vec<&str> = query
                             .split('&')
@@ -527,7 +527,7 @@ impl HttpContext for Call {
                         } else {
                             format!("{path}?{}", kept.join("&"))
                         };
-                        Self::apply(&[HeaderEdit::Set(":path".into(), new_path)]);
+                        Self::apply(&[HeaderEdit::Set(":path".into(), new_path.into())]);
                     }
                     None => {}
                 }

@@ -38,7 +38,7 @@ fn apply(map: &mut BTreeMap<String, String>, edits: &[HeaderEdit]) {
     for e in edits {
         match e {
             HeaderEdit::Set(n, v) => {
-                map.insert(n.to_ascii_lowercase(), v.clone());
+                map.insert(n.to_ascii_lowercase(), v.to_string());
             }
             HeaderEdit::Append(n, v) => {
                 map.entry(n.to_ascii_lowercase())
@@ -46,7 +46,7 @@ fn apply(map: &mut BTreeMap<String, String>, edits: &[HeaderEdit]) {
                         old.push_str(", ");
                         old.push_str(v);
                     })
-                    .or_insert_with(|| v.clone());
+                    .or_insert_with(|| v.to_string());
             }
             HeaderEdit::Remove(n) => {
                 map.remove(&n.to_ascii_lowercase());

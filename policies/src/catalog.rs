@@ -30,6 +30,8 @@ pub(crate) struct Api {
     pub name: String,
     pub display_name: String,
     pub path: String,
+    /// How many segments `path` has: the operation's template matches what follows them.
+    pub depth: usize,
     pub path_text: String,
     pub hostnames: Vec<String>,
     pub subscription_required: bool,
@@ -232,6 +234,7 @@ impl Catalog {
                 name: a.name.clone(),
                 display_name: a.display_name.clone(),
                 path: a.path.clone(),
+                depth: crate::route::segments(&a.path).count(),
                 path_text: a.path_text.clone(),
                 hostnames: a.hostnames.clone(),
                 subscription_required: a.subscription_required,

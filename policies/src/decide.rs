@@ -15,6 +15,8 @@ use crate::policy::{
 use crate::response::{self, LocalResponse};
 use crate::route::segments;
 use crate::snapshot::SubscriptionScope;
+use smallvec::SmallVec;
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// A call as the proxy sees it.
@@ -117,14 +119,15 @@ impl Outcome {
     }
 }
 
-/// A change to a header map. Names as the policy wrote them; compare without case.
+/// A change to a header map. Names as the policy wrote them; compare without case. Names and
+/// literal values are borrowed from the catalog; computed values are owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderEdit {
+pub enum HeaderEdit<'a> {
     /// Replace every value of the header with this one.
-    Set(String, String),
+    Set(Cow<'a, str>, Cow<'a, str>),
     /// Add a value, keeping the others.
-    Append(String, String),
-    Remove(String),
+    Append(Cow<'a, str>, Cow<'a, str>),
+    Remove(Cow<'a, str>),
 }
 
 /// Where the call's subscription key was found, so an adapter can strip it.
@@ -176,16 +179,47 @@ enum Pending {
 #[derive(Debug, Clone)]
 enum Reservation {
     Sliding {
-        key: String,
+        key: CounterName,
         at: Millis,
         n: u32,
     },
     Fixed {
-        key: String,
+        key: CounterName,
         windows: FixedWindows,
         start: Millis,
         n: u64,
     },
+}
+
+/// A counter's stable name: `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`). Built
+/// on the stack when it is short, as nearly every name is.
+#[derive(Debug, Clone)]
+struct CounterName(SmallVec<[u8; 96]>);
+
+impl CounterName {
+    fn new(kind: &str, owner: &str, name: &str) -> Self {
+        let mut key = SmallVec::new();
+        key.extend_from_slice(kind.as_bytes());
+        key.push(b'|');
+        key.extend_from_slice(owner.as_bytes());
+        key.push(b'|');
+        key.extend_from_slice(name.as_bytes());
+        CounterName(key)
+    }
+
+    fn as_str(&self) -> &str {
+        // Joined from three `str`s and ASCII bars, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// A remaining-calls or total-calls header of the allowed response: the limit step that names
+/// it, and the value.
+#[derive(Debug, Clone, Copy)]
+struct LimitHeader {
+    step: u32,
+    total: bool,
+    value: u64,
 }
 
 /// A routed call: who it is, and what is left to do for it after the inbound phase.
@@ -195,19 +229,19 @@ pub struct CallContext {
     program: u32,
     pending: Vec<Pending>,
     /// Headers for the allowed response (remaining-calls and total-calls).
-    limit_headers: Vec<(String, String)>,
+    limit_headers: SmallVec<[LimitHeader; 2]>,
     /// The request, kept only when a later phase evaluates an expression that may read it.
     saved: Option<Box<SavedRequest>>,
 }
 
 /// The decision on a call.
 #[derive(Debug, Clone)]
-pub struct Decision {
+pub struct Decision<'a> {
     pub outcome: Outcome,
     /// The response to send instead of calling the upstream (every outcome but `allowed`).
     pub response: Option<LocalResponse>,
     /// For `allowed`: changes to the request before it goes upstream.
-    pub upstream: Vec<HeaderEdit>,
+    pub upstream: Vec<HeaderEdit<'a>>,
     /// `None` only when no API matched.
     pub call: Option<CallContext>,
 }
@@ -235,9 +269,9 @@ impl From<NullReference> for EngineError {
     }
 }
 
-impl Decision {
+impl Decision<'_> {
     /// The decision for an internal failure under `failureMode: closed`.
-    pub fn internal_error(call: Option<CallContext>) -> Decision {
+    pub fn internal_error(call: Option<CallContext>) -> Self {
         Decision {
             outcome: Outcome::InternalError,
             response: Some(response::internal_error()),
@@ -246,7 +280,7 @@ impl Decision {
         }
     }
 
-    fn deny(outcome: Outcome, response: LocalResponse, call: Option<CallContext>) -> Decision {
+    fn deny(outcome: Outcome, response: LocalResponse, call: Option<CallContext>) -> Self {
         Decision {
             outcome,
             response: Some(response),
@@ -350,10 +384,10 @@ impl Facts for CallFacts<'_> {
     }
 }
 
-fn eval_text(t: &Text, facts: &dyn Facts) -> Result<String, NullReference> {
+fn eval_text<'t>(t: &'t Text, facts: &dyn Facts) -> Result<Cow<'t, str>, NullReference> {
     match t {
-        Text::Literal(s) => Ok(s.clone()),
-        Text::Expr(e) => Ok(e.eval(facts)?.to_string()),
+        Text::Literal(s) => Ok(Cow::Borrowed(s)),
+        Text::Expr(e) => Ok(Cow::Owned(e.eval(facts)?.into_text())),
     }
 }
 
@@ -362,11 +396,11 @@ fn eval_condition(e: &Expr, facts: &dyn Facts) -> Result<bool, NullReference> {
 }
 
 /// Applies `set-header` to a header map's view, producing edits.
-fn set_header(
-    h: &SetHeader,
+fn set_header<'c>(
+    h: &'c SetHeader,
     facts: &dyn Facts,
     exists: &dyn Fn(&str) -> bool,
-    edits: &mut Vec<HeaderEdit>,
+    edits: &mut Vec<HeaderEdit<'c>>,
 ) -> Result<(), NullReference> {
     // The latest edit of this header decides; without one, the header map as it came.
     let present = || {
@@ -385,15 +419,15 @@ fn set_header(
             .unwrap_or_else(|| exists(&h.name))
     };
     match h.action {
-        ExistsAction::Delete => edits.push(HeaderEdit::Remove(h.name.clone())),
+        ExistsAction::Delete => edits.push(HeaderEdit::Remove(Cow::Borrowed(&h.name))),
         ExistsAction::Skip if present() => {}
         action => {
             for (i, v) in h.values.iter().enumerate() {
                 let v = eval_text(v, facts)?;
                 if i == 0 && action != ExistsAction::Append {
-                    edits.push(HeaderEdit::Set(h.name.clone(), v));
+                    edits.push(HeaderEdit::Set(Cow::Borrowed(&h.name), v));
                 } else {
-                    edits.push(HeaderEdit::Append(h.name.clone(), v));
+                    edits.push(HeaderEdit::Append(Cow::Borrowed(&h.name), v));
                 }
             }
         }
@@ -433,7 +467,7 @@ struct Run<'a> {
     catalog: &'a Catalog,
     store: &'a dyn CounterStore,
     now: Millis,
-    reservations: Vec<Reservation>,
+    reservations: SmallVec<[Reservation; 2]>,
 }
 
 impl Run<'_> {
@@ -442,14 +476,14 @@ impl Run<'_> {
             // Best effort: a failed release under-admits, never over-admits.
             let _ = match r {
                 Reservation::Sliding { key, at, n } => {
-                    counters::sliding_release(self.store, &key, at, n)
+                    counters::sliding_release(self.store, key.as_str(), at, n)
                 }
                 Reservation::Fixed {
                     key,
                     windows,
                     start,
                     n,
-                } => windows.release(self.store, &key, start, n),
+                } => windows.release(self.store, key.as_str(), start, n),
             };
         }
     }
@@ -457,6 +491,7 @@ impl Run<'_> {
     /// `rate-limit` or `quota`: the limit's own counter and its nested ones that match.
     fn subscription_limit(
         &mut self,
+        step: u32,
         limit: &SubscriptionLimit,
         quota: bool,
         call: &mut CallContext,
@@ -468,7 +503,7 @@ impl Run<'_> {
         let subscription = &c.subscriptions[sub as usize];
         let api = &c.apis[call.id.api as usize];
         let op = call.id.operation.map(|o| &api.operations[o as usize]);
-        let mut counters: Vec<(&str, crate::policy::Allowance)> = Vec::new();
+        let mut counters: SmallVec<[(&str, crate::policy::Allowance); 4]> = SmallVec::new();
         if let Some(a) = limit.allowance {
             counters.push((&limit.counter, a));
         }
@@ -487,7 +522,7 @@ impl Run<'_> {
         let mut headline: Option<(u64, u64)> = None;
         for (counter, a) in counters {
             let kind = if quota { "q" } else { "rl" };
-            let key = counter_key(kind, &subscription.counter_id, counter);
+            let key = CounterName::new(kind, &subscription.counter_id, counter);
             let verdict = if quota {
                 let windows = FixedWindows {
                     origin: subscription.origin,
@@ -495,22 +530,32 @@ impl Run<'_> {
                     calls: a.calls,
                     bandwidth_kb: a.bandwidth_kb,
                 };
-                let (v, start) = windows.admit(self.store, &key, self.now, 1)?;
+                let (v, start) = windows.admit(self.store, key.as_str(), self.now, 1)?;
                 if matches!(v, Verdict::Admitted { .. }) {
+                    if a.bandwidth_kb.is_some() {
+                        call.pending.push(Pending::Bandwidth {
+                            key: key.as_str().to_string(),
+                            windows,
+                        });
+                    }
                     self.reservations.push(Reservation::Fixed {
-                        key: key.clone(),
+                        key,
                         windows,
                         start,
                         n: 1,
                     });
-                    if a.bandwidth_kb.is_some() {
-                        call.pending.push(Pending::Bandwidth { key, windows });
-                    }
                 }
                 v
             } else {
                 let calls = a.calls.unwrap_or(u64::MAX);
-                let v = counters::sliding_admit(self.store, &key, calls, a.period, self.now, 1)?;
+                let v = counters::sliding_admit(
+                    self.store,
+                    key.as_str(),
+                    calls,
+                    a.period,
+                    self.now,
+                    1,
+                )?;
                 if matches!(v, Verdict::Admitted { .. }) {
                     self.reservations.push(Reservation::Sliding {
                         key,
@@ -530,10 +575,10 @@ impl Run<'_> {
             }
         }
         if let Some((remaining, total)) = headline {
-            limit_headers(
+            self.limit_headers(
                 call,
-                &limit.remaining_header,
-                &limit.total_header,
+                step,
+                [&limit.remaining_header, &limit.total_header],
                 remaining,
                 total,
             );
@@ -560,7 +605,7 @@ impl Run<'_> {
         let a = limit.allowance;
         let verdict = if quota {
             let window = format!("{}|{}", a.period, limit.first_period_start);
-            let key = counter_key("qk", &window, &value);
+            let key = CounterName::new("qk", &window, &value);
             let windows = FixedWindows {
                 origin: limit.first_period_start,
                 period: a.period,
@@ -569,24 +614,27 @@ impl Run<'_> {
             };
             match &limit.increment_condition {
                 None => {
-                    let (v, start) = windows.admit(self.store, &key, self.now, n)?;
+                    let (v, start) = windows.admit(self.store, key.as_str(), self.now, n)?;
                     if matches!(v, Verdict::Admitted { .. }) {
+                        if a.bandwidth_kb.is_some() {
+                            call.pending.push(Pending::Bandwidth {
+                                key: key.as_str().to_string(),
+                                windows,
+                            });
+                        }
                         self.reservations.push(Reservation::Fixed {
-                            key: key.clone(),
+                            key,
                             windows,
                             start,
                             n,
                         });
-                        if a.bandwidth_kb.is_some() {
-                            call.pending.push(Pending::Bandwidth { key, windows });
-                        }
                     }
                     v
                 }
                 Some(_) => {
-                    let v = windows.check(self.store, &key, self.now)?;
+                    let v = windows.check(self.store, key.as_str(), self.now)?;
                     call.pending.push(Pending::FixedIf {
-                        key,
+                        key: key.as_str().to_string(),
                         windows,
                         n,
                         condition: step,
@@ -596,13 +644,19 @@ impl Run<'_> {
                 }
             }
         } else {
-            let key = counter_key("rlk", &a.period.to_string(), &value);
+            let key = CounterName::new("rlk", &a.period.to_string(), &value);
             let calls = a.calls.unwrap_or(u64::MAX);
             let n = u32::try_from(n).unwrap_or(u32::MAX);
             match &limit.increment_condition {
                 None => {
-                    let v =
-                        counters::sliding_admit(self.store, &key, calls, a.period, self.now, n)?;
+                    let v = counters::sliding_admit(
+                        self.store,
+                        key.as_str(),
+                        calls,
+                        a.period,
+                        self.now,
+                        n,
+                    )?;
                     if matches!(v, Verdict::Admitted { .. }) {
                         self.reservations.push(Reservation::Sliding {
                             key,
@@ -613,9 +667,15 @@ impl Run<'_> {
                     v
                 }
                 Some(_) => {
-                    let v = counters::sliding_check(self.store, &key, calls, a.period, self.now)?;
+                    let v = counters::sliding_check(
+                        self.store,
+                        key.as_str(),
+                        calls,
+                        a.period,
+                        self.now,
+                    )?;
                     call.pending.push(Pending::SlidingIf {
-                        key,
+                        key: key.as_str().to_string(),
                         period: a.period,
                         n,
                         condition: step,
@@ -635,10 +695,10 @@ impl Run<'_> {
             } else {
                 remaining
             };
-            limit_headers(
+            self.limit_headers(
                 call,
-                &limit.remaining_header,
-                &limit.total_header,
+                step,
+                [&limit.remaining_header, &limit.total_header],
                 remaining,
                 calls,
             );
@@ -647,44 +707,61 @@ impl Run<'_> {
     }
 }
 
-/// A counter's stable name: `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`).
-fn counter_key(kind: &str, owner: &str, name: &str) -> String {
-    let mut key = String::with_capacity(kind.len() + owner.len() + name.len() + 2);
-    key.push_str(kind);
-    key.push('|');
-    key.push_str(owner);
-    key.push('|');
-    key.push_str(name);
-    key
+impl Run<'_> {
+    /// Records the remaining-calls and total-calls headers of limit `step`; a later limit's
+    /// header of the same name replaces an earlier one.
+    fn limit_headers(
+        &self,
+        call: &mut CallContext,
+        step: u32,
+        [remaining, total]: [&Option<String>; 2],
+        left: u64,
+        calls: u64,
+    ) {
+        for (name, value, is_total) in [(remaining, left, false), (total, calls, true)] {
+            if let Some(name) = name {
+                call.limit_headers
+                    .retain(|h| self.catalog.limit_header_name(h) != Some(name.as_str()));
+                call.limit_headers.push(LimitHeader {
+                    step,
+                    total: is_total,
+                    value,
+                });
+            }
+        }
+    }
 }
 
-fn limit_headers(
-    call: &mut CallContext,
-    remaining: &Option<String>,
-    total: &Option<String>,
-    left: u64,
-    calls: u64,
-) {
-    for (name, value) in [(remaining, left), (total, calls)] {
-        if let Some(name) = name {
-            call.limit_headers.retain(|(n, _)| n != name);
-            call.limit_headers.push((name.clone(), value.to_string()));
-        }
+impl Catalog {
+    fn limit_header_name(&self, h: &LimitHeader) -> Option<&str> {
+        let (remaining, total) = match &self.steps[h.step as usize] {
+            Step::RateLimit(l) | Step::Quota(l) => (&l.remaining_header, &l.total_header),
+            Step::RateLimitByKey(k) | Step::QuotaByKey(k) => (&k.remaining_header, &k.total_header),
+            _ => return None,
+        };
+        if h.total { total } else { remaining }.as_deref()
     }
 }
 
 impl Catalog {
     fn route(&self, req: &Request) -> Option<u32> {
         let host = req.host.split(':').next().unwrap_or("");
-        // The path's segments, lower-case, joined by '/'; then its segment-aligned prefixes,
-        // longest first.
-        let mut joined = String::with_capacity(req.path.len());
-        for seg in segments(req.path) {
-            if !joined.is_empty() {
-                joined.push('/');
-            }
-            joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
-        }
+        // The path's segments, lower-case, joined by '/' (usually the path itself, without a
+        // copy); then its segment-aligned prefixes, longest first.
+        let trimmed = req.path.trim_matches('/');
+        let joined: Cow<str> =
+            if trimmed.contains("//") || trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+                let mut joined = String::with_capacity(req.path.len());
+                for seg in segments(req.path) {
+                    if !joined.is_empty() {
+                        joined.push('/');
+                    }
+                    joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
+                }
+                Cow::Owned(joined)
+            } else {
+                Cow::Borrowed(trimmed)
+            };
         let mut len = Some(joined.len());
         while let Some(end) = len {
             // Next: the prefix one segment shorter (the empty path last).
@@ -711,23 +788,23 @@ impl Catalog {
 
     fn operation(&self, api: u32, req: &Request) -> Option<u32> {
         let a = &self.apis[api as usize];
-        let below: Vec<&str> = segments(req.path).skip(segments(&a.path).count()).collect();
+        let below = crate::route::below(req.path, a.depth);
         a.operations
             .iter()
             .enumerate()
             .filter(|(_, o)| o.method == "*" || o.method.eq_ignore_ascii_case(req.method))
-            .filter(|(_, o)| o.template.matches(&below))
+            .filter(|(_, o)| o.template.matches(below))
             .max_by_key(|(i, o)| (o.template.specificity, usize::MAX - i))
             .map(|(i, _)| i as u32)
     }
 
     /// Decides a call at `now`, counting in `store`.
-    pub fn decide(
-        &self,
+    pub fn decide<'c>(
+        &'c self,
         req: &Request,
         now: Millis,
         store: &dyn CounterStore,
-    ) -> Result<Decision, EngineError> {
+    ) -> Result<Decision<'c>, EngineError> {
         let Some(api_ix) = self.route(req) else {
             return Ok(Decision::deny(
                 Outcome::ApiNotFound,
@@ -746,7 +823,7 @@ impl Catalog {
             },
             program: 0,
             pending: Vec::new(),
-            limit_headers: Vec::new(),
+            limit_headers: SmallVec::new(),
             saved: None,
         };
         if !api.operations.is_empty() {
@@ -823,7 +900,7 @@ impl Catalog {
             catalog: self,
             store,
             now,
-            reservations: Vec::new(),
+            reservations: SmallVec::new(),
         };
         let mut upstream = Vec::new();
         let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
@@ -852,13 +929,13 @@ impl Catalog {
         }
     }
 
-    fn run_request(
-        &self,
+    fn run_request<'c>(
+        &'c self,
         program: &Program,
         req: &Request,
         call: &mut CallContext,
         run: &mut Run,
-        upstream: &mut Vec<HeaderEdit>,
+        upstream: &mut Vec<HeaderEdit<'c>>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         for &ix in program.request.iter() {
             let step = &self.steps[ix as usize];
@@ -869,8 +946,8 @@ impl Catalog {
                 status: None,
             };
             let denial = match step {
-                Step::RateLimit(l) => run.subscription_limit(l, false, call)?,
-                Step::Quota(l) => run.subscription_limit(l, true, call)?,
+                Step::RateLimit(l) => run.subscription_limit(ix, l, false, call)?,
+                Step::Quota(l) => run.subscription_limit(ix, l, true, call)?,
                 Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts)?,
                 Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts)?,
                 Step::CheckHeader {
@@ -934,9 +1011,11 @@ impl Catalog {
                             HeaderEdit::Set(n, v) => {
                                 let n = n.to_ascii_lowercase();
                                 out.retain(|(o, _)| *o != n);
-                                out.push((n, v));
+                                out.push((n, v.into_owned()));
                             }
-                            HeaderEdit::Append(n, v) => out.push((n.to_ascii_lowercase(), v)),
+                            HeaderEdit::Append(n, v) => {
+                                out.push((n.to_ascii_lowercase(), v.into_owned()))
+                            }
                             HeaderEdit::Remove(n) => {
                                 out.retain(|(o, _)| !o.eq_ignore_ascii_case(&n))
                             }
@@ -962,12 +1041,12 @@ impl Catalog {
     /// The changes to the upstream's response headers of an allowed call: the outbound
     /// program, then the remaining-calls and total-calls headers. `response_header_exists` is
     /// asked only where a `set-header` with `exists-action="skip"` needs to know.
-    pub fn respond(
-        &self,
+    pub fn respond<'c>(
+        &'c self,
         call: &CallContext,
         status: u16,
         response_header_exists: &dyn Fn(&str) -> bool,
-    ) -> Result<Vec<HeaderEdit>, EngineError> {
+    ) -> Result<Vec<HeaderEdit<'c>>, EngineError> {
         let program = &self.programs[call.program as usize];
         let mut edits = Vec::new();
         let empty: [(String, String); 0] = [];
@@ -993,8 +1072,13 @@ impl Catalog {
                 set_header(h, &facts, response_header_exists, &mut edits)?;
             }
         }
-        for (n, v) in &call.limit_headers {
-            edits.push(HeaderEdit::Set(n.clone(), v.clone()));
+        for h in &call.limit_headers {
+            if let Some(name) = self.limit_header_name(h) {
+                edits.push(HeaderEdit::Set(
+                    Cow::Borrowed(name),
+                    Cow::Owned(h.value.to_string()),
+                ));
+            }
         }
         Ok(edits)
     }

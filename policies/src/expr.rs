@@ -123,6 +123,16 @@ pub(crate) enum Value {
     Bool(bool),
 }
 
+impl Value {
+    /// The value as text, as `ToString()` gives it; a string is moved, not copied.
+    pub fn into_text(self) -> String {
+        match self {
+            Value::Str(s) => s,
+            other => other.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

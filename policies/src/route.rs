@@ -3,8 +3,25 @@
 //! APIM's does.
 
 /// The non-empty `/`-separated segments of a path.
-pub(crate) fn segments(path: &str) -> impl Iterator<Item = &str> {
-    path.split('/').filter(|s| !s.is_empty())
+pub(crate) fn segments(path: &str) -> Segments<'_> {
+    Segments { rest: path }
+}
+
+/// The iterator of [`segments`]: a plain scan, as paths are short.
+pub(crate) struct Segments<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let start = self.rest.bytes().position(|b| b != b'/')?;
+        let rest = &self.rest[start..];
+        let end = rest.bytes().position(|b| b == b'/').unwrap_or(rest.len());
+        self.rest = &rest[end..];
+        Some(&rest[..end])
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,16 +90,28 @@ impl UrlTemplate {
         })
     }
 
-    /// Does the path below the API's prefix match?
-    pub fn matches(&self, path: &[&str]) -> bool {
-        if path.len() < self.segments.len() || (!self.rest && path.len() != self.segments.len()) {
-            return false;
+    /// Does the path below the API's prefix (see [`below`]) match?
+    pub fn matches(&self, below: &str) -> bool {
+        let mut path = segments(below);
+        for seg in &self.segments {
+            match path.next() {
+                Some(text) if match_pieces(&seg.0, text) => {}
+                _ => return false,
+            }
         }
-        self.segments
-            .iter()
-            .zip(path)
-            .all(|(seg, text)| match_pieces(&seg.0, text))
+        self.rest || path.next().is_none()
     }
+}
+
+/// The part of `path` after its first `depth` segments.
+pub(crate) fn below(path: &str, depth: usize) -> &str {
+    let mut segments = segments(path);
+    for _ in 0..depth {
+        if segments.next().is_none() {
+            return "";
+        }
+    }
+    segments.rest
 }
 
 fn segments_of(path: &str) -> Vec<&str> {
@@ -114,9 +143,17 @@ mod tests {
     use super::*;
 
     fn m(t: &str, p: &str) -> bool {
-        UrlTemplate::parse(t)
-            .unwrap()
-            .matches(&segments(p).collect::<Vec<_>>())
+        UrlTemplate::parse(t).unwrap().matches(p)
+    }
+
+    #[test]
+    fn below_an_api_path() {
+        assert_eq!(below("/svc/api-1/items/42", 2), "/items/42");
+        assert_eq!(below("//svc//api-1", 2), "");
+        assert_eq!(below("/svc", 2), "");
+        assert_eq!(below("/svc/x/", 0), "/svc/x/");
+        assert!(m("/items/{id}", below("/svc/api/items/7", 2)));
+        assert!(!m("/items/{id}", below("/svc/api/items", 2)));
     }
 
     #[test]

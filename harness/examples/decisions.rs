@@ -1,0 +1,62 @@
+//! The engine's admitted keyed call (as in `benches/engine.rs`), run a fixed number of times, for
+//! instruction counts that this noisy machine cannot blur:
+//!
+//! ```text
+//! cargo build --profile profiling --example decisions -p apim-edge-harness
+//! valgrind --tool=callgrind target/profiling/examples/decisions 100000
+//! ```
+//!
+//! It prints how many calls it made; callgrind's total over two runs of different lengths gives
+//! the instructions per call (the difference divided by the difference in calls), without the
+//! catalog load.
+
+use apim_edge_harness::synth::{self, key_of, Sizes};
+use apim_edge_policies::{Catalog, Completion, LoadOptions, MemoryStore, Outcome, Request};
+use std::hint::black_box;
+
+const SIZES: Sizes = Sizes {
+    subscriptions: 10_000,
+    apis: 100,
+    products: 50,
+};
+
+fn main() -> anyhow::Result<()> {
+    let calls: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(100_000);
+    let catalog = Catalog::load(&synth::catalog(SIZES), LoadOptions::default())?;
+    let keys: Vec<Vec<(String, String)>> = (0..SIZES.subscriptions)
+        .map(|i| vec![("Ocp-Apim-Subscription-Key".to_string(), key_of(i))])
+        .collect();
+    let paths: Vec<String> = (0..SIZES.subscriptions)
+        .map(|i| synth::path_of(SIZES, i))
+        .collect();
+    let done = Completion {
+        status: 200,
+        request_bytes: 0,
+        response_bytes: 512,
+    };
+    let store = MemoryStore::new();
+    let start = 1_767_225_600_000i64;
+    for (k, now) in (0..calls).zip(start..) {
+        let i = k % SIZES.subscriptions;
+        let req = Request {
+            method: "GET",
+            host: "api.contoso.com",
+            path: &paths[i],
+            query: "",
+            headers: &keys[i],
+            client_ip: Some([192, 0, 2, 1].into()),
+        };
+        let d = catalog.decide(black_box(&req), now, &store)?;
+        anyhow::ensure!(d.outcome == Outcome::Allowed, "call {k}: {:?}", d.outcome);
+        if let Some(call) = d.call.as_ref() {
+            black_box(catalog.respond(call, 200, &|_| false)?);
+            catalog.complete(call, done, now, &store)?;
+        }
+    }
+    println!("{calls} admitted calls");
+    Ok(())
+}
