@@ -4,7 +4,11 @@
 //! ```text
 //! cargo build --profile profiling --example decisions -p apim-edge-harness
 //! valgrind --tool=callgrind target/profiling/examples/decisions 100000
+//! valgrind --tool=callgrind target/profiling/examples/decisions 100000 1 1000
 //! ```
+//!
+//! Arguments: calls, how many subscribers take turns (10,000), milliseconds between calls (1).
+//! The second line is the engine bench's one busy subscriber at a call a second.
 //!
 //! It prints how many calls it made; callgrind's total over two runs of different lengths gives
 //! the instructions per call (the difference divided by the difference in calls), without the
@@ -21,11 +25,18 @@ const SIZES: Sizes = Sizes {
 };
 
 fn main() -> anyhow::Result<()> {
-    let calls: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(100_000);
+    let arg = |i: usize, default: usize| -> anyhow::Result<usize> {
+        Ok(std::env::args()
+            .nth(i)
+            .map(|n| n.parse())
+            .transpose()?
+            .unwrap_or(default))
+    };
+    let (calls, subscribers, step) = (
+        arg(1, 100_000)?,
+        arg(2, SIZES.subscriptions)?.clamp(1, SIZES.subscriptions),
+        arg(3, 1)? as i64,
+    );
     let catalog = Catalog::load(&synth::catalog(SIZES), LoadOptions::default())?;
     let keys: Vec<Vec<(String, String)>> = (0..SIZES.subscriptions)
         .map(|i| vec![("Ocp-Apim-Subscription-Key".to_string(), key_of(i))])
@@ -40,8 +51,9 @@ fn main() -> anyhow::Result<()> {
     };
     let store = MemoryStore::new();
     let start = 1_767_225_600_000i64;
-    for (k, now) in (0..calls).zip(start..) {
-        let i = k % SIZES.subscriptions;
+    for k in 0..calls {
+        let now = start + k as i64 * step;
+        let i = k % subscribers;
         let req = Request {
             method: "GET",
             host: "api.contoso.com",

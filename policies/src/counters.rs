@@ -284,20 +284,47 @@ fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
 struct Tally {
     used: u64,
     oldest: Option<Millis>,
-    live: usize,
+    /// The latest admission kept.
+    latest: Option<Millis>,
+    /// The admissions kept are exactly the entries from this one on (the state is in time
+    /// order, as it is unless workers' clocks disagree), so they can be copied in one piece.
+    live_suffix: Option<usize>,
+}
+
+/// How far workers' clocks may disagree without a worker behind counting less than it should:
+/// a write keeps admissions this much longer than its own window needs, for a worker whose
+/// clock has not reached them yet.
+pub(crate) const CLOCK_SKEW: Millis = 1_000;
+
+/// Admissions after this instant are kept when a state is written at `now`.
+fn kept_after(period: Millis, now: Millis) -> Millis {
+    now.saturating_sub(period).saturating_sub(CLOCK_SKEW)
 }
 
 fn tally(bytes: Option<&[u8]>, period: Millis, now: Millis) -> Tally {
     let floor = now.saturating_sub(period);
+    let keep = kept_after(period, now);
     let mut t = Tally {
         used: 0,
         oldest: None,
-        live: 0,
+        latest: None,
+        live_suffix: Some(0),
     };
-    for (at, n) in admissions(bytes).filter(|(at, _)| *at > floor) {
-        t.used += u64::from(n);
-        t.oldest = Some(t.oldest.map_or(at, |o| o.min(at)));
-        t.live += 1;
+    let mut first_kept = None;
+    for (i, (at, n)) in admissions(bytes).enumerate() {
+        if at > floor {
+            t.used += u64::from(n);
+            t.oldest = Some(t.oldest.map_or(at, |o| o.min(at)));
+        }
+        if at > keep {
+            t.latest = Some(t.latest.map_or(at, |l| l.max(at)));
+            first_kept.get_or_insert(i);
+        } else if first_kept.is_some() {
+            t.live_suffix = None; // a dropped entry after a kept one
+        }
+    }
+    if t.live_suffix.is_some() {
+        t.live_suffix = Some(first_kept.unwrap_or(usize::MAX));
     }
     t
 }
@@ -314,30 +341,45 @@ fn sliding_verdict(t: &Tally, calls: u64, period: Millis, now: Millis) -> Verdic
     }
 }
 
-/// The state after counting `n` admissions at `now`: the live admissions, with `n` merged into
-/// an entry of the same instant, and the expiry of the latest, written into `out`. Live
-/// entries are copied a run at a time (usually one run: the state is in time order).
-fn with_admission(bytes: Option<&[u8]>, period: Millis, now: Millis, n: u32, out: &mut Vec<u8>) {
-    let floor = now.saturating_sub(period);
+/// The state after counting `n` admissions at `now`: the admissions kept (the window, and
+/// [`CLOCK_SKEW`] before it), with `n` merged into an entry of the same instant, and the expiry
+/// of the latest, written into `out`. They are copied in one piece when they are a suffix of
+/// the state (see [`Tally`]), else a run at a time.
+fn with_admission(
+    bytes: Option<&[u8]>,
+    t: &Tally,
+    period: Millis,
+    now: Millis,
+    n: u32,
+    out: &mut Vec<u8>,
+) {
+    let floor = kept_after(period, now);
     let body = bytes.and_then(|b| b.get(EXPIRY..)).unwrap_or(&[]);
     let body = &body[..body.len() - body.len() % ADMISSION];
     out.reserve(EXPIRY + body.len() + ADMISSION);
     out.extend_from_slice(&[0; EXPIRY]);
-    let mut latest = now;
-    let mut run: Option<usize> = None;
-    for (i, (at, _)) in admissions(bytes).enumerate() {
-        let offset = i * ADMISSION;
-        if at > floor {
-            latest = latest.max(at);
-            run.get_or_insert(offset);
-        } else if let Some(start) = run.take() {
-            out.extend_from_slice(&body[start..offset]);
+    let latest = t.latest.map_or(now, |l| l.max(now));
+    match t.live_suffix {
+        Some(first) => {
+            out.extend_from_slice(body.get(first.saturating_mul(ADMISSION)..).unwrap_or(&[]))
+        }
+        None => {
+            let mut run: Option<usize> = None;
+            for (i, (at, _)) in admissions(bytes).enumerate() {
+                let offset = i * ADMISSION;
+                if at > floor {
+                    run.get_or_insert(offset);
+                } else if let Some(start) = run.take() {
+                    out.extend_from_slice(&body[start..offset]);
+                }
+            }
+            if let Some(start) = run {
+                out.extend_from_slice(&body[start..]);
+            }
         }
     }
-    if let Some(start) = run {
-        out.extend_from_slice(&body[start..]);
-    }
-    out[..EXPIRY].copy_from_slice(&latest.saturating_add(period).to_le_bytes());
+    let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
+    out[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
     // Merge into the entry of this instant (the last one, when there is one), else append.
     let same_instant = out[EXPIRY..]
         .chunks_exact_mut(ADMISSION)
@@ -370,7 +412,7 @@ pub(crate) fn sliding_admit(
         let t = tally(bytes, period, now);
         match sliding_verdict(&t, calls, period, now) {
             Verdict::Admitted { .. } => {
-                with_admission(bytes, period, now, n, out);
+                with_admission(bytes, &t, period, now, n, out);
                 let used = t.used + u64::from(n);
                 (
                     true,
@@ -406,7 +448,8 @@ pub(crate) fn sliding_add(
     n: u32,
 ) -> Result<(), StoreError> {
     update(store, key, |bytes, out| {
-        with_admission(bytes, period, now, n, out);
+        let t = tally(bytes, period, now);
+        with_admission(bytes, &t, period, now, n, out);
         (true, ())
     })
 }
@@ -473,7 +516,7 @@ fn encode_window(w: &Window, period: Millis, out: &mut Vec<u8>) {
     let expiry = if period <= 0 {
         Millis::MAX
     } else {
-        w.start.saturating_add(period)
+        w.start.saturating_add(period).saturating_add(CLOCK_SKEW)
     };
     out.extend_from_slice(&expiry.to_le_bytes());
     out.extend_from_slice(&w.start.to_le_bytes());
@@ -494,7 +537,9 @@ impl FixedWindows {
     fn current(&self, bytes: Option<&[u8]>, now: Millis) -> Window {
         let start = window_start(self.origin, self.period, now);
         match decode_window(bytes) {
-            Some(w) if w.start == start => w,
+            // A worker whose clock is behind counts in the window a worker ahead has begun,
+            // rather than starting its own over it.
+            Some(w) if w.start >= start => w,
             _ => Window {
                 start,
                 ..Window::default()
@@ -648,7 +693,10 @@ mod tests {
         let s = MemoryStore::new();
         sliding_admit(&s, "r", 5, 1_000, 10, 1).unwrap();
         sliding_admit(&s, "r", 5, 1_000, 20, 1).unwrap();
-        assert_eq!(counter_expiry(&s.get("r").unwrap().unwrap().0), Some(1_020));
+        assert_eq!(
+            counter_expiry(&s.get("r").unwrap().unwrap().0),
+            Some(1_020 + CLOCK_SKEW)
+        );
         let q = FixedWindows {
             origin: 0,
             period: 60_000,
@@ -658,7 +706,7 @@ mod tests {
         q.admit(&s, "q", 61_000, 1).unwrap();
         assert_eq!(
             counter_expiry(&s.get("q").unwrap().unwrap().0),
-            Some(120_000)
+            Some(120_000 + CLOCK_SKEW)
         );
         let forever = FixedWindows { period: 0, ..q };
         forever.admit(&s, "f", 5, 1).unwrap();
@@ -678,14 +726,47 @@ mod tests {
         admit(1_000);
         let state = |s: &MemoryStore| s.get("k").unwrap().unwrap().0;
         assert_eq!(decode_sliding(Some(&state(&s))), vec![(1_000, 2), (10, 1)]);
-        assert_eq!(counter_expiry(&state(&s)), Some(2_000));
-        // At 1,500 the admission at 10 has left the window, though it is stored last.
+        assert_eq!(counter_expiry(&state(&s)), Some(2_000 + CLOCK_SKEW));
+        // At 1,500 the admission at 10 has left the window (it no longer counts), but it is
+        // kept for a worker whose clock is up to CLOCK_SKEW behind.
         assert_eq!(admit(1_500), Verdict::Admitted { remaining: 7 });
         assert_eq!(
             decode_sliding(Some(&state(&s))),
-            vec![(1_000, 2), (1_500, 1)]
+            vec![(1_000, 2), (10, 1), (1_500, 1)]
         );
-        assert_eq!(counter_expiry(&state(&s)), Some(2_500));
+        // At 2,100 it is dropped; the admissions at 1,000 are kept but count no more.
+        assert_eq!(admit(2_100), Verdict::Admitted { remaining: 8 });
+        assert_eq!(
+            decode_sliding(Some(&state(&s))),
+            vec![(1_000, 2), (1_500, 1), (2_100, 1)]
+        );
+        assert_eq!(counter_expiry(&state(&s)), Some(3_100 + CLOCK_SKEW));
+    }
+
+    #[test]
+    fn a_worker_behind_counts_in_the_window_a_worker_ahead_began() {
+        let s = MemoryStore::new();
+        let q = FixedWindows {
+            origin: 0,
+            period: 60_000,
+            calls: Some(2),
+            bandwidth_kb: None,
+        };
+        // Ahead: the first call of the window starting at 60,000.
+        assert!(matches!(
+            q.admit(&s, "q", 60_000, 1).unwrap().0,
+            Verdict::Admitted { remaining: 1 }
+        ));
+        // Behind by 5 ms: its clock is still in the window before, yet it must not start that
+        // window over the newer one.
+        assert_eq!(
+            q.admit(&s, "q", 59_995, 1).unwrap(),
+            (Verdict::Admitted { remaining: 0 }, 60_000)
+        );
+        assert!(matches!(
+            q.admit(&s, "q", 60_001, 1).unwrap().0,
+            Verdict::QuotaExceeded { .. }
+        ));
     }
 
     #[test]
@@ -860,6 +941,27 @@ mod tests {
             let cas = CasOnly(MemoryStore::new());
             let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&cas, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
             prop_assert_eq!(by_cas, got);
+        }
+
+        /// Workers whose clocks disagree by less than CLOCK_SKEW: a call counts every admission
+        /// after `t - period`, later ones included (never over-admit).
+        #[test]
+        fn sliding_with_clocks_that_disagree(
+            steps in proptest::collection::vec((0i64..2_000, -CLOCK_SKEW / 2..CLOCK_SKEW / 2), 1..200),
+            calls in 1u64..8,
+            period in 1_000i64..10_000,
+        ) {
+            let mut t = 1_700_000_000_000;
+            let times: Vec<Millis> = steps.iter().map(|(gap, skew)| { t += gap; t + skew }).collect();
+            let s = MemoryStore::new();
+            let got: Vec<bool> = times.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            let mut admitted: Vec<Millis> = Vec::new();
+            let want: Vec<bool> = times.iter().map(|&t| {
+                let ok = (admitted.iter().filter(|&&a| a > t - period).count() as u64) < calls;
+                if ok { admitted.push(t); }
+                ok
+            }).collect();
+            prop_assert_eq!(got, want);
         }
 
         #[test]
