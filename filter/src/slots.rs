@@ -83,17 +83,11 @@ fn push_entry(out: &mut Vec<u8>, name: &[u8], state: &[u8]) {
 pub struct SlotStore<'a> {
     shared: &'a dyn SharedData,
     now: Millis,
-    /// The slot last read (key, bytes, version): a write at that version needs no second read.
-    last_read: std::cell::RefCell<Option<(String, Vec<u8>, u32)>>,
 }
 
 impl<'a> SlotStore<'a> {
     pub fn new(shared: &'a dyn SharedData, now: Millis) -> Self {
-        SlotStore {
-            shared,
-            now,
-            last_read: Default::default(),
-        }
+        SlotStore { shared, now }
     }
 
     fn read_slot(&self, slot_name: &str) -> Result<(Vec<u8>, Option<u32>), StoreError> {
@@ -146,8 +140,6 @@ impl CounterStore for SlotStore<'_> {
             .find(|(name, _)| *name == key.as_bytes())
             .map(|(_, s)| s.to_vec())
             .unwrap_or_default();
-        // Kept (moved, not copied) for the write that usually follows.
-        *self.last_read.borrow_mut() = Some((slot_name, bytes, cas));
         // A counter never written reads as empty, at the slot's version.
         Ok(Some((state, cas)))
     }
@@ -160,14 +152,7 @@ impl CounterStore for SlotStore<'_> {
     ) -> Result<bool, StoreError> {
         let slot = slot_of(key);
         let slot_name = slot_key(slot);
-        // The slot as last read, if this write is at that version; else read it again.
-        let cached = self.last_read.borrow_mut().take();
-        let (bytes, cas) = match cached {
-            Some((name, bytes, cas)) if name == slot_name && Some(cas) == version => {
-                (bytes, Some(cas))
-            }
-            _ => self.read_slot(&slot_name)?,
-        };
+        let (bytes, cas) = self.read_slot(&slot_name)?;
         if cas.is_none() || cas != version {
             return Ok(false);
         }

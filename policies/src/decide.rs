@@ -530,40 +530,9 @@ impl Run<'_> {
                     calls: a.calls,
                     bandwidth_kb: a.bandwidth_kb,
                 };
-                let (v, start) = windows.admit(self.store, key.as_str(), self.now, 1)?;
-                if matches!(v, Verdict::Admitted { .. }) {
-                    if a.bandwidth_kb.is_some() {
-                        call.pending.push(Pending::Bandwidth {
-                            key: key.as_str().to_string(),
-                            windows,
-                        });
-                    }
-                    self.reservations.push(Reservation::Fixed {
-                        key,
-                        windows,
-                        start,
-                        n: 1,
-                    });
-                }
-                v
+                self.admit_fixed(key, windows, 1, call)?
             } else {
-                let calls = a.calls.unwrap_or(u64::MAX);
-                let v = counters::sliding_admit(
-                    self.store,
-                    key.as_str(),
-                    calls,
-                    a.period,
-                    self.now,
-                    1,
-                )?;
-                if matches!(v, Verdict::Admitted { .. }) {
-                    self.reservations.push(Reservation::Sliding {
-                        key,
-                        at: self.now,
-                        n: 1,
-                    });
-                }
-                v
+                self.admit_sliding(key, a.calls.unwrap_or(u64::MAX), a.period, 1)?
             };
             if let Some(denial) = limit_denial(verdict, &limit.retry_after_header) {
                 return Ok(Some(denial));
@@ -604,8 +573,7 @@ impl Run<'_> {
         };
         let a = limit.allowance;
         let verdict = if quota {
-            let window = format!("{}|{}", a.period, limit.first_period_start);
-            let key = CounterName::new("qk", &window, &value);
+            let key = CounterName::new("qk", &limit.window, &value);
             let windows = FixedWindows {
                 origin: limit.first_period_start,
                 period: a.period,
@@ -613,24 +581,7 @@ impl Run<'_> {
                 bandwidth_kb: a.bandwidth_kb,
             };
             match &limit.increment_condition {
-                None => {
-                    let (v, start) = windows.admit(self.store, key.as_str(), self.now, n)?;
-                    if matches!(v, Verdict::Admitted { .. }) {
-                        if a.bandwidth_kb.is_some() {
-                            call.pending.push(Pending::Bandwidth {
-                                key: key.as_str().to_string(),
-                                windows,
-                            });
-                        }
-                        self.reservations.push(Reservation::Fixed {
-                            key,
-                            windows,
-                            start,
-                            n,
-                        });
-                    }
-                    v
-                }
+                None => self.admit_fixed(key, windows, n, call)?,
                 Some(_) => {
                     let v = windows.check(self.store, key.as_str(), self.now)?;
                     call.pending.push(Pending::FixedIf {
@@ -644,28 +595,11 @@ impl Run<'_> {
                 }
             }
         } else {
-            let key = CounterName::new("rlk", &a.period.to_string(), &value);
+            let key = CounterName::new("rlk", &limit.window, &value);
             let calls = a.calls.unwrap_or(u64::MAX);
             let n = u32::try_from(n).unwrap_or(u32::MAX);
             match &limit.increment_condition {
-                None => {
-                    let v = counters::sliding_admit(
-                        self.store,
-                        key.as_str(),
-                        calls,
-                        a.period,
-                        self.now,
-                        n,
-                    )?;
-                    if matches!(v, Verdict::Admitted { .. }) {
-                        self.reservations.push(Reservation::Sliding {
-                            key,
-                            at: self.now,
-                            n,
-                        });
-                    }
-                    v
-                }
+                None => self.admit_sliding(key, calls, a.period, n)?,
                 Some(_) => {
                     let v = counters::sliding_check(
                         self.store,
@@ -708,6 +642,52 @@ impl Run<'_> {
 }
 
 impl Run<'_> {
+    /// Counts a call of weight `n` in fixed windows. An admission is reserved (taken back if a
+    /// later limit denies the call) and, for a bandwidth quota, left for the completion.
+    fn admit_fixed(
+        &mut self,
+        key: CounterName,
+        windows: FixedWindows,
+        n: u64,
+        call: &mut CallContext,
+    ) -> Result<Verdict, EngineError> {
+        let (v, start) = windows.admit(self.store, key.as_str(), self.now, n)?;
+        if matches!(v, Verdict::Admitted { .. }) {
+            if windows.bandwidth_kb.is_some() {
+                call.pending.push(Pending::Bandwidth {
+                    key: key.as_str().to_string(),
+                    windows,
+                });
+            }
+            self.reservations.push(Reservation::Fixed {
+                key,
+                windows,
+                start,
+                n,
+            });
+        }
+        Ok(v)
+    }
+
+    /// Counts a call of weight `n` in a sliding window, reserved as in [`Self::admit_fixed`].
+    fn admit_sliding(
+        &mut self,
+        key: CounterName,
+        calls: u64,
+        period: Millis,
+        n: u32,
+    ) -> Result<Verdict, EngineError> {
+        let v = counters::sliding_admit(self.store, key.as_str(), calls, period, self.now, n)?;
+        if matches!(v, Verdict::Admitted { .. }) {
+            self.reservations.push(Reservation::Sliding {
+                key,
+                at: self.now,
+                n,
+            });
+        }
+        Ok(v)
+    }
+
     /// Records the remaining-calls and total-calls headers of limit `step`; a later limit's
     /// header of the same name replaces an earlier one.
     fn limit_headers(

@@ -106,6 +106,9 @@ pub(crate) struct KeyedLimit {
     pub increment_condition: Option<Expr>,
     pub increment_count: Text,
     pub first_period_start: Millis,
+    /// The middle of the counter's name, made at load: the period (and for `quota-by-key` the
+    /// first period's start), so that limits with different windows never share a counter.
+    pub window: String,
     pub retry_after_header: String,
     pub remaining_header: Option<String>,
     pub total_header: Option<String>,
@@ -693,12 +696,19 @@ fn keyed_limit(el: &Element, quota: bool) -> Compiled<KeyedLimit> {
             })?,
         _ => YEAR_ONE,
     };
+    let allowance = allowance(el, quota, true, None)?;
+    let window = if quota {
+        format!("{}|{}", allowance.period, first_period_start)
+    } else {
+        allowance.period.to_string()
+    };
     Ok(KeyedLimit {
-        allowance: allowance(el, quota, true, None)?,
+        allowance,
         counter_key,
         increment_condition,
         increment_count,
         first_period_start,
+        window,
         retry_after_header: header_name_attr(el, "retry-after-header-name")?
             .unwrap_or_else(|| "retry-after".into()),
         remaining_header: header_name_attr(el, "remaining-calls-header-name")?,
