@@ -265,13 +265,16 @@ fn admissions(bytes: Option<&[u8]>) -> impl Iterator<Item = (Millis, u32)> + '_ 
         .and_then(|b| b.get(EXPIRY..))
         .unwrap_or(&[])
         .chunks_exact(ADMISSION)
-        .map(|c| {
-            let mut t = [0u8; 8];
-            t.copy_from_slice(&c[..8]);
-            let mut n = [0u8; 4];
-            n.copy_from_slice(&c[8..]);
-            (i64::from_le_bytes(t), u32::from_le_bytes(n))
-        })
+        .map(admission)
+}
+
+/// One admission's time and count, from its [`ADMISSION`] bytes.
+fn admission(entry: &[u8]) -> (Millis, u32) {
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&entry[..8]);
+    let mut n = [0u8; 4];
+    n.copy_from_slice(&entry[8..ADMISSION]);
+    (i64::from_le_bytes(t), u32::from_le_bytes(n))
 }
 
 #[cfg(test)]
@@ -283,7 +286,6 @@ fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
 /// clock runs ahead, count too: never over-admit).
 struct Tally {
     used: u64,
-    oldest: Option<Millis>,
     /// The latest admission kept.
     latest: Option<Millis>,
     /// The admissions kept are exactly the entries from this one on (the state is in time
@@ -304,40 +306,54 @@ fn kept_after(period: Millis, now: Millis) -> Millis {
 fn tally(bytes: Option<&[u8]>, period: Millis, now: Millis) -> Tally {
     let floor = now.saturating_sub(period);
     let keep = kept_after(period, now);
-    let mut t = Tally {
-        used: 0,
-        oldest: None,
-        latest: None,
-        live_suffix: Some(0),
+    // One pass without branches on the data: this runs on every call, over every admission
+    // in the window.
+    let (mut used, mut dropped, mut previous, mut in_order) = (0u64, 0usize, Millis::MIN, true);
+    let body = bytes.and_then(|b| b.get(EXPIRY..)).unwrap_or(&[]);
+    for entry in body.chunks_exact(ADMISSION) {
+        let (at, n) = admission(entry);
+        used += if at > floor { u64::from(n) } else { 0 };
+        dropped += usize::from(at <= keep);
+        in_order &= at >= previous;
+        previous = at;
+    }
+    // In time order the latest is the last, and the entries dropped are the first ones.
+    let latest = if in_order {
+        previous
+    } else {
+        admissions(bytes)
+            .map(|(at, _)| at)
+            .max()
+            .unwrap_or(Millis::MIN)
     };
-    let mut first_kept = None;
-    for (i, (at, n)) in admissions(bytes).enumerate() {
-        if at > floor {
-            t.used += u64::from(n);
-            t.oldest = Some(t.oldest.map_or(at, |o| o.min(at)));
-        }
-        if at > keep {
-            t.latest = Some(t.latest.map_or(at, |l| l.max(at)));
-            first_kept.get_or_insert(i);
-        } else if first_kept.is_some() {
-            t.live_suffix = None; // a dropped entry after a kept one
-        }
+    Tally {
+        used,
+        latest: (latest > keep).then_some(latest),
+        live_suffix: in_order.then_some(dropped),
     }
-    if t.live_suffix.is_some() {
-        t.live_suffix = Some(first_kept.unwrap_or(usize::MAX));
-    }
-    t
 }
 
-fn sliding_verdict(t: &Tally, calls: u64, period: Millis, now: Millis) -> Verdict {
+/// Admitted while fewer than `calls` were; else the wait until the oldest admission in the
+/// window leaves it.
+fn sliding_verdict(
+    bytes: Option<&[u8]>,
+    t: &Tally,
+    calls: u64,
+    period: Millis,
+    now: Millis,
+) -> Verdict {
     if t.used < calls {
-        Verdict::Admitted {
+        return Verdict::Admitted {
             remaining: calls - t.used,
-        }
-    } else {
-        Verdict::RateLimited {
-            wait: (t.oldest.unwrap_or(now) + period - now).max(1),
-        }
+        };
+    }
+    let floor = now.saturating_sub(period);
+    let oldest = admissions(bytes)
+        .map(|(at, _)| at)
+        .filter(|&at| at > floor)
+        .min();
+    Verdict::RateLimited {
+        wait: (oldest.unwrap_or(now) + period - now).max(1),
     }
 }
 
@@ -380,22 +396,25 @@ fn with_admission(
     }
     let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
     out[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
-    // Merge into the entry of this instant (the last one, when there is one), else append.
-    let same_instant = out[EXPIRY..]
-        .chunks_exact_mut(ADMISSION)
-        .rev()
-        .find(|c| c[..8] == now.to_le_bytes());
-    match same_instant {
-        Some(entry) => {
-            let mut count = [0u8; 4];
-            count.copy_from_slice(&entry[8..]);
-            let count = u32::from_le_bytes(count).saturating_add(n);
-            entry[8..].copy_from_slice(&count.to_le_bytes());
-        }
-        None => {
-            out.extend_from_slice(&now.to_le_bytes());
-            out.extend_from_slice(&n.to_le_bytes());
-        }
+    // Merge into the entry of this instant, else insert after the last entry before it: the
+    // state stays in time order (the usual place is the end), so the next tally can copy it in
+    // one piece.
+    let after = out[EXPIRY..]
+        .chunks_exact(ADMISSION)
+        .rposition(|c| admission(c).0 <= now)
+        .map_or(0, |i| i + 1);
+    let at = EXPIRY + after * ADMISSION;
+    if after > 0 && out[at - ADMISSION..at - 4] == now.to_le_bytes() {
+        let entry = &mut out[at - 4..at];
+        let mut count = [0u8; 4];
+        count.copy_from_slice(entry);
+        let count = u32::from_le_bytes(count).saturating_add(n);
+        entry.copy_from_slice(&count.to_le_bytes());
+    } else {
+        let mut entry = [0u8; ADMISSION];
+        entry[..8].copy_from_slice(&now.to_le_bytes());
+        entry[8..].copy_from_slice(&n.to_le_bytes());
+        out.splice(at..at, entry);
     }
 }
 
@@ -410,7 +429,7 @@ pub(crate) fn sliding_admit(
 ) -> Result<Verdict, StoreError> {
     update(store, key, |bytes, out| {
         let t = tally(bytes, period, now);
-        match sliding_verdict(&t, calls, period, now) {
+        match sliding_verdict(bytes, &t, calls, period, now) {
             Verdict::Admitted { .. } => {
                 with_admission(bytes, &t, period, now, n, out);
                 let used = t.used + u64::from(n);
@@ -435,8 +454,14 @@ pub(crate) fn sliding_check(
     now: Millis,
 ) -> Result<Verdict, StoreError> {
     let current = store.get(key)?;
-    let t = tally(current.as_ref().map(|(b, _)| b.as_slice()), period, now);
-    Ok(sliding_verdict(&t, calls, period, now))
+    let bytes = current.as_ref().map(|(b, _)| b.as_slice());
+    Ok(sliding_verdict(
+        bytes,
+        &tally(bytes, period, now),
+        calls,
+        period,
+        now,
+    ))
 }
 
 /// Counts `n` calls at `now` unconditionally (an `increment-condition` that held).
@@ -718,21 +743,22 @@ mod tests {
 
     #[test]
     fn admissions_out_of_time_order() {
-        // Another worker's clock runs behind: its admission lands after a later one.
+        // Another worker's clock runs behind: its admission goes before a later one, so the
+        // state stays in time order.
         let s = MemoryStore::new();
         let admit = |now| sliding_admit(&s, "k", 10, 1_000, now, 1).unwrap();
         admit(1_000);
         admit(10);
         admit(1_000);
         let state = |s: &MemoryStore| s.get("k").unwrap().unwrap().0;
-        assert_eq!(decode_sliding(Some(&state(&s))), vec![(1_000, 2), (10, 1)]);
+        assert_eq!(decode_sliding(Some(&state(&s))), vec![(10, 1), (1_000, 2)]);
         assert_eq!(counter_expiry(&state(&s)), Some(2_000 + CLOCK_SKEW));
         // At 1,500 the admission at 10 has left the window (it no longer counts), but it is
         // kept for a worker whose clock is up to CLOCK_SKEW behind.
         assert_eq!(admit(1_500), Verdict::Admitted { remaining: 7 });
         assert_eq!(
             decode_sliding(Some(&state(&s))),
-            vec![(1_000, 2), (10, 1), (1_500, 1)]
+            vec![(10, 1), (1_000, 2), (1_500, 1)]
         );
         // At 2,100 it is dropped; the admissions at 1,000 are kept but count no more.
         assert_eq!(admit(2_100), Verdict::Admitted { remaining: 8 });
@@ -741,6 +767,38 @@ mod tests {
             vec![(1_000, 2), (1_500, 1), (2_100, 1)]
         );
         assert_eq!(counter_expiry(&state(&s)), Some(3_100 + CLOCK_SKEW));
+    }
+
+    #[test]
+    fn a_state_out_of_time_order_still_counts_exactly() {
+        // A state written out of order (by an earlier version of the filter, say): entries
+        // inside the window come before and after one that has left it.
+        let s = MemoryStore::new();
+        let mut bytes = 9_000i64.to_le_bytes().to_vec();
+        for (at, n) in [(1_500i64, 2u32), (100, 1), (1_200, 1), (50, 4)] {
+            bytes.extend_from_slice(&at.to_le_bytes());
+            bytes.extend_from_slice(&n.to_le_bytes());
+        }
+        assert!(s.compare_and_set("k", &bytes, None).unwrap());
+        // At 2,150 with a 1 s window: 1,500 and 1,200 count (3 of 5); 100 and 50 are past the
+        // window and the skew, and are dropped.
+        assert_eq!(
+            sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
+            Verdict::Admitted { remaining: 1 }
+        );
+        let state = s.get("k").unwrap().unwrap().0;
+        assert_eq!(
+            decode_sliding(Some(&state)),
+            vec![(1_500, 2), (1_200, 1), (2_150, 1)]
+        );
+        assert_eq!(
+            sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
+            Verdict::Admitted { remaining: 0 }
+        );
+        assert_eq!(
+            sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
+            Verdict::RateLimited { wait: 50 }
+        );
     }
 
     #[test]
