@@ -91,6 +91,8 @@ pub struct Catalog {
     pub(crate) keys: KeyIndex,
     /// Lower-case API path → APIs with that path (differing by hostnames).
     pub(crate) paths: HashMap<String, Vec<u32>>,
+    /// The most segments an API path has: routing looks at no longer prefix.
+    pub(crate) deepest: usize,
     pub(crate) steps: Vec<Step>,
     pub(crate) programs: Vec<Program>,
     /// (product or `NO_PRODUCT`, API) → index of the program of its first operation; the
@@ -272,6 +274,7 @@ impl Catalog {
         }
 
         let mut paths: HashMap<String, Vec<u32>> = HashMap::new();
+        let deepest = apis.iter().map(|a| a.depth).max().unwrap_or(0);
         for (i, a) in apis.iter().enumerate() {
             paths.entry(a.path.clone()).or_default().push(i as u32);
         }
@@ -321,6 +324,7 @@ impl Catalog {
             subscriptions,
             keys,
             paths,
+            deepest,
             steps,
             programs,
             program_index,

@@ -130,6 +130,9 @@ pub enum HeaderEdit<'a> {
     Remove(Cow<'a, str>),
 }
 
+/// The header changes of one phase, in order. Most calls make one or two, kept inline.
+pub type HeaderEdits<'a> = SmallVec<[HeaderEdit<'a>; 2]>;
+
 /// Where the call's subscription key was found, so an adapter can strip it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyLocation {
@@ -192,24 +195,43 @@ enum Reservation {
 }
 
 /// A counter's stable name: `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`). Built
-/// on the stack when it is short, as nearly every name is.
+/// on the stack when it fits, as nearly every name does.
 #[derive(Debug, Clone)]
-struct CounterName(SmallVec<[u8; 96]>);
+enum CounterName {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Heap(String),
+}
+
+/// The longest counter name kept on the stack.
+const INLINE_NAME: usize = 112;
 
 impl CounterName {
     fn new(kind: &str, owner: &str, name: &str) -> Self {
-        let mut key = SmallVec::new();
-        key.extend_from_slice(kind.as_bytes());
-        key.push(b'|');
-        key.extend_from_slice(owner.as_bytes());
-        key.push(b'|');
-        key.extend_from_slice(name.as_bytes());
-        CounterName(key)
+        let len = kind.len() + owner.len() + name.len() + 2;
+        if len > INLINE_NAME {
+            return CounterName::Heap(format!("{kind}|{owner}|{name}"));
+        }
+        let mut bytes = [0u8; INLINE_NAME];
+        let (a, b) = (kind.len(), kind.len() + 1 + owner.len());
+        bytes[..a].copy_from_slice(kind.as_bytes());
+        bytes[a] = b'|';
+        bytes[a + 1..b].copy_from_slice(owner.as_bytes());
+        bytes[b] = b'|';
+        bytes[b + 1..len].copy_from_slice(name.as_bytes());
+        CounterName::Inline {
+            len: len as u8,
+            bytes,
+        }
     }
 
     fn as_str(&self) -> &str {
-        // Joined from three `str`s and ASCII bars, so always UTF-8.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        match self {
+            // Joined from three `str`s and ASCII bars, so always UTF-8.
+            CounterName::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            CounterName::Heap(s) => s,
+        }
     }
 }
 
@@ -241,7 +263,7 @@ pub struct Decision<'a> {
     /// The response to send instead of calling the upstream (every outcome but `allowed`).
     pub response: Option<LocalResponse>,
     /// For `allowed`: changes to the request before it goes upstream.
-    pub upstream: Vec<HeaderEdit<'a>>,
+    pub upstream: HeaderEdits<'a>,
     /// `None` only when no API matched.
     pub call: Option<CallContext>,
 }
@@ -275,7 +297,7 @@ impl Decision<'_> {
         Decision {
             outcome: Outcome::InternalError,
             response: Some(response::internal_error()),
-            upstream: Vec::new(),
+            upstream: HeaderEdits::new(),
             call,
         }
     }
@@ -284,9 +306,17 @@ impl Decision<'_> {
         Decision {
             outcome,
             response: Some(response),
-            upstream: Vec::new(),
+            upstream: HeaderEdits::new(),
             call,
         }
+    }
+}
+
+/// A host without its port.
+fn host_of(host: &str) -> &str {
+    match host.bytes().position(|b| b == b':') {
+        Some(colon) => &host[..colon],
+        None => host,
     }
 }
 
@@ -331,25 +361,46 @@ fn decode(s: &str) -> String {
 }
 
 /// What expressions see during a call.
-struct CallFacts<'a> {
-    catalog: &'a Catalog,
+struct CallFacts<'c, 'r> {
+    catalog: &'c Catalog,
     id: Identity,
-    request: Request<'a>,
+    request: Request<'r>,
     status: Option<u16>,
 }
 
-impl Facts for CallFacts<'_> {
-    fn member(&self, m: Member) -> Option<String> {
+impl<'c> CallFacts<'c, '_> {
+    /// A member that is text of the catalog, borrowed for as long as the catalog lives:
+    /// `Some(None)` when it is null for this call, `None` when the member is not catalog text.
+    fn catalog_member(&self, m: Member) -> Option<Option<&'c str>> {
         let c = self.catalog;
         let api = &c.apis[self.id.api as usize];
         let op = self.id.operation.map(|o| &api.operations[o as usize]);
         let product = self.id.product.map(|p| &c.products[p as usize]);
         let sub = self.id.subscription.map(|s| &c.subscriptions[s as usize]);
         Some(match m {
-            Member::SubscriptionId => sub?.name.clone(),
-            Member::SubscriptionName => sub?.display_name.clone(),
+            Member::SubscriptionId => sub.map(|s| s.name.as_str()),
+            Member::SubscriptionName => sub.map(|s| s.display_name.as_str()),
+            Member::ProductId => product.map(|p| p.name.as_str()),
+            Member::ProductName => product.map(|p| p.display_name.as_str()),
+            Member::ApiId => Some(&api.name),
+            Member::ApiName => Some(&api.display_name),
+            Member::OperationId => op.map(|o| o.name.as_str()),
+            Member::OperationName => op.map(|o| o.display_name.as_str()),
+            Member::OperationMethod => Some(op?.method.as_str()),
+            _ => return None,
+        })
+    }
+}
+
+impl Facts for CallFacts<'_, '_> {
+    fn member(&self, m: Member) -> Option<String> {
+        if let Some(text) = self.catalog_member(m) {
+            return text.map(str::to_string);
+        }
+        let api = &self.catalog.apis[self.id.api as usize];
+        Some(match m {
             Member::SubscriptionKey => {
-                sub?;
+                self.id.subscription?;
                 match self.id.key? {
                     KeySource::Header => {
                         header(self.request.headers, &api.header_lower)?.to_string()
@@ -357,20 +408,22 @@ impl Facts for CallFacts<'_> {
                     KeySource::Query => query_param(self.request.query, &api.query_name)?,
                 }
             }
-            Member::ProductId => product?.name.clone(),
-            Member::ProductName => product?.display_name.clone(),
-            Member::ApiId => api.name.clone(),
-            Member::ApiName => api.display_name.clone(),
             Member::ApiPath => format!("/{}", api.path_text),
-            Member::OperationId => op?.name.clone(),
-            Member::OperationName => op?.display_name.clone(),
-            Member::OperationMethod => {
-                op.map_or_else(|| self.request.method.to_string(), |o| o.method.clone())
-            }
+            // Without an operation (catalog text otherwise).
+            Member::OperationMethod => self.request.method.to_string(),
             Member::RequestIpAddress => self.request.client_ip?.to_string(),
             Member::RequestMethod => self.request.method.to_string(),
             Member::RequestUrlPath => self.request.path.to_string(),
             Member::ResponseStatusCode => self.status?.to_string(),
+            // Catalog text, answered above.
+            Member::SubscriptionId
+            | Member::SubscriptionName
+            | Member::ProductId
+            | Member::ProductName
+            | Member::ApiId
+            | Member::ApiName
+            | Member::OperationId
+            | Member::OperationName => return None,
         })
     }
     fn status(&self) -> Option<u16> {
@@ -391,6 +444,17 @@ fn eval_text<'t>(t: &'t Text, facts: &dyn Facts) -> Result<Cow<'t, str>, NullRef
     }
 }
 
+/// [`eval_text`] for a header value: a value that is catalog text (`@(context.Api.Id)`) is
+/// borrowed, not copied.
+fn eval_value<'c>(t: &'c Text, facts: &CallFacts<'c, '_>) -> Result<Cow<'c, str>, NullReference> {
+    if let Text::Expr(Expr::Member(m)) = t {
+        if let Some(text) = facts.catalog_member(*m) {
+            return text.map(Cow::Borrowed).ok_or(NullReference(m.owner()));
+        }
+    }
+    eval_text(t, facts)
+}
+
 fn eval_condition(e: &Expr, facts: &dyn Facts) -> Result<bool, NullReference> {
     Ok(e.eval(facts)? == Value::Bool(true))
 }
@@ -398,9 +462,9 @@ fn eval_condition(e: &Expr, facts: &dyn Facts) -> Result<bool, NullReference> {
 /// Applies `set-header` to a header map's view, producing edits.
 fn set_header<'c>(
     h: &'c SetHeader,
-    facts: &dyn Facts,
+    facts: &CallFacts<'c, '_>,
     exists: &dyn Fn(&str) -> bool,
-    edits: &mut Vec<HeaderEdit<'c>>,
+    edits: &mut HeaderEdits<'c>,
 ) -> Result<(), NullReference> {
     // The latest edit of this header decides; without one, the header map as it came.
     let present = || {
@@ -423,7 +487,7 @@ fn set_header<'c>(
         ExistsAction::Skip if present() => {}
         action => {
             for (i, v) in h.values.iter().enumerate() {
-                let v = eval_text(v, facts)?;
+                let v = eval_value(v, facts)?;
                 if i == 0 && action != ExistsAction::Append {
                     edits.push(HeaderEdit::Set(Cow::Borrowed(&h.name), v));
                 } else {
@@ -725,27 +789,41 @@ impl Catalog {
 
 impl Catalog {
     fn route(&self, req: &Request) -> Option<u32> {
-        let host = req.host.split(':').next().unwrap_or("");
+        let host = host_of(req.host);
         // The path's segments, lower-case, joined by '/' (usually the path itself, without a
-        // copy); then its segment-aligned prefixes, longest first.
+        // copy); then its segment-aligned prefixes, longest first, from the first `deepest`
+        // segments (no API path is longer).
         let trimmed = req.path.trim_matches('/');
-        let joined: Cow<str> =
-            if trimmed.contains("//") || trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
-                let mut joined = String::with_capacity(req.path.len());
-                for seg in segments(req.path) {
-                    if !joined.is_empty() {
-                        joined.push('/');
-                    }
-                    joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
+        let mut previous = 0u8;
+        let joined: Cow<str> = if trimmed.bytes().any(|b| {
+            let odd = b.is_ascii_uppercase() || (b == b'/' && previous == b'/');
+            previous = b;
+            odd
+        }) {
+            let mut joined = String::with_capacity(req.path.len());
+            for seg in segments(req.path) {
+                if !joined.is_empty() {
+                    joined.push('/');
                 }
-                Cow::Owned(joined)
-            } else {
-                Cow::Borrowed(trimmed)
-            };
-        let mut len = Some(joined.len());
+                joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
+            }
+            Cow::Owned(joined)
+        } else {
+            Cow::Borrowed(trimmed)
+        };
+        let bars = joined.bytes().enumerate().filter(|&(_, b)| b == b'/');
+        let deepest = bars.map(|(i, _)| i).nth(self.deepest.saturating_sub(1));
+        let mut len = Some(if self.deepest == 0 {
+            0
+        } else {
+            deepest.unwrap_or(joined.len())
+        });
         while let Some(end) = len {
             // Next: the prefix one segment shorter (the empty path last).
-            len = (end > 0).then(|| joined[..end].rfind('/').unwrap_or(0));
+            len = (end > 0).then(|| {
+                let shorter = joined.as_bytes()[..end].iter().rposition(|&b| b == b'/');
+                shorter.unwrap_or(0)
+            });
             let Some(apis) = self.paths.get(&joined[..end]) else {
                 continue;
             };
@@ -768,12 +846,13 @@ impl Catalog {
 
     fn operation(&self, api: u32, req: &Request) -> Option<u32> {
         let a = &self.apis[api as usize];
-        let below = crate::route::below(req.path, a.depth);
+        // The path's segments below the API's, split once for every template.
+        let below: SmallVec<[&str; 8]> = segments(crate::route::below(req.path, a.depth)).collect();
         a.operations
             .iter()
             .enumerate()
             .filter(|(_, o)| o.method == "*" || o.method.eq_ignore_ascii_case(req.method))
-            .filter(|(_, o)| o.template.matches(below))
+            .filter(|(_, o)| o.template.matches(&below))
             .max_by_key(|(i, o)| (o.template.specificity, usize::MAX - i))
             .map(|(i, _)| i as u32)
     }
@@ -864,7 +943,7 @@ impl Catalog {
                 if let Some(p) = api.open_product {
                     call.id.product = Some(p);
                 } else if api.subscription_required {
-                    let host = req.host.split(':').next().unwrap_or("");
+                    let host = host_of(req.host);
                     return Ok(Decision::deny(
                         Outcome::MissingKey,
                         response::missing_key(host, &api.path_text, &api.header_name),
@@ -882,7 +961,7 @@ impl Catalog {
             now,
             reservations: SmallVec::new(),
         };
-        let mut upstream = Vec::new();
+        let mut upstream = HeaderEdits::new();
         let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
         match result {
             Ok(None) => {
@@ -915,7 +994,7 @@ impl Catalog {
         req: &Request,
         call: &mut CallContext,
         run: &mut Run,
-        upstream: &mut Vec<HeaderEdit<'c>>,
+        upstream: &mut HeaderEdits<'c>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         for &ix in program.request.iter() {
             let step = &self.steps[ix as usize];
@@ -981,7 +1060,7 @@ impl Catalog {
                     headers,
                     body,
                 } => {
-                    let mut edits = Vec::new();
+                    let mut edits = HeaderEdits::new();
                     for h in headers {
                         set_header(h, &facts, &|_| false, &mut edits)?;
                     }
@@ -1026,9 +1105,9 @@ impl Catalog {
         call: &CallContext,
         status: u16,
         response_header_exists: &dyn Fn(&str) -> bool,
-    ) -> Result<Vec<HeaderEdit<'c>>, EngineError> {
+    ) -> Result<HeaderEdits<'c>, EngineError> {
         let program = &self.programs[call.program as usize];
-        let mut edits = Vec::new();
+        let mut edits = HeaderEdits::new();
         let empty: [(String, String); 0] = [];
         let request = match &call.saved {
             Some(s) => s.request(),

@@ -29,7 +29,8 @@ pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
 pub use clock::{format_timespan, parse_rfc3339, Millis};
 pub use counters::{counter_expiry, Change, CounterStore, MemoryStore, StoreError, MAX_ATTEMPTS};
 pub use decide::{
-    CallContext, Completion, Decision, EngineError, HeaderEdit, KeyLocation, Outcome, Request,
+    CallContext, Completion, Decision, EngineError, HeaderEdit, HeaderEdits, KeyLocation, Outcome,
+    Request,
 };
 pub use error::{LoadError, LoadErrors};
 pub use keys::{digest_hex, key_digest};

@@ -90,16 +90,18 @@ impl UrlTemplate {
         })
     }
 
-    /// Does the path below the API's prefix (see [`below`]) match?
-    pub fn matches(&self, below: &str) -> bool {
-        let mut path = segments(below);
-        for seg in &self.segments {
-            match path.next() {
-                Some(text) if match_pieces(&seg.0, text) => {}
-                _ => return false,
-            }
-        }
-        self.rest || path.next().is_none()
+    /// Do the segments of the path below the API's prefix (see [`below`]) match?
+    pub fn matches(&self, below: &[&str]) -> bool {
+        let fits = if self.rest {
+            below.len() >= self.segments.len()
+        } else {
+            below.len() == self.segments.len()
+        };
+        fits && self
+            .segments
+            .iter()
+            .zip(below)
+            .all(|(seg, text)| match_pieces(&seg.0, text))
     }
 }
 
@@ -143,7 +145,7 @@ mod tests {
     use super::*;
 
     fn m(t: &str, p: &str) -> bool {
-        UrlTemplate::parse(t).unwrap().matches(p)
+        UrlTemplate::parse(t).unwrap().matches(&segments_of(p))
     }
 
     #[test]

@@ -56,7 +56,7 @@ fn inbound_set_header_edits_the_upstream_request() {
     assert_eq!(d.outcome, Outcome::Allowed);
     assert!(d.response.is_none());
     assert_eq!(
-        d.upstream,
+        d.upstream.to_vec(),
         vec![
             HeaderEdit::Set("x-who".into(), "s/p/Orders".into()),
             HeaderEdit::Set("x-new".into(), "1".into()),
@@ -143,7 +143,7 @@ fn outbound_sees_the_response_status_and_the_remaining_calls() {
         })
         .unwrap();
     assert_eq!(
-        edits,
+        edits.to_vec(),
         vec![
             HeaderEdit::Set("x-status".into(), "s201".into()),
             HeaderEdit::Set("x-left".into(), "2".into())
@@ -210,7 +210,7 @@ fn skip_sees_a_header_an_earlier_policy_deleted_as_absent() {
     let h = headers(&[("Ocp-Apim-Subscription-Key", "k"), ("x-a", "client")]);
     let d = c.decide(&request(&h, ""), 0, &MemoryStore::new()).unwrap();
     assert_eq!(
-        d.upstream,
+        d.upstream.to_vec(),
         vec![
             HeaderEdit::Remove("x-a".into()),
             HeaderEdit::Set("x-a".into(), "edge".into())
