@@ -996,14 +996,15 @@ impl Catalog {
         run: &mut Run,
         upstream: &mut HeaderEdits<'c>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        // Who the call is does not change while its program runs.
+        let facts = CallFacts {
+            catalog: self,
+            id: call.id,
+            request: *req,
+            status: None,
+        };
         for &ix in program.request.iter() {
             let step = &self.steps[ix as usize];
-            let facts = CallFacts {
-                catalog: self,
-                id: call.id,
-                request: *req,
-                status: None,
-            };
             let denial = match step {
                 Step::RateLimit(l) => run.subscription_limit(ix, l, false, call)?,
                 Step::Quota(l) => run.subscription_limit(ix, l, true, call)?,

@@ -1,6 +1,7 @@
 //! The responses the gateway makes on its own (SPEC §4): APIM's statuses, messages and headers.
 
 use crate::clock::{ceil_seconds, format_timespan, Millis};
+use std::fmt::Write as _;
 
 /// A response the gateway sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,9 +15,8 @@ pub struct LocalResponse {
 /// `{"statusCode": N, "message": "..."}` exactly, JSON-escaped.
 pub(crate) fn error_body(status: u16, message: &str) -> String {
     let mut body = String::with_capacity(message.len() + 40);
-    body.push_str("{\"statusCode\": ");
-    body.push_str(&status.to_string());
-    body.push_str(", \"message\": \"");
+    // Writing to a String cannot fail.
+    let _ = write!(body, "{{\"statusCode\": {status}, \"message\": \"");
     let plain = !message.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
     if plain {
         body.push_str(message);
@@ -38,8 +38,11 @@ pub(crate) fn error_body(status: u16, message: &str) -> String {
     body
 }
 
-fn json(status: u16, message: &str, mut headers: Vec<(String, String)>) -> LocalResponse {
-    headers.insert(0, ("content-type".into(), "application/json".into()));
+/// A JSON error response: `content-type`, then the `extra` header if any.
+fn json(status: u16, message: &str, extra: Option<(String, String)>) -> LocalResponse {
+    let mut headers = Vec::with_capacity(2);
+    headers.push(("content-type".into(), "application/json".into()));
+    headers.extend(extra);
     LocalResponse {
         status,
         headers,
@@ -48,19 +51,19 @@ fn json(status: u16, message: &str, mut headers: Vec<(String, String)>) -> Local
 }
 
 pub(crate) fn not_found() -> LocalResponse {
-    json(404, "Resource not found", vec![])
+    json(404, "Resource not found", None)
 }
 
 pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> LocalResponse {
     json(
         401,
         "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.",
-        vec![(
+        Some((
             "www-authenticate".into(),
             format!(
                 "AzureApiManagementKey realm=\"https://{host}/{api_path}\",name=\"{header_name}\",type=\"header\""
             ),
-        )],
+        )),
     )
 }
 
@@ -68,7 +71,7 @@ pub(crate) fn invalid_key() -> LocalResponse {
     json(
         401,
         "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.",
-        vec![],
+        None,
     )
 }
 
@@ -77,7 +80,7 @@ pub(crate) fn rate_limited(wait: Millis, retry_after_header: &str) -> LocalRespo
     json(
         429,
         &format!("Rate limit is exceeded. Try again in {n} seconds."),
-        vec![(retry_after_header.to_string(), n.to_string())],
+        Some((retry_after_header.to_string(), n.to_string())),
     )
 }
 
@@ -94,7 +97,7 @@ pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalRespons
             "{what}. Quota will be replenished in {}.",
             format_timespan(wait_seconds)
         ),
-        vec![("retry-after".into(), wait_seconds.to_string())],
+        Some(("retry-after".into(), wait_seconds.to_string())),
     )
 }
 
@@ -102,16 +105,16 @@ pub(crate) fn ip_forbidden(ip: &str) -> LocalResponse {
     json(
         403,
         &format!("Caller IP address {ip} is not allowed. Access denied."),
-        vec![],
+        None,
     )
 }
 
 pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
-    json(status, message, vec![])
+    json(status, message, None)
 }
 
 pub(crate) fn internal_error() -> LocalResponse {
-    json(500, "Internal server error", vec![])
+    json(500, "Internal server error", None)
 }
 
 #[cfg(test)]

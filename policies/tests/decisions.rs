@@ -196,6 +196,24 @@ fn routing_finds_deep_api_paths() {
     };
     assert_eq!(route(&format!("/{}/leaf/x", deep.join("/"))), "deep");
     assert_eq!(route("/s0/s1/other"), "root");
+    // Deeper than every API path, in upper case and with doubled slashes.
+    assert_eq!(
+        route(&format!("//{}//LEAF/x", deep.join("/").to_uppercase())),
+        "deep"
+    );
+    assert_eq!(route(&format!("/{}", deep[..16].join("/"))), "root");
+
+    // With only an API at the root, every path is its.
+    let doc = json!({"apis": [{"name": "root", "path": "", "subscriptionRequired": false}]});
+    let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    for path in ["/", "/a", "//a/B/c/"] {
+        let req = Request {
+            path,
+            ..request(&h, "")
+        };
+        let d = c.decide(&req, 0, &MemoryStore::new()).unwrap();
+        assert_eq!(c.names(d.call.as_ref().unwrap()).0, "root", "{path}");
+    }
 }
 
 #[test]
