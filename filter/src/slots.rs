@@ -362,4 +362,48 @@ mod tests {
         assert_eq!(outcomes[3..], [Outcome::QuotaExceeded; 2]);
         Ok(())
     }
+
+    /// The known limit the README states: a sliding window holds 12 bytes per distinct
+    /// millisecond with admissions in it, so a rate limit of 10,000 calls a minute outgrows a
+    /// slot after about 5,400 admissions at distinct instants. The write is then refused (an
+    /// error, for `failureMode` to decide), never truncated into fewer admissions.
+    #[test]
+    fn a_sliding_window_larger_than_a_slot_is_refused_not_truncated() -> R {
+        use apim_edge_policies::{Catalog, LoadOptions, Outcome, Request};
+        let doc = serde_json::json!({
+            "apis": [{"name": "a", "path": "a"}],
+            "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><rate-limit calls=\"10000\" renewal-period=\"60\" /></inbound></policies>"}],
+            "subscriptions": [{"name": "s", "scope": "/products/p", "primaryKey": "k"}]
+        });
+        let catalog = Catalog::load(&doc, LoadOptions::default())?;
+        let shared = EnvoyLike::default();
+        create_slots(&shared)?;
+        let headers = vec![("ocp-apim-subscription-key".to_string(), "k".to_string())];
+        let req = Request {
+            method: "GET",
+            host: "h",
+            path: "/a/x",
+            query: "",
+            headers: &headers,
+            client_ip: None,
+        };
+        let decide = |t: Millis| catalog.decide(&req, t, &SlotStore::new(&shared, t));
+        let mut admitted = 0;
+        let refused = loop {
+            match decide(admitted) {
+                Ok(d) => {
+                    assert_eq!(d.outcome, Outcome::Allowed);
+                    admitted += 1;
+                }
+                Err(e) => break e,
+            }
+            assert!(admitted < 10_000, "never refused");
+        };
+        assert!(refused.to_string().contains("is full"), "{refused}");
+        let most = (SLOT_BYTES / 12) as i64;
+        assert!((most - 20..most).contains(&admitted), "{admitted}");
+        // Nothing was dropped to make room: the next call is refused too.
+        assert!(decide(admitted + 1).is_err());
+        Ok(())
+    }
 }
