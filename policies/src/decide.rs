@@ -198,9 +198,14 @@ enum Reservation {
 /// on the stack when it fits, as nearly every name does.
 #[derive(Debug, Clone)]
 enum CounterName {
-    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Inline { len: u8, bytes: NameBytes },
     Heap(String),
 }
+
+/// A name's bytes, word-aligned: checking that they are UTF-8 then goes a word at a time.
+#[derive(Debug, Clone)]
+#[repr(align(8))]
+struct NameBytes([u8; INLINE_NAME]);
 
 /// The longest counter name kept on the stack.
 const INLINE_NAME: usize = 112;
@@ -220,7 +225,7 @@ impl CounterName {
         bytes[b + 1..len].copy_from_slice(name.as_bytes());
         CounterName::Inline {
             len: len as u8,
-            bytes,
+            bytes: NameBytes(bytes),
         }
     }
 
@@ -228,7 +233,7 @@ impl CounterName {
         match self {
             // Joined from three `str`s and ASCII bars, so always UTF-8.
             CounterName::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+                std::str::from_utf8(&bytes.0[..usize::from(*len)]).unwrap_or_default()
             }
             CounterName::Heap(s) => s,
         }
