@@ -289,7 +289,7 @@ struct Tally {
     /// The latest admission kept.
     latest: Option<Millis>,
     /// The admissions kept are exactly the entries from this one on (the state is in time
-    /// order, as it is unless workers' clocks disagree), so they can be copied in one piece.
+    /// order, as every state this build writes is), so they can be copied in one piece.
     live_suffix: Option<usize>,
 }
 

@@ -235,3 +235,28 @@ fn skip_sees_a_header_an_earlier_policy_deleted_as_absent() {
         ]
     );
 }
+
+#[test]
+fn a_header_value_that_is_one_context_member_is_that_members_text() {
+    // Catalog text (borrowed from the catalog), and a member that falls back to the request
+    // (the method, as the API lists no operations).
+    let c = catalog(
+        "<policies><inbound><base /></inbound></policies>",
+        r#"<policies><inbound>
+            <set-header name="x-api" exists-action="override"><value>@(context.Api.Name)</value></set-header>
+            <set-header name="x-product" exists-action="override"><value>@(context.Product.Id)</value></set-header>
+            <set-header name="x-method" exists-action="override"><value>@(context.Operation.Method)</value></set-header>
+        </inbound></policies>"#,
+    );
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let d = c.decide(&request(&h, ""), 0, &MemoryStore::new()).unwrap();
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert_eq!(
+        d.upstream.to_vec(),
+        vec![
+            HeaderEdit::Set("x-api".into(), "Orders".into()),
+            HeaderEdit::Set("x-product".into(), "p".into()),
+            HeaderEdit::Set("x-method".into(), "GET".into()),
+        ]
+    );
+}
