@@ -5,10 +5,13 @@
 //! cargo build --profile profiling --example decisions -p apim-edge-harness
 //! valgrind --tool=callgrind target/profiling/examples/decisions 100000
 //! valgrind --tool=callgrind target/profiling/examples/decisions 100000 1 1000
+//! valgrind --tool=callgrind target/profiling/examples/decisions 100000 1 0 limited
 //! ```
 //!
-//! Arguments: calls, how many subscribers take turns (10,000), milliseconds between calls (1).
-//! The second line is the engine bench's one busy subscriber at a call a second.
+//! Arguments: calls, how many subscribers take turns (10,000), milliseconds between calls (1),
+//! and which call (`admitted`, the default; `limited`, a 429 once the first 1,000 calls have
+//! used the rate limit up, those counted in; `invalid`, a 401). The second line is the engine
+//! bench's one busy subscriber at a call a second; the third its 429.
 //!
 //! It prints how many calls it made; callgrind's total over two runs of different lengths gives
 //! the instructions per call (the difference divided by the difference in calls), without the
@@ -37,6 +40,13 @@ fn main() -> anyhow::Result<()> {
         arg(2, SIZES.subscriptions)?.clamp(1, SIZES.subscriptions),
         arg(3, 1)? as i64,
     );
+    let (want, admitted_first) = match std::env::args().nth(4).as_deref() {
+        None | Some("admitted") => (Outcome::Allowed, 0),
+        // Product 0's rate limit is 1,000 calls a minute.
+        Some("limited") => (Outcome::RateLimited, 1_000),
+        Some("invalid") => (Outcome::InvalidKey, 0),
+        Some(other) => anyhow::bail!("unknown call '{other}': admitted, limited or invalid"),
+    };
     let catalog = Catalog::load(&synth::catalog(SIZES), LoadOptions::default())?;
     let keys: Vec<Vec<(String, String)>> = (0..SIZES.subscriptions)
         .map(|i| vec![("Ocp-Apim-Subscription-Key".to_string(), key_of(i))])
@@ -49,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         request_bytes: 0,
         response_bytes: 512,
     };
+    let bad = vec![(
+        "Ocp-Apim-Subscription-Key".to_string(),
+        "not-a-key".to_string(),
+    )];
     let store = MemoryStore::new();
     let start = 1_767_225_600_000i64;
     for k in 0..calls {
@@ -59,16 +73,28 @@ fn main() -> anyhow::Result<()> {
             host: "api.contoso.com",
             path: &paths[i],
             query: "",
-            headers: &keys[i],
+            headers: if want == Outcome::InvalidKey {
+                &bad
+            } else {
+                &keys[i]
+            },
             client_ip: Some([192, 0, 2, 1].into()),
         };
         let d = catalog.decide(black_box(&req), now, &store)?;
-        anyhow::ensure!(d.outcome == Outcome::Allowed, "call {k}: {:?}", d.outcome);
-        if let Some(call) = d.call.as_ref() {
+        let expected = if k < admitted_first {
+            Outcome::Allowed
+        } else {
+            want
+        };
+        anyhow::ensure!(d.outcome == expected, "call {k}: {:?}", d.outcome);
+        if let Some(call) = d.call.as_ref().filter(|_| d.outcome == Outcome::Allowed) {
             black_box(catalog.respond(call, 200, &|_| false)?);
             catalog.complete(call, done, now, &store)?;
         }
     }
-    println!("{calls} admitted calls");
+    println!(
+        "{calls} calls, {} after the first {admitted_first}",
+        want.as_str()
+    );
     Ok(())
 }
