@@ -1013,6 +1013,9 @@ mod tests {
             let times: Vec<Millis> = steps.iter().map(|(gap, skew)| { t += gap; t + skew }).collect();
             let s = MemoryStore::new();
             let got: Vec<bool> = times.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            // Whatever order the admissions came in, the state is kept in time order.
+            let kept = decode_sliding(s.get("k").unwrap().map(|(b, _)| b).as_deref());
+            prop_assert!(kept.windows(2).all(|w| w[0].0 < w[1].0), "{:?}", kept);
             let mut admitted: Vec<Millis> = Vec::new();
             let want: Vec<bool> = times.iter().map(|&t| {
                 let ok = (admitted.iter().filter(|&&a| a > t - period).count() as u64) < calls;
