@@ -10,6 +10,7 @@ use apim_edge_policies::{
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -436,11 +437,8 @@ impl Call {
         }
     }
 
-    fn answer(status: u16, headers: &[(String, String)], body: &str) {
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
+    fn answer(status: u16, headers: &[(Cow<'static, str>, Cow<'static, str>)], body: &str) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (&**n, &**v)).collect();
         let _ = hostcalls::send_http_response(u32::from(status), headers, Some(body.as_bytes()));
     }
 }

@@ -105,7 +105,7 @@ pub fn replay_one(
     let (status, body, outcome) = match (&decision.response, &decision.call) {
         (Some(r), _) => {
             for (n, v) in &r.headers {
-                headers.insert(n.clone(), v.clone());
+                headers.insert(n.to_string(), v.to_string());
             }
             (r.status, r.body.clone(), decision.outcome)
         }

@@ -1070,17 +1070,18 @@ impl Catalog {
                     for h in headers {
                         set_header(h, &facts, &|_| false, &mut edits)?;
                     }
-                    let mut out: Vec<(String, String)> = Vec::new();
+                    let mut out: Vec<(Cow<'static, str>, Cow<'static, str>)> = Vec::new();
                     for e in edits {
                         match e {
                             HeaderEdit::Set(n, v) => {
                                 let n = n.to_ascii_lowercase();
                                 out.retain(|(o, _)| *o != n);
-                                out.push((n, v.into_owned()));
+                                out.push((Cow::Owned(n), Cow::Owned(v.into_owned())));
                             }
-                            HeaderEdit::Append(n, v) => {
-                                out.push((n.to_ascii_lowercase(), v.into_owned()))
-                            }
+                            HeaderEdit::Append(n, v) => out.push((
+                                Cow::Owned(n.to_ascii_lowercase()),
+                                Cow::Owned(v.into_owned()),
+                            )),
                             HeaderEdit::Remove(n) => {
                                 out.retain(|(o, _)| !o.eq_ignore_ascii_case(&n))
                             }

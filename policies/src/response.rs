@@ -1,14 +1,15 @@
 //! The responses the gateway makes on its own (SPEC §4): APIM's statuses, messages and headers.
 
 use crate::clock::{ceil_seconds, format_timespan, Millis};
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 /// A response the gateway sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalResponse {
     pub status: u16,
-    /// Header names lower-case.
-    pub headers: Vec<(String, String)>,
+    /// Header names lower-case. The gateway's own names and values are not copied.
+    pub headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
     pub body: String,
 }
 
@@ -39,9 +40,16 @@ pub(crate) fn error_body(status: u16, message: &str) -> String {
 }
 
 /// A JSON error response: `content-type`, then the `extra` header if any.
-fn json(status: u16, message: &str, extra: Option<(String, String)>) -> LocalResponse {
+fn json(
+    status: u16,
+    message: &str,
+    extra: Option<(Cow<'static, str>, Cow<'static, str>)>,
+) -> LocalResponse {
     let mut headers = Vec::with_capacity(2);
-    headers.push(("content-type".into(), "application/json".into()));
+    headers.push((
+        Cow::Borrowed("content-type"),
+        Cow::Borrowed("application/json"),
+    ));
     headers.extend(extra);
     LocalResponse {
         status,
@@ -59,10 +67,10 @@ pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> Loca
         401,
         "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.",
         Some((
-            "www-authenticate".into(),
-            format!(
+            Cow::Borrowed("www-authenticate"),
+            Cow::Owned(format!(
                 "AzureApiManagementKey realm=\"https://{host}/{api_path}\",name=\"{header_name}\",type=\"header\""
-            ),
+            )),
         )),
     )
 }
@@ -80,7 +88,10 @@ pub(crate) fn rate_limited(wait: Millis, retry_after_header: &str) -> LocalRespo
     json(
         429,
         &format!("Rate limit is exceeded. Try again in {n} seconds."),
-        Some((retry_after_header.to_string(), n.to_string())),
+        Some((
+            Cow::Owned(retry_after_header.to_string()),
+            Cow::Owned(n.to_string()),
+        )),
     )
 }
 
@@ -97,7 +108,10 @@ pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalRespons
             "{what}. Quota will be replenished in {}.",
             format_timespan(wait_seconds)
         ),
-        Some(("retry-after".into(), wait_seconds.to_string())),
+        Some((
+            Cow::Borrowed("retry-after"),
+            Cow::Owned(wait_seconds.to_string()),
+        )),
     )
 }
 
