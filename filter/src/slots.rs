@@ -331,33 +331,58 @@ mod tests {
         Ok(())
     }
 
+    /// The engine deciding subscription `s`'s calls (key `k`) to API `a` in product `p`, whose
+    /// policy is `policy`, on freshly created slots.
+    struct OnSlots {
+        catalog: apim_edge_policies::Catalog,
+        shared: EnvoyLike,
+        headers: Vec<(String, String)>,
+    }
+
+    impl OnSlots {
+        fn new(policy: &str) -> Result<Self, Box<dyn std::error::Error>> {
+            use apim_edge_policies::{Catalog, LoadOptions};
+            let doc = serde_json::json!({
+                "apis": [{"name": "a", "path": "a"}],
+                "products": [{"name": "p", "apis": ["a"], "policy": policy}],
+                "subscriptions": [{"name": "s", "scope": "/products/p", "primaryKey": "k"}]
+            });
+            let shared = EnvoyLike::default();
+            create_slots(&shared)?;
+            Ok(OnSlots {
+                catalog: Catalog::load(&doc, LoadOptions::default())?,
+                shared,
+                headers: vec![("ocp-apim-subscription-key".to_string(), "k".to_string())],
+            })
+        }
+
+        /// The call at `t`, on a slot store of that instant.
+        fn decide(
+            &self,
+            t: Millis,
+        ) -> Result<apim_edge_policies::Outcome, apim_edge_policies::EngineError> {
+            let req = apim_edge_policies::Request {
+                method: "GET",
+                host: "h",
+                path: "/a/x",
+                query: "",
+                headers: &self.headers,
+                client_ip: None,
+            };
+            let store = SlotStore::new(&self.shared, t);
+            Ok(self.catalog.decide(&req, t, &store)?.outcome)
+        }
+    }
+
     #[test]
     fn the_engine_counts_exactly_on_slots() -> R {
-        use apim_edge_policies::{Catalog, LoadOptions, Outcome, Request};
-        let doc = serde_json::json!({
-            "apis": [{"name": "a", "path": "a"}],
-            "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><quota calls=\"3\" renewal-period=\"3600\" /></inbound></policies>"}],
-            "subscriptions": [{"name": "s", "scope": "/products/p", "primaryKey": "k"}]
-        });
-        let catalog = Catalog::load(&doc, LoadOptions::default())?;
-        let shared = EnvoyLike::default();
-        create_slots(&shared)?;
-        let headers = vec![("ocp-apim-subscription-key".to_string(), "k".to_string())];
-        let req = Request {
-            method: "GET",
-            host: "h",
-            path: "/a/x",
-            query: "",
-            headers: &headers,
-            client_ip: None,
-        };
+        use apim_edge_policies::Outcome;
+        let engine = OnSlots::new(
+            "<policies><inbound><quota calls=\"3\" renewal-period=\"3600\" /></inbound></policies>",
+        )?;
         let outcomes = (0..5)
-            .map(|t| {
-                Ok(catalog
-                    .decide(&req, t, &SlotStore::new(&shared, t))?
-                    .outcome)
-            })
-            .collect::<Result<Vec<Outcome>, apim_edge_policies::EngineError>>()?;
+            .map(|t| engine.decide(t))
+            .collect::<Result<Vec<Outcome>, _>>()?;
         assert_eq!(outcomes[..3], [Outcome::Allowed; 3]);
         assert_eq!(outcomes[3..], [Outcome::QuotaExceeded; 2]);
         Ok(())
@@ -369,30 +394,15 @@ mod tests {
     /// error, for `failureMode` to decide), never truncated into fewer admissions.
     #[test]
     fn a_sliding_window_larger_than_a_slot_is_refused_not_truncated() -> R {
-        use apim_edge_policies::{Catalog, LoadOptions, Outcome, Request};
-        let doc = serde_json::json!({
-            "apis": [{"name": "a", "path": "a"}],
-            "products": [{"name": "p", "apis": ["a"], "policy": "<policies><inbound><rate-limit calls=\"10000\" renewal-period=\"60\" /></inbound></policies>"}],
-            "subscriptions": [{"name": "s", "scope": "/products/p", "primaryKey": "k"}]
-        });
-        let catalog = Catalog::load(&doc, LoadOptions::default())?;
-        let shared = EnvoyLike::default();
-        create_slots(&shared)?;
-        let headers = vec![("ocp-apim-subscription-key".to_string(), "k".to_string())];
-        let req = Request {
-            method: "GET",
-            host: "h",
-            path: "/a/x",
-            query: "",
-            headers: &headers,
-            client_ip: None,
-        };
-        let decide = |t: Millis| catalog.decide(&req, t, &SlotStore::new(&shared, t));
+        use apim_edge_policies::Outcome;
+        let engine = OnSlots::new(
+            "<policies><inbound><rate-limit calls=\"10000\" renewal-period=\"60\" /></inbound></policies>",
+        )?;
         let mut admitted = 0;
         let refused = loop {
-            match decide(admitted) {
-                Ok(d) => {
-                    assert_eq!(d.outcome, Outcome::Allowed);
+            match engine.decide(admitted) {
+                Ok(outcome) => {
+                    assert_eq!(outcome, Outcome::Allowed);
                     admitted += 1;
                 }
                 Err(e) => break e,
@@ -403,7 +413,7 @@ mod tests {
         let most = (SLOT_BYTES / 12) as i64;
         assert!((most - 20..most).contains(&admitted), "{admitted}");
         // Nothing was dropped to make room: the next call is refused too.
-        assert!(decide(admitted + 1).is_err());
+        assert!(engine.decide(admitted + 1).is_err());
         Ok(())
     }
 }
