@@ -317,6 +317,30 @@ impl Decision<'_> {
     }
 }
 
+/// Whether a path (without its outer slashes) has upper case or doubled slashes, so that it
+/// must be rewritten before routing: one pass, as nearly every path has neither.
+fn needs_normalising(path: &str) -> bool {
+    let mut previous = 0u8;
+    path.bytes().any(|b| {
+        let odd = b.is_ascii_uppercase() || (b == b'/' && previous == b'/');
+        previous = b;
+        odd
+    })
+}
+
+/// The length of the first `n` segments of a normalised path (all of it when it has fewer).
+fn first_segments(path: &str, n: usize) -> usize {
+    match n.checked_sub(1) {
+        None => 0,
+        Some(last) => path
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'/')
+            .nth(last)
+            .map_or(path.len(), |(bar, _)| bar),
+    }
+}
+
 /// A host without its port.
 fn host_of(host: &str) -> &str {
     match host.bytes().position(|b| b == b':') {
@@ -799,12 +823,7 @@ impl Catalog {
         // copy); then its segment-aligned prefixes, longest first, from the first `deepest`
         // segments (no API path is longer).
         let trimmed = req.path.trim_matches('/');
-        let mut previous = 0u8;
-        let joined: Cow<str> = if trimmed.bytes().any(|b| {
-            let odd = b.is_ascii_uppercase() || (b == b'/' && previous == b'/');
-            previous = b;
-            odd
-        }) {
+        let joined: Cow<str> = if needs_normalising(trimmed) {
             let mut joined = String::with_capacity(req.path.len());
             for seg in segments(req.path) {
                 if !joined.is_empty() {
@@ -816,13 +835,7 @@ impl Catalog {
         } else {
             Cow::Borrowed(trimmed)
         };
-        let bars = joined.bytes().enumerate().filter(|&(_, b)| b == b'/');
-        let deepest = bars.map(|(i, _)| i).nth(self.deepest.saturating_sub(1));
-        let mut len = Some(if self.deepest == 0 {
-            0
-        } else {
-            deepest.unwrap_or(joined.len())
-        });
+        let mut len = Some(first_segments(&joined, self.deepest));
         while let Some(end) = len {
             // Next: the prefix one segment shorter (the empty path last).
             len = (end > 0).then(|| {
