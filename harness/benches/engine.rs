@@ -6,7 +6,7 @@
 //! holds about 6 admissions, as at a busy edge with many consumers. Each iteration is the whole
 //! call: decide, respond, complete.
 
-use apim_edge_harness::synth::{self, key_of, Sizes};
+use apim_edge_harness::synth::{self, Sizes};
 use apim_edge_policies::{Catalog, Completion, LoadOptions, MemoryStore, Outcome, Request};
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
@@ -19,21 +19,9 @@ const SIZES: Sizes = Sizes {
 
 fn bench(c: &mut Criterion) {
     let catalog = Catalog::load(&synth::catalog(SIZES), LoadOptions::default()).unwrap();
-    let keys: Vec<Vec<(String, String)>> = (0..SIZES.subscriptions)
-        .map(|i| vec![("Ocp-Apim-Subscription-Key".to_string(), key_of(i))])
-        .collect();
-    // Subscription i is in product i % 50, whose first API is api-(p * 2).
-    let paths: Vec<String> = (0..SIZES.subscriptions)
-        .map(|i| synth::path_of(SIZES, i))
-        .collect();
-    let req = |i: usize| Request {
-        method: "GET",
-        host: "api.contoso.com",
-        path: &paths[i],
-        query: "",
-        headers: &keys[i],
-        client_ip: Some("192.0.2.1".parse().unwrap()),
-    };
+    // Subscription i is in product i % 50, and calls an item of its first API.
+    let callers = synth::Callers::new(SIZES);
+    let req = |i: usize| callers.request(i);
     let done = Completion {
         status: 200,
         request_bytes: 0,

@@ -17,7 +17,7 @@
 //! the instructions per call (the difference divided by the difference in calls), without the
 //! catalog load.
 
-use apim_edge_harness::synth::{self, key_of, Sizes};
+use apim_edge_harness::synth::{self, Sizes};
 use apim_edge_policies::{Catalog, Completion, LoadOptions, MemoryStore, Outcome, Request};
 use std::hint::black_box;
 
@@ -48,12 +48,7 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("unknown call '{other}': admitted, limited or invalid"),
     };
     let catalog = Catalog::load(&synth::catalog(SIZES), LoadOptions::default())?;
-    let keys: Vec<Vec<(String, String)>> = (0..SIZES.subscriptions)
-        .map(|i| vec![("Ocp-Apim-Subscription-Key".to_string(), key_of(i))])
-        .collect();
-    let paths: Vec<String> = (0..SIZES.subscriptions)
-        .map(|i| synth::path_of(SIZES, i))
-        .collect();
+    let callers = synth::Callers::new(SIZES);
     let done = Completion {
         status: 200,
         request_bytes: 0,
@@ -68,17 +63,12 @@ fn main() -> anyhow::Result<()> {
     for k in 0..calls {
         let now = start + k as i64 * step;
         let i = k % subscribers;
-        let req = Request {
-            method: "GET",
-            host: "api.contoso.com",
-            path: &paths[i],
-            query: "",
-            headers: if want == Outcome::InvalidKey {
-                &bad
-            } else {
-                &keys[i]
+        let req = match want {
+            Outcome::InvalidKey => Request {
+                headers: &bad,
+                ..callers.request(i)
             },
-            client_ip: Some([192, 0, 2, 1].into()),
+            _ => callers.request(i),
         };
         let d = catalog.decide(black_box(&req), now, &store)?;
         let expected = if k < admitted_first {

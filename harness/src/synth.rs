@@ -3,6 +3,7 @@
 //! give the same document, and subscription `i` has the key [`key_of`]`(i)`. A matching trace
 //! ([`trace`]) calls every subscription in turn, for latency benchmarks.
 
+use apim_edge_policies::Request;
 use serde_json::{json, Value};
 
 /// Sizes of a synthetic catalog.
@@ -83,6 +84,35 @@ pub fn catalog(s: Sizes) -> Value {
 pub fn path_of(s: Sizes, i: usize) -> String {
     let product = i % s.products.max(1);
     format!("/svc/api-{}/items/42", product_apis(s, product)[0])
+}
+
+/// Every subscription's call, for the engine's benchmarks: its key header and its path.
+pub struct Callers {
+    headers: Vec<Vec<(String, String)>>,
+    paths: Vec<String>,
+}
+
+impl Callers {
+    pub fn new(s: Sizes) -> Self {
+        Callers {
+            headers: (0..s.subscriptions)
+                .map(|i| vec![("Ocp-Apim-Subscription-Key".to_string(), key_of(i))])
+                .collect(),
+            paths: (0..s.subscriptions).map(|i| path_of(s, i)).collect(),
+        }
+    }
+
+    /// Subscription `i`'s `GET` of [`path_of`], with its key, from 192.0.2.1.
+    pub fn request(&self, i: usize) -> Request<'_> {
+        Request {
+            method: "GET",
+            host: "api.contoso.com",
+            path: &self.paths[i],
+            query: "",
+            headers: &self.headers[i],
+            client_ip: Some([192, 0, 2, 1].into()),
+        }
+    }
 }
 
 /// A JSON Lines trace of `calls` keyed calls, 1 ms apart, rotating over the subscriptions:

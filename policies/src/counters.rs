@@ -685,6 +685,16 @@ impl FixedWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Minute-long fixed windows from the epoch.
+    fn per_minute(calls: u64, bandwidth_kb: Option<u64>) -> FixedWindows {
+        FixedWindows {
+            origin: 0,
+            period: 60_000,
+            calls: Some(calls),
+            bandwidth_kb,
+        }
+    }
     use proptest::prelude::*;
 
     #[test]
@@ -722,12 +732,7 @@ mod tests {
             counter_expiry(&s.get("r").unwrap().unwrap().0),
             Some(1_020 + CLOCK_SKEW)
         );
-        let q = FixedWindows {
-            origin: 0,
-            period: 60_000,
-            calls: Some(1),
-            bandwidth_kb: None,
-        };
+        let q = per_minute(1, None);
         q.admit(&s, "q", 61_000, 1).unwrap();
         assert_eq!(
             counter_expiry(&s.get("q").unwrap().unwrap().0),
@@ -804,12 +809,7 @@ mod tests {
     #[test]
     fn a_worker_behind_counts_in_the_window_a_worker_ahead_began() {
         let s = MemoryStore::new();
-        let q = FixedWindows {
-            origin: 0,
-            period: 60_000,
-            calls: Some(2),
-            bandwidth_kb: None,
-        };
+        let q = per_minute(2, None);
         // Ahead: the first call of the window starting at 60,000.
         assert!(matches!(
             q.admit(&s, "q", 60_000, 1).unwrap().0,
@@ -923,12 +923,7 @@ mod tests {
     #[test]
     fn fixed_window_calls_and_bandwidth() {
         let s = MemoryStore::new();
-        let q = FixedWindows {
-            origin: 0,
-            period: 60_000,
-            calls: Some(2),
-            bandwidth_kb: Some(1),
-        };
+        let q = per_minute(2, Some(1));
         assert!(matches!(
             q.admit(&s, "q", 1_000, 1).unwrap().0,
             Verdict::Admitted { remaining: 1 }
