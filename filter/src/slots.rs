@@ -12,7 +12,9 @@
 //! A counter's version is its slot's CAS value, so a write fails, and is retried by the engine,
 //! when anything in the slot changed since the read: never a lost update.
 
-use apim_edge_policies::{counter_expiry, Change, CounterStore, Millis, StoreError, MAX_ATTEMPTS};
+use apim_edge_policies::{
+    counter_expiry, Change, CounterStore, Millis, State, StoreError, MAX_ATTEMPTS,
+};
 
 /// How many slot keys hold counters.
 pub const SLOTS: u32 = 1024;
@@ -161,8 +163,8 @@ impl CounterStore for SlotStore<'_> {
         self.shared.set(&slot_name, &out, cas)
     }
 
-    /// One read of the slot per attempt: the counter's state is handed to `change` where it
-    /// lies in the slot, and the slot is rebuilt around the new state.
+    /// One read of the slot per attempt: the counter's state is copied out of the slot for
+    /// `change`, and the slot is rebuilt around the new state.
     fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
         let slot = slot_of(key);
         let slot_name = slot_key(slot);
@@ -176,9 +178,10 @@ impl CounterStore for SlotStore<'_> {
             };
             let state = entries(&bytes)
                 .find(|(name, _)| *name == key.as_bytes())
-                .map(|(_, s)| s);
+                .map_or(&[][..], |(_, s)| s);
             next.clear();
-            if !change(state, &mut next) {
+            next.extend_from_slice(state);
+            if !change(&mut State::new(&mut next)) {
                 return Ok(());
             }
             self.rebuild(slot, &bytes, key, &next, &mut out)?;
@@ -288,8 +291,8 @@ mod tests {
             let read = self.inner.get(key)?;
             if let Some((counter, state)) = self.other.take() {
                 let other = SlotStore::new(self.inner, 0);
-                other.update(counter, &mut |_, next| {
-                    next.extend_from_slice(state);
+                other.update(counter, &mut |current| {
+                    current.set(state);
                     true
                 })?;
             }
@@ -314,19 +317,20 @@ mod tests {
         };
         let store = SlotStore::new(&interleaved, 0);
         let mut seen = Vec::new();
-        store.update(&mine, &mut |current, next| {
-            seen.push(current.map(<[u8]>::to_vec));
-            next.extend_from_slice(&state(100, b"mine"));
+        store.update(&mine, &mut |current| {
+            seen.push(current.bytes().to_vec());
+            current.set(&state(100, b"mine"));
             true
         })?;
-        // The first attempt lost to the other write and ran again; both states are there.
-        assert_eq!(seen, vec![None, None]);
+        // The first attempt lost to the other write and ran again, on the counter as it is
+        // (never written: empty); both states are there.
+        assert_eq!(seen, vec![Vec::<u8>::new(), Vec::new()]);
         let plain = SlotStore::new(&shared, 0);
         assert_eq!(plain.get(&mine)?.ok_or("")?.0, state(100, b"mine"));
         assert!(plain.get(theirs)?.ok_or("")?.0.ends_with(b"theirs"));
         // A change that writes nothing leaves the slot as it is.
         let before = shared.get(&slot_key(3))?;
-        store.update(&mine, &mut |_, _| false)?;
+        store.update(&mine, &mut |_| false)?;
         assert_eq!(shared.get(&slot_key(3))?, before);
         Ok(())
     }

@@ -6,20 +6,68 @@
 //! number of times, so concurrent workers never over-admit.
 //!
 //! Two kinds of state:
-//! - a **sliding window** (`rate-limit`, `rate-limit-by-key`): the admissions inside the last
-//!   period, at most `calls` of them, so memory per counter is bounded by the limit;
+//! - a **sliding window** (`rate-limit`, `rate-limit-by-key`): one entry per instant with
+//!   admissions inside the last period (and [`CLOCK_SKEW`] before it), each with the running
+//!   count of admissions, so that a call costs the same however many its window holds, and
+//!   memory per counter is bounded by the limit;
 //! - a **fixed window** (`quota`, `quota-by-key`): the window's start, calls and bytes.
 
 use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
 use hashbrown::{DefaultHashBuilder, HashTable};
+use std::borrow::Cow;
 use std::hash::BuildHasher;
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// How many times a counter update is retried when other workers keep writing first.
 pub const MAX_ATTEMPTS: u32 = 64;
 
-/// What a counter update's `change` decided: write the bytes it put in `next`, or nothing.
-pub type Change<'c> = dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> bool + 'c;
+/// A counter update's change: it edits the counter's state in place and says whether to write
+/// it. When it returns false it must leave the state as it found it (a store may hand it the
+/// counter's own bytes).
+pub type Change<'c> = dyn FnMut(&mut State<'_>) -> bool + 'c;
+
+/// A counter's state as an update sees it, to be changed in place: the counter's bytes, empty
+/// when it was never written.
+pub struct State<'a> {
+    /// The state is `buf[start..]` (a store may keep other bytes, the counter's name, first).
+    buf: &'a mut Vec<u8>,
+    start: usize,
+}
+
+impl<'a> State<'a> {
+    /// All of `buf` as a counter's state.
+    pub fn new(buf: &'a mut Vec<u8>) -> Self {
+        State { buf, start: 0 }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+
+    /// Replaces the state's bytes in `range` with `with` (an empty range inserts, an empty
+    /// `with` removes).
+    pub fn splice(&mut self, range: Range<usize>, with: &[u8]) {
+        let (from, to) = (self.start + range.start, self.start + range.end);
+        if from == self.buf.len() {
+            self.buf.extend_from_slice(with);
+        } else if with.is_empty() {
+            self.buf.drain(from..to);
+        } else {
+            self.buf.splice(from..to, with.iter().copied());
+        }
+    }
+
+    /// Replaces the whole state.
+    pub fn set(&mut self, bytes: &[u8]) {
+        self.buf.truncate(self.start);
+        self.buf.extend_from_slice(bytes);
+    }
+}
 
 /// Versioned bytes with compare-and-swap: what the engine needs of shared state.
 pub trait CounterStore {
@@ -34,22 +82,19 @@ pub trait CounterStore {
         version: Option<u32>,
     ) -> Result<bool, StoreError>;
 
-    /// Reads the counter and calls `change` with its bytes (`None`: never written) and an empty
-    /// buffer. When `change` returns true, the buffer becomes the counter's bytes, provided
-    /// nothing else wrote the counter in between; otherwise `change` runs again on what is there
-    /// now. The default is a compare-and-swap loop over [`get`](Self::get) and
+    /// Reads the counter and calls `change` on its state (empty: never written). When
+    /// `change` returns true, what it left becomes the counter's bytes, provided nothing else
+    /// wrote the counter in between; otherwise `change` runs again on what is there now. The
+    /// default is a compare-and-swap loop over [`get`](Self::get) and
     /// [`compare_and_set`](Self::compare_and_set), retried at most [`MAX_ATTEMPTS`] times; a
     /// store that can update in place under its own lock may do so.
     fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
-        let mut next = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
-            let current = self.get(key)?;
-            let (bytes, version) = match &current {
-                Some((b, v)) => (Some(b.as_slice()), Some(*v)),
-                None => (None, None),
+            let (mut bytes, version) = match self.get(key)? {
+                Some((b, v)) => (b, Some(v)),
+                None => (Vec::new(), None),
             };
-            next.clear();
-            if !change(bytes, &mut next) || self.compare_and_set(key, &next, version)? {
+            if !change(&mut State::new(&mut bytes)) || self.compare_and_set(key, &bytes, version)? {
                 return Ok(());
             }
         }
@@ -84,6 +129,14 @@ impl Counter {
         &self.bytes[self.name_len..]
     }
 
+    /// The state, to be changed in place.
+    fn state_mut(&mut self) -> State<'_> {
+        State {
+            buf: &mut self.bytes,
+            start: self.name_len,
+        }
+    }
+
     fn set_state(&mut self, state: &[u8], version: u32) {
         self.bytes.truncate(self.name_len);
         self.bytes.extend_from_slice(state);
@@ -104,9 +157,6 @@ struct Counters {
     hasher: DefaultHashBuilder,
     /// The last version handed out.
     version: u32,
-    /// The buffer an update writes the new state into, kept so that a steady update
-    /// allocates nothing.
-    spare: Vec<u8>,
 }
 
 impl Counters {
@@ -123,17 +173,22 @@ impl Counters {
         let mut bytes = Vec::with_capacity(name.len() + state.len());
         bytes.extend_from_slice(name.as_bytes());
         bytes.extend_from_slice(state);
+        self.insert_counter(bytes, name.len());
+    }
+
+    /// Adds a counter whose name is `bytes[..name_len]` and state the rest.
+    fn insert_counter(&mut self, bytes: Vec<u8>, name_len: usize) {
         let version = next_version(&mut self.version);
         let counter = Counter {
             bytes,
-            name_len: name.len(),
+            name_len,
             version,
         };
+        let name = &counter.bytes[..name_len];
         let hasher = &self.hasher;
+        let hash = hasher.hash_one(name);
         self.table
-            .insert_unique(hasher.hash_one(name.as_bytes()), counter, |c| {
-                hasher.hash_one(c.name())
-            });
+            .insert_unique(hash, counter, |c| hasher.hash_one(c.name()));
     }
 }
 
@@ -192,22 +247,25 @@ impl CounterStore for MemoryStore {
         }
     }
 
+    /// Changes the counter where it lies, under the lock: nothing is copied in or out.
     fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
         let mut guard = self.counters()?;
         let g = &mut *guard;
-        g.spare.clear();
         let hash = g.hash(key);
         match g.table.find_mut(hash, |c| c.name() == key.as_bytes()) {
             Some(c) => {
-                if change(Some(c.state()), &mut g.spare) {
-                    c.set_state(&g.spare, next_version(&mut g.version));
+                if change(&mut c.state_mut()) {
+                    c.version = next_version(&mut g.version);
                 }
             }
             None => {
-                if change(None, &mut g.spare) {
-                    let state = std::mem::take(&mut g.spare);
-                    g.insert(key, &state);
-                    g.spare = state;
+                let mut bytes = key.as_bytes().to_vec();
+                let mut state = State {
+                    buf: &mut bytes,
+                    start: key.len(),
+                };
+                if change(&mut state) {
+                    g.insert_counter(bytes, key.len());
                 }
             }
         }
@@ -221,11 +279,11 @@ impl CounterStore for MemoryStore {
 fn update<T>(
     store: &dyn CounterStore,
     key: &str,
-    mut change: impl FnMut(Option<&[u8]>, &mut Vec<u8>) -> (bool, T),
+    mut change: impl FnMut(&mut State<'_>) -> (bool, T),
 ) -> Result<T, StoreError> {
     let mut out = None;
-    store.update(key, &mut |bytes, next| {
-        let (write, result) = change(bytes, next);
+    store.update(key, &mut |state| {
+        let (write, result) = change(state);
         out = Some(result);
         write
     })?;
@@ -255,43 +313,19 @@ pub fn counter_expiry(bytes: &[u8]) -> Option<Millis> {
     Some(i64::from_le_bytes(head))
 }
 
-/// The bytes of one admission in a sliding-window state: its time, then its count.
+/// A sliding-window state: the [`EXPIRY`], the running count before its first entry (`u32`),
+/// then one entry of [`ADMISSION`] bytes per instant with admissions, in time order: the instant
+/// (`i64`) and the running count of admissions up to and including it (`u32`, wrapping). The
+/// admissions from any entry on are then one subtraction, and the entry where a window begins
+/// one binary search.
+const SLIDING_HEAD: usize = EXPIRY + 4;
+
+/// The bytes of one entry of a sliding-window state: its instant, then the running count.
 const ADMISSION: usize = 12;
 
-/// The admissions a sliding-window state holds, `(time, count)`, oldest first, read straight
-/// from its bytes (12 bytes each after the expiry): nothing is decoded into a list.
-fn admissions(bytes: Option<&[u8]>) -> impl Iterator<Item = (Millis, u32)> + '_ {
-    bytes
-        .and_then(|b| b.get(EXPIRY..))
-        .unwrap_or(&[])
-        .chunks_exact(ADMISSION)
-        .map(admission)
-}
-
-/// One admission's time and count, from its [`ADMISSION`] bytes.
-fn admission(entry: &[u8]) -> (Millis, u32) {
-    let mut t = [0u8; 8];
-    t.copy_from_slice(&entry[..8]);
-    let mut n = [0u8; 4];
-    n.copy_from_slice(&entry[8..ADMISSION]);
-    (i64::from_le_bytes(t), u32::from_le_bytes(n))
-}
-
-#[cfg(test)]
-fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
-    admissions(bytes).collect()
-}
-
-/// What the admissions inside `(now - period, now]` add up to (later ones, from a worker whose
-/// clock runs ahead, count too: never over-admit).
-struct Tally {
-    used: u64,
-    /// The latest admission kept.
-    latest: Option<Millis>,
-    /// The admissions kept are exactly the entries from this one on (the state is in time
-    /// order, as every state this build writes is), so they can be copied in one piece.
-    live_suffix: Option<usize>,
-}
+/// Entries that have left the window and the skew are dropped once there are this many (or as
+/// many as are kept), so that a call does not move the whole state each time one leaves.
+const DROP_BATCH: usize = 32;
 
 /// How far workers' clocks may disagree without a worker behind counting less than it should:
 /// a write keeps admissions this much longer than its own window needs, for a worker whose
@@ -303,118 +337,215 @@ fn kept_after(period: Millis, now: Millis) -> Millis {
     now.saturating_sub(period).saturating_sub(CLOCK_SKEW)
 }
 
-fn tally(bytes: Option<&[u8]>, period: Millis, now: Millis) -> Tally {
-    let floor = now.saturating_sub(period);
-    let keep = kept_after(period, now);
-    // One pass without branches on the data: this runs on every call, over every admission
-    // in the window.
-    let (mut used, mut dropped, mut previous, mut in_order) = (0u64, 0usize, Millis::MIN, true);
-    let body = bytes.and_then(|b| b.get(EXPIRY..)).unwrap_or(&[]);
-    for entry in body.chunks_exact(ADMISSION) {
-        let (at, n) = admission(entry);
-        used += if at > floor { u64::from(n) } else { 0 };
-        dropped += usize::from(at <= keep);
-        in_order &= at >= previous;
-        previous = at;
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    i64::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+/// A sliding-window state's entries, read where they lie.
+#[derive(Clone, Copy)]
+struct Admissions<'b> {
+    /// The running count before the first entry.
+    base: u32,
+    entries: &'b [u8],
+}
+
+impl<'b> Admissions<'b> {
+    /// The entries of a state in this layout (see [`in_layout`]).
+    fn of(bytes: &'b [u8]) -> Self {
+        match bytes.get(SLIDING_HEAD..) {
+            Some(entries) => Admissions {
+                base: u32_at(bytes, EXPIRY),
+                entries: &entries[..entries.len() - entries.len() % ADMISSION],
+            },
+            None => Admissions {
+                base: 0,
+                entries: &[],
+            },
+        }
     }
-    // In time order the latest is the last, and the entries dropped are the first ones.
-    let latest = if in_order {
-        previous
-    } else {
-        admissions(bytes)
-            .map(|(at, _)| at)
-            .max()
-            .unwrap_or(Millis::MIN)
-    };
-    Tally {
-        used,
-        latest: (latest > keep).then_some(latest),
-        live_suffix: in_order.then_some(dropped),
+
+    fn len(&self) -> usize {
+        self.entries.len() / ADMISSION
+    }
+
+    fn at(&self, i: usize) -> Millis {
+        i64_at(self.entries, i * ADMISSION)
+    }
+
+    fn running(&self, i: usize) -> u32 {
+        u32_at(self.entries, i * ADMISSION + 8)
+    }
+
+    /// The running count before entry `i`.
+    fn before(&self, i: usize) -> u32 {
+        match i {
+            0 => self.base,
+            _ => self.running(i - 1),
+        }
+    }
+
+    /// The admissions of entry `i`.
+    fn count(&self, i: usize) -> u32 {
+        self.running(i).wrapping_sub(self.before(i))
+    }
+
+    /// The first entry later than `t` (the number of entries at or before it).
+    fn first_after(&self, t: Millis) -> usize {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.at(mid) <= t {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// The admissions from entry `i` on.
+    fn since(&self, i: usize) -> u64 {
+        match self.len() {
+            n if i < n => u64::from(self.running(n - 1).wrapping_sub(self.before(i))),
+            _ => 0,
+        }
+    }
+
+    fn latest(&self) -> Option<Millis> {
+        self.len().checked_sub(1).map(|i| self.at(i))
+    }
+
+    #[cfg(test)]
+    fn iter(self) -> impl Iterator<Item = (Millis, u32)> + 'b {
+        (0..self.len()).map(move |i| (self.at(i), self.count(i)))
     }
 }
 
-/// Admitted while fewer than `calls` were; else the wait until the oldest admission in the
-/// window leaves it.
-fn sliding_verdict(
-    bytes: Option<&[u8]>,
-    t: &Tally,
-    calls: u64,
-    period: Millis,
-    now: Millis,
-) -> Verdict {
-    if t.used < calls {
+/// A state in this layout, as it is, or rewritten from the layout of builds before it (the
+/// expiry, then `(instant, count)` entries of 12 bytes in any order, told apart by its length):
+/// sorted, one entry per instant, with running counts. A state never written is empty.
+fn in_layout(bytes: &[u8]) -> Cow<'_, [u8]> {
+    if bytes.len().is_multiple_of(ADMISSION) {
+        return Cow::Borrowed(bytes);
+    }
+    let mut entries: Vec<(Millis, u32)> = bytes
+        .get(EXPIRY..)
+        .unwrap_or(&[])
+        .chunks_exact(ADMISSION)
+        .map(|e| (i64_at(e, 0), u32_at(e, 8)))
+        .collect();
+    entries.sort_by_key(|&(at, _)| at);
+    let mut out = bytes.get(..EXPIRY).unwrap_or(&[0; EXPIRY]).to_vec();
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut running = 0u32;
+    for (at, n) in entries {
+        running = running.wrapping_add(n);
+        let last = out.len() - ADMISSION;
+        if out.len() > SLIDING_HEAD && i64_at(&out, last) == at {
+            out[last + 8..].copy_from_slice(&running.to_le_bytes());
+        } else {
+            out.extend_from_slice(&at.to_le_bytes());
+            out.extend_from_slice(&running.to_le_bytes());
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Puts a state written by an earlier build into this layout; true when it did.
+fn into_layout(state: &mut State<'_>) -> bool {
+    match in_layout(state.bytes()) {
+        Cow::Borrowed(_) => false,
+        Cow::Owned(bytes) => {
+            state.set(&bytes);
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
+    let bytes = in_layout(bytes.unwrap_or(&[]));
+    Admissions::of(&bytes).iter().collect()
+}
+
+/// Admitted while fewer than `calls` were admitted in `(now - period, now]` (later ones, from
+/// a worker whose clock runs ahead, count too: never over-admit); else the wait until the oldest
+/// admission in the window leaves it.
+fn sliding_verdict(a: Admissions<'_>, calls: u64, period: Millis, now: Millis) -> Verdict {
+    let first = a.first_after(now.saturating_sub(period));
+    let used = a.since(first);
+    if used < calls {
         return Verdict::Admitted {
-            remaining: calls - t.used,
+            remaining: calls - used,
         };
     }
-    let floor = now.saturating_sub(period);
-    let oldest = admissions(bytes)
-        .map(|(at, _)| at)
-        .filter(|&at| at > floor)
-        .min();
+    let oldest = if first < a.len() { a.at(first) } else { now };
     Verdict::RateLimited {
-        wait: (oldest.unwrap_or(now) + period - now).max(1),
+        wait: (oldest + period - now).max(1),
     }
 }
 
-/// The state after counting `n` admissions at `now`: the admissions kept (the window, and
-/// [`CLOCK_SKEW`] before it), with `n` merged into an entry of the same instant, and the expiry
-/// of the latest, written into `out`. They are copied in one piece when they are a suffix of
-/// the state (see [`Tally`]), else a run at a time.
-fn with_admission(
-    bytes: Option<&[u8]>,
-    t: &Tally,
-    period: Millis,
-    now: Millis,
-    n: u32,
-    out: &mut Vec<u8>,
-) {
-    let floor = kept_after(period, now);
-    let body = bytes.and_then(|b| b.get(EXPIRY..)).unwrap_or(&[]);
-    let body = &body[..body.len() - body.len() % ADMISSION];
-    out.reserve(EXPIRY + body.len() + ADMISSION);
-    out.extend_from_slice(&[0; EXPIRY]);
-    let latest = t.latest.map_or(now, |l| l.max(now));
-    match t.live_suffix {
-        Some(first) => {
-            out.extend_from_slice(body.get(first.saturating_mul(ADMISSION)..).unwrap_or(&[]))
-        }
-        None => {
-            let mut run: Option<usize> = None;
-            for (i, (at, _)) in admissions(bytes).enumerate() {
-                let offset = i * ADMISSION;
-                if at > floor {
-                    run.get_or_insert(offset);
-                } else if let Some(start) = run.take() {
-                    out.extend_from_slice(&body[start..offset]);
-                }
-            }
-            if let Some(start) = run {
-                out.extend_from_slice(&body[start..]);
-            }
-        }
+/// Adds `n` to the running counts of entries `from..` of a state in this layout.
+fn add_running(state: &mut State<'_>, from: usize, n: u32, subtract: bool) {
+    let entries = &mut state.bytes_mut()[SLIDING_HEAD..];
+    for e in entries.chunks_exact_mut(ADMISSION).skip(from) {
+        let r = u32_at(e, 8);
+        let r = if subtract {
+            r.wrapping_sub(n)
+        } else {
+            r.wrapping_add(n)
+        };
+        e[8..].copy_from_slice(&r.to_le_bytes());
     }
-    let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
-    out[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
-    // Merge into the entry of this instant, else insert after the last entry before it: the
-    // state stays in time order (the usual place is the end), so the next tally can copy it in
-    // one piece.
-    let after = out[EXPIRY..]
-        .chunks_exact(ADMISSION)
-        .rposition(|c| admission(c).0 <= now)
-        .map_or(0, |i| i + 1);
-    let at = EXPIRY + after * ADMISSION;
-    if after > 0 && out[at - ADMISSION..at - 4] == now.to_le_bytes() {
-        let entry = &mut out[at - 4..at];
-        let mut count = [0u8; 4];
-        count.copy_from_slice(entry);
-        let count = u32::from_le_bytes(count).saturating_add(n);
-        entry.copy_from_slice(&count.to_le_bytes());
+}
+
+/// Counts `n` admissions at `now` in a state in this layout: merged into the entry of that
+/// instant, else a new entry in its place in time order (the usual place is the end). Then the
+/// expiry follows the latest entry, and the entries that have left the window and the skew are
+/// dropped once there are [`DROP_BATCH`] of them, or as many as are kept.
+fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
+    if state.bytes().len() < SLIDING_HEAD {
+        state.set(&[0; SLIDING_HEAD]);
+    }
+    let a = Admissions::of(state.bytes());
+    let (len, latest) = (a.len(), a.latest().map_or(now, |l| l.max(now)));
+    // In time order, the usual place is the end.
+    let place = if latest == now {
+        len
+    } else {
+        a.first_after(now)
+    };
+    // The entries that have left, and the running count before the first one kept: the new
+    // admission goes after them, so neither changes.
+    let dead = a.first_after(kept_after(period, now));
+    let base = a.before(dead);
+    let merge = place > 0 && a.at(place - 1) == now;
+    if merge {
+        add_running(state, place - 1, n, false);
     } else {
         let mut entry = [0u8; ADMISSION];
         entry[..8].copy_from_slice(&now.to_le_bytes());
-        entry[8..].copy_from_slice(&n.to_le_bytes());
-        out.splice(at..at, entry);
+        entry[8..].copy_from_slice(&a.before(place).wrapping_add(n).to_le_bytes());
+        let at = SLIDING_HEAD + place * ADMISSION;
+        state.splice(at..at, &entry);
+        if place < len {
+            add_running(state, place + 1, n, false);
+        }
+    }
+    let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
+    state.bytes_mut()[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
+    let len = len + usize::from(!merge);
+    if dead > 0 && (dead >= DROP_BATCH || dead >= len - dead) {
+        state.bytes_mut()[EXPIRY..SLIDING_HEAD].copy_from_slice(&base.to_le_bytes());
+        state.splice(SLIDING_HEAD..SLIDING_HEAD + dead * ADMISSION, &[]);
     }
 }
 
@@ -427,20 +558,15 @@ pub(crate) fn sliding_admit(
     now: Millis,
     n: u32,
 ) -> Result<Verdict, StoreError> {
-    update(store, key, |bytes, out| {
-        let t = tally(bytes, period, now);
-        match sliding_verdict(bytes, &t, calls, period, now) {
-            Verdict::Admitted { .. } => {
-                with_admission(bytes, &t, period, now, n, out);
-                let used = t.used + u64::from(n);
-                (
-                    true,
-                    Verdict::Admitted {
-                        remaining: calls.saturating_sub(used),
-                    },
-                )
+    update(store, key, |state| {
+        let rewritten = into_layout(state);
+        match sliding_verdict(Admissions::of(state.bytes()), calls, period, now) {
+            Verdict::Admitted { remaining } => {
+                count_admission(state, period, now, n);
+                let remaining = remaining.saturating_sub(u64::from(n));
+                (true, Verdict::Admitted { remaining })
             }
-            denied => (false, denied),
+            denied => (rewritten, denied),
         }
     })
 }
@@ -454,14 +580,8 @@ pub(crate) fn sliding_check(
     now: Millis,
 ) -> Result<Verdict, StoreError> {
     let current = store.get(key)?;
-    let bytes = current.as_ref().map(|(b, _)| b.as_slice());
-    Ok(sliding_verdict(
-        bytes,
-        &tally(bytes, period, now),
-        calls,
-        period,
-        now,
-    ))
+    let bytes = in_layout(current.as_ref().map_or(&[][..], |(b, _)| b.as_slice()));
+    Ok(sliding_verdict(Admissions::of(&bytes), calls, period, now))
 }
 
 /// Counts `n` calls at `now` unconditionally (an `increment-condition` that held).
@@ -472,40 +592,33 @@ pub(crate) fn sliding_add(
     now: Millis,
     n: u32,
 ) -> Result<(), StoreError> {
-    update(store, key, |bytes, out| {
-        let t = tally(bytes, period, now);
-        with_admission(bytes, &t, period, now, n, out);
+    update(store, key, |state| {
+        into_layout(state);
+        count_admission(state, period, now, n);
         (true, ())
     })
 }
 
-/// Takes back an admission made at `at` (a later limit denied the call).
+/// Takes back `n` admissions made at `at` (a later limit denied the call). The admissions left
+/// are the same or older: the expiry stands.
 pub(crate) fn sliding_release(
     store: &dyn CounterStore,
     key: &str,
     at: Millis,
     n: u32,
 ) -> Result<(), StoreError> {
-    update(store, key, |bytes, out| {
-        let Some(b) = bytes.filter(|b| b.len() >= EXPIRY) else {
-            return (false, ());
+    update(store, key, |state| {
+        let rewritten = into_layout(state);
+        let a = Admissions::of(state.bytes());
+        let i = match a.first_after(at).checked_sub(1) {
+            Some(i) if a.at(i) == at && a.count(i) >= n => i,
+            _ => return (rewritten, ()),
         };
-        if !admissions(bytes).any(|(t, count)| t == at && count >= n) {
-            return (false, ());
-        }
-        // The admissions left are the same or older: the expiry stands.
-        out.extend_from_slice(&b[..EXPIRY]);
-        let mut released = false;
-        for (t, mut count) in admissions(bytes) {
-            if t == at && count >= n && !released {
-                count -= n;
-                released = true;
-                if count == 0 {
-                    continue;
-                }
-            }
-            out.extend_from_slice(&t.to_le_bytes());
-            out.extend_from_slice(&count.to_le_bytes());
+        let emptied = a.count(i) == n;
+        add_running(state, i, n, true);
+        if emptied {
+            let from = SLIDING_HEAD + i * ADMISSION;
+            state.splice(from..from + ADMISSION, &[]);
         }
         (true, ())
     })
@@ -537,16 +650,21 @@ fn decode_window(bytes: Option<&[u8]>) -> Option<Window> {
     })
 }
 
-fn encode_window(w: &Window, period: Millis, out: &mut Vec<u8>) {
+/// Writes window `w` as the state.
+fn encode_window(w: &Window, period: Millis, state: &mut State<'_>) {
     let expiry = if period <= 0 {
         Millis::MAX
     } else {
         w.start.saturating_add(period).saturating_add(CLOCK_SKEW)
     };
-    out.extend_from_slice(&expiry.to_le_bytes());
-    out.extend_from_slice(&w.start.to_le_bytes());
-    out.extend_from_slice(&w.calls.to_le_bytes());
-    out.extend_from_slice(&w.bytes.to_le_bytes());
+    let mut out = [0u8; EXPIRY + 24];
+    for (i, x) in [expiry, w.start].into_iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
+    }
+    for (i, x) in [w.calls, w.bytes].into_iter().enumerate() {
+        out[16 + i * 8..24 + i * 8].copy_from_slice(&x.to_le_bytes());
+    }
+    state.set(&out);
 }
 
 /// Fixed windows of `period` from `origin`, allowing `calls` and/or `bandwidth_kb`.
@@ -613,8 +731,8 @@ impl FixedWindows {
         now: Millis,
         n: u64,
     ) -> Result<(Verdict, Millis), StoreError> {
-        update(store, key, |bytes, out| {
-            let mut w = self.current(bytes, now);
+        update(store, key, |state| {
+            let mut w = self.current(Some(state.bytes()), now);
             match self.verdict(&w, now) {
                 Verdict::Admitted { .. } => {
                     w.calls += n;
@@ -622,7 +740,7 @@ impl FixedWindows {
                         .calls
                         .map(|c| c.saturating_sub(w.calls))
                         .unwrap_or(u64::MAX);
-                    encode_window(&w, self.period, out);
+                    encode_window(&w, self.period, state);
                     (true, (Verdict::Admitted { remaining }, w.start))
                 }
                 denied => (false, (denied, w.start)),
@@ -654,11 +772,11 @@ impl FixedWindows {
         if calls == 0 && bytes == 0 {
             return Ok(());
         }
-        update(store, key, |current, out| {
-            let mut w = self.current(current, now);
+        update(store, key, |state| {
+            let mut w = self.current(Some(state.bytes()), now);
             w.calls = w.calls.saturating_add(calls);
             w.bytes = w.bytes.saturating_add(bytes);
-            encode_window(&w, self.period, out);
+            encode_window(&w, self.period, state);
             (true, ())
         })
     }
@@ -671,13 +789,15 @@ impl FixedWindows {
         start: Millis,
         n: u64,
     ) -> Result<(), StoreError> {
-        update(store, key, |bytes, out| match decode_window(bytes) {
-            Some(mut w) if w.start == start && w.calls >= n => {
-                w.calls -= n;
-                encode_window(&w, self.period, out);
-                (true, ())
+        update(store, key, |state| {
+            match decode_window(Some(state.bytes())) {
+                Some(mut w) if w.start == start && w.calls >= n => {
+                    w.calls -= n;
+                    encode_window(&w, self.period, state);
+                    (true, ())
+                }
+                _ => (false, ()),
             }
-            _ => (false, ()),
         })
     }
 }
@@ -715,7 +835,10 @@ mod tests {
         for _ in 0..3 {
             sliding_admit(&s, "k", 10, 1000, 7, 1).unwrap();
         }
-        assert_eq!(s.get("k").unwrap().unwrap().0.len(), EXPIRY + 12);
+        assert_eq!(
+            s.get("k").unwrap().unwrap().0.len(),
+            SLIDING_HEAD + ADMISSION
+        );
         sliding_release(&s, "k", 7, 1).unwrap();
         assert_eq!(
             decode_sliding(Some(&s.get("k").unwrap().unwrap().0)),
@@ -765,13 +888,26 @@ mod tests {
             decode_sliding(Some(&state(&s))),
             vec![(10, 1), (1_000, 2), (1_500, 1)]
         );
-        // At 2,100 it is dropped; the admissions at 1,000 are kept but count no more.
+        // At 2,100 it has left the skew too, and the admissions at 1,000 count no more; the
+        // entries that left are dropped once there are as many as are kept (or DROP_BATCH).
         assert_eq!(admit(2_100), Verdict::Admitted { remaining: 8 });
         assert_eq!(
             decode_sliding(Some(&state(&s))),
-            vec![(1_000, 2), (1_500, 1), (2_100, 1)]
+            vec![(10, 1), (1_000, 2), (1_500, 1), (2_100, 1)]
         );
         assert_eq!(counter_expiry(&state(&s)), Some(3_100 + CLOCK_SKEW));
+        // At 3,100 two have left and three are kept; at 3,600 three have left and three are
+        // kept, and the three are dropped.
+        assert_eq!(admit(3_100), Verdict::Admitted { remaining: 9 });
+        assert_eq!(decode_sliding(Some(&state(&s))).len(), 5);
+        assert_eq!(admit(3_600), Verdict::Admitted { remaining: 8 });
+        assert_eq!(
+            decode_sliding(Some(&state(&s))),
+            vec![(2_100, 1), (3_100, 1), (3_600, 1)]
+        );
+        // The running counts carry on from the entries dropped.
+        assert_eq!(admit(3_600), Verdict::Admitted { remaining: 7 });
+        assert_eq!(admit(3_601), Verdict::Admitted { remaining: 6 });
     }
 
     #[test]
@@ -786,15 +922,17 @@ mod tests {
         }
         assert!(s.compare_and_set("k", &bytes, None).unwrap());
         // At 2,150 with a 1 s window: 1,500 and 1,200 count (3 of 5); 100 and 50 are past the
-        // window and the skew, and are dropped.
+        // window and the skew, and count no more.
         assert_eq!(
             sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
             Verdict::Admitted { remaining: 1 }
         );
+        // It is written back in this build's layout: in time order, with running counts.
         let state = s.get("k").unwrap().unwrap().0;
+        assert!(state.len().is_multiple_of(ADMISSION));
         assert_eq!(
-            decode_sliding(Some(&state)),
-            vec![(1_500, 2), (1_200, 1), (2_150, 1)]
+            Admissions::of(&state).iter().collect::<Vec<_>>(),
+            vec![(50, 4), (100, 1), (1_200, 1), (1_500, 2), (2_150, 1)]
         );
         assert_eq!(
             sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
@@ -838,6 +976,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn releasing_an_admission_keeps_the_others_counted() {
+        let s = MemoryStore::new();
+        for now in [5, 6, 6, 7] {
+            sliding_admit(&s, "k", 10, 1_000, now, 1).unwrap();
+        }
+        sliding_release(&s, "k", 6, 2).unwrap();
+        // Nothing to take back at 9: nothing changes.
+        sliding_release(&s, "k", 9, 1).unwrap();
+        let state = |s: &MemoryStore| decode_sliding(Some(&s.get("k").unwrap().unwrap().0));
+        assert_eq!(state(&s), vec![(5, 1), (7, 1)]);
+        assert_eq!(
+            sliding_admit(&s, "k", 10, 1_000, 8, 1).unwrap(),
+            Verdict::Admitted { remaining: 7 }
+        );
+        // More than was admitted at 5 is not taken back.
+        sliding_release(&s, "k", 5, 2).unwrap();
+        assert_eq!(state(&s), vec![(5, 1), (7, 1), (8, 1)]);
+    }
+
     /// A store with only `get` and `compare_and_set`: the trait's own `update`, as the filter's
     /// shared data had before it read each slot once.
     struct CasOnly(MemoryStore);
@@ -872,9 +1030,9 @@ mod tests {
     fn an_update_that_always_loses_is_an_error_after_the_last_attempt() {
         let mut attempts = 0;
         let e = AlwaysBeaten
-            .update("rl|s|x", &mut |_, next| {
+            .update("rl|s|x", &mut |state| {
                 attempts += 1;
-                next.push(1);
+                state.set(&[1]);
                 true
             })
             .unwrap_err();
@@ -886,8 +1044,8 @@ mod tests {
     fn memory_store_updates_in_place() {
         let s = MemoryStore::new();
         let write = |bytes: &'static [u8]| {
-            move |_: Option<&[u8]>, next: &mut Vec<u8>| {
-                next.extend_from_slice(bytes);
+            move |state: &mut State<'_>| {
+                state.set(bytes);
                 true
             }
         };
@@ -898,14 +1056,19 @@ mod tests {
         assert_eq!((bytes.as_slice(), v2 > v1), (&b"two!"[..], true));
         // The change sees the current bytes; declining writes nothing and keeps the version.
         let mut seen = None;
-        s.update("a", &mut |b, _| {
-            seen = b.map(<[u8]>::to_vec);
+        s.update("a", &mut |state| {
+            seen = Some(state.bytes().to_vec());
             false
         })
         .unwrap();
         assert_eq!(seen.as_deref(), Some(&b"two!"[..]));
         assert_eq!(s.get("a").unwrap().unwrap().1, v2);
-        s.update("b", &mut |_, _| false).unwrap();
+        // A counter never written is seen empty.
+        s.update("b", &mut |state| {
+            assert!(state.bytes().is_empty());
+            false
+        })
+        .unwrap();
         assert_eq!(s.get("b").unwrap(), None);
     }
 
@@ -978,6 +1141,15 @@ mod tests {
             .collect()
     }
 
+    /// Turns gaps between calls into the calls' instants, from a day in 2023.
+    fn gaps_to_instants(gaps: &mut [Millis]) {
+        let mut t = 1_700_000_000_000;
+        for g in gaps.iter_mut() {
+            t += *g;
+            *g = t;
+        }
+    }
+
     proptest! {
         #[test]
         fn sliding_matches_the_reference(
@@ -985,8 +1157,7 @@ mod tests {
             calls in 1u64..8,
             period in 1_000i64..10_000,
         ) {
-            let mut t = 1_700_000_000_000;
-            for g in gaps.iter_mut() { t += *g; *g = t; }
+            gaps_to_instants(&mut gaps);
             let s = MemoryStore::new();
             let got: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
             prop_assert_eq!(&got, &naive_sliding(&gaps, calls, period));
@@ -994,6 +1165,32 @@ mod tests {
             let cas = CasOnly(MemoryStore::new());
             let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&cas, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
             prop_assert_eq!(by_cas, got);
+        }
+
+        /// Many admissions in a window: counted as the reference counts them, and the entries
+        /// that have left the window and the skew never pile up past [`DROP_BATCH`], nor past as
+        /// many as are kept.
+        #[test]
+        fn a_busy_window_counts_exactly_and_stays_bounded(
+            mut gaps in proptest::collection::vec(0i64..40, 1..600),
+            calls in 1u64..120,
+            period in 1_000i64..3_000,
+        ) {
+            gaps_to_instants(&mut gaps);
+            let s = MemoryStore::new();
+            let mut got = Vec::new();
+            for &t in &gaps {
+                let admitted = matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. });
+                got.push(admitted);
+                let state = s.get("k").unwrap().unwrap().0;
+                let a = Admissions::of(&state);
+                let dead = a.first_after(kept_after(period, t));
+                if admitted {
+                    prop_assert!(dead < DROP_BATCH && (dead == 0 || dead < a.len() - dead), "{} of {}", dead, a.len());
+                }
+                prop_assert!(a.iter().map(|(_, n)| u64::from(n)).sum::<u64>() == a.since(0));
+            }
+            prop_assert_eq!(&got, &naive_sliding(&gaps, calls, period));
         }
 
         /// Workers whose clocks disagree by less than CLOCK_SKEW: a call counts every admission

@@ -27,7 +27,9 @@ mod xml;
 
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
 pub use clock::{format_timespan, parse_rfc3339, Millis};
-pub use counters::{counter_expiry, Change, CounterStore, MemoryStore, StoreError, MAX_ATTEMPTS};
+pub use counters::{
+    counter_expiry, Change, CounterStore, MemoryStore, State, StoreError, MAX_ATTEMPTS,
+};
 pub use decide::{
     CallContext, Completion, Decision, EngineError, HeaderEdit, HeaderEdits, KeyLocation, Outcome,
     Request,
