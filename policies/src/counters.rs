@@ -53,13 +53,20 @@ impl<'a> State<'a> {
     /// `with` removes).
     pub fn splice(&mut self, range: Range<usize>, with: &[u8]) {
         let (from, to) = (self.start + range.start, self.start + range.end);
+        let end = from + with.len();
         if from == self.buf.len() {
             self.buf.extend_from_slice(with);
-        } else if with.is_empty() {
-            self.buf.drain(from..to);
-        } else {
-            self.buf.splice(from..to, with.iter().copied());
+            return;
         }
+        if end > to {
+            // Room for the longer text: the bytes after the range move up.
+            let len = self.buf.len();
+            self.buf.resize(len + (end - to), 0);
+            self.buf.copy_within(to..len, end);
+        } else {
+            self.buf.drain(end..to);
+        }
+        self.buf[from..end].copy_from_slice(with);
     }
 
     /// Replaces the whole state.
@@ -442,7 +449,7 @@ fn in_layout(bytes: &[u8]) -> Cow<'_, [u8]> {
         .chunks_exact(ADMISSION)
         .map(|e| (i64_at(e, 0), u32_at(e, 8)))
         .collect();
-    entries.sort_by_key(|&(at, _)| at);
+    entries.sort_unstable_by_key(|&(at, _)| at);
     let mut out = bytes.get(..EXPIRY).unwrap_or(&[0; EXPIRY]).to_vec();
     out.extend_from_slice(&0u32.to_le_bytes());
     let mut running = 0u32;
