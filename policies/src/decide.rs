@@ -15,6 +15,7 @@ use crate::policy::{
 use crate::response::{self, LocalResponse};
 use crate::route::segments;
 use crate::snapshot::SubscriptionScope;
+use arrayvec::ArrayString;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -180,61 +181,61 @@ enum Pending {
 
 /// A counted admission, taken back when a later limit denies the call.
 #[derive(Debug, Clone)]
-enum Reservation {
+enum Reservation<'a> {
     Sliding {
-        key: CounterName,
+        counter: Counter<'a>,
         at: Millis,
         n: u32,
     },
     Fixed {
-        key: CounterName,
+        counter: Counter<'a>,
         windows: FixedWindows,
         start: Millis,
         n: u64,
     },
 }
 
+/// A counter as a limit names it: the parts of its [`CounterName`]. A reservation keeps these
+/// rather than the name, which it needs only when a call is denied.
+#[derive(Debug, Clone)]
+struct Counter<'a> {
+    kind: &'static str,
+    owner: &'a str,
+    name: Cow<'a, str>,
+}
+
+impl Counter<'_> {
+    fn name(&self) -> CounterName {
+        CounterName::new(self.kind, self.owner, &self.name)
+    }
+}
+
 /// A counter's stable name: `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`). Built
 /// on the stack when it fits, as nearly every name does.
 #[derive(Debug, Clone)]
 enum CounterName {
-    Inline { len: u8, bytes: NameBytes },
+    Inline(ArrayString<INLINE_NAME>),
     Heap(String),
 }
-
-/// A name's bytes, word-aligned: checking that they are UTF-8 then goes a word at a time.
-#[derive(Debug, Clone)]
-#[repr(align(8))]
-struct NameBytes([u8; INLINE_NAME]);
 
 /// The longest counter name kept on the stack.
 const INLINE_NAME: usize = 112;
 
 impl CounterName {
     fn new(kind: &str, owner: &str, name: &str) -> Self {
-        let len = kind.len() + owner.len() + name.len() + 2;
-        if len > INLINE_NAME {
-            return CounterName::Heap(format!("{kind}|{owner}|{name}"));
-        }
-        let mut bytes = [0u8; INLINE_NAME];
-        let (a, b) = (kind.len(), kind.len() + 1 + owner.len());
-        bytes[..a].copy_from_slice(kind.as_bytes());
-        bytes[a] = b'|';
-        bytes[a + 1..b].copy_from_slice(owner.as_bytes());
-        bytes[b] = b'|';
-        bytes[b + 1..len].copy_from_slice(name.as_bytes());
-        CounterName::Inline {
-            len: len as u8,
-            bytes: NameBytes(bytes),
+        let mut inline = ArrayString::new();
+        let joined = [kind, "|", owner, "|", name]
+            .iter()
+            .try_for_each(|part| inline.try_push_str(part));
+        match joined {
+            Ok(()) => CounterName::Inline(inline),
+            Err(_) => CounterName::Heap(format!("{kind}|{owner}|{name}")),
         }
     }
 
     fn as_str(&self) -> &str {
         match self {
-            // Joined from three `str`s and ASCII bars, so always UTF-8.
-            CounterName::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes.0[..usize::from(*len)]).unwrap_or_default()
-            }
+            CounterName::Inline(s) => s,
             CounterName::Heap(s) => s,
         }
     }
@@ -556,27 +557,27 @@ fn limit_denial(v: Verdict, retry_after_header: &str) -> Option<(Outcome, LocalR
 }
 
 /// One run of a request program.
-struct Run<'a> {
+struct Run<'a, 's> {
     catalog: &'a Catalog,
-    store: &'a dyn CounterStore,
+    store: &'s dyn CounterStore,
     now: Millis,
-    reservations: SmallVec<[Reservation; 2]>,
+    reservations: SmallVec<[Reservation<'a>; 2]>,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a, '_> {
     fn release_all(&mut self) {
         for r in self.reservations.drain(..).rev() {
             // Best effort: a failed release under-admits, never over-admits.
             let _ = match r {
-                Reservation::Sliding { key, at, n } => {
-                    counters::sliding_release(self.store, key.as_str(), at, n)
+                Reservation::Sliding { counter, at, n } => {
+                    counters::sliding_release(self.store, counter.name().as_str(), at, n)
                 }
                 Reservation::Fixed {
-                    key,
+                    counter,
                     windows,
                     start,
                     n,
-                } => windows.release(self.store, key.as_str(), start, n),
+                } => windows.release(self.store, counter.name().as_str(), start, n),
             };
         }
     }
@@ -585,7 +586,7 @@ impl Run<'_> {
     fn subscription_limit(
         &mut self,
         step: u32,
-        limit: &SubscriptionLimit,
+        limit: &'a SubscriptionLimit,
         quota: bool,
         call: &mut CallContext,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
@@ -614,8 +615,11 @@ impl Run<'_> {
         }
         let mut headline: Option<(u64, u64)> = None;
         for (counter, a) in counters {
-            let kind = if quota { "q" } else { "rl" };
-            let key = CounterName::new(kind, &subscription.counter_id, counter);
+            let counter = Counter {
+                kind: if quota { "q" } else { "rl" },
+                owner: &subscription.counter_id,
+                name: Cow::Borrowed(counter),
+            };
             let verdict = if quota {
                 let windows = FixedWindows {
                     origin: subscription.origin,
@@ -623,9 +627,9 @@ impl Run<'_> {
                     calls: a.calls,
                     bandwidth_kb: a.bandwidth_kb,
                 };
-                self.admit_fixed(key, windows, 1, call)?
+                self.admit_fixed(counter, windows, 1, call)?
             } else {
-                self.admit_sliding(key, a.calls.unwrap_or(u64::MAX), a.period, 1)?
+                self.admit_sliding(counter, a.calls.unwrap_or(u64::MAX), a.period, 1)?
             };
             if let Some(denial) = limit_denial(verdict, &limit.retry_after_header) {
                 return Ok(Some(denial));
@@ -651,7 +655,7 @@ impl Run<'_> {
     fn keyed_limit(
         &mut self,
         step: u32,
-        limit: &KeyedLimit,
+        limit: &'a KeyedLimit,
         quota: bool,
         call: &mut CallContext,
         facts: &dyn Facts,
@@ -666,7 +670,11 @@ impl Run<'_> {
         };
         let a = limit.allowance;
         let verdict = if quota {
-            let key = CounterName::new("qk", &limit.window, &value);
+            let counter = Counter {
+                kind: "qk",
+                owner: &limit.window,
+                name: value,
+            };
             let windows = FixedWindows {
                 origin: limit.first_period_start,
                 period: a.period,
@@ -674,8 +682,9 @@ impl Run<'_> {
                 bandwidth_kb: a.bandwidth_kb,
             };
             match &limit.increment_condition {
-                None => self.admit_fixed(key, windows, n, call)?,
+                None => self.admit_fixed(counter, windows, n, call)?,
                 Some(_) => {
+                    let key = counter.name();
                     let v = windows.check(self.store, key.as_str(), self.now)?;
                     call.pending.push(Pending::FixedIf {
                         key: key.as_str().to_string(),
@@ -688,12 +697,17 @@ impl Run<'_> {
                 }
             }
         } else {
-            let key = CounterName::new("rlk", &limit.window, &value);
+            let counter = Counter {
+                kind: "rlk",
+                owner: &limit.window,
+                name: value,
+            };
             let calls = a.calls.unwrap_or(u64::MAX);
             let n = u32::try_from(n).unwrap_or(u32::MAX);
             match &limit.increment_condition {
-                None => self.admit_sliding(key, calls, a.period, n)?,
+                None => self.admit_sliding(counter, calls, a.period, n)?,
                 Some(_) => {
+                    let key = counter.name();
                     let v = counters::sliding_check(
                         self.store,
                         key.as_str(),
@@ -734,16 +748,17 @@ impl Run<'_> {
     }
 }
 
-impl Run<'_> {
+impl<'a> Run<'a, '_> {
     /// Counts a call of weight `n` in fixed windows. An admission is reserved (taken back if a
     /// later limit denies the call) and, for a bandwidth quota, left for the completion.
     fn admit_fixed(
         &mut self,
-        key: CounterName,
+        counter: Counter<'a>,
         windows: FixedWindows,
         n: u64,
         call: &mut CallContext,
     ) -> Result<Verdict, EngineError> {
+        let key = counter.name();
         let (v, start) = windows.admit(self.store, key.as_str(), self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             if windows.bandwidth_kb.is_some() {
@@ -753,7 +768,7 @@ impl Run<'_> {
                 });
             }
             self.reservations.push(Reservation::Fixed {
-                key,
+                counter,
                 windows,
                 start,
                 n,
@@ -765,15 +780,16 @@ impl Run<'_> {
     /// Counts a call of weight `n` in a sliding window, reserved as in [`Self::admit_fixed`].
     fn admit_sliding(
         &mut self,
-        key: CounterName,
+        counter: Counter<'a>,
         calls: u64,
         period: Millis,
         n: u32,
     ) -> Result<Verdict, EngineError> {
+        let key = counter.name();
         let v = counters::sliding_admit(self.store, key.as_str(), calls, period, self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             self.reservations.push(Reservation::Sliding {
-                key,
+                counter,
                 at: self.now,
                 n,
             });
@@ -1011,7 +1027,7 @@ impl Catalog {
         program: &Program,
         req: &Request,
         call: &mut CallContext,
-        run: &mut Run,
+        run: &mut Run<'c, '_>,
         upstream: &mut HeaderEdits<'c>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         // Who the call is does not change while its program runs.
