@@ -984,6 +984,17 @@ mod tests {
     }
 
     #[test]
+    fn a_window_that_was_idle_keeps_only_its_new_admission() {
+        let s = MemoryStore::new();
+        sliding_admit(&s, "k", 5, 1_000, 0, 1).unwrap();
+        // Past the window and the skew, the one entry left is as many as are kept: dropped.
+        sliding_admit(&s, "k", 5, 1_000, 5_000, 1).unwrap();
+        let state = s.get("k").unwrap().unwrap().0;
+        assert_eq!(decode_sliding(Some(&state)), vec![(5_000, 1)]);
+        assert_eq!(state.len(), SLIDING_HEAD + ADMISSION);
+    }
+
+    #[test]
     fn releasing_an_admission_keeps_the_others_counted() {
         let s = MemoryStore::new();
         for now in [5, 6, 6, 7] {
@@ -1198,6 +1209,39 @@ mod tests {
                 prop_assert!(a.iter().map(|(_, n)| u64::from(n)).sum::<u64>() == a.since(0));
             }
             prop_assert_eq!(&got, &naive_sliding(&gaps, calls, period));
+        }
+
+        /// Weighted admissions, some taken back at once (a later limit denied the call), in the
+        /// memory store and through compare-and-swap: the same verdicts and remaining calls as
+        /// a plain list of what was admitted and not taken back.
+        #[test]
+        fn admissions_and_releases_match_the_reference(
+            ops in proptest::collection::vec((0i64..60, 1u32..4, any::<bool>()), 1..400),
+            calls in 1u64..40,
+            period in 1_000i64..3_000,
+        ) {
+            let (s, cas) = (MemoryStore::new(), CasOnly(MemoryStore::new()));
+            let mut admitted: Vec<(Millis, u32)> = Vec::new();
+            let mut t = 1_700_000_000_000;
+            for (gap, n, release) in ops {
+                t += gap;
+                let used: u64 = admitted.iter().filter(|&&(at, _)| at > t - period).map(|&(_, k)| u64::from(k)).sum();
+                let want = if used < calls {
+                    Verdict::Admitted { remaining: calls.saturating_sub(used + u64::from(n)) }
+                } else {
+                    let oldest = admitted.iter().map(|&(at, _)| at).filter(|&at| at > t - period).min().unwrap_or(t);
+                    Verdict::RateLimited { wait: (oldest + period - t).max(1) }
+                };
+                for store in [&s as &dyn CounterStore, &cas] {
+                    prop_assert_eq!(sliding_admit(store, "k", calls, period, t, n).unwrap(), want);
+                    if release && used < calls {
+                        sliding_release(store, "k", t, n).unwrap();
+                    }
+                }
+                if !release && used < calls {
+                    admitted.push((t, n));
+                }
+            }
         }
 
         /// Workers whose clocks disagree by less than CLOCK_SKEW: a call counts every admission
