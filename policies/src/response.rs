@@ -2,7 +2,7 @@
 
 use crate::clock::{ceil_seconds, format_timespan, Millis};
 use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::fmt::{Arguments, Write as _};
 
 /// A response the gateway sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,17 +13,24 @@ pub struct LocalResponse {
     pub body: String,
 }
 
-/// `{"statusCode": N, "message": "..."}` exactly, JSON-escaped.
-pub(crate) fn error_body(status: u16, message: &str) -> String {
-    let mut body = String::with_capacity(message.len() + 40);
+/// `{"statusCode": N, "message": "..."}` exactly, JSON-escaped. The message is written in place
+/// and escaped afterwards only if it needs to be (the gateway's own never do).
+pub(crate) fn error_body(status: u16, message: Arguments<'_>) -> String {
+    // Room for the gateway's own messages: a literal's length is known, a formatted one's
+    // is under 100.
+    let mut body = String::with_capacity(40 + message.as_str().map_or(100, str::len));
     // Writing to a String cannot fail.
     let _ = write!(body, "{{\"statusCode\": {status}, \"message\": \"");
-    let plain = !message.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    let start = body.len();
+    let _ = body.write_fmt(message);
+    let plain = !body.as_bytes()[start..]
+        .iter()
+        .any(|&b| b == b'"' || b == b'\\' || b < 0x20);
     if plain {
-        body.push_str(message);
         body.push_str("\"}");
         return body;
     }
+    let message = body.split_off(start);
     for c in message.chars() {
         match c {
             '"' => body.push_str("\\\""),
@@ -42,7 +49,7 @@ pub(crate) fn error_body(status: u16, message: &str) -> String {
 /// A JSON error response: `content-type`, then the `extra` header if any.
 fn json(
     status: u16,
-    message: &str,
+    message: Arguments<'_>,
     extra: Option<(Cow<'static, str>, Cow<'static, str>)>,
 ) -> LocalResponse {
     let mut headers = Vec::with_capacity(2);
@@ -59,13 +66,13 @@ fn json(
 }
 
 pub(crate) fn not_found() -> LocalResponse {
-    json(404, "Resource not found", None)
+    json(404, format_args!("Resource not found"), None)
 }
 
 pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> LocalResponse {
     json(
         401,
-        "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.",
+        format_args!("Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API."),
         Some((
             Cow::Borrowed("www-authenticate"),
             Cow::Owned(format!(
@@ -78,20 +85,22 @@ pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> Loca
 pub(crate) fn invalid_key() -> LocalResponse {
     json(
         401,
-        "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.",
+        format_args!("Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription."),
         None,
     )
 }
 
 pub(crate) fn rate_limited(wait: Millis, retry_after_header: &str) -> LocalResponse {
     let n = ceil_seconds(wait).max(1);
+    // The usual name is the gateway's own, not copied.
+    let name = match retry_after_header {
+        "retry-after" => Cow::Borrowed("retry-after"),
+        other => Cow::Owned(other.to_string()),
+    };
     json(
         429,
-        &format!("Rate limit is exceeded. Try again in {n} seconds."),
-        Some((
-            Cow::Owned(retry_after_header.to_string()),
-            Cow::Owned(n.to_string()),
-        )),
+        format_args!("Rate limit is exceeded. Try again in {n} seconds."),
+        Some((name, Cow::Owned(n.to_string()))),
     )
 }
 
@@ -104,7 +113,7 @@ pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalRespons
     };
     json(
         403,
-        &format!(
+        format_args!(
             "{what}. Quota will be replenished in {}.",
             format_timespan(wait_seconds)
         ),
@@ -118,17 +127,17 @@ pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalRespons
 pub(crate) fn ip_forbidden(ip: &str) -> LocalResponse {
     json(
         403,
-        &format!("Caller IP address {ip} is not allowed. Access denied."),
+        format_args!("Caller IP address {ip} is not allowed. Access denied."),
         None,
     )
 }
 
 pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
-    json(status, message, None)
+    json(status, format_args!("{message}"), None)
 }
 
 pub(crate) fn internal_error() -> LocalResponse {
-    json(500, "Internal server error", None)
+    json(500, format_args!("Internal server error"), None)
 }
 
 #[cfg(test)]
@@ -138,12 +147,12 @@ mod tests {
     #[test]
     fn body_is_exact_and_escaped() {
         assert_eq!(
-            error_body(404, "Resource not found"),
+            error_body(404, format_args!("Resource not found")),
             r#"{"statusCode": 404, "message": "Resource not found"}"#
         );
         assert_eq!(
-            error_body(400, "a \"b\""),
-            r#"{"statusCode": 400, "message": "a \"b\""}"#
+            error_body(400, format_args!("a \"b\"\n")),
+            r#"{"statusCode": 400, "message": "a \"b\"\n"}"#
         );
     }
 
@@ -151,7 +160,13 @@ mod tests {
     fn rate_limit_rounds_up() {
         let r = rate_limited(59_001, "retry-after");
         assert_eq!(r.status, 429);
-        assert!(r.body.contains("Try again in 60 seconds."));
+        assert_eq!(
+            r.body,
+            r#"{"statusCode": 429, "message": "Rate limit is exceeded. Try again in 60 seconds."}"#
+        );
         assert_eq!(r.headers[1], ("retry-after".into(), "60".into()));
+        // A renamed header keeps its name.
+        let r = rate_limited(1, "x-retry-in");
+        assert_eq!(r.headers[1], ("x-retry-in".into(), "1".into()));
     }
 }
