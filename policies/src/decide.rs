@@ -833,7 +833,9 @@ impl Catalog {
 }
 
 impl Catalog {
-    fn route(&self, req: &Request) -> Option<u32> {
+    /// The API of a request, and the part of its path below the API's (when the path is as it
+    /// came, else found again by the operation).
+    fn route<'r>(&self, req: &Request<'r>) -> Option<(u32, Option<&'r str>)> {
         let host = host_of(req.host);
         // The path's segments, lower-case, joined by '/' (usually the path itself, without a
         // copy); then its segment-aligned prefixes, longest first, from the first `deepest`
@@ -872,16 +874,21 @@ impl Catalog {
                 .iter()
                 .find(|&&a| self.apis[a as usize].hostnames.is_empty());
             if let Some(&a) = bound.or(open) {
-                return Some(a);
+                let below = match &joined {
+                    Cow::Borrowed(path) => Some(&path[end..]),
+                    Cow::Owned(_) => None,
+                };
+                return Some((a, below));
             }
         }
         None
     }
 
-    fn operation(&self, api: u32, req: &Request) -> Option<u32> {
+    fn operation(&self, api: u32, req: &Request, below: Option<&str>) -> Option<u32> {
         let a = &self.apis[api as usize];
         // The path's segments below the API's, split once for every template.
-        let below: SmallVec<[&str; 8]> = segments(crate::route::below(req.path, a.depth)).collect();
+        let below = below.unwrap_or_else(|| crate::route::below(req.path, a.depth));
+        let below: SmallVec<[&str; 8]> = segments(below).collect();
         a.operations
             .iter()
             .enumerate()
@@ -898,7 +905,7 @@ impl Catalog {
         now: Millis,
         store: &dyn CounterStore,
     ) -> Result<Decision<'c>, EngineError> {
-        let Some(api_ix) = self.route(req) else {
+        let Some((api_ix, below)) = self.route(req) else {
             return Ok(Decision::deny(
                 Outcome::ApiNotFound,
                 response::not_found(),
@@ -920,7 +927,7 @@ impl Catalog {
             saved: None,
         };
         if !api.operations.is_empty() {
-            match self.operation(api_ix, req) {
+            match self.operation(api_ix, req, below) {
                 Some(o) => call.id.operation = Some(o),
                 None => {
                     return Ok(Decision::deny(
