@@ -392,6 +392,47 @@ mod tests {
         Ok(())
     }
 
+    /// A rate limit's state in the layout of builds before session 5 (the expiry, then
+    /// `(instant, count)` entries in any order), as a running Envoy's shared data holds it when
+    /// the filter is replaced: its admissions still count, and it is rewritten in this layout.
+    #[test]
+    fn a_rate_limit_written_by_an_earlier_build_still_counts() -> R {
+        use apim_edge_policies::Outcome;
+        let engine = OnSlots::new(
+            "<policies><inbound><rate-limit calls=\"3\" renewal-period=\"60\" /></inbound></policies>",
+        )?;
+        assert_eq!(engine.decide(0)?, Outcome::Allowed);
+        // The one counter written: the rate limit's.
+        let name = (0..SLOTS)
+            .find_map(|slot| {
+                let (bytes, _) = engine.shared.get(&slot_key(slot)).ok()?;
+                entries(&bytes?)
+                    .next()
+                    .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            })
+            .ok_or("no counter written")?;
+        let store = SlotStore::new(&engine.shared, 0);
+        let (_, version) = store.get(&name)?.ok_or("")?;
+        let mut legacy = 61_000i64.to_le_bytes().to_vec();
+        for (at, n) in [(10i64, 1u32), (0, 1), (5, 1)] {
+            legacy.extend_from_slice(&at.to_le_bytes());
+            legacy.extend_from_slice(&n.to_le_bytes());
+        }
+        assert!(store.compare_and_set(&name, &legacy, Some(version))?);
+        // Three admissions in the window: the next call is limited, and it was counted nowhere.
+        assert_eq!(engine.decide(20)?, Outcome::RateLimited);
+        // At 60,001 the admission at 0 has left the window: one more fits, and the state is
+        // now in this build's layout (a whole number of 12-byte pieces).
+        assert_eq!(engine.decide(60_001)?, Outcome::Allowed);
+        assert_eq!(engine.decide(60_002)?, Outcome::RateLimited);
+        let state = SlotStore::new(&engine.shared, 60_002)
+            .get(&name)?
+            .ok_or("")?
+            .0;
+        assert!(state.len().is_multiple_of(12), "{state:?}");
+        Ok(())
+    }
+
     /// The known limit the README states: a sliding window holds 12 bytes per distinct
     /// millisecond with admissions in it, so a rate limit of 10,000 calls a minute outgrows a
     /// slot after about 5,400 admissions at distinct instants. The write is then refused (an
