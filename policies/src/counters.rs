@@ -49,24 +49,23 @@ impl<'a> State<'a> {
         &mut self.buf[self.start..]
     }
 
-    /// Replaces the state's bytes in `range` with `with` (an empty range inserts, an empty
-    /// `with` removes).
-    pub fn splice(&mut self, range: Range<usize>, with: &[u8]) {
-        let (from, to) = (self.start + range.start, self.start + range.end);
-        let end = from + with.len();
-        if from == self.buf.len() {
-            self.buf.extend_from_slice(with);
+    /// Puts `bytes` at offset `at` of the state (the usual place, the end, is an append).
+    pub fn insert(&mut self, at: usize, bytes: &[u8]) {
+        let (at, len) = (self.start + at, self.buf.len());
+        if at == len {
+            self.buf.extend_from_slice(bytes);
             return;
         }
-        if end > to {
-            // Room for the longer text: the bytes after the range move up.
-            let len = self.buf.len();
-            self.buf.resize(len + (end - to), 0);
-            self.buf.copy_within(to..len, end);
-        } else {
-            self.buf.drain(end..to);
-        }
-        self.buf[from..end].copy_from_slice(with);
+        // The bytes after `at` move up to make room.
+        self.buf.resize(len + bytes.len(), 0);
+        self.buf.copy_within(at..len, at + bytes.len());
+        self.buf[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Takes the state's bytes in `range` out.
+    pub fn remove(&mut self, range: Range<usize>) {
+        self.buf
+            .drain(self.start + range.start..self.start + range.end);
     }
 
     /// Replaces the whole state.
@@ -350,6 +349,12 @@ fn i64_at(b: &[u8], at: usize) -> i64 {
     i64::from_le_bytes(x)
 }
 
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     let mut x = [0u8; 4];
     x.copy_from_slice(&b[at..at + 4]);
@@ -500,16 +505,12 @@ fn sliding_verdict(a: Admissions<'_>, calls: u64, period: Millis, now: Millis) -
     }
 }
 
-/// Adds `n` to the running counts of entries `from..` of a state in this layout.
-fn add_running(state: &mut State<'_>, from: usize, n: u32, subtract: bool) {
+/// Adds `delta` to the running counts of entries `from..` of a state in this layout (they
+/// wrap, so taking `n` away is adding `n.wrapping_neg()`).
+fn add_running(state: &mut State<'_>, from: usize, delta: u32) {
     let entries = &mut state.bytes_mut()[SLIDING_HEAD..];
     for e in entries.chunks_exact_mut(ADMISSION).skip(from) {
-        let r = u32_at(e, 8);
-        let r = if subtract {
-            r.wrapping_sub(n)
-        } else {
-            r.wrapping_add(n)
-        };
+        let r = u32_at(e, 8).wrapping_add(delta);
         e[8..].copy_from_slice(&r.to_le_bytes());
     }
 }
@@ -536,15 +537,15 @@ fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
     let base = a.before(dead);
     let merge = place > 0 && a.at(place - 1) == now;
     if merge {
-        add_running(state, place - 1, n, false);
+        add_running(state, place - 1, n);
     } else {
         let mut entry = [0u8; ADMISSION];
         entry[..8].copy_from_slice(&now.to_le_bytes());
         entry[8..].copy_from_slice(&a.before(place).wrapping_add(n).to_le_bytes());
         let at = SLIDING_HEAD + place * ADMISSION;
-        state.splice(at..at, &entry);
+        state.insert(at, &entry);
         if place < len {
-            add_running(state, place + 1, n, false);
+            add_running(state, place + 1, n);
         }
     }
     let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
@@ -552,7 +553,7 @@ fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
     let len = len + usize::from(!merge);
     if dead > 0 && (dead >= DROP_BATCH || dead >= len - dead) {
         state.bytes_mut()[EXPIRY..SLIDING_HEAD].copy_from_slice(&base.to_le_bytes());
-        state.splice(SLIDING_HEAD..SLIDING_HEAD + dead * ADMISSION, &[]);
+        state.remove(SLIDING_HEAD..SLIDING_HEAD + dead * ADMISSION);
     }
 }
 
@@ -622,10 +623,10 @@ pub(crate) fn sliding_release(
             _ => return (rewritten, ()),
         };
         let emptied = a.count(i) == n;
-        add_running(state, i, n, true);
+        add_running(state, i, n.wrapping_neg());
         if emptied {
             let from = SLIDING_HEAD + i * ADMISSION;
-            state.splice(from..from + ADMISSION, &[]);
+            state.remove(from..from + ADMISSION);
         }
         (true, ())
     })
@@ -640,20 +641,15 @@ struct Window {
     bytes: u64,
 }
 
-fn decode_window(bytes: Option<&[u8]>) -> Option<Window> {
-    let b = bytes?.get(EXPIRY..)?;
-    if b.len() != 24 {
+/// A fixed window's state (the expiry, then start, calls and bytes); `None` when never written.
+fn decode_window(bytes: &[u8]) -> Option<Window> {
+    if bytes.len() != EXPIRY + 24 {
         return None;
     }
-    let num = |i: usize| {
-        let mut x = [0u8; 8];
-        x.copy_from_slice(&b[i..i + 8]);
-        x
-    };
     Some(Window {
-        start: i64::from_le_bytes(num(0)),
-        calls: u64::from_le_bytes(num(8)),
-        bytes: u64::from_le_bytes(num(16)),
+        start: i64_at(bytes, EXPIRY),
+        calls: u64_at(bytes, EXPIRY + 8),
+        bytes: u64_at(bytes, EXPIRY + 16),
     })
 }
 
@@ -684,7 +680,7 @@ pub(crate) struct FixedWindows {
 }
 
 impl FixedWindows {
-    fn current(&self, bytes: Option<&[u8]>, now: Millis) -> Window {
+    fn current(&self, bytes: &[u8], now: Millis) -> Window {
         let start = window_start(self.origin, self.period, now);
         match decode_window(bytes) {
             // A worker whose clock is behind counts in the window a worker ahead has begun,
@@ -739,7 +735,7 @@ impl FixedWindows {
         n: u64,
     ) -> Result<(Verdict, Millis), StoreError> {
         update(store, key, |state| {
-            let mut w = self.current(Some(state.bytes()), now);
+            let mut w = self.current(state.bytes(), now);
             match self.verdict(&w, now) {
                 Verdict::Admitted { .. } => {
                     w.calls += n;
@@ -763,7 +759,7 @@ impl FixedWindows {
         now: Millis,
     ) -> Result<Verdict, StoreError> {
         let current = store.get(key)?;
-        let w = self.current(current.as_ref().map(|(b, _)| b.as_slice()), now);
+        let w = self.current(current.as_ref().map_or(&[][..], |(b, _)| b), now);
         Ok(self.verdict(&w, now))
     }
 
@@ -780,7 +776,7 @@ impl FixedWindows {
             return Ok(());
         }
         update(store, key, |state| {
-            let mut w = self.current(Some(state.bytes()), now);
+            let mut w = self.current(state.bytes(), now);
             w.calls = w.calls.saturating_add(calls);
             w.bytes = w.bytes.saturating_add(bytes);
             encode_window(&w, self.period, state);
@@ -796,15 +792,13 @@ impl FixedWindows {
         start: Millis,
         n: u64,
     ) -> Result<(), StoreError> {
-        update(store, key, |state| {
-            match decode_window(Some(state.bytes())) {
-                Some(mut w) if w.start == start && w.calls >= n => {
-                    w.calls -= n;
-                    encode_window(&w, self.period, state);
-                    (true, ())
-                }
-                _ => (false, ()),
+        update(store, key, |state| match decode_window(state.bytes()) {
+            Some(mut w) if w.start == start && w.calls >= n => {
+                w.calls -= n;
+                encode_window(&w, self.period, state);
+                (true, ())
             }
+            _ => (false, ()),
         })
     }
 }

@@ -537,13 +537,16 @@ fn nested_matches(n: &Nested, name: &str, display: &str) -> bool {
             .is_some_and(|x| x.eq_ignore_ascii_case(name) || x == display)
 }
 
-/// Denial from a limit's verdict.
-fn limit_denial(v: Verdict, retry_after_header: &str) -> Option<(Outcome, LocalResponse)> {
+/// Denial from a limit's verdict; a 429 names its wait in the limit's `retry_after_header`.
+fn limit_denial(
+    v: Verdict,
+    retry_after_header: impl FnOnce() -> Cow<'static, str>,
+) -> Option<(Outcome, LocalResponse)> {
     match v {
         Verdict::Admitted { .. } => None,
         Verdict::RateLimited { wait } => Some((
             Outcome::RateLimited,
-            response::rate_limited(wait, retry_after_header),
+            response::rate_limited(wait, retry_after_header()),
         )),
         Verdict::QuotaExceeded { bandwidth, seconds } => Some((
             if bandwidth {
@@ -631,7 +634,7 @@ impl<'a> Run<'a, '_> {
             } else {
                 self.admit_sliding(counter, a.calls.unwrap_or(u64::MAX), a.period, 1)?
             };
-            if let Some(denial) = limit_denial(verdict, &limit.retry_after_header) {
+            if let Some(denial) = limit_denial(verdict, || limit.retry_after_header.clone()) {
                 return Ok(Some(denial));
             }
             if let (Verdict::Admitted { remaining }, None, Some(calls)) =
@@ -725,7 +728,7 @@ impl<'a> Run<'a, '_> {
                 }
             }
         };
-        if let Some(denial) = limit_denial(verdict, &limit.retry_after_header) {
+        if let Some(denial) = limit_denial(verdict, || limit.retry_after_header.clone()) {
             // A denied call leaves nothing to count at completion.
             call.pending.retain(|p| !matches!(p, Pending::SlidingIf { condition, .. } | Pending::FixedIf { condition, .. } if *condition == step));
             return Ok(Some(denial));

@@ -10,6 +10,7 @@ use crate::error::LoadError;
 use crate::expr::{self, Expr, Ty};
 use crate::xml::{self, Element, Pos};
 use hashbrown::HashMap;
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// What to do with a policy element outside the edge subset.
@@ -93,7 +94,7 @@ pub(crate) struct SubscriptionLimit {
     pub counter: String,
     pub allowance: Option<Allowance>,
     pub nested: Vec<Nested>,
-    pub retry_after_header: String,
+    pub retry_after_header: Cow<'static, str>,
     pub remaining_header: Option<String>,
     pub total_header: Option<String>,
 }
@@ -109,7 +110,7 @@ pub(crate) struct KeyedLimit {
     /// The middle of the counter's name, made at load: the period (and for `quota-by-key` the
     /// first period's start), so that limits with different windows never share a counter.
     pub window: String,
-    pub retry_after_header: String,
+    pub retry_after_header: Cow<'static, str>,
     pub remaining_header: Option<String>,
     pub total_header: Option<String>,
 }
@@ -581,6 +582,13 @@ fn header_name_attr(el: &Element, attr: &str) -> Compiled<Option<String>> {
         .transpose()
 }
 
+/// The header a 429 names its wait in: `retry-after` (the gateway's own text, never copied per
+/// call) unless `retry-after-header-name` renames it.
+fn retry_after_name(el: &Element) -> Compiled<Cow<'static, str>> {
+    Ok(header_name_attr(el, "retry-after-header-name")?
+        .map_or(Cow::Borrowed("retry-after"), Cow::Owned))
+}
+
 fn nested(
     el: &Element,
     parent_counter: &str,
@@ -641,8 +649,7 @@ fn subscription_limit(el: &Element, scope: &Scope, quota: bool) -> Compiled<Subs
         counter,
         allowance,
         nested: nested_limits,
-        retry_after_header: header_name_attr(el, "retry-after-header-name")?
-            .unwrap_or_else(|| "retry-after".into()),
+        retry_after_header: retry_after_name(el)?,
         remaining_header: header_name_attr(el, "remaining-calls-header-name")?,
         total_header: header_name_attr(el, "total-calls-header-name")?,
     })
@@ -709,8 +716,7 @@ fn keyed_limit(el: &Element, quota: bool) -> Compiled<KeyedLimit> {
         increment_count,
         first_period_start,
         window,
-        retry_after_header: header_name_attr(el, "retry-after-header-name")?
-            .unwrap_or_else(|| "retry-after".into()),
+        retry_after_header: retry_after_name(el)?,
         remaining_header: header_name_attr(el, "remaining-calls-header-name")?,
         total_header: header_name_attr(el, "total-calls-header-name")?,
     })

@@ -90,17 +90,13 @@ pub(crate) fn invalid_key() -> LocalResponse {
     )
 }
 
-pub(crate) fn rate_limited(wait: Millis, retry_after_header: &str) -> LocalResponse {
+/// A 429, its wait in the header `retry_after_header`.
+pub(crate) fn rate_limited(wait: Millis, retry_after_header: Cow<'static, str>) -> LocalResponse {
     let n = ceil_seconds(wait).max(1);
-    // The usual name is the gateway's own, not copied.
-    let name = match retry_after_header {
-        "retry-after" => Cow::Borrowed("retry-after"),
-        other => Cow::Owned(other.to_string()),
-    };
     json(
         429,
         format_args!("Rate limit is exceeded. Try again in {n} seconds."),
-        Some((name, Cow::Owned(n.to_string()))),
+        Some((retry_after_header, Cow::Owned(n.to_string()))),
     )
 }
 
@@ -158,7 +154,7 @@ mod tests {
 
     #[test]
     fn rate_limit_rounds_up() {
-        let r = rate_limited(59_001, "retry-after");
+        let r = rate_limited(59_001, Cow::Borrowed("retry-after"));
         assert_eq!(r.status, 429);
         assert_eq!(
             r.body,
@@ -166,7 +162,7 @@ mod tests {
         );
         assert_eq!(r.headers[1], ("retry-after".into(), "60".into()));
         // A renamed header keeps its name.
-        let r = rate_limited(1, "x-retry-in");
+        let r = rate_limited(1, Cow::Owned("x-retry-in".to_string()));
         assert_eq!(r.headers[1], ("x-retry-in".into(), "1".into()));
     }
 }
