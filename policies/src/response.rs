@@ -2,7 +2,7 @@
 
 use crate::clock::{ceil_seconds, format_timespan, Millis};
 use std::borrow::Cow;
-use std::fmt::{Arguments, Write as _};
+use std::fmt::{self, Arguments, Write as _};
 
 /// A response the gateway sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,37 +13,41 @@ pub struct LocalResponse {
     pub body: String,
 }
 
-/// `{"statusCode": N, "message": "..."}` exactly, JSON-escaped. The message is written in place
-/// and escaped afterwards only if it needs to be (the gateway's own never do).
+/// `{"statusCode": N, "message": "..."}` exactly. The message is the gateway's own text, written
+/// as it is: any text that comes from a policy or a request goes in through [`JsonText`].
 pub(crate) fn error_body(status: u16, message: Arguments<'_>) -> String {
     // Room for the gateway's own messages: a literal's length is known, a formatted one's
     // is under 100.
     let mut body = String::with_capacity(40 + message.as_str().map_or(100, str::len));
     // Writing to a String cannot fail.
-    let _ = write!(body, "{{\"statusCode\": {status}, \"message\": \"");
-    let start = body.len();
-    let _ = body.write_fmt(message);
-    let plain = !body.as_bytes()[start..]
-        .iter()
-        .any(|&b| b == b'"' || b == b'\\' || b < 0x20);
-    if plain {
-        body.push_str("\"}");
-        return body;
-    }
-    let message = body.split_off(start);
-    for c in message.chars() {
-        match c {
-            '"' => body.push_str("\\\""),
-            '\\' => body.push_str("\\\\"),
-            '\n' => body.push_str("\\n"),
-            '\r' => body.push_str("\\r"),
-            '\t' => body.push_str("\\t"),
-            c if (c as u32) < 0x20 => body.push_str(&format!("\\u{:04x}", c as u32)),
-            c => body.push(c),
-        }
-    }
-    body.push_str("\"}");
+    let _ = write!(
+        body,
+        "{{\"statusCode\": {status}, \"message\": \"{message}\"}}"
+    );
     body
+}
+
+/// Text inside a JSON string, escaped as it is written.
+struct JsonText<'a>(&'a str);
+
+impl fmt::Display for JsonText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+            f.write_str(&rest[..at])?;
+            let c = rest.as_bytes()[at];
+            match c {
+                b'"' => f.write_str("\\\""),
+                b'\\' => f.write_str("\\\\"),
+                b'\n' => f.write_str("\\n"),
+                b'\r' => f.write_str("\\r"),
+                b'\t' => f.write_str("\\t"),
+                c => write!(f, "\\u{c:04x}"),
+            }?;
+            rest = &rest[at + 1..];
+        }
+        f.write_str(rest)
+    }
 }
 
 /// A JSON error response: `content-type`, then the `extra` header if any.
@@ -123,13 +127,16 @@ pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalRespons
 pub(crate) fn ip_forbidden(ip: &str) -> LocalResponse {
     json(
         403,
-        format_args!("Caller IP address {ip} is not allowed. Access denied."),
+        format_args!(
+            "Caller IP address {} is not allowed. Access denied.",
+            JsonText(ip)
+        ),
         None,
     )
 }
 
 pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
-    json(status, format_args!("{message}"), None)
+    json(status, format_args!("{}", JsonText(message)), None)
 }
 
 pub(crate) fn internal_error() -> LocalResponse {
@@ -141,15 +148,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_is_exact_and_escaped() {
+    fn body_is_exact() {
         assert_eq!(
             error_body(404, format_args!("Resource not found")),
             r#"{"statusCode": 404, "message": "Resource not found"}"#
         );
+    }
+
+    #[test]
+    fn a_policy_message_is_escaped() {
+        let r = header_check_failed(400, "a \"b\" \\ c\n\r\t\u{1}é");
+        assert_eq!(r.status, 400);
         assert_eq!(
-            error_body(400, format_args!("a \"b\"\n")),
-            r#"{"statusCode": 400, "message": "a \"b\"\n"}"#
+            r.body,
+            r#"{"statusCode": 400, "message": "a \"b\" \\ c\n\r\t\u0001é"}"#
         );
+        let parsed: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(parsed["message"], "a \"b\" \\ c\n\r\t\u{1}é");
     }
 
     #[test]
