@@ -90,18 +90,35 @@ impl UrlTemplate {
         })
     }
 
-    /// Do the segments of the path below the API's prefix (see [`below`]) match?
-    pub fn matches(&self, below: &[&str]) -> bool {
+    /// Does the path below the API's prefix match? A template with another number of
+    /// segments is told apart by the count alone; the path is split again only for one that
+    /// may match.
+    pub fn matches(&self, below: &Below<'_>) -> bool {
         let fits = if self.rest {
-            below.len() >= self.segments.len()
+            below.segments >= self.segments.len()
         } else {
-            below.len() == self.segments.len()
+            below.segments == self.segments.len()
         };
         fits && self
             .segments
             .iter()
-            .zip(below)
+            .zip(segments(below.text))
             .all(|(seg, text)| match_pieces(&seg.0, text))
+    }
+}
+
+/// The path below an API's prefix (see [`below`]), and how many segments it has.
+pub(crate) struct Below<'a> {
+    text: &'a str,
+    segments: usize,
+}
+
+impl<'a> Below<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Below {
+            text,
+            segments: segments(text).count(),
+        }
     }
 }
 
@@ -145,7 +162,7 @@ mod tests {
     use super::*;
 
     fn m(t: &str, p: &str) -> bool {
-        UrlTemplate::parse(t).unwrap().matches(&segments_of(p))
+        UrlTemplate::parse(t).unwrap().matches(&Below::new(p))
     }
 
     #[test]
