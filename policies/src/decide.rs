@@ -13,7 +13,7 @@ use crate::policy::{
     ip_number, ExistsAction, KeyedLimit, Nested, SetHeader, Step, SubscriptionLimit, Text,
 };
 use crate::response::{self, LocalResponse};
-use crate::route::segments;
+use crate::route::{segments, Below};
 use crate::snapshot::SubscriptionScope;
 use arrayvec::ArrayString;
 use smallvec::SmallVec;
@@ -617,7 +617,7 @@ impl<'a> Run<'a, '_> {
             }
         }
         let mut headline: Option<(u64, u64)> = None;
-        for (counter, a) in counters {
+        for &(counter, a) in &counters {
             let counter = Counter {
                 kind: if quota { "q" } else { "rl" },
                 owner: &subscription.counter_id,
@@ -889,9 +889,7 @@ impl Catalog {
 
     fn operation(&self, api: u32, req: &Request, below: Option<&str>) -> Option<u32> {
         let a = &self.apis[api as usize];
-        // The path's segments below the API's, split once for every template.
-        let below = below.unwrap_or_else(|| crate::route::below(req.path, a.depth));
-        let below: SmallVec<[&str; 8]> = segments(below).collect();
+        let below = Below::new(below.unwrap_or_else(|| crate::route::below(req.path, a.depth)));
         a.operations
             .iter()
             .enumerate()
