@@ -11,6 +11,7 @@ use crate::policy::{
 };
 use crate::route::UrlTemplate;
 use crate::snapshot::{self, SubscriptionScope};
+use arrayvec::ArrayString;
 use hashbrown::HashMap;
 
 /// How a snapshot is loaded.
@@ -52,11 +53,41 @@ pub(crate) struct Product {
 pub(crate) struct Subscription {
     pub name: String,
     /// The name as counters are keyed by (ARM names ignore case).
-    pub counter_id: String,
+    pub counter_id: CounterId,
     pub display_name: String,
     pub scope: SubscriptionScope,
     pub active: bool,
     pub origin: Millis,
+}
+
+/// A subscription's name as its counters are keyed by. Kept inside the subscription when it
+/// is short, as nearly every one is (a GUID is 36 bytes), so that counting a call does not
+/// fetch it from another place in memory.
+pub(crate) enum CounterId {
+    Inline(ArrayString<INLINE_COUNTER_ID>),
+    Heap(Box<str>),
+}
+
+const INLINE_COUNTER_ID: usize = 40;
+
+impl CounterId {
+    fn new(id: String) -> Self {
+        match ArrayString::from(&id) {
+            Ok(inline) => CounterId::Inline(inline),
+            Err(_) => CounterId::Heap(id.into_boxed_str()),
+        }
+    }
+}
+
+impl std::ops::Deref for CounterId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            CounterId::Inline(s) => s,
+            CounterId::Heap(s) => s,
+        }
+    }
 }
 
 /// An effective program: step indices for the phases before and after the upstream.
@@ -155,7 +186,7 @@ impl Catalog {
             }
             subscriptions.push(Subscription {
                 name: s.name.clone(),
-                counter_id: s.name.to_ascii_lowercase(),
+                counter_id: CounterId::new(s.name.to_ascii_lowercase()),
                 display_name: s.display_name.clone(),
                 scope: s.scope,
                 active: s.state == "active",

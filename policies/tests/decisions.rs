@@ -260,3 +260,30 @@ fn a_header_value_that_is_one_context_member_is_that_members_text() {
         ]
     );
 }
+
+#[test]
+fn long_subscription_names_keep_their_own_rate_limits() {
+    // Two names longer than the ones kept inline, alike in their first 60 characters.
+    let prefix = "a".repeat(60);
+    let (first, second) = (format!("{prefix}-first"), format!("{prefix}-second"));
+    let doc = json!({
+        "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+        "products": [{"name": "p", "apis": ["orders"],
+                      "policy": r#"<policies><inbound><rate-limit calls="1" renewal-period="60" /><base /></inbound></policies>"#}],
+        "subscriptions": [
+            {"name": first, "properties": {"scope": "/products/p", "primaryKey": "k1"}},
+            {"name": second, "properties": {"scope": "/products/p", "primaryKey": "k2"}}
+        ]
+    });
+    let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    let store = MemoryStore::new();
+    let call = |key: &str, now| {
+        let h = headers(&[("Ocp-Apim-Subscription-Key", key)]);
+        c.decide(&request(&h, ""), now, &store).unwrap().outcome
+    };
+    assert_eq!(call("k1", 0), Outcome::Allowed);
+    assert_eq!(call("k2", 1), Outcome::Allowed);
+    assert_eq!(call("k1", 2), Outcome::RateLimited);
+    assert_eq!(call("k2", 3), Outcome::RateLimited);
+    assert_eq!(store.len(), 2);
+}
