@@ -1179,7 +1179,7 @@ impl Catalog {
             if let Some(name) = self.limit_header_name(h) {
                 edits.push(HeaderEdit::Set(
                     Cow::Borrowed(name),
-                    Cow::Owned(h.value.to_string()),
+                    response::number_text(h.value),
                 ));
             }
         }

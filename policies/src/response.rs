@@ -2,7 +2,6 @@
 
 use crate::clock::{ceil_seconds, format_timespan, Millis};
 use std::borrow::Cow;
-use std::fmt::{self, Arguments, Write as _};
 
 /// A response the gateway sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,47 +12,65 @@ pub struct LocalResponse {
     pub body: String,
 }
 
-/// `{"statusCode": N, "message": "..."}` exactly. The message is the gateway's own text, written
-/// as it is: any text that comes from a policy or a request goes in through [`JsonText`].
-pub(crate) fn error_body(status: u16, message: Arguments<'_>) -> String {
-    // Room for the gateway's own messages: a literal's length is known, a formatted one's
-    // is under 100.
-    let mut body = String::with_capacity(40 + message.as_str().map_or(100, str::len));
-    // Writing to a String cannot fail.
-    let _ = write!(
-        body,
-        "{{\"statusCode\": {status}, \"message\": \"{message}\"}}"
-    );
-    body
-}
+/// The body of a JSON error, `{"statusCode": N, "message": "..."}` exactly, written piece by
+/// piece with no formatting machinery: a busy edge sends 401s and 429s by the thousand.
+struct Body(String);
 
-/// Text inside a JSON string, escaped as it is written.
-struct JsonText<'a>(&'a str);
+impl Body {
+    /// A body whose message has about `message_len` bytes.
+    fn new(status: u16, message_len: usize) -> Self {
+        let mut body = String::with_capacity(40 + message_len);
+        body.push_str("{\"statusCode\": ");
+        body.push_str(itoa::Buffer::new().format(status));
+        body.push_str(", \"message\": \"");
+        Body(body)
+    }
 
-impl fmt::Display for JsonText<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rest = self.0;
+    /// The gateway's own text, written as it is (it has nothing to escape).
+    fn text(mut self, text: &str) -> Self {
+        self.0.push_str(text);
+        self
+    }
+
+    fn number(mut self, n: u64) -> Self {
+        self.0.push_str(itoa::Buffer::new().format(n));
+        self
+    }
+
+    /// Text from a policy or a request, escaped for a JSON string.
+    fn escaped(mut self, text: &str) -> Self {
+        let mut rest = text;
         while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
-            f.write_str(&rest[..at])?;
-            let c = rest.as_bytes()[at];
-            match c {
-                b'"' => f.write_str("\\\""),
-                b'\\' => f.write_str("\\\\"),
-                b'\n' => f.write_str("\\n"),
-                b'\r' => f.write_str("\\r"),
-                b'\t' => f.write_str("\\t"),
-                c => write!(f, "\\u{c:04x}"),
-            }?;
+            self.0.push_str(&rest[..at]);
+            match rest.as_bytes()[at] {
+                b'"' => self.0.push_str("\\\""),
+                b'\\' => self.0.push_str("\\\\"),
+                b'\n' => self.0.push_str("\\n"),
+                b'\r' => self.0.push_str("\\r"),
+                b'\t' => self.0.push_str("\\t"),
+                c => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.0.push_str("\\u00");
+                    self.0.push(char::from(HEX[usize::from(c >> 4)]));
+                    self.0.push(char::from(HEX[usize::from(c & 0xf)]));
+                }
+            }
             rest = &rest[at + 1..];
         }
-        f.write_str(rest)
+        self.0.push_str(rest);
+        self
+    }
+
+    fn end(mut self) -> String {
+        self.0.push_str("\"}");
+        self.0
     }
 }
 
 /// A JSON error response: `content-type`, then the `extra` header if any.
 fn json(
     status: u16,
-    message: Arguments<'_>,
+    body: String,
     extra: Option<(Cow<'static, str>, Cow<'static, str>)>,
 ) -> LocalResponse {
     let mut headers = Vec::with_capacity(2);
@@ -65,18 +82,33 @@ fn json(
     LocalResponse {
         status,
         headers,
-        body: error_body(status, message),
+        body,
     }
 }
 
+/// A JSON error response whose message is all the gateway's own text.
+fn plain(status: u16, message: &str) -> LocalResponse {
+    json(
+        status,
+        Body::new(status, message.len()).text(message).end(),
+        None,
+    )
+}
+
+/// A number as a header value.
+pub(crate) fn number_text(n: u64) -> Cow<'static, str> {
+    Cow::Owned(itoa::Buffer::new().format(n).to_owned())
+}
+
 pub(crate) fn not_found() -> LocalResponse {
-    json(404, format_args!("Resource not found"), None)
+    plain(404, "Resource not found")
 }
 
 pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> LocalResponse {
+    let message = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
     json(
         401,
-        format_args!("Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API."),
+        Body::new(401, message.len()).text(message).end(),
         Some((
             Cow::Borrowed("www-authenticate"),
             Cow::Owned(format!(
@@ -87,10 +119,9 @@ pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> Loca
 }
 
 pub(crate) fn invalid_key() -> LocalResponse {
-    json(
+    plain(
         401,
-        format_args!("Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription."),
-        None,
+        "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.",
     )
 }
 
@@ -99,8 +130,12 @@ pub(crate) fn rate_limited(wait: Millis, retry_after_header: Cow<'static, str>) 
     let n = ceil_seconds(wait).max(1);
     json(
         429,
-        format_args!("Rate limit is exceeded. Try again in {n} seconds."),
-        Some((retry_after_header, Cow::Owned(n.to_string()))),
+        Body::new(429, 60)
+            .text("Rate limit is exceeded. Try again in ")
+            .number(n)
+            .text(" seconds.")
+            .end(),
+        Some((retry_after_header, number_text(n))),
     )
 }
 
@@ -113,34 +148,38 @@ pub(crate) fn quota_exceeded(bandwidth: bool, wait_seconds: u64) -> LocalRespons
     };
     json(
         403,
-        format_args!(
-            "{what}. Quota will be replenished in {}.",
-            format_timespan(wait_seconds)
-        ),
-        Some((
-            Cow::Borrowed("retry-after"),
-            Cow::Owned(wait_seconds.to_string()),
-        )),
+        Body::new(403, 80)
+            .text(what)
+            .text(". Quota will be replenished in ")
+            .text(&format_timespan(wait_seconds))
+            .text(".")
+            .end(),
+        Some((Cow::Borrowed("retry-after"), number_text(wait_seconds))),
     )
 }
 
 pub(crate) fn ip_forbidden(ip: &str) -> LocalResponse {
     json(
         403,
-        format_args!(
-            "Caller IP address {} is not allowed. Access denied.",
-            JsonText(ip)
-        ),
+        Body::new(403, 60)
+            .text("Caller IP address ")
+            .escaped(ip)
+            .text(" is not allowed. Access denied.")
+            .end(),
         None,
     )
 }
 
 pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
-    json(status, format_args!("{}", JsonText(message)), None)
+    json(
+        status,
+        Body::new(status, message.len()).escaped(message).end(),
+        None,
+    )
 }
 
 pub(crate) fn internal_error() -> LocalResponse {
-    json(500, format_args!("Internal server error"), None)
+    plain(500, "Internal server error")
 }
 
 #[cfg(test)]
@@ -150,8 +189,16 @@ mod tests {
     #[test]
     fn body_is_exact() {
         assert_eq!(
-            error_body(404, format_args!("Resource not found")),
+            not_found().body,
             r#"{"statusCode": 404, "message": "Resource not found"}"#
+        );
+        assert_eq!(
+            quota_exceeded(false, 504).body,
+            r#"{"statusCode": 403, "message": "Out of call volume quota. Quota will be replenished in 00:08:24."}"#
+        );
+        assert_eq!(
+            ip_forbidden("2001:db8::1").body,
+            r#"{"statusCode": 403, "message": "Caller IP address 2001:db8::1 is not allowed. Access denied."}"#
         );
     }
 
