@@ -16,11 +16,23 @@ impl<'a> Iterator for Segments<'a> {
     type Item = &'a str;
 
     fn next(&mut self) -> Option<&'a str> {
-        let start = self.rest.bytes().position(|b| b != b'/')?;
-        let rest = &self.rest[start..];
-        let end = rest.bytes().position(|b| b == b'/').unwrap_or(rest.len());
-        self.rest = &rest[end..];
-        Some(&rest[..end])
+        let bytes = self.rest.as_bytes();
+        let mut start = 0;
+        while start < bytes.len() && bytes[start] == b'/' {
+            start += 1;
+        }
+        if start == bytes.len() {
+            self.rest = "";
+            return None;
+        }
+        let mut end = start + 1;
+        while end < bytes.len() && bytes[end] != b'/' {
+            end += 1;
+        }
+        // Both ends are at a '/' or an end of the text: char boundaries.
+        let segment = &self.rest[start..end];
+        self.rest = &self.rest[end..];
+        Some(segment)
     }
 }
 
@@ -115,10 +127,14 @@ pub(crate) struct Below<'a> {
 
 impl<'a> Below<'a> {
     pub fn new(text: &'a str) -> Self {
-        Below {
-            text,
-            segments: segments(text).count(),
+        // A segment begins at each byte that is not a '/' and follows one or the start.
+        let mut segments = 0;
+        let mut previous = b'/';
+        for &b in text.as_bytes() {
+            segments += usize::from(previous == b'/' && b != b'/');
+            previous = b;
         }
+        Below { text, segments }
     }
 }
 
@@ -188,6 +204,16 @@ mod tests {
         assert!(m("/search?q={q}", "/search"));
         assert!(m("/", "/"));
         assert!(!m("/", "/x"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_path_has_as_many_segments_as_it_splits_into(path in "[a/é]{0,24}") {
+            let split: Vec<&str> = segments(&path).collect();
+            proptest::prop_assert_eq!(Below::new(&path).segments, split.len());
+            proptest::prop_assert!(split.iter().all(|s| !s.is_empty() && !s.contains('/')));
+            proptest::prop_assert_eq!(split.concat(), path.replace('/', ""));
+        }
     }
 
     #[test]
