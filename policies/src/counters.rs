@@ -444,10 +444,18 @@ impl<'b> Admissions<'b> {
 /// A state in this layout, as it is, or rewritten from the layout of builds before it (the
 /// expiry, then `(instant, count)` entries of 12 bytes in any order, told apart by its length):
 /// sorted, one entry per instant, with running counts. A state never written is empty.
+#[inline]
 fn in_layout(bytes: &[u8]) -> Cow<'_, [u8]> {
     if bytes.len().is_multiple_of(ADMISSION) {
-        return Cow::Borrowed(bytes);
+        Cow::Borrowed(bytes)
+    } else {
+        Cow::Owned(from_earlier_layout(bytes))
     }
+}
+
+/// [`in_layout`] for a state of an earlier build.
+#[cold]
+fn from_earlier_layout(bytes: &[u8]) -> Vec<u8> {
     let mut entries: Vec<(Millis, u32)> = bytes
         .get(EXPIRY..)
         .unwrap_or(&[])
@@ -468,10 +476,11 @@ fn in_layout(bytes: &[u8]) -> Cow<'_, [u8]> {
             out.extend_from_slice(&running.to_le_bytes());
         }
     }
-    Cow::Owned(out)
+    out
 }
 
 /// Puts a state written by an earlier build into this layout; true when it did.
+#[inline]
 fn into_layout(state: &mut State<'_>) -> bool {
     match in_layout(state.bytes()) {
         Cow::Borrowed(_) => false,

@@ -839,7 +839,6 @@ impl Catalog {
     /// The API of a request, and the part of its path below the API's (when the path is as it
     /// came, else found again by the operation).
     fn route<'r>(&self, req: &Request<'r>) -> Option<(u32, Option<&'r str>)> {
-        let host = host_of(req.host);
         // The path's segments, lower-case, joined by '/' (usually the path itself, without a
         // copy); then its segment-aligned prefixes, longest first, from the first `deepest`
         // segments (no API path is longer).
@@ -866,12 +865,14 @@ impl Catalog {
             let Some(apis) = self.paths.get(&joined[..end]) else {
                 continue;
             };
-            // An API bound to this host beats one bound to none.
+            // An API bound to this host beats one bound to none (the host is looked at only
+            // when an API here is bound to some).
             let bound = apis.iter().find(|&&a| {
-                self.apis[a as usize]
-                    .hostnames
-                    .iter()
-                    .any(|h| h.eq_ignore_ascii_case(host))
+                let hostnames = &self.apis[a as usize].hostnames;
+                !hostnames.is_empty() && {
+                    let host = host_of(req.host);
+                    hostnames.iter().any(|h| h.eq_ignore_ascii_case(host))
+                }
             });
             let open = apis
                 .iter()
