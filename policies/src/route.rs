@@ -115,7 +115,12 @@ impl UrlTemplate {
             .segments
             .iter()
             .zip(segments(below.text))
-            .all(|(seg, text)| match_pieces(&seg.0, text))
+            .all(|(seg, text)| match seg.0.as_slice() {
+                // The usual segments, a literal or a parameter (a segment is never empty).
+                [Piece::Literal(l)] => text.eq_ignore_ascii_case(l),
+                [Piece::Param] => true,
+                pieces => match_pieces(pieces, text),
+            })
     }
 }
 
