@@ -540,11 +540,18 @@ fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
     } else {
         a.first_after(now)
     };
-    // The entries that have left, and the running count before the first one kept: the new
-    // admission goes after them, so neither changes.
-    let dead = a.first_after(kept_after(period, now));
-    let base = a.before(dead);
     let merge = place > 0 && a.at(place - 1) == now;
+    // The entries that have left are dropped once there are DROP_BATCH of them, or as many as
+    // are kept. Entries are in time order, so each condition is one look at one entry; only
+    // when one holds are they counted (the new admission goes after them, so neither their
+    // number nor the running count before the first one kept changes).
+    let kept_after = kept_after(period, now);
+    let total = len + usize::from(!merge);
+    let half = total.div_ceil(2);
+    let due = (len >= DROP_BATCH && a.at(DROP_BATCH - 1) <= kept_after)
+        || ((1..=len).contains(&half) && a.at(half - 1) <= kept_after);
+    let dead = if due { a.first_after(kept_after) } else { 0 };
+    let base = a.before(dead);
     if merge {
         add_running(state, place - 1, n);
     } else {
@@ -559,8 +566,7 @@ fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
     }
     let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
     state.bytes_mut()[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
-    let len = len + usize::from(!merge);
-    if dead > 0 && (dead >= DROP_BATCH || dead >= len - dead) {
+    if dead > 0 {
         state.bytes_mut()[EXPIRY..SLIDING_HEAD].copy_from_slice(&base.to_le_bytes());
         state.remove(SLIDING_HEAD..SLIDING_HEAD + dead * ADMISSION);
     }
