@@ -195,8 +195,8 @@ enum Reservation<'a> {
     },
 }
 
-/// A counter as a limit names it: the parts of its [`CounterName`]. A reservation keeps these
-/// rather than the name, which it needs only when a call is denied.
+/// A counter as a limit names it: the parts of its name. A reservation keeps these rather than
+/// the name, which it needs only when a call is denied.
 #[derive(Debug, Clone)]
 struct Counter<'a> {
     kind: &'static str,
@@ -205,38 +205,42 @@ struct Counter<'a> {
 }
 
 impl Counter<'_> {
-    fn name(&self) -> CounterName {
-        CounterName::new(self.kind, self.owner, &self.name)
+    /// The counter's stable name, `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`),
+    /// written into `buf`.
+    fn name_in<'b>(&self, buf: &'b mut NameBuf) -> &'b str {
+        buf.join(self.kind, self.owner, &self.name)
     }
 }
 
-/// A counter's stable name: `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`). Built
-/// on the stack when it fits, as nearly every name does.
-#[derive(Debug, Clone)]
-enum CounterName {
-    Inline(ArrayString<INLINE_NAME>),
-    Heap(String),
+/// Where a counter's name is joined: on the stack when it fits, as nearly every name does.
+/// The caller owns it, so that the name is written once where it is read, never moved.
+struct NameBuf {
+    inline: ArrayString<INLINE_NAME>,
+    heap: String,
 }
 
 /// The longest counter name kept on the stack.
 const INLINE_NAME: usize = 112;
 
-impl CounterName {
-    fn new(kind: &str, owner: &str, name: &str) -> Self {
-        let mut inline = ArrayString::new();
-        let joined = [kind, "|", owner, "|", name]
-            .iter()
-            .try_for_each(|part| inline.try_push_str(part));
-        match joined {
-            Ok(()) => CounterName::Inline(inline),
-            Err(_) => CounterName::Heap(format!("{kind}|{owner}|{name}")),
+impl NameBuf {
+    fn new() -> Self {
+        NameBuf {
+            inline: ArrayString::new(),
+            heap: String::new(),
         }
     }
 
-    fn as_str(&self) -> &str {
-        match self {
-            CounterName::Inline(s) => s,
-            CounterName::Heap(s) => s,
+    fn join(&mut self, kind: &str, owner: &str, name: &str) -> &str {
+        self.inline.clear();
+        let joined = [kind, "|", owner, "|", name]
+            .iter()
+            .try_for_each(|part| self.inline.try_push_str(part));
+        match joined {
+            Ok(()) => &self.inline,
+            Err(_) => {
+                self.heap = format!("{kind}|{owner}|{name}");
+                &self.heap
+            }
         }
     }
 }
@@ -569,18 +573,19 @@ struct Run<'a, 's> {
 
 impl<'a> Run<'a, '_> {
     fn release_all(&mut self) {
+        let mut buf = NameBuf::new();
         for r in self.reservations.drain(..).rev() {
             // Best effort: a failed release under-admits, never over-admits.
             let _ = match r {
                 Reservation::Sliding { counter, at, n } => {
-                    counters::sliding_release(self.store, counter.name().as_str(), at, n)
+                    counters::sliding_release(self.store, counter.name_in(&mut buf), at, n)
                 }
                 Reservation::Fixed {
                     counter,
                     windows,
                     start,
                     n,
-                } => windows.release(self.store, counter.name().as_str(), start, n),
+                } => windows.release(self.store, counter.name_in(&mut buf), start, n),
             };
         }
     }
@@ -687,10 +692,11 @@ impl<'a> Run<'a, '_> {
             match &limit.increment_condition {
                 None => self.admit_fixed(counter, windows, n, call)?,
                 Some(_) => {
-                    let key = counter.name();
-                    let v = windows.check(self.store, key.as_str(), self.now)?;
+                    let mut buf = NameBuf::new();
+                    let key = counter.name_in(&mut buf);
+                    let v = windows.check(self.store, key, self.now)?;
                     call.pending.push(Pending::FixedIf {
-                        key: key.as_str().to_string(),
+                        key: key.to_string(),
                         windows,
                         n,
                         condition: step,
@@ -710,16 +716,11 @@ impl<'a> Run<'a, '_> {
             match &limit.increment_condition {
                 None => self.admit_sliding(counter, calls, a.period, n)?,
                 Some(_) => {
-                    let key = counter.name();
-                    let v = counters::sliding_check(
-                        self.store,
-                        key.as_str(),
-                        calls,
-                        a.period,
-                        self.now,
-                    )?;
+                    let mut buf = NameBuf::new();
+                    let key = counter.name_in(&mut buf);
+                    let v = counters::sliding_check(self.store, key, calls, a.period, self.now)?;
                     call.pending.push(Pending::SlidingIf {
-                        key: key.as_str().to_string(),
+                        key: key.to_string(),
                         period: a.period,
                         n,
                         condition: step,
@@ -761,12 +762,13 @@ impl<'a> Run<'a, '_> {
         n: u64,
         call: &mut CallContext,
     ) -> Result<Verdict, EngineError> {
-        let key = counter.name();
-        let (v, start) = windows.admit(self.store, key.as_str(), self.now, n)?;
+        let mut buf = NameBuf::new();
+        let key = counter.name_in(&mut buf);
+        let (v, start) = windows.admit(self.store, key, self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             if windows.bandwidth_kb.is_some() {
                 call.pending.push(Pending::Bandwidth {
-                    key: key.as_str().to_string(),
+                    key: key.to_string(),
                     windows,
                 });
             }
@@ -788,8 +790,9 @@ impl<'a> Run<'a, '_> {
         period: Millis,
         n: u32,
     ) -> Result<Verdict, EngineError> {
-        let key = counter.name();
-        let v = counters::sliding_admit(self.store, key.as_str(), calls, period, self.now, n)?;
+        let mut buf = NameBuf::new();
+        let key = counter.name_in(&mut buf);
+        let v = counters::sliding_admit(self.store, key, calls, period, self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             self.reservations.push(Reservation::Sliding {
                 counter,
