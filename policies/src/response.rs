@@ -87,11 +87,15 @@ fn json(
 }
 
 /// A JSON error response whose message is all the gateway's own text.
-fn plain(status: u16, message: &str) -> LocalResponse {
+fn plain(
+    status: u16,
+    message: &str,
+    extra: Option<(Cow<'static, str>, Cow<'static, str>)>,
+) -> LocalResponse {
     json(
         status,
         Body::new(status, message.len()).text(message).end(),
-        None,
+        extra,
     )
 }
 
@@ -101,14 +105,13 @@ pub(crate) fn number_text(n: u64) -> Cow<'static, str> {
 }
 
 pub(crate) fn not_found() -> LocalResponse {
-    plain(404, "Resource not found")
+    plain(404, "Resource not found", None)
 }
 
 pub(crate) fn missing_key(host: &str, api_path: &str, header_name: &str) -> LocalResponse {
-    let message = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
-    json(
+    plain(
         401,
-        Body::new(401, message.len()).text(message).end(),
+        "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.",
         Some((
             Cow::Borrowed("www-authenticate"),
             Cow::Owned(format!(
@@ -122,6 +125,7 @@ pub(crate) fn invalid_key() -> LocalResponse {
     plain(
         401,
         "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.",
+        None,
     )
 }
 
@@ -179,7 +183,7 @@ pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
 }
 
 pub(crate) fn internal_error() -> LocalResponse {
-    plain(500, "Internal server error")
+    plain(500, "Internal server error", None)
 }
 
 #[cfg(test)]
