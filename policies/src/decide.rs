@@ -6,6 +6,7 @@
 
 use crate::catalog::{Catalog, Program};
 use crate::clock::Millis;
+use crate::counters::own::{self, OwnLimits, OwnVerdicts};
 use crate::counters::{self, CounterStore, FixedWindows, StoreError, Verdict};
 use crate::expr::{Expr, Facts, Member, NullReference, Value};
 use crate::keys::key_digest;
@@ -162,6 +163,8 @@ pub(crate) struct Identity {
 enum Pending {
     /// Add the exchange's bytes to a quota window.
     Bandwidth { key: String, windows: FixedWindows },
+    /// Add them to the quota's part of a subscription's own counters of a document.
+    OwnBandwidth { key: String, windows: FixedWindows },
     /// `rate-limit-by-key` with an `increment-condition`.
     SlidingIf {
         key: String,
@@ -182,6 +185,14 @@ enum Pending {
 /// A counted admission, taken back when a later limit denies the call.
 #[derive(Debug, Clone)]
 enum Reservation<'a> {
+    /// In a subscription's own counters of a document: the rate limit's admission at
+    /// `rate_at`, the quota's in the window of `(period, start)`.
+    Own {
+        owner: &'a str,
+        document: &'a str,
+        rate_at: Option<Millis>,
+        quota: Option<(Millis, Millis)>,
+    },
     Sliding {
         counter: Counter<'a>,
         at: Millis,
@@ -218,6 +229,9 @@ struct NameBuf {
     inline: ArrayString<INLINE_NAME>,
     heap: String,
 }
+
+/// The kind of a subscription's own counters of a document (`sl|sub-1|product:starter`).
+const OWN_KIND: &str = "sl";
 
 /// The longest counter name kept on the stack.
 const INLINE_NAME: usize = 112;
@@ -577,6 +591,17 @@ impl<'a> Run<'a, '_> {
         for r in self.reservations.drain(..).rev() {
             // Best effort: a failed release under-admits, never over-admits.
             let _ = match r {
+                Reservation::Own {
+                    owner,
+                    document,
+                    rate_at,
+                    quota,
+                } => own::release(
+                    self.store,
+                    buf.join(OWN_KIND, owner, document),
+                    rate_at,
+                    quota,
+                ),
                 Reservation::Sliding { counter, at, n } => {
                     counters::sliding_release(self.store, counter.name_in(&mut buf), at, n)
                 }
@@ -590,12 +615,12 @@ impl<'a> Run<'a, '_> {
         }
     }
 
-    /// `rate-limit` or `quota`: the limit's own counter and its nested ones that match.
-    fn subscription_limit(
+    /// `rate-limit` and `quota` steps of one document: one alone, or the two when they stand
+    /// side by side without nested limits. Their own counters are counted in one update (see
+    /// [`own`]); then a lone limit's nested counters that match, each on its own.
+    fn subscription_limits(
         &mut self,
-        step: u32,
-        limit: &'a SubscriptionLimit,
-        quota: bool,
+        limits: &[(u32, &'a SubscriptionLimit, bool)],
         call: &mut CallContext,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         let Some(sub) = call.id.subscription else {
@@ -603,12 +628,138 @@ impl<'a> Run<'a, '_> {
         };
         let c = self.catalog;
         let subscription = &c.subscriptions[sub as usize];
+        let owner: &'a str = &subscription.counter_id;
+        let mut own = OwnLimits {
+            rate: None,
+            quota: None,
+            quota_first: false,
+        };
+        for (i, &(_, limit, quota)) in limits.iter().enumerate() {
+            let Some(a) = limit.allowance else { continue };
+            if quota {
+                own.quota = Some(FixedWindows {
+                    origin: subscription.origin,
+                    period: a.period,
+                    calls: a.calls,
+                    bandwidth_kb: a.bandwidth_kb,
+                });
+                own.quota_first = i == 0;
+            } else {
+                own.rate = Some((a.calls.unwrap_or(u64::MAX), a.period));
+            }
+        }
+        // Each limit's headline: the remaining and total calls of its first counter with calls.
+        let mut headlines: [Option<(u64, u64)>; 2] = [None; 2];
+        if own.rate.is_some() || own.quota.is_some() {
+            let verdicts = self.admit_own(owner, &limits[0].1.document, &own, call)?;
+            for (i, &(_, limit, quota)) in limits.iter().enumerate() {
+                let verdict = match quota {
+                    true => verdicts.quota.map(|(v, _)| v),
+                    false => verdicts.rate,
+                };
+                let Some(verdict) = verdict else { continue };
+                if let Some(denial) = limit_denial(verdict, || limit.retry_after_header.clone()) {
+                    return Ok(Some(denial));
+                }
+                if let (Verdict::Admitted { remaining }, Some(calls)) =
+                    (verdict, limit.allowance.and_then(|a| a.calls))
+                {
+                    headlines[i] = Some((remaining, calls));
+                }
+            }
+        }
+        if let [(_, limit, quota)] = *limits {
+            if let Some(denial) = self.nested_limits(limit, quota, call, &mut headlines[0])? {
+                return Ok(Some(denial));
+            }
+        }
+        for (&(step, limit, _), headline) in limits.iter().zip(headlines) {
+            if let Some((remaining, total)) = headline {
+                self.limit_headers(
+                    call,
+                    step,
+                    [&limit.remaining_header, &limit.total_header],
+                    remaining,
+                    total,
+                );
+            }
+        }
+        Ok(None)
+    }
+
+    /// A subscription's own counters of `document` ([`own`]): one update, reserved as one.
+    fn admit_own(
+        &mut self,
+        owner: &'a str,
+        document: &'a str,
+        own: &OwnLimits,
+        call: &mut CallContext,
+    ) -> Result<OwnVerdicts, EngineError> {
+        let mut buf = NameBuf::new();
+        let key = buf.join(OWN_KIND, owner, document);
+        let verdicts = match own.admit(self.store, key, self.now, None)? {
+            Some(v) => v,
+            None => {
+                let seed = self.own_seed(owner, document)?;
+                own.admit(self.store, key, self.now, Some(&seed))?
+                    .ok_or_else(|| {
+                        StoreError::Unavailable(format!("counter '{key}' was never read"))
+                    })?
+            }
+        };
+        let admitted = |v: Option<Verdict>| v.is_none_or(|v| matches!(v, Verdict::Admitted { .. }));
+        if admitted(verdicts.rate) && admitted(verdicts.quota.map(|(v, _)| v)) {
+            if let Some(windows) = own.quota.filter(|w| w.bandwidth_kb.is_some()) {
+                call.pending.push(Pending::OwnBandwidth {
+                    key: key.to_string(),
+                    windows,
+                });
+            }
+            self.reservations.push(Reservation::Own {
+                owner,
+                document,
+                rate_at: own.rate.map(|_| self.now),
+                quota: own
+                    .quota
+                    .zip(verdicts.quota)
+                    .map(|(w, (_, start))| (w.period, start)),
+            });
+        }
+        Ok(verdicts)
+    }
+
+    /// What builds that kept a document's rate limit and quota apart counted for `owner`, to
+    /// start the counter they now share from.
+    #[cold]
+    fn own_seed(&self, owner: &str, document: &str) -> Result<Vec<u8>, StoreError> {
+        own::seed(
+            self.store,
+            &format!("rl|{owner}|{document}/rate-limit"),
+            &format!("q|{owner}|{document}/quota"),
+        )
+    }
+
+    /// The `<api>` limits nested in a `rate-limit` or `quota` that match the call, and their
+    /// `<operation>` limits that match, each counted on its own. `headline` is set by the first
+    /// with calls, unless the limit's own counter set it.
+    fn nested_limits(
+        &mut self,
+        limit: &'a SubscriptionLimit,
+        quota: bool,
+        call: &mut CallContext,
+        headline: &mut Option<(u64, u64)>,
+    ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        if limit.nested.is_empty() {
+            return Ok(None);
+        }
+        let Some(sub) = call.id.subscription else {
+            return Ok(None);
+        };
+        let c = self.catalog;
+        let subscription = &c.subscriptions[sub as usize];
         let api = &c.apis[call.id.api as usize];
         let op = call.id.operation.map(|o| &api.operations[o as usize]);
         let mut counters: SmallVec<[(&str, crate::policy::Allowance); 4]> = SmallVec::new();
-        if let Some(a) = limit.allowance {
-            counters.push((&limit.counter, a));
-        }
         for n in &limit.nested {
             if nested_matches(n, &api.name, &api.display_name) {
                 counters.push((&n.counter, n.allowance));
@@ -621,7 +772,6 @@ impl<'a> Run<'a, '_> {
                 }
             }
         }
-        let mut headline: Option<(u64, u64)> = None;
         for &(counter, a) in &counters {
             let counter = Counter {
                 kind: if quota { "q" } else { "rl" },
@@ -643,19 +793,10 @@ impl<'a> Run<'a, '_> {
                 return Ok(Some(denial));
             }
             if let (Verdict::Admitted { remaining }, None, Some(calls)) =
-                (verdict, headline, a.calls)
+                (verdict, *headline, a.calls)
             {
-                headline = Some((remaining, calls));
+                *headline = Some((remaining, calls));
             }
-        }
-        if let Some((remaining, total)) = headline {
-            self.limit_headers(
-                call,
-                step,
-                [&limit.remaining_header, &limit.total_header],
-                remaining,
-                total,
-            );
         }
         Ok(None)
     }
@@ -1049,11 +1190,32 @@ impl Catalog {
             request: *req,
             status: None,
         };
-        for &ix in program.request.iter() {
+        let mut steps = program.request.iter().peekable();
+        while let Some(&ix) = steps.next() {
             let step = &self.steps[ix as usize];
             let denial = match step {
-                Step::RateLimit(l) => run.subscription_limit(ix, l, false, call)?,
-                Step::Quota(l) => run.subscription_limit(ix, l, true, call)?,
+                Step::RateLimit(l) | Step::Quota(l) => {
+                    let quota = matches!(step, Step::Quota(_));
+                    // A rate limit and a quota of one document, side by side and without
+                    // nested limits, are counted in one update.
+                    let partner = steps
+                        .peek()
+                        .and_then(|&&next| match &self.steps[next as usize] {
+                            Step::Quota(n) if !quota => Some((next, n, true)),
+                            Step::RateLimit(n) if quota => Some((next, n, false)),
+                            _ => None,
+                        })
+                        .filter(|(_, n, _)| {
+                            n.document == l.document && n.nested.is_empty() && l.nested.is_empty()
+                        });
+                    match partner {
+                        Some(partner) => {
+                            steps.next();
+                            run.subscription_limits(&[(ix, l, quota), partner], call)?
+                        }
+                        None => run.subscription_limits(&[(ix, l, quota)], call)?,
+                    }
+                }
                 Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts)?,
                 Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts)?,
                 Step::CheckHeader {
@@ -1230,6 +1392,9 @@ impl Catalog {
         for p in &call.pending {
             match p {
                 Pending::Bandwidth { key, windows } => windows.add(store, key, now, 0, bytes)?,
+                Pending::OwnBandwidth { key, windows } => {
+                    own::add_bytes(store, key, windows, now, bytes)?
+                }
                 Pending::SlidingIf {
                     key,
                     period,
@@ -1294,5 +1459,56 @@ mod tests {
         assert_eq!(query_param("a=%", "a").as_deref(), Some("%"));
         assert_eq!(query_param("a=%4", "a").as_deref(), Some("%4"));
         assert_eq!(query_param("", "a"), None);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_what_builds_before_it_counted_apart() {
+        // Builds before this one counted a subscription's rate limit and quota of a product
+        // under two names; the counter that holds both now starts from them.
+        let doc = serde_json::json!({
+            "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+            "products": [{"name": "Starter", "apis": ["orders"],
+                          "policy": r#"<policies><inbound><rate-limit calls="3" renewal-period="60" /><quota calls="5" renewal-period="3600" /><base /></inbound></policies>"#}],
+            "subscriptions": [{"name": "Sub-1", "properties": {"scope": "/products/Starter", "primaryKey": "k"}}]
+        });
+        let c = Catalog::load(&doc, crate::LoadOptions::default()).unwrap();
+        let store = crate::MemoryStore::new();
+        for now in [0, 10] {
+            counters::sliding_admit(
+                &store,
+                "rl|sub-1|product:starter/rate-limit",
+                3,
+                60_000,
+                now,
+                1,
+            )
+            .unwrap();
+        }
+        let quota = FixedWindows {
+            origin: 0,
+            period: 3_600_000,
+            calls: Some(5),
+            bandwidth_kb: None,
+        };
+        for now in [0, 10, 20, 30] {
+            quota
+                .admit(&store, "q|sub-1|product:starter/quota", now, 1)
+                .unwrap();
+        }
+        let headers = vec![("Ocp-Apim-Subscription-Key".to_string(), "k".to_string())];
+        let request = Request {
+            method: "GET",
+            host: "h",
+            path: "/orders",
+            query: "",
+            headers: &headers,
+            client_ip: None,
+        };
+        let outcome = |now| c.decide(&request, now, &store).unwrap().outcome;
+        // The rate limit has room for one more (two of three counted), and so has the quota
+        // (four of five).
+        assert_eq!(outcome(1_000), Outcome::Allowed);
+        assert_eq!(outcome(2_000), Outcome::RateLimited);
+        assert_eq!(outcome(61_000), Outcome::QuotaExceeded);
     }
 }

@@ -91,6 +91,11 @@ pub(crate) struct Nested {
 /// `rate-limit` (sliding window) or `quota` (fixed windows), per subscription.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SubscriptionLimit {
+    /// The policy document it stands in (its scope's id): a subscription's own counters of the
+    /// document's rate limit and quota are kept together under it.
+    pub document: String,
+    /// `document/element`: the name its nested counters are named under, and its own counter
+    /// was in builds that kept the rate limit's and the quota's apart.
     pub counter: String,
     pub allowance: Option<Allowance>,
     pub nested: Vec<Nested>,
@@ -646,6 +651,7 @@ fn subscription_limit(el: &Element, scope: &Scope, quota: bool) -> Compiled<Subs
         None
     };
     Ok(SubscriptionLimit {
+        document: scope.id.clone(),
         counter,
         allowance,
         nested: nested_limits,

@@ -287,3 +287,58 @@ fn long_subscription_names_keep_their_own_rate_limits() {
     assert_eq!(call("k2", 3), Outcome::RateLimited);
     assert_eq!(store.len(), 2);
 }
+
+#[test]
+fn a_rate_limit_and_a_quota_side_by_side_count_a_call_in_both_or_neither() {
+    // APIM's usual product policy: the two limits share one counter per subscription.
+    let c = catalog(
+        r#"<policies><inbound><rate-limit calls="3" renewal-period="100" remaining-calls-header-name="x-left" /><quota calls="2" renewal-period="10" /><base /></inbound></policies>"#,
+        "<policies />",
+    );
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let left = |now| {
+        let d = c.decide(&request(&h, ""), now, &store).unwrap();
+        let edits = d
+            .call
+            .as_ref()
+            .filter(|_| d.outcome == Outcome::Allowed)
+            .map(|call| c.respond(call, 200, &|_| false).unwrap().to_vec());
+        (d.outcome, edits)
+    };
+    let header = |n: &str| Some(vec![HeaderEdit::Set("x-left".into(), n.to_string().into())]);
+    assert_eq!(left(0), (Outcome::Allowed, header("2")));
+    assert_eq!(left(1_000), (Outcome::Allowed, header("1")));
+    // The quota is used up: the call is denied and the rate limit does not count it.
+    assert_eq!(left(2_000), (Outcome::QuotaExceeded, None));
+    // The quota renews at 10 s; the rate limit has admitted two calls of three, not three.
+    assert_eq!(left(10_000), (Outcome::Allowed, header("0")));
+    assert_eq!(left(11_000), (Outcome::RateLimited, None));
+    assert_eq!(store.len(), 1);
+}
+
+#[test]
+fn a_step_between_a_rate_limit_and_a_quota_keeps_their_counts() {
+    // The same limits, counted together when side by side and one by one with a step
+    // between: a policy edit that puts a step there (or takes it away) keeps what was counted.
+    let side_by_side = catalog(
+        r#"<policies><inbound><rate-limit calls="3" renewal-period="60" /><quota calls="4" renewal-period="3600" /><base /></inbound></policies>"#,
+        "<policies />",
+    );
+    let apart = catalog(
+        r#"<policies><inbound><rate-limit calls="3" renewal-period="60" /><set-header name="x-edge" exists-action="override"><value>1</value></set-header><quota calls="4" renewal-period="3600" /><base /></inbound></policies>"#,
+        "<policies />",
+    );
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let outcome = |c: &Catalog, now| c.decide(&request(&h, ""), now, &store).unwrap().outcome;
+    assert_eq!(outcome(&side_by_side, 0), Outcome::Allowed);
+    assert_eq!(outcome(&apart, 1_000), Outcome::Allowed);
+    assert_eq!(outcome(&side_by_side, 2_000), Outcome::Allowed);
+    assert_eq!(outcome(&apart, 3_000), Outcome::RateLimited);
+    assert_eq!(outcome(&side_by_side, 4_000), Outcome::RateLimited);
+    // A minute on, the rate limit has room again; the quota has one call left of four.
+    assert_eq!(outcome(&apart, 61_000), Outcome::Allowed);
+    assert_eq!(outcome(&side_by_side, 62_000), Outcome::QuotaExceeded);
+    assert_eq!(outcome(&apart, 63_000), Outcome::QuotaExceeded);
+}

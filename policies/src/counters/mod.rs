@@ -19,6 +19,8 @@ use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Mutex;
 
+pub(crate) mod own;
+
 /// How many times a counter update is retried when other workers keep writing first.
 pub const MAX_ATTEMPTS: u32 = 64;
 
@@ -66,6 +68,14 @@ impl<'a> State<'a> {
     pub fn remove(&mut self, range: Range<usize>) {
         self.buf
             .drain(self.start + range.start..self.start + range.end);
+    }
+
+    /// The part of the state from `at` on, as a state of its own.
+    fn tail(&mut self, at: usize) -> State<'_> {
+        State {
+            buf: self.buf,
+            start: self.start + at,
+        }
     }
 
     /// Replaces the whole state.
@@ -581,17 +591,26 @@ pub(crate) fn sliding_admit(
     now: Millis,
     n: u32,
 ) -> Result<Verdict, StoreError> {
-    update(store, key, |state| {
-        let rewritten = into_layout(state);
-        match sliding_verdict(Admissions::of(state.bytes()), calls, period, now) {
-            Verdict::Admitted { remaining } => {
-                count_admission(state, period, now, n);
-                let remaining = remaining.saturating_sub(u64::from(n));
-                (true, Verdict::Admitted { remaining })
-            }
-            denied => (rewritten, denied),
+    update(store, key, |state| admit_in(state, calls, period, now, n))
+}
+
+/// [`sliding_admit`]'s change of a sliding-window state: whether to write it, and the verdict.
+fn admit_in(
+    state: &mut State<'_>,
+    calls: u64,
+    period: Millis,
+    now: Millis,
+    n: u32,
+) -> (bool, Verdict) {
+    let rewritten = into_layout(state);
+    match sliding_verdict(Admissions::of(state.bytes()), calls, period, now) {
+        Verdict::Admitted { remaining } => {
+            count_admission(state, period, now, n);
+            let remaining = remaining.saturating_sub(u64::from(n));
+            (true, Verdict::Admitted { remaining })
         }
-    })
+        denied => (rewritten, denied),
+    }
 }
 
 /// Whether a call would be admitted, without counting it (counted later, at completion).
@@ -630,21 +649,24 @@ pub(crate) fn sliding_release(
     at: Millis,
     n: u32,
 ) -> Result<(), StoreError> {
-    update(store, key, |state| {
-        let rewritten = into_layout(state);
-        let a = Admissions::of(state.bytes());
-        let i = match a.first_after(at).checked_sub(1) {
-            Some(i) if a.at(i) == at && a.count(i) >= n => i,
-            _ => return (rewritten, ()),
-        };
-        let emptied = a.count(i) == n;
-        add_running(state, i, n.wrapping_neg());
-        if emptied {
-            let from = SLIDING_HEAD + i * ADMISSION;
-            state.remove(from..from + ADMISSION);
-        }
-        (true, ())
-    })
+    update(store, key, |state| (release_in(state, at, n), ()))
+}
+
+/// [`sliding_release`]'s change of a sliding-window state: whether to write it.
+fn release_in(state: &mut State<'_>, at: Millis, n: u32) -> bool {
+    let rewritten = into_layout(state);
+    let a = Admissions::of(state.bytes());
+    let i = match a.first_after(at).checked_sub(1) {
+        Some(i) if a.at(i) == at && a.count(i) >= n => i,
+        _ => return rewritten,
+    };
+    let emptied = a.count(i) == n;
+    add_running(state, i, n.wrapping_neg());
+    if emptied {
+        let from = SLIDING_HEAD + i * ADMISSION;
+        state.remove(from..from + ADMISSION);
+    }
+    true
 }
 
 // ---- fixed window ----
@@ -658,7 +680,7 @@ struct Window {
 
 /// A fixed window's state (the expiry, then start, calls and bytes); `None` when never written.
 fn decode_window(bytes: &[u8]) -> Option<Window> {
-    if bytes.len() != EXPIRY + 24 {
+    if bytes.len() != WINDOW {
         return None;
     }
     Some(Window {
@@ -668,21 +690,29 @@ fn decode_window(bytes: &[u8]) -> Option<Window> {
     })
 }
 
+/// The bytes of a fixed window's state.
+const WINDOW: usize = EXPIRY + 24;
+
 /// Writes window `w` as the state.
 fn encode_window(w: &Window, period: Millis, state: &mut State<'_>) {
+    state.set(&window_bytes(w, period));
+}
+
+/// Window `w` as a state's bytes.
+fn window_bytes(w: &Window, period: Millis) -> [u8; WINDOW] {
     let expiry = if period <= 0 {
         Millis::MAX
     } else {
         w.start.saturating_add(period).saturating_add(CLOCK_SKEW)
     };
-    let mut out = [0u8; EXPIRY + 24];
+    let mut out = [0u8; WINDOW];
     for (i, x) in [expiry, w.start].into_iter().enumerate() {
         out[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
     }
     for (i, x) in [w.calls, w.bytes].into_iter().enumerate() {
         out[16 + i * 8..24 + i * 8].copy_from_slice(&x.to_le_bytes());
     }
-    state.set(&out);
+    out
 }
 
 /// Fixed windows of `period` from `origin`, allowing `calls` and/or `bandwidth_kb`.
@@ -750,20 +780,29 @@ impl FixedWindows {
         n: u64,
     ) -> Result<(Verdict, Millis), StoreError> {
         update(store, key, |state| {
-            let mut w = self.current(state.bytes(), now);
-            match self.verdict(&w, now) {
-                Verdict::Admitted { .. } => {
-                    w.calls += n;
-                    let remaining = self
-                        .calls
-                        .map(|c| c.saturating_sub(w.calls))
-                        .unwrap_or(u64::MAX);
-                    encode_window(&w, self.period, state);
-                    (true, (Verdict::Admitted { remaining }, w.start))
-                }
-                denied => (false, (denied, w.start)),
+            let (counted, verdict) = self.admit_in(state.bytes(), now, n);
+            if let Some(w) = &counted {
+                encode_window(w, self.period, state);
             }
+            (counted.is_some(), verdict)
         })
+    }
+
+    /// [`admit`](Self::admit) on a window's bytes: the window to write when the call is
+    /// counted, the verdict, and the window's start.
+    fn admit_in(&self, bytes: &[u8], now: Millis, n: u64) -> (Option<Window>, (Verdict, Millis)) {
+        let mut w = self.current(bytes, now);
+        match self.verdict(&w, now) {
+            Verdict::Admitted { .. } => {
+                w.calls += n;
+                let remaining = self
+                    .calls
+                    .map(|c| c.saturating_sub(w.calls))
+                    .unwrap_or(u64::MAX);
+                (Some(w), (Verdict::Admitted { remaining }, w.start))
+            }
+            denied => (None, (denied, w.start)),
+        }
     }
 
     /// Whether a call would be admitted, without counting it.
@@ -791,12 +830,18 @@ impl FixedWindows {
             return Ok(());
         }
         update(store, key, |state| {
-            let mut w = self.current(state.bytes(), now);
-            w.calls = w.calls.saturating_add(calls);
-            w.bytes = w.bytes.saturating_add(bytes);
+            let w = self.add_in(state.bytes(), now, calls, bytes);
             encode_window(&w, self.period, state);
             (true, ())
         })
+    }
+
+    /// [`add`](Self::add) on a window's bytes: the window to write.
+    fn add_in(&self, state: &[u8], now: Millis, calls: u64, bytes: u64) -> Window {
+        let mut w = self.current(state, now);
+        w.calls = w.calls.saturating_add(calls);
+        w.bytes = w.bytes.saturating_add(bytes);
+        w
     }
 
     /// Takes back `n` calls counted in the window starting at `start`.
@@ -807,14 +852,27 @@ impl FixedWindows {
         start: Millis,
         n: u64,
     ) -> Result<(), StoreError> {
-        update(store, key, |state| match decode_window(state.bytes()) {
-            Some(mut w) if w.start == start && w.calls >= n => {
-                w.calls -= n;
-                encode_window(&w, self.period, state);
-                (true, ())
+        update(store, key, |state| {
+            match release_window(state.bytes(), start, n) {
+                Some(w) => {
+                    encode_window(&w, self.period, state);
+                    (true, ())
+                }
+                None => (false, ()),
             }
-            _ => (false, ()),
         })
+    }
+}
+
+/// [`FixedWindows::release`] on a window's bytes: the window to write, if the calls were
+/// counted in it.
+fn release_window(bytes: &[u8], start: Millis, n: u64) -> Option<Window> {
+    match decode_window(bytes) {
+        Some(mut w) if w.start == start && w.calls >= n => {
+            w.calls -= n;
+            Some(w)
+        }
+        _ => None,
     }
 }
 

@@ -1,0 +1,469 @@
+//! A subscription's own counters of one policy document: the document's `rate-limit` and
+//! `quota` (their calls and bandwidth, not the `<api>` and `<operation>` limits nested in them)
+//! kept in one state, named once per (subscription, document).
+//!
+//! APIM's usual product policy is a rate limit followed by a quota, and a call under it then
+//! reads, changes and writes one counter instead of two. The two are checked in the document's
+//! order and counted in both or (when one denies) in neither, in one update, so nothing has to
+//! be taken back. In the filter that is one slot read and written per call instead of two.
+//!
+//! The state: the [`EXPIRY`] (the later of its parts'), the length of the quota's part (a byte,
+//! 0 or [`WINDOW`]), the quota's fixed window, then the rate limit's sliding window to the end
+//! (last, as it grows and shrinks). Each part is in the layout of a counter of its own, so a
+//! counter written by a build that kept them apart becomes a part as it is ([`seed`]).
+
+use super::{
+    count_admission, counter_expiry, decode_window, in_layout, into_layout, release_in,
+    release_window, sliding_verdict, update, window_bytes, Admissions, CounterStore, FixedWindows,
+    Millis, State, StoreError, Verdict, Window, EXPIRY, WINDOW,
+};
+
+/// The bytes before the quota's part: the expiry and the quota part's length.
+const HEAD: usize = EXPIRY + 1;
+
+/// The own limits of one document that one update counts a call in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OwnLimits {
+    /// The rate limit's calls and period.
+    pub rate: Option<(u64, Millis)>,
+    pub quota: Option<FixedWindows>,
+    /// The quota comes before the rate limit in the document (it is checked first).
+    pub quota_first: bool,
+}
+
+/// What the limits of an [`OwnLimits`] said of a call. The first to deny ends the update: the
+/// limit after it has no verdict, and nothing is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct OwnVerdicts {
+    pub rate: Option<Verdict>,
+    /// The quota's verdict and the start of the window it counted in.
+    pub quota: Option<(Verdict, Millis)>,
+}
+
+/// The quota part's length, once the state is in this layout.
+fn quota_len(bytes: &[u8]) -> usize {
+    usize::from(bytes[EXPIRY])
+}
+
+/// Whether a state is in this layout.
+fn in_own_layout(b: &[u8]) -> bool {
+    b.len() >= HEAD && {
+        let q = quota_len(b);
+        (q == 0 || q == WINDOW) && b.len() >= HEAD + q
+    }
+}
+
+/// Puts a state that is not in this layout (never written by it) into it, empty; true when it
+/// did.
+fn into_own_layout(state: &mut State<'_>) -> bool {
+    let fits = in_own_layout(state.bytes());
+    if !fits {
+        state.set(&[0; HEAD]);
+    }
+    !fits
+}
+
+/// Writes the quota's window into its part (which is made the first time).
+fn set_quota(state: &mut State<'_>, w: &Window, period: Millis) {
+    let bytes = window_bytes(w, period);
+    if quota_len(state.bytes()) == WINDOW {
+        state.bytes_mut()[HEAD..HEAD + WINDOW].copy_from_slice(&bytes);
+    } else {
+        state.insert(HEAD, &bytes);
+        state.bytes_mut()[EXPIRY] = WINDOW as u8;
+    }
+}
+
+/// Sets the state's expiry to the later of its parts'.
+fn refresh_expiry(state: &mut State<'_>) {
+    let b = state.bytes();
+    let q = quota_len(b);
+    let expiry = [&b[HEAD..HEAD + q], &b[HEAD + q..]]
+        .into_iter()
+        .filter_map(counter_expiry)
+        .max()
+        .unwrap_or(Millis::MIN);
+    state.bytes_mut()[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
+}
+
+impl OwnLimits {
+    /// Admits a call of weight 1 under each limit, in the document's order, and counts it in
+    /// every one or, when one denies, in none.
+    ///
+    /// `None` when the counter was never written and `seed` is `None`: the caller then reads
+    /// what builds before this one counted ([`seed`]) and calls again with it, which never
+    /// gives `None`. The seed is used only if the counter is still unwritten.
+    pub fn admit(
+        &self,
+        store: &dyn CounterStore,
+        key: &str,
+        now: Millis,
+        seed: Option<&[u8]>,
+    ) -> Result<Option<OwnVerdicts>, StoreError> {
+        update(store, key, |state| {
+            let mut write = false;
+            if state.bytes().is_empty() {
+                match seed {
+                    Some(seed) => {
+                        state.set(seed);
+                        write = true;
+                    }
+                    None => return (false, None),
+                }
+            }
+            write |= into_own_layout(state);
+            let q = quota_len(state.bytes());
+            let mut verdicts = OwnVerdicts::default();
+            // Every verdict before anything is counted.
+            let mut quota_window = None;
+            for quota in [self.quota_first, !self.quota_first] {
+                let admitted = if quota {
+                    let Some(windows) = &self.quota else { continue };
+                    let (w, verdict) = windows.admit_in(&state.bytes()[HEAD..HEAD + q], now, 1);
+                    verdicts.quota = Some(verdict);
+                    quota_window = w;
+                    quota_window.is_some()
+                } else {
+                    let Some((calls, period)) = self.rate else {
+                        continue;
+                    };
+                    let mut sliding = state.tail(HEAD + q);
+                    write |= into_layout(&mut sliding);
+                    let a = Admissions::of(sliding.bytes());
+                    let verdict = sliding_verdict(a, calls, period, now);
+                    verdicts.rate = Some(verdict);
+                    matches!(verdict, Verdict::Admitted { .. })
+                };
+                if !admitted {
+                    return (write, Some(verdicts));
+                }
+            }
+            if let Some((_, period)) = self.rate {
+                count_admission(&mut state.tail(HEAD + q), period, now, 1);
+                if let Some(Verdict::Admitted { remaining }) = &mut verdicts.rate {
+                    *remaining = remaining.saturating_sub(1);
+                }
+            }
+            if let (Some(windows), Some(w)) = (&self.quota, quota_window) {
+                set_quota(state, &w, windows.period);
+            }
+            refresh_expiry(state);
+            (true, Some(verdicts))
+        })
+    }
+}
+
+/// The state to start a never-written counter from: what a build that kept the two apart
+/// counted under `rate_key` and `quota_key`, so that an upgrade neither forgets admissions nor
+/// renews a quota early. Either may be absent.
+pub(crate) fn seed(
+    store: &dyn CounterStore,
+    rate_key: &str,
+    quota_key: &str,
+) -> Result<Vec<u8>, StoreError> {
+    let quota = store
+        .get(quota_key)?
+        .map(|(b, _)| b)
+        .filter(|b| decode_window(b).is_some());
+    let rate = store.get(rate_key)?.map(|(b, _)| b);
+    let mut out = vec![0; HEAD];
+    if let Some(q) = quota {
+        out[EXPIRY] = WINDOW as u8;
+        out.extend_from_slice(&q);
+    }
+    if let Some(r) = rate {
+        // Put into this build's layout now, so the part is one state whatever wrote it.
+        out.extend_from_slice(&in_layout(&r));
+    }
+    refresh_expiry(&mut State::new(&mut out));
+    Ok(out)
+}
+
+/// Takes back a call counted by [`OwnLimits::admit`] (a later step denied it): the rate limit's
+/// admission at `rate_at`, and the quota's in the window starting at `quota.1` (of period
+/// `quota.0`). The admissions left are the same or older: the expiry stands.
+pub(crate) fn release(
+    store: &dyn CounterStore,
+    key: &str,
+    rate_at: Option<Millis>,
+    quota: Option<(Millis, Millis)>,
+) -> Result<(), StoreError> {
+    update(store, key, |state| {
+        if !in_own_layout(state.bytes()) {
+            return (false, ());
+        }
+        let q = quota_len(state.bytes());
+        let mut write = false;
+        if let Some((period, start)) = quota {
+            if let Some(w) = release_window(&state.bytes()[HEAD..HEAD + q], start, 1) {
+                set_quota(state, &w, period);
+                write = true;
+            }
+        }
+        if let Some(at) = rate_at {
+            write |= release_in(&mut state.tail(HEAD + q), at, 1);
+        }
+        (write, ())
+    })
+}
+
+/// Adds an exchange's bytes to the quota's window at `now` (the completion of a call under a
+/// bandwidth quota).
+pub(crate) fn add_bytes(
+    store: &dyn CounterStore,
+    key: &str,
+    windows: &FixedWindows,
+    now: Millis,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    update(store, key, |state| {
+        into_own_layout(state);
+        let q = quota_len(state.bytes());
+        let w = windows.add_in(&state.bytes()[HEAD..HEAD + q], now, 0, bytes);
+        set_quota(state, &w, windows.period);
+        refresh_expiry(state);
+        (true, ())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{sliding_admit, sliding_release, MemoryStore, CLOCK_SKEW};
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A rate limit of `rate` calls in 100 s and a quota of `quota` calls a minute.
+    fn limits(rate: u64, quota: u64, quota_first: bool) -> OwnLimits {
+        OwnLimits {
+            rate: Some((rate, 100_000)),
+            quota: Some(FixedWindows {
+                origin: 0,
+                period: 60_000,
+                calls: Some(quota),
+                bandwidth_kb: None,
+            }),
+            quota_first,
+        }
+    }
+
+    /// Admits as the engine does: from the counters of an earlier build when there is none.
+    fn admit(s: &MemoryStore, l: &OwnLimits, now: Millis) -> OwnVerdicts {
+        match l.admit(s, "sl", now, None).unwrap() {
+            Some(v) => v,
+            None => {
+                let seed = seed(s, "rl", "q").unwrap();
+                l.admit(s, "sl", now, Some(&seed)).unwrap().unwrap()
+            }
+        }
+    }
+
+    fn admitted(remaining: u64) -> Verdict {
+        Verdict::Admitted { remaining }
+    }
+
+    #[test]
+    fn a_call_is_counted_under_both_limits_or_neither() {
+        let s = MemoryStore::new();
+        let l = limits(3, 2, false);
+        let both = |rate, quota| OwnVerdicts {
+            rate: Some(rate),
+            quota: Some((quota, 0)),
+        };
+        assert_eq!(admit(&s, &l, 0), both(admitted(2), admitted(1)));
+        assert_eq!(admit(&s, &l, 1), both(admitted(1), admitted(0)));
+        // The quota denies: the rate limit admitted, but counts nothing either.
+        let denied = Verdict::QuotaExceeded {
+            bandwidth: false,
+            seconds: 60,
+        };
+        assert_eq!(admit(&s, &l, 2), both(admitted(1), denied));
+        // The quota renews; the rate limit still holds the two calls admitted, not three.
+        assert_eq!(
+            admit(&s, &l, 60_000),
+            OwnVerdicts {
+                rate: Some(admitted(0)),
+                quota: Some((admitted(1), 60_000)),
+            }
+        );
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn the_limit_first_in_the_document_is_asked_first() {
+        for quota_first in [false, true] {
+            let s = MemoryStore::new();
+            let l = limits(1, 1, quota_first);
+            admit(&s, &l, 0);
+            let v = admit(&s, &l, 1_000);
+            if quota_first {
+                assert_eq!(v.rate, None);
+                assert!(matches!(v.quota, Some((Verdict::QuotaExceeded { .. }, 0))));
+            } else {
+                assert_eq!(v.rate, Some(Verdict::RateLimited { wait: 99_000 }));
+                assert_eq!(v.quota, None);
+            }
+        }
+    }
+
+    #[test]
+    fn counters_an_earlier_build_kept_apart_are_carried_over() {
+        let s = MemoryStore::new();
+        sliding_admit(&s, "rl", 3, 100_000, 0, 1).unwrap();
+        sliding_admit(&s, "rl", 3, 100_000, 10, 1).unwrap();
+        let l = limits(3, 2, false);
+        l.quota.unwrap().admit(&s, "q", 20, 1).unwrap();
+        assert_eq!(
+            admit(&s, &l, 30),
+            OwnVerdicts {
+                rate: Some(admitted(0)),
+                quota: Some((admitted(0), 0)),
+            }
+        );
+        assert!(matches!(
+            admit(&s, &l, 40).rate,
+            Some(Verdict::RateLimited { .. })
+        ));
+        // The counter's expiry is the later of its parts': the rate limit's last admission.
+        let state = s.get("sl").unwrap().unwrap().0;
+        assert_eq!(counter_expiry(&state), Some(30 + 100_000 + CLOCK_SKEW));
+    }
+
+    #[test]
+    fn a_rate_limit_in_the_layout_of_older_builds_is_carried_over() {
+        // Entries out of time order, of builds before running counts.
+        let s = MemoryStore::new();
+        let mut bytes = 200_000i64.to_le_bytes().to_vec();
+        for (at, n) in [(900i64, 1u32), (100, 1)] {
+            bytes.extend_from_slice(&at.to_le_bytes());
+            bytes.extend_from_slice(&n.to_le_bytes());
+        }
+        assert!(s.compare_and_set("rl", &bytes, None).unwrap());
+        let l = OwnLimits {
+            quota: None,
+            ..limits(3, 0, false)
+        };
+        assert_eq!(admit(&s, &l, 1_000).rate, Some(admitted(0)));
+        // The oldest admission, at 100, leaves the 100 s window at 100,100.
+        assert_eq!(
+            admit(&s, &l, 1_001).rate,
+            Some(Verdict::RateLimited { wait: 99_099 })
+        );
+    }
+
+    #[test]
+    fn a_release_takes_the_call_back_from_both() {
+        let s = MemoryStore::new();
+        let l = limits(1, 1, false);
+        let first = admit(&s, &l, 5);
+        release(&s, "sl", Some(5), Some((60_000, 0))).unwrap();
+        assert_eq!(admit(&s, &l, 6), first);
+    }
+
+    #[test]
+    fn bandwidth_is_added_to_the_quota_alone() {
+        let s = MemoryStore::new();
+        let l = OwnLimits {
+            rate: Some((5, 100_000)),
+            quota: Some(FixedWindows {
+                origin: 0,
+                period: 60_000,
+                calls: None,
+                bandwidth_kb: Some(1),
+            }),
+            quota_first: false,
+        };
+        admit(&s, &l, 0);
+        add_bytes(&s, "sl", &l.quota.unwrap(), 0, 1024).unwrap();
+        let v = admit(&s, &l, 1);
+        assert_eq!(v.rate, Some(admitted(4)));
+        assert!(matches!(
+            v.quota,
+            Some((
+                Verdict::QuotaExceeded {
+                    bandwidth: true,
+                    ..
+                },
+                0
+            ))
+        ));
+    }
+
+    /// What the two limits said of a call: the first denial, or both remaining counts.
+    fn said(rate: Option<Verdict>, quota: Option<Verdict>, quota_first: bool) -> String {
+        let order = if quota_first {
+            [quota, rate]
+        } else {
+            [rate, quota]
+        };
+        match order
+            .into_iter()
+            .flatten()
+            .find(|v| !matches!(v, Verdict::Admitted { .. }))
+        {
+            Some(denied) => format!("{denied:?}"),
+            None => format!("{rate:?} {quota:?}"),
+        }
+    }
+
+    proptest! {
+        /// One counter for both limits decides every call as two counters kept apart did:
+        /// each limit asked in the document's order, what an earlier one counted taken back
+        /// when a later one denies, and now and then a call taken back by a later step.
+        #[test]
+        fn one_counter_decides_as_two_kept_apart(
+            rate in 1u64..6,
+            quota in 1u64..9,
+            quota_first in any::<bool>(),
+            calls in proptest::collection::vec((0i64..40_000, any::<bool>()), 1..120),
+        ) {
+            let l = limits(rate, quota, quota_first);
+            let windows = l.quota.unwrap();
+            let (one, apart) = (MemoryStore::new(), MemoryStore::new());
+            let mut now = 0;
+            for (gap, taken_back) in calls {
+                now += gap;
+                let v = admit(&one, &l, now);
+                // Two counters: each asked in order, the earlier one's call taken back when
+                // the later one denies.
+                let (mut r, mut q) = (None, None);
+                for asking_quota in [quota_first, !quota_first] {
+                    if asking_quota {
+                        let (verdict, start) = windows.admit(&apart, "q", now, 1).unwrap();
+                        q = Some((verdict, start));
+                        if !matches!(verdict, Verdict::Admitted { .. }) {
+                            if r.is_some() {
+                                sliding_release(&apart, "rl", now, 1).unwrap();
+                            }
+                            break;
+                        }
+                    } else {
+                        let verdict = sliding_admit(&apart, "rl", rate, 100_000, now, 1).unwrap();
+                        r = Some(verdict);
+                        if !matches!(verdict, Verdict::Admitted { .. }) {
+                            if let Some((_, start)) = q {
+                                windows.release(&apart, "q", start, 1).unwrap();
+                            }
+                            break;
+                        }
+                    }
+                }
+                let q = q.map(|(v, _)| v);
+                prop_assert_eq!(
+                    said(v.rate, v.quota.map(|(v, _)| v), quota_first),
+                    said(r, q, quota_first),
+                    "at {}", now
+                );
+                let all = said(v.rate, v.quota.map(|(v, _)| v), quota_first).starts_with("Some");
+                if taken_back && all {
+                    let start = v.quota.map(|(_, s)| s).unwrap();
+                    release(&one, "sl", Some(now), Some((60_000, start))).unwrap();
+                    sliding_release(&apart, "rl", now, 1).unwrap();
+                    windows.release(&apart, "q", start, 1).unwrap();
+                }
+            }
+        }
+    }
+}
