@@ -2,6 +2,10 @@
 //! rate limit and quota (many subscribers; one calling once a second; one near its limit), a
 //! 401, and a 429.
 //!
+//! Then the case alone ([`starter`]): a product whose policy is only a rate limit and a
+//! quota (APIM's Starter product), an API and an operation without policies, and one
+//! subscriber calling once a second; the decision by itself, and the whole call.
+//!
 //! Beside them, two parts that every keyed call pays whatever the design around them: the
 //! SHA-256 of the key (the catalog holds only digests), and one counter found in the memory
 //! store and handed to a change (a lock, the name hashed and compared).
@@ -16,6 +20,7 @@ use apim_edge_policies::{
     key_digest, Catalog, Completion, CounterStore, LoadOptions, MemoryStore, Outcome, Request,
 };
 use criterion::{criterion_group, criterion_main, Criterion};
+use serde_json::json;
 use std::hint::black_box;
 
 const SIZES: Sizes = Sizes {
@@ -142,5 +147,63 @@ fn parts(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench, parts);
+/// A keyed, admitted call under a product rate limit and quota, and nothing else: the catalog
+/// has no global, API or operation policy, so the call is routing, the key, the two limits and
+/// the remaining-calls header.
+fn starter(c: &mut Criterion) {
+    let doc = json!({
+        "apis": [{"name": "echo", "properties": {"path": "echo"},
+                  "operations": [{"name": "get", "properties": {"method": "GET", "urlTemplate": "/resource"}}]}],
+        "products": [{"name": "starter", "apis": ["echo"],
+                      "policy": "<policies><inbound><rate-limit calls=\"1000\" renewal-period=\"60\" remaining-calls-header-name=\"x-ratelimit-remaining\" /><quota calls=\"1000000\" renewal-period=\"604800\" /><base /></inbound></policies>"}],
+        "subscriptions": [{"name": "sub-1", "properties": {"scope": "/products/starter", "primaryKey": "starter-key-1"}}]
+    });
+    let catalog = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    let headers = vec![(
+        "Ocp-Apim-Subscription-Key".to_string(),
+        "starter-key-1".to_string(),
+    )];
+    let req = Request {
+        method: "GET",
+        host: "api.contoso.com",
+        path: "/echo/resource",
+        query: "",
+        headers: &headers,
+        client_ip: Some([192, 0, 2, 1].into()),
+    };
+    let done = Completion {
+        status: 200,
+        request_bytes: 0,
+        response_bytes: 512,
+    };
+    let start = 1_767_225_600_000i64;
+    // Once a second: 61 admissions in the rate limit's window once it is full.
+    let (store, mut now) = (MemoryStore::new(), start);
+    c.bench_function(
+        "starter/decision (rate-limit + quota only), 1 call/s",
+        |b| {
+            b.iter(|| {
+                let d = catalog.decide(black_box(&req), now, &store).unwrap();
+                assert_eq!(d.outcome, Outcome::Allowed);
+                now += 1_000;
+                black_box(d)
+            })
+        },
+    );
+    let (store, mut now) = (MemoryStore::new(), start);
+    c.bench_function(
+        "starter/whole call (rate-limit + quota only), 1 call/s",
+        |b| {
+            b.iter(|| {
+                let d = catalog.decide(black_box(&req), now, &store).unwrap();
+                let call = d.call.as_ref().unwrap();
+                black_box(catalog.respond(call, 200, &|_| false).unwrap());
+                catalog.complete(call, done, now, &store).unwrap();
+                now += 1_000;
+            })
+        },
+    );
+}
+
+criterion_group!(benches, bench, starter, parts);
 criterion_main!(benches);
