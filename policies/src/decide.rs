@@ -1038,7 +1038,12 @@ impl Catalog {
         a.operations
             .iter()
             .enumerate()
-            .filter(|(_, o)| o.method == "*" || o.method.eq_ignore_ascii_case(req.method))
+            // A request's method is nearly always written as its operation's.
+            .filter(|(_, o)| {
+                o.method == req.method
+                    || o.method == "*"
+                    || o.method.eq_ignore_ascii_case(req.method)
+            })
             .filter(|(_, o)| o.template.matches(&below))
             .max_by_key(|(i, o)| (o.template.specificity, usize::MAX - i))
             .map(|(i, _)| i as u32)

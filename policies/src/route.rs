@@ -116,7 +116,9 @@ impl UrlTemplate {
             .iter()
             .zip(segments(below.text))
             .all(|(seg, text)| match seg.0.as_slice() {
-                // The usual segments, a literal or a parameter (a segment is never empty).
+                // The usual segments, a literal or a parameter (a segment is never empty). A
+                // literal is lower case, so a path without upper case matches it as it is.
+                [Piece::Literal(l)] if !below.upper => text == l,
                 [Piece::Literal(l)] => text.eq_ignore_ascii_case(l),
                 [Piece::Param] => true,
                 pieces => match_pieces(pieces, text),
@@ -124,22 +126,29 @@ impl UrlTemplate {
     }
 }
 
-/// The path below an API's prefix (see [`below`]), and how many segments it has.
+/// The path below an API's prefix (see [`below`]), how many segments it has, and whether it has
+/// upper case.
 pub(crate) struct Below<'a> {
     text: &'a str,
     segments: usize,
+    upper: bool,
 }
 
 impl<'a> Below<'a> {
     pub fn new(text: &'a str) -> Self {
         // A segment begins at each byte that is not a '/' and follows one or the start.
-        let mut segments = 0;
+        let (mut segments, mut upper) = (0, false);
         let mut previous = b'/';
         for &b in text.as_bytes() {
             segments += usize::from(previous == b'/' && b != b'/');
+            upper |= b.is_ascii_uppercase();
             previous = b;
         }
-        Below { text, segments }
+        Below {
+            text,
+            segments,
+            upper,
+        }
     }
 }
 
@@ -218,6 +227,31 @@ mod tests {
             proptest::prop_assert_eq!(Below::new(&path).segments, split.len());
             proptest::prop_assert!(split.iter().all(|s| !s.is_empty() && !s.contains('/')));
             proptest::prop_assert_eq!(split.concat(), path.replace('/', ""));
+        }
+    }
+
+    proptest::proptest! {
+        /// A template of literals matches a path of as many segments that are the same but for
+        /// ASCII case: the template's own segments with random letters in upper case, or any
+        /// other path.
+        #[test]
+        fn a_literal_segment_matches_whatever_its_case(
+            template in proptest::collection::vec("[abé]{1,3}", 1..4),
+            upper in proptest::collection::vec(proptest::bool::ANY, 12),
+            other in proptest::option::of("[aAbBé/]{0,14}"),
+        ) {
+            let path = other.unwrap_or_else(|| {
+                let path = format!("/{}", template.join("/"));
+                path.chars()
+                    .zip(upper.iter().cycle())
+                    .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                    .collect()
+            });
+            let parsed = UrlTemplate::parse(&format!("/{}", template.join("/"))).unwrap();
+            let split: Vec<&str> = segments(&path).collect();
+            let expected = split.len() == template.len()
+                && split.iter().zip(&template).all(|(s, t)| s.eq_ignore_ascii_case(t));
+            proptest::prop_assert_eq!(parsed.matches(&Below::new(&path)), expected);
         }
     }
 
