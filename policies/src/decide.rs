@@ -260,12 +260,12 @@ impl NameBuf {
 }
 
 /// A remaining-calls or total-calls header of the allowed response: the limit step that names
-/// it, and the value.
+/// it, and the value's text (kept here, so that the response borrows it rather than allocates).
 #[derive(Debug, Clone, Copy)]
 struct LimitHeader {
     step: u32,
     total: bool,
-    value: u64,
+    value: ArrayString<20>,
 }
 
 /// A routed call: who it is, and what is left to do for it after the inbound phase.
@@ -958,6 +958,9 @@ impl<'a> Run<'a, '_> {
             if let Some(name) = name {
                 call.limit_headers
                     .retain(|h| self.catalog.limit_header_name(h) != Some(name.as_str()));
+                // A u64 has at most 20 digits: the text always fits.
+                let value =
+                    ArrayString::from(itoa::Buffer::new().format(value)).unwrap_or_default();
                 call.limit_headers.push(LimitHeader {
                     step,
                     total: is_total,
@@ -1317,7 +1320,7 @@ impl Catalog {
     /// asked only where a `set-header` with `exists-action="skip"` needs to know.
     pub fn respond<'c>(
         &'c self,
-        call: &CallContext,
+        call: &'c CallContext,
         status: u16,
         response_header_exists: &dyn Fn(&str) -> bool,
     ) -> Result<HeaderEdits<'c>, EngineError> {
@@ -1350,7 +1353,7 @@ impl Catalog {
             if let Some(name) = self.limit_header_name(h) {
                 edits.push(HeaderEdit::Set(
                     Cow::Borrowed(name),
-                    response::number_text(h.value),
+                    Cow::Borrowed(h.value.as_str()),
                 ));
             }
         }

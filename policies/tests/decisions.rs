@@ -303,10 +303,13 @@ fn a_rate_limit_and_a_quota_side_by_side_count_a_call_in_both_or_neither() {
             .call
             .as_ref()
             .filter(|_| d.outcome == Outcome::Allowed)
-            .map(|call| c.respond(call, 200, &|_| false).unwrap().to_vec());
+            .map(|call| format!("{:?}", c.respond(call, 200, &|_| false).unwrap().to_vec()));
         (d.outcome, edits)
     };
-    let header = |n: &str| Some(vec![HeaderEdit::Set("x-left".into(), n.to_string().into())]);
+    let header = |n: &str| {
+        let edits = vec![HeaderEdit::Set("x-left".into(), n.to_string().into())];
+        Some(format!("{edits:?}"))
+    };
     assert_eq!(left(0), (Outcome::Allowed, header("2")));
     assert_eq!(left(1_000), (Outcome::Allowed, header("1")));
     // The quota is used up: the call is denied and the rate limit does not count it.
