@@ -11,6 +11,9 @@
 //!   count of admissions, so that a call costs the same however many its window holds, and
 //!   memory per counter is bounded by the limit;
 //! - a **fixed window** (`quota`, `quota-by-key`): the window's start, calls and bytes.
+//!
+//! A subscription's own `rate-limit` and `quota` counters of one policy document are one state
+//! holding one of each ([`own`]), so that a call under both is one update.
 
 use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
 use hashbrown::{DefaultHashBuilder, HashTable};
