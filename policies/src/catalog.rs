@@ -94,9 +94,24 @@ impl std::ops::Deref for CounterId {
 pub(crate) struct Program {
     /// Inbound, then backend.
     pub request: Box<[u32]>,
+    /// For each step of `request`: counted with the step after it ([`counted_together`]).
+    pub with_next: Box<[bool]>,
     pub response: Box<[u32]>,
     /// A later phase evaluates an expression that may read the request: keep a copy.
     pub keeps_request: bool,
+}
+
+/// Whether two steps that follow each other in a program are counted in one update: a
+/// `rate-limit` and a `quota` of one document, neither with nested limits, whose own counters are
+/// one state ([`crate::counters::own`]). Adjacency depends on what each program inlines at
+/// `<base />`, so it is found per program, at load.
+pub(crate) fn counted_together(first: &Step, second: &Step) -> bool {
+    match (first, second) {
+        (Step::RateLimit(a), Step::Quota(b)) | (Step::Quota(a), Step::RateLimit(b)) => {
+            a.document == b.document && a.nested.is_empty() && b.nested.is_empty()
+        }
+        _ => false,
+    }
 }
 
 /// Does a program evaluate, after the inbound phase, an expression that may read the request?
@@ -339,8 +354,18 @@ impl Catalog {
                     let mut request = policy::inline(&chain, INBOUND);
                     request.extend(policy::inline(&chain, BACKEND));
                     let response = policy::inline(&chain, OUTBOUND);
+                    let with_next = request
+                        .iter()
+                        .zip(request.iter().skip(1).map(Some).chain([None]))
+                        .map(|(&a, b)| {
+                            b.is_some_and(|&b| {
+                                counted_together(&steps[a as usize], &steps[b as usize])
+                            })
+                        })
+                        .collect();
                     programs.push(Program {
                         keeps_request: keeps_request(&steps, &request, &response),
+                        with_next,
                         request: request.into_boxed_slice(),
                         response: response.into_boxed_slice(),
                     });
@@ -411,5 +436,47 @@ impl Catalog {
             .copied()
             .unwrap_or(0);
         base + operation.unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The steps of a program that are counted with the one after them, by step name.
+    fn paired(c: &Catalog, product: &str) -> Vec<&'static str> {
+        let p = c.products.iter().position(|p| p.name == product).unwrap() as u32;
+        let program = &c.programs[c.program(Some(p), 0, None) as usize];
+        let name = |ix: u32| match &c.steps[ix as usize] {
+            Step::RateLimit(_) => "rate-limit",
+            Step::Quota(_) => "quota",
+            _ => "other",
+        };
+        program
+            .request
+            .iter()
+            .zip(&program.with_next)
+            .filter(|(_, &with_next)| with_next)
+            .map(|(&ix, _)| name(ix))
+            .collect()
+    }
+
+    #[test]
+    fn a_rate_limit_and_a_quota_are_paired_only_where_they_end_up_side_by_side() {
+        // The product's rate limit and quota have `<base />` between them: the service's
+        // policy goes there, nothing in one catalog, an ip-filter in the other.
+        let catalog = |service_inbound: &str| {
+            let doc = serde_json::json!({
+                "service": {"name": "s", "policy": format!("<policies><inbound>{service_inbound}</inbound></policies>")},
+                "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+                "products": [{"name": "p", "apis": ["orders"],
+                              "policy": r#"<policies><inbound><rate-limit calls="5" renewal-period="60" /><base /><quota calls="9" renewal-period="60" /></inbound></policies>"#}]
+            });
+            Catalog::load(&doc, LoadOptions::default()).unwrap()
+        };
+        assert_eq!(paired(&catalog(""), "p"), ["rate-limit"]);
+        let filtered =
+            catalog(r#"<ip-filter action="forbid"><address>192.0.2.9</address></ip-filter>"#);
+        assert!(paired(&filtered, "p").is_empty());
     }
 }

@@ -1198,24 +1198,25 @@ impl Catalog {
             request: *req,
             status: None,
         };
-        let mut steps = program.request.iter().peekable();
-        while let Some(&ix) = steps.next() {
+        let mut steps = program
+            .request
+            .iter()
+            .zip(program.with_next.iter())
+            .peekable();
+        while let Some((&ix, &with_next)) = steps.next() {
             let step = &self.steps[ix as usize];
             let denial = match step {
                 Step::RateLimit(l) | Step::Quota(l) => {
                     let quota = matches!(step, Step::Quota(_));
-                    // A rate limit and a quota of one document, side by side and without
-                    // nested limits, are counted in one update.
-                    let partner = steps
-                        .peek()
-                        .and_then(|&&next| match &self.steps[next as usize] {
-                            Step::Quota(n) if !quota => Some((next, n, true)),
-                            Step::RateLimit(n) if quota => Some((next, n, false)),
+                    // A rate limit and a quota of one document side by side, found at load
+                    // (`counted_together`), are counted in one update.
+                    let partner = steps.peek().filter(|_| with_next).and_then(|&(&next, _)| {
+                        match &self.steps[next as usize] {
+                            Step::RateLimit(n) => Some((next, n, false)),
+                            Step::Quota(n) => Some((next, n, true)),
                             _ => None,
-                        })
-                        .filter(|(_, n, _)| {
-                            n.document == l.document && n.nested.is_empty() && l.nested.is_empty()
-                        });
+                        }
+                    });
                     match partner {
                         Some(partner) => {
                             steps.next();
