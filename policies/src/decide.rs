@@ -14,7 +14,7 @@ use crate::policy::{
     ip_number, ExistsAction, KeyedLimit, Nested, SetHeader, Step, SubscriptionLimit, Text,
 };
 use crate::response::{self, LocalResponse};
-use crate::route::{segments, Below};
+use crate::route::{segments, Below, PathShape};
 use crate::snapshot::SubscriptionScope;
 use arrayvec::ArrayString;
 use smallvec::SmallVec;
@@ -336,28 +336,33 @@ impl Decision<'_> {
     }
 }
 
-/// Whether a path (without its outer slashes) has upper case or doubled slashes, so that it
-/// must be rewritten before routing. Nearly every path has neither, so the look for upper case
-/// goes to the end without stopping early, which the compiler turns into wide comparisons.
-fn needs_normalising(path: &str) -> bool {
-    let upper = path
-        .bytes()
-        .fold(false, |odd, c| odd | c.is_ascii_uppercase());
-    // The standard library finds a short needle with wide comparisons.
-    upper || path.contains("//")
-}
-
 /// The length of the first `n` segments of a normalised path (all of it when it has fewer).
 fn first_segments(path: &str, n: usize) -> usize {
-    match n.checked_sub(1) {
-        None => 0,
-        Some(last) => path
-            .bytes()
-            .enumerate()
-            .filter(|&(_, b)| b == b'/')
-            .nth(last)
-            .map_or(path.len(), |(bar, _)| bar),
+    if n == 0 {
+        return 0;
     }
+    let mut seen = 0;
+    for (i, &b) in path.as_bytes().iter().enumerate() {
+        if b == b'/' {
+            seen += 1;
+            if seen == n {
+                return i;
+            }
+        }
+    }
+    path.len()
+}
+
+/// A path without its leading and trailing slashes.
+fn trim_slashes(path: &str) -> &str {
+    let b = path.as_bytes();
+    let start = b.iter().position(|&c| c != b'/').unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|&c| c != b'/')
+        .map_or(start, |last| last + 1);
+    // Both ends are next to a '/' or at an end of the text: char boundaries.
+    &path[start..end]
 }
 
 /// A host without its port.
@@ -985,71 +990,103 @@ impl Catalog {
 impl Catalog {
     /// The API of a request, and the part of its path below the API's (when the path is as it
     /// came, else found again by the operation).
-    fn route<'r>(&self, req: &Request<'r>) -> Option<(u32, Option<&'r str>)> {
-        // The path's segments, lower-case, joined by '/' (usually the path itself, without a
-        // copy); then its segment-aligned prefixes, longest first, from the first `deepest`
-        // segments (no API path is longer).
-        let trimmed = req.path.trim_matches('/');
-        let joined: Cow<str> = if needs_normalising(trimmed) {
-            let mut joined = String::with_capacity(req.path.len());
-            for seg in segments(req.path) {
-                if !joined.is_empty() {
-                    joined.push('/');
-                }
-                joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
-            }
-            Cow::Owned(joined)
-        } else {
-            Cow::Borrowed(trimmed)
-        };
-        let mut len = Some(first_segments(&joined, self.deepest));
-        while let Some(end) = len {
-            // Next: the prefix one segment shorter (the empty path last).
-            len = (end > 0).then(|| {
-                let shorter = joined.as_bytes()[..end].iter().rposition(|&b| b == b'/');
-                shorter.unwrap_or(0)
-            });
-            let Some(apis) = self.paths.get(&joined[..end]) else {
-                continue;
-            };
-            // An API bound to this host beats one bound to none (the host is looked at only
-            // when an API here is bound to some).
-            let bound = apis.iter().find(|&&a| {
-                let hostnames = &self.apis[a as usize].hostnames;
-                !hostnames.is_empty() && {
-                    let host = host_of(req.host);
-                    hostnames.iter().any(|h| h.eq_ignore_ascii_case(host))
-                }
-            });
-            let open = apis
-                .iter()
-                .find(|&&a| self.apis[a as usize].hostnames.is_empty());
-            if let Some(&a) = bound.or(open) {
-                let below = match &joined {
-                    Cow::Borrowed(path) => Some(&path[end..]),
-                    Cow::Owned(_) => None,
-                };
-                return Some((a, below));
-            }
+    fn route<'r>(&self, req: &Request<'r>) -> Option<(u32, Option<Below<'r>>)> {
+        // Nearly every path is its own normal form: its segments, lower case, joined by single
+        // slashes (outer slashes aside). Then it is routed as it is, without a copy, and what is
+        // below the API's path has the segments the API's path has not.
+        let trimmed = trim_slashes(req.path);
+        let shape = PathShape::of(trimmed);
+        if shape.needs_normalising() {
+            return self.route_normalised(req).map(|a| (a, None));
         }
-        None
+        let segments = if trimmed.is_empty() {
+            0
+        } else {
+            shape.slashes + 1
+        };
+        self.longest_api(trimmed, req.host).map(|(a, end)| {
+            let depth = self.apis[a as usize].depth;
+            (
+                a,
+                Some(Below::normal(
+                    &trimmed[end..],
+                    segments.saturating_sub(depth),
+                )),
+            )
+        })
     }
 
-    fn operation(&self, api: u32, req: &Request, below: Option<&str>) -> Option<u32> {
-        let a = &self.apis[api as usize];
-        let below = Below::new(below.unwrap_or_else(|| crate::route::below(req.path, a.depth)));
-        a.operations
+    /// [`Self::route`] for a path with upper case or doubled slashes: routed in its normal form.
+    #[cold]
+    fn route_normalised(&self, req: &Request) -> Option<u32> {
+        let mut joined = String::with_capacity(req.path.len());
+        for seg in segments(req.path) {
+            if !joined.is_empty() {
+                joined.push('/');
+            }
+            joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
+        }
+        self.longest_api(&joined, req.host).map(|(a, _)| a)
+    }
+
+    /// The API for `host` whose path is the longest segment-aligned prefix of `path` (a normal
+    /// form, without outer slashes), and that prefix's length. Prefixes are tried longest first,
+    /// from the first `deepest` segments (no API path is longer), down to the empty path.
+    fn longest_api(&self, path: &str, host: &str) -> Option<(u32, usize)> {
+        let mut end = first_segments(path, self.deepest);
+        loop {
+            if let Some(a) = self
+                .paths
+                .get(&path[..end])
+                .and_then(|apis| self.api_for_host(apis, host))
+            {
+                return Some((a, end));
+            }
+            if end == 0 {
+                return None;
+            }
+            // The prefix one segment shorter: up to the '/' before this one's last segment.
+            end = path.as_bytes()[..end]
+                .iter()
+                .rposition(|&b| b == b'/')
+                .unwrap_or(0);
+        }
+    }
+
+    /// Of the APIs at one path, the one bound to `host`, else the one bound to none. The host
+    /// is looked at only when an API there is bound to some.
+    fn api_for_host(&self, apis: &[u32], host: &str) -> Option<u32> {
+        let hostnames = |a: u32| &self.apis[a as usize].hostnames;
+        if let [a] = *apis {
+            if hostnames(a).is_empty() {
+                return Some(a);
+            }
+        }
+        let host = host_of(host);
+        let bound = apis
             .iter()
-            .enumerate()
+            .find(|&&a| hostnames(a).iter().any(|h| h.eq_ignore_ascii_case(host)));
+        let open = apis.iter().find(|&&a| hostnames(a).is_empty());
+        bound.or(open).copied()
+    }
+
+    /// The operation of `api` whose method and template match: the most specific (the most
+    /// literal characters), the first listed of equals.
+    fn operation(&self, api: u32, req: &Request, below: Option<Below>) -> Option<u32> {
+        let a = &self.apis[api as usize];
+        let below = below.unwrap_or_else(|| Below::new(crate::route::below(req.path, a.depth)));
+        let mut best: Option<(usize, u32)> = None;
+        for (i, o) in a.operations.iter().enumerate() {
             // A request's method is nearly always written as its operation's.
-            .filter(|(_, o)| {
-                o.method == req.method
-                    || o.method == "*"
-                    || o.method.eq_ignore_ascii_case(req.method)
-            })
-            .filter(|(_, o)| o.template.matches(&below))
-            .max_by_key(|(i, o)| (o.template.specificity, usize::MAX - i))
-            .map(|(i, _)| i as u32)
+            let method = o.method == req.method
+                || o.method == "*"
+                || o.method.eq_ignore_ascii_case(req.method);
+            let specificity = o.template.specificity;
+            if method && best.is_none_or(|(s, _)| specificity > s) && o.template.matches(&below) {
+                best = Some((specificity, i as u32));
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     /// Decides a call at `now`, counting in `store`.
@@ -1468,16 +1505,6 @@ mod tests {
         assert_eq!(query_param("a=%", "a").as_deref(), Some("%"));
         assert_eq!(query_param("a=%4", "a").as_deref(), Some("%4"));
         assert_eq!(query_param("", "a"), None);
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn a_path_needs_normalising_when_it_has_upper_case_or_a_doubled_slash(
-            path in "[aZ/é]{0,40}",
-        ) {
-            let expected = path.bytes().any(|b| b.is_ascii_uppercase()) || path.contains("//");
-            proptest::prop_assert_eq!(needs_normalising(&path), expected);
-        }
     }
 
     #[test]

@@ -152,6 +152,84 @@ impl<'a> Below<'a> {
     }
 }
 
+impl<'a> Below<'a> {
+    /// The path below an API's prefix in a path that is its own normal form (no upper case, no
+    /// doubled slashes), whose segments were counted already.
+    pub fn normal(text: &'a str, segments: usize) -> Self {
+        Below {
+            text,
+            segments,
+            upper: false,
+        }
+    }
+}
+
+/// What routing needs to know of a path without its outer slashes, from one look at it: whether
+/// it is its own normal form (lower case, single slashes), and how many slashes it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PathShape {
+    pub upper: bool,
+    pub doubled: bool,
+    pub slashes: usize,
+}
+
+/// Each byte's low bit, and each byte's high bit, of a word of eight bytes.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each byte of `word` that is `b`.
+fn bytes_equal(word: u64, b: u8) -> u64 {
+    let zero_if_equal = word ^ (ONES * u64::from(b));
+    // A byte is zero when neither its high bit nor (adding 0x7f to the others) a carry into it
+    // is set. No carry crosses into the next byte.
+    !(((zero_if_equal & !HIGHS) + !HIGHS) | zero_if_equal) & HIGHS
+}
+
+/// The high bit of each byte of `word` that is an ASCII upper-case letter.
+fn upper_case(word: u64) -> u64 {
+    let low = word & !HIGHS;
+    // Adding 0x80 - c sets a byte's high bit when its low seven bits are at least c; no carry
+    // crosses into the next byte. Bytes of 0x80 and above are no ASCII letter.
+    let from_a = low + ONES * (0x80 - u64::from(b'A'));
+    let past_z = low + ONES * (0x80 - u64::from(b'Z') - 1);
+    from_a & !past_z & !word & HIGHS
+}
+
+impl PathShape {
+    /// Reads the path eight bytes at a time (a short path costs a few words, not a loop per
+    /// byte).
+    pub fn of(path: &str) -> Self {
+        let (words, tail) = path.as_bytes().as_chunks::<8>();
+        let mut last = [0u8; 8];
+        for (to, from) in last.iter_mut().zip(tail) {
+            *to = *from;
+        }
+        let (mut upper, mut doubled, mut slashes) = (0u64, 0u64, 0u64);
+        // The high bit of the previous word's last byte when it was a slash, moved to bit 7.
+        let mut slash_before = 0u64;
+        for &word in words.iter().chain(std::iter::once(&last)) {
+            let word = u64::from_le_bytes(word);
+            upper |= upper_case(word);
+            let slash = bytes_equal(word, b'/');
+            // Bytes are in little-endian order: a byte's neighbour before it is 8 bits lower.
+            doubled |= slash & ((slash << 8) | slash_before);
+            slash_before = (slash >> 56) & 0x80;
+            // Each byte's slash as 0 or 1, summed into the top byte (at most 8).
+            slashes += ((slash >> 7).wrapping_mul(ONES)) >> 56;
+        }
+        PathShape {
+            upper: upper != 0,
+            doubled: doubled != 0,
+            slashes: slashes as usize,
+        }
+    }
+
+    /// Whether the path must be rewritten before routing (upper case or doubled slashes).
+    pub fn needs_normalising(&self) -> bool {
+        self.upper || self.doubled
+    }
+}
+
 /// The part of `path` after its first `depth` segments.
 pub(crate) fn below(path: &str, depth: usize) -> &str {
     let mut segments = segments(path);
@@ -252,6 +330,20 @@ mod tests {
             let expected = split.len() == template.len()
                 && split.iter().zip(&template).all(|(s, t)| s.eq_ignore_ascii_case(t));
             proptest::prop_assert_eq!(parsed.matches(&Below::new(&path)), expected);
+        }
+    }
+
+    proptest::proptest! {
+        /// The shape of a path, read a word at a time, is what a look at each byte finds.
+        #[test]
+        fn a_path_shape_is_what_each_byte_says(path in "[aZz@\\[/é.]{0,40}") {
+            let b = path.as_bytes();
+            let expected = PathShape {
+                upper: b.iter().any(|c| c.is_ascii_uppercase()),
+                doubled: path.contains("//"),
+                slashes: b.iter().filter(|&&c| c == b'/').count(),
+            };
+            proptest::prop_assert_eq!(PathShape::of(&path), expected);
         }
     }
 
