@@ -960,17 +960,19 @@ impl<'a> Run<'a, '_> {
         calls: u64,
     ) {
         for (name, value, is_total) in [(remaining, left, false), (total, calls, true)] {
-            if let Some(name) = name {
+            let Some(name) = name else { continue };
+            if !call.limit_headers.is_empty() {
                 call.limit_headers
                     .retain(|h| self.catalog.limit_header_name(h) != Some(name.as_str()));
-                // A u64 has at most 20 digits: the text always fits.
-                let value =
-                    ArrayString::from(itoa::Buffer::new().format(value)).unwrap_or_default();
-                call.limit_headers.push(LimitHeader {
-                    step,
-                    total: is_total,
-                    value,
-                });
+            }
+            call.limit_headers.push(LimitHeader {
+                step,
+                total: is_total,
+                value: ArrayString::new(),
+            });
+            // The digits are written where they are kept (a u64 has at most 20: they fit).
+            if let Some(h) = call.limit_headers.last_mut() {
+                let _ = h.value.try_push_str(itoa::Buffer::new().format(value));
             }
         }
     }
