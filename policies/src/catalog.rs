@@ -94,11 +94,54 @@ impl std::ops::Deref for CounterId {
 pub(crate) struct Program {
     /// Inbound, then backend.
     pub request: Box<[u32]>,
-    /// For each step of `request`: counted with the step after it ([`counted_together`]).
-    pub with_next: Box<[bool]>,
+    /// For each step of `request`: how it runs ([`StepPlan`]).
+    pub plans: Box<[StepPlan]>,
     pub response: Box<[u32]>,
     /// A later phase evaluates an expression that may read the request: keep a copy.
     pub keeps_request: bool,
+}
+
+/// How a step of a program runs, found at load from the steps around it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StepPlan {
+    /// Counted with the step after it ([`counted_together`]).
+    pub with_next: bool,
+    /// A later step may deny the call or fail, so what this step counts is reserved, to be
+    /// taken back then. Where nothing after it can, the call is final once it is counted.
+    pub reserve: bool,
+}
+
+/// Whether a step may deny a call or fail, so that what earlier steps counted must be taken
+/// back. A `set-header` or `return-response` with only literal values can do neither (a
+/// `return-response` ends the call, but what was counted stays counted).
+fn may_deny_or_fail(step: &Step) -> bool {
+    let literal = |h: &policy::SetHeader| {
+        h.values
+            .iter()
+            .all(|v| matches!(v, policy::Text::Literal(_)))
+    };
+    match step {
+        Step::SetHeader(h) => !literal(h),
+        Step::Respond { headers, .. } => !headers.iter().all(literal),
+        _ => true,
+    }
+}
+
+/// The plan of each step of a program's request phase.
+fn plans(steps: &[Step], request: &[u32]) -> Box<[StepPlan]> {
+    let step = |i: usize| request.get(i).map(|&ix| &steps[ix as usize]);
+    (0..request.len())
+        .map(|i| {
+            let with_next =
+                step(i + 1).is_some_and(|next| step(i).is_some_and(|s| counted_together(s, next)));
+            // A partner counted in the same update is not "later".
+            let after = i + 1 + usize::from(with_next);
+            StepPlan {
+                with_next,
+                reserve: (after..request.len()).any(|j| step(j).is_some_and(may_deny_or_fail)),
+            }
+        })
+        .collect()
 }
 
 /// Whether two steps that follow each other in a program are counted in one update: a
@@ -354,18 +397,9 @@ impl Catalog {
                     let mut request = policy::inline(&chain, INBOUND);
                     request.extend(policy::inline(&chain, BACKEND));
                     let response = policy::inline(&chain, OUTBOUND);
-                    let with_next = request
-                        .iter()
-                        .zip(request.iter().skip(1).map(Some).chain([None]))
-                        .map(|(&a, b)| {
-                            b.is_some_and(|&b| {
-                                counted_together(&steps[a as usize], &steps[b as usize])
-                            })
-                        })
-                        .collect();
                     programs.push(Program {
                         keeps_request: keeps_request(&steps, &request, &response),
-                        with_next,
+                        plans: plans(&steps, &request),
                         request: request.into_boxed_slice(),
                         response: response.into_boxed_slice(),
                     });
@@ -455,10 +489,42 @@ mod tests {
         program
             .request
             .iter()
-            .zip(&program.with_next)
-            .filter(|(_, &with_next)| with_next)
+            .zip(&program.plans)
+            .filter(|(_, plan)| plan.with_next)
             .map(|(&ix, _)| name(ix))
             .collect()
+    }
+
+    #[test]
+    fn a_step_reserves_what_it_counts_only_when_a_later_step_may_deny_or_fail() {
+        let plans = |inbound: &str| {
+            let doc = serde_json::json!({
+                "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+                "products": [{"name": "p", "apis": ["orders"],
+                              "policy": format!("<policies><inbound>{inbound}</inbound></policies>")}]
+            });
+            let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+            let program = &c.programs[c.program(Some(0), 0, None) as usize];
+            program.plans.iter().map(|p| p.reserve).collect::<Vec<_>>()
+        };
+        let (rate, quota) = (
+            r#"<rate-limit calls="5" renewal-period="60" />"#,
+            r#"<quota calls="9" renewal-period="60" />"#,
+        );
+        let literal = r#"<set-header name="x"><value>1</value></set-header>"#;
+        let computed = r#"<set-header name="x"><value>@(context.Api.Id)</value></set-header>"#;
+        let check = r#"<check-header name="x" failed-check-httpcode="401" failed-check-error-message="no" />"#;
+        // Counted together, with nothing after them that can deny: final once counted.
+        assert_eq!(
+            plans(&format!("{rate}{quota}{literal}")),
+            [false, false, false]
+        );
+        // An expression may fail, a header check may deny.
+        assert_eq!(
+            plans(&format!("{rate}{quota}{computed}")),
+            [true, true, false]
+        );
+        assert_eq!(plans(&format!("{rate}{check}{quota}")), [true, true, false]);
     }
 
     #[test]

@@ -588,6 +588,8 @@ struct Run<'a, 's> {
     store: &'s dyn CounterStore,
     now: Millis,
     reservations: SmallVec<[Reservation<'a>; 2]>,
+    /// The step being run must reserve what it counts ([`crate::catalog::StepPlan`]).
+    reserve: bool,
 }
 
 impl<'a> Run<'a, '_> {
@@ -656,7 +658,9 @@ impl<'a> Run<'a, '_> {
         // Each limit's headline: the remaining and total calls of its first counter with calls.
         let mut headlines: [Option<(u64, u64)>; 2] = [None; 2];
         if own.rate.is_some() || own.quota.is_some() {
-            let verdicts = self.admit_own(owner, &limits[0].1.document, &own, call)?;
+            // A lone limit's nested counters come after its own, and may deny.
+            let reserve = self.reserve || limits.iter().any(|(_, l, _)| !l.nested.is_empty());
+            let verdicts = self.admit_own(owner, &limits[0].1.document, &own, reserve, call)?;
             for (i, &(_, limit, quota)) in limits.iter().enumerate() {
                 let verdict = match quota {
                     true => verdicts.quota.map(|(v, _)| v),
@@ -692,12 +696,14 @@ impl<'a> Run<'a, '_> {
         Ok(None)
     }
 
-    /// A subscription's own counters of `document` ([`own`]): one update, reserved as one.
+    /// A subscription's own counters of `document` ([`own`]): one update, reserved as one
+    /// when `reserve`.
     fn admit_own(
         &mut self,
         owner: &'a str,
         document: &'a str,
         own: &OwnLimits,
+        reserve: bool,
         call: &mut CallContext,
     ) -> Result<OwnVerdicts, EngineError> {
         let mut buf = NameBuf::new();
@@ -719,6 +725,9 @@ impl<'a> Run<'a, '_> {
                     key: key.to_string(),
                     windows,
                 });
+            }
+            if !reserve {
+                return Ok(verdicts);
             }
             self.reservations.push(Reservation::Own {
                 owner,
@@ -1194,6 +1203,7 @@ impl Catalog {
             store,
             now,
             reservations: SmallVec::new(),
+            reserve: true,
         };
         let mut upstream = HeaderEdits::new();
         let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
@@ -1237,25 +1247,24 @@ impl Catalog {
             request: *req,
             status: None,
         };
-        let mut steps = program
-            .request
-            .iter()
-            .zip(program.with_next.iter())
-            .peekable();
-        while let Some((&ix, &with_next)) = steps.next() {
+        let mut steps = program.request.iter().zip(program.plans.iter()).peekable();
+        while let Some((&ix, plan)) = steps.next() {
             let step = &self.steps[ix as usize];
+            run.reserve = plan.reserve;
             let denial = match step {
                 Step::RateLimit(l) | Step::Quota(l) => {
                     let quota = matches!(step, Step::Quota(_));
                     // A rate limit and a quota of one document side by side, found at load
                     // (`counted_together`), are counted in one update.
-                    let partner = steps.peek().filter(|_| with_next).and_then(|&(&next, _)| {
-                        match &self.steps[next as usize] {
-                            Step::RateLimit(n) => Some((next, n, false)),
-                            Step::Quota(n) => Some((next, n, true)),
-                            _ => None,
-                        }
-                    });
+                    let partner =
+                        steps
+                            .peek()
+                            .filter(|_| plan.with_next)
+                            .and_then(|&(&next, _)| match &self.steps[next as usize] {
+                                Step::RateLimit(n) => Some((next, n, false)),
+                                Step::Quota(n) => Some((next, n, true)),
+                                _ => None,
+                            });
                     match partner {
                         Some(partner) => {
                             steps.next();

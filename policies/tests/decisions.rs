@@ -111,6 +111,54 @@ fn a_limit_that_denies_takes_back_what_earlier_limits_counted() {
 }
 
 #[test]
+fn a_header_check_that_denies_takes_back_the_product_rate_limit_and_quota() {
+    // The product counts the call in its rate limit and quota, then the API's header check
+    // denies it: neither may keep it, or the call with the header below would be refused.
+    let c = catalog(
+        r#"<policies><inbound><rate-limit calls="1" renewal-period="60" /><quota calls="1" renewal-period="3600" /><base /></inbound></policies>"#,
+        r#"<policies><inbound><base /><check-header name="x-team" failed-check-httpcode="401" failed-check-error-message="no team" ignore-case="true" /></inbound></policies>"#,
+    );
+    let store = MemoryStore::new();
+    let without = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let with = headers(&[("Ocp-Apim-Subscription-Key", "k"), ("x-team", "a")]);
+    let outcome =
+        |h: &[(String, String)], now| c.decide(&request(h, ""), now, &store).unwrap().outcome;
+    assert_eq!(outcome(&without, 0), Outcome::HeaderCheckFailed);
+    assert_eq!(outcome(&with, 1_000), Outcome::Allowed);
+    assert_eq!(outcome(&with, 2_000), Outcome::RateLimited);
+}
+
+#[test]
+fn a_call_that_fails_after_the_product_limits_takes_back_what_they_counted() {
+    // API "a" reads the operation of a call to an API without operations, which is null: the
+    // call fails after the product's rate limit counted it, and gives the count back, so that
+    // the one call the limit allows is still there for API "b".
+    let doc = json!({
+        "apis": [{"name": "a", "properties": {"path": "a"},
+                  "policy": "<policies><inbound><base /><set-header name=\"x-op\"><value>@(context.Operation.Id)</value></set-header></inbound></policies>"},
+                 {"name": "b", "properties": {"path": "b"}}],
+        "products": [{"name": "p", "apis": ["a", "b"],
+                      "policy": r#"<policies><inbound><rate-limit calls="1" renewal-period="60" /><base /></inbound></policies>"#}],
+        "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k"}}]
+    });
+    let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let call = |path| Request {
+        path,
+        ..request(&h, "")
+    };
+    let err = c.decide(&call("/a/x"), 0, &store).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "policy expression failed: context.Operation is null"
+    );
+    let outcome = |path, now| c.decide(&call(path), now, &store).unwrap().outcome;
+    assert_eq!(outcome("/b/x", 1_000), Outcome::Allowed);
+    assert_eq!(outcome("/b/x", 2_000), Outcome::RateLimited);
+}
+
+#[test]
 fn reading_a_null_context_member_is_an_internal_error() {
     let doc = json!({
         "apis": [{"name": "orders", "path": "orders", "subscriptionRequired": false,
