@@ -195,20 +195,32 @@ fn upper_case(word: u64) -> u64 {
     from_a & !past_z & !word & HIGHS
 }
 
+/// The last `tail` bytes of `bytes` (fewer than eight) in the low bytes of a word, zeros
+/// above. The word is put together in registers: bytes stored one by one and read back as a
+/// word would wait for the stores.
+fn tail_word(bytes: &[u8], tail: usize) -> u64 {
+    if tail == 0 {
+        return 0;
+    }
+    match bytes.last_chunk::<8>() {
+        // The last eight bytes, less those already read as part of a word.
+        Some(&last) => u64::from_le_bytes(last) >> (8 * (8 - tail)),
+        None => bytes.iter().rev().fold(0, |w, &b| (w << 8) | u64::from(b)),
+    }
+}
+
 impl PathShape {
     /// Reads the path eight bytes at a time (a short path costs a few words, not a loop per
     /// byte).
     pub fn of(path: &str) -> Self {
-        let (words, tail) = path.as_bytes().as_chunks::<8>();
-        let mut last = [0u8; 8];
-        for (to, from) in last.iter_mut().zip(tail) {
-            *to = *from;
-        }
+        let bytes = path.as_bytes();
+        let (words, tail) = bytes.as_chunks::<8>();
+        let last = tail_word(bytes, tail.len());
         let (mut upper, mut doubled, mut slashes) = (0u64, 0u64, 0u64);
         // The high bit of the previous word's last byte when it was a slash, moved to bit 7.
         let mut slash_before = 0u64;
-        for &word in words.iter().chain(std::iter::once(&last)) {
-            let word = u64::from_le_bytes(word);
+        let words = words.iter().map(|&w| u64::from_le_bytes(w));
+        for word in words.chain(std::iter::once(last)) {
             upper |= upper_case(word);
             let slash = bytes_equal(word, b'/');
             // Bytes are in little-endian order: a byte's neighbour before it is 8 bits lower.
