@@ -660,7 +660,9 @@ impl<'a> Run<'a, '_> {
         if own.rate.is_some() || own.quota.is_some() {
             // A lone limit's nested counters come after its own, and may deny.
             let reserve = self.reserve || limits.iter().any(|(_, l, _)| !l.nested.is_empty());
-            let verdicts = self.admit_own(owner, &limits[0].1.document, &own, reserve, call)?;
+            let mut verdicts = OwnVerdicts::default();
+            let document = &limits[0].1.document;
+            self.admit_own(owner, document, &own, reserve, call, &mut verdicts)?;
             for (i, &(_, limit, quota)) in limits.iter().enumerate() {
                 let verdict = match quota {
                     true => verdicts.quota.map(|(v, _)| v),
@@ -705,19 +707,18 @@ impl<'a> Run<'a, '_> {
         own: &OwnLimits,
         reserve: bool,
         call: &mut CallContext,
-    ) -> Result<OwnVerdicts, EngineError> {
+        verdicts: &mut OwnVerdicts,
+    ) -> Result<(), EngineError> {
         let mut buf = NameBuf::new();
         let key = buf.join(OWN_KIND, owner, document);
-        let verdicts = match own.admit(self.store, key, self.now, None)? {
-            Some(v) => v,
-            None => {
-                let seed = self.own_seed(owner, document)?;
-                own.admit(self.store, key, self.now, Some(&seed))?
-                    .ok_or_else(|| {
-                        StoreError::Unavailable(format!("counter '{key}' was never read"))
-                    })?
+        if !own.admit(self.store, key, self.now, None, verdicts)? {
+            let seed = self.own_seed(owner, document)?;
+            if !own.admit(self.store, key, self.now, Some(&seed), verdicts)? {
+                return Err(
+                    StoreError::Unavailable(format!("counter '{key}' was never read")).into(),
+                );
             }
-        };
+        }
         let admitted = |v: Option<Verdict>| v.is_none_or(|v| matches!(v, Verdict::Admitted { .. }));
         if admitted(verdicts.rate) && admitted(verdicts.quota.map(|(v, _)| v)) {
             if let Some(windows) = own.quota.filter(|w| w.bandwidth_kb.is_some()) {
@@ -727,7 +728,7 @@ impl<'a> Run<'a, '_> {
                 });
             }
             if !reserve {
-                return Ok(verdicts);
+                return Ok(());
             }
             self.reservations.push(Reservation::Own {
                 owner,
@@ -739,7 +740,7 @@ impl<'a> Run<'a, '_> {
                     .map(|(w, (_, start))| (w.period, start)),
             });
         }
-        Ok(verdicts)
+        Ok(())
     }
 
     /// What builds that kept a document's rate limit and quota apart counted for `owner`, to

@@ -88,19 +88,23 @@ fn refresh_expiry(state: &mut State<'_>) {
 
 impl OwnLimits {
     /// Admits a call of weight 1 under each limit, in the document's order, and counts it in
-    /// every one or, when one denies, in none.
+    /// every one or, when one denies, in none. The verdicts are written into `verdicts` (where
+    /// the caller reads them, rather than moved out through the store's update).
     ///
-    /// `None` when the counter was never written and `seed` is `None`: the caller then reads
-    /// what builds before this one counted ([`seed`]) and calls again with it, which never
-    /// gives `None`. The seed is used only if the counter is still unwritten.
+    /// False when the counter was never written and `seed` is `None`: the caller then reads
+    /// what builds before this one counted ([`seed`]) and calls again with it, which gives
+    /// true. The seed is used only if the counter is still unwritten.
     pub fn admit(
         &self,
         store: &dyn CounterStore,
         key: &str,
         now: Millis,
         seed: Option<&[u8]>,
-    ) -> Result<Option<OwnVerdicts>, StoreError> {
-        update(store, key, |state| {
+        verdicts: &mut OwnVerdicts,
+    ) -> Result<bool, StoreError> {
+        let mut read = false;
+        store.update(key, &mut |state| {
+            *verdicts = OwnVerdicts::default();
             let mut write = false;
             if state.bytes().is_empty() {
                 match seed {
@@ -108,12 +112,12 @@ impl OwnLimits {
                         state.set(seed);
                         write = true;
                     }
-                    None => return (false, None),
+                    None => return false,
                 }
             }
+            read = true;
             write |= into_own_layout(state);
             let q = quota_len(state.bytes());
-            let mut verdicts = OwnVerdicts::default();
             // Every verdict before anything is counted.
             let mut quota_window = None;
             for quota in [self.quota_first, !self.quota_first] {
@@ -135,7 +139,7 @@ impl OwnLimits {
                     matches!(verdict, Verdict::Admitted { .. })
                 };
                 if !admitted {
-                    return (write, Some(verdicts));
+                    return write;
                 }
             }
             if let Some((_, period)) = self.rate {
@@ -148,8 +152,9 @@ impl OwnLimits {
                 set_quota(state, &w, windows.period);
             }
             refresh_expiry(state);
-            (true, Some(verdicts))
-        })
+            true
+        })?;
+        Ok(read)
     }
 }
 
@@ -251,13 +256,12 @@ mod tests {
 
     /// Admits as the engine does: from the counters of an earlier build when there is none.
     fn admit(s: &MemoryStore, l: &OwnLimits, now: Millis) -> OwnVerdicts {
-        match l.admit(s, "sl", now, None).unwrap() {
-            Some(v) => v,
-            None => {
-                let seed = seed(s, "rl", "q").unwrap();
-                l.admit(s, "sl", now, Some(&seed)).unwrap().unwrap()
-            }
+        let mut v = OwnVerdicts::default();
+        if !l.admit(s, "sl", now, None, &mut v).unwrap() {
+            let seed = seed(s, "rl", "q").unwrap();
+            assert!(l.admit(s, "sl", now, Some(&seed), &mut v).unwrap());
         }
+        v
     }
 
     fn admitted(remaining: u64) -> Verdict {
