@@ -54,6 +54,9 @@ pub(crate) struct UrlTemplate {
     rest: bool,
     /// Literal characters, to prefer the most specific of several matching templates.
     pub specificity: usize,
+    /// For a template of literal segments only: them joined by single slashes, lower case, no
+    /// outer slashes (`items/latest`), which a path in its normal form matches as text.
+    literal: Option<Box<str>>,
 }
 
 impl UrlTemplate {
@@ -95,10 +98,23 @@ impl UrlTemplate {
             }
             segments.push(Segment(pieces));
         }
+        let literal = (!rest)
+            .then(|| {
+                segments
+                    .iter()
+                    .map(|s| match s.0.as_slice() {
+                        [Piece::Literal(l)] => Some(l.as_str()),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<&str>>>()
+            })
+            .flatten()
+            .map(|parts| parts.join("/").into_boxed_str());
         Ok(UrlTemplate {
             segments,
             rest,
             specificity,
+            literal,
         })
     }
 
@@ -106,6 +122,11 @@ impl UrlTemplate {
     /// segments is told apart by the count alone; the path is split again only for one that
     /// may match.
     pub fn matches(&self, below: &Below<'_>) -> bool {
+        if let (Some(literal), true) = (&self.literal, below.normal) {
+            // Single slashes, lower case: one comparison, whatever the segments.
+            let text = below.text.strip_prefix('/').unwrap_or(below.text);
+            return text == &**literal;
+        }
         let fits = if self.rest {
             below.segments >= self.segments.len()
         } else {
@@ -132,6 +153,8 @@ pub(crate) struct Below<'a> {
     text: &'a str,
     segments: usize,
     upper: bool,
+    /// In its normal form: lower case, single slashes, no slash at its end.
+    normal: bool,
 }
 
 impl<'a> Below<'a> {
@@ -148,6 +171,7 @@ impl<'a> Below<'a> {
             text,
             segments,
             upper,
+            normal: false,
         }
     }
 }
@@ -160,6 +184,7 @@ impl<'a> Below<'a> {
             text,
             segments,
             upper: false,
+            normal: true,
         }
     }
 }
@@ -356,6 +381,27 @@ mod tests {
                 slashes: b.iter().filter(|&&c| c == b'/').count(),
             };
             proptest::prop_assert_eq!(PathShape::of(&path), expected);
+        }
+    }
+
+    proptest::proptest! {
+        /// A path in its normal form matches a template as text exactly when it matches it
+        /// segment by segment.
+        #[test]
+        fn a_normal_path_matches_as_its_segments_do(
+            template in proptest::collection::vec("[ab]{1,2}|\\{id\\}", 0..4),
+            rest in proptest::bool::ANY,
+            path in "[ab/]{0,12}",
+        ) {
+            let template = format!("/{}{}", template.join("/"), if rest { "/*" } else { "" });
+            let parsed = UrlTemplate::parse(&template).unwrap();
+            let split: Vec<&str> = segments(&path).collect();
+            let normal = split.iter().map(|s| format!("/{s}")).collect::<String>();
+            proptest::prop_assert_eq!(
+                parsed.matches(&Below::normal(&normal, split.len())),
+                parsed.matches(&Below::new(&normal)),
+                "template {} path {}", template, normal
+            );
         }
     }
 
