@@ -42,12 +42,19 @@ pub(crate) struct Api {
     pub operations: Vec<Operation>,
     /// The product without subscriptions that runs keyless calls, if any.
     pub open_product: Option<u32>,
+    /// The program of the API's first operation outside any product; the operations' follow in
+    /// order (one program when it lists none).
+    pub program: u32,
 }
 
 pub(crate) struct Product {
     pub name: String,
     pub display_name: String,
+    /// Sorted, without repeats.
     pub apis: Vec<u32>,
+    /// For each of `apis`, the program of its first operation in this product, as
+    /// [`Api::program`]. The scope check's search finds it too.
+    pub programs: Vec<u32>,
 }
 
 pub(crate) struct Subscription {
@@ -184,9 +191,6 @@ pub struct Catalog {
     pub(crate) deepest: usize,
     pub(crate) steps: Vec<Step>,
     pub(crate) programs: Vec<Program>,
-    /// (product or `NO_PRODUCT`, API) → index of the program of its first operation; the
-    /// operations follow in order (one program when the API lists none).
-    pub(crate) program_index: HashMap<(u32, u32), u32>,
     warnings: Vec<String>,
     policy_documents: usize,
 }
@@ -343,15 +347,17 @@ impl Catalog {
                     })
                     .collect(),
                 open_product: None,
+                program: 0,
             })
             .collect();
-        let products: Vec<Product> = snap
+        let mut products: Vec<Product> = snap
             .products
             .iter()
             .map(|p| Product {
                 name: p.name.clone(),
                 display_name: p.display_name.clone(),
                 apis: p.apis.clone(),
+                programs: vec![0; p.apis.len()],
             })
             .collect();
         for (pi, p) in snap.products.iter().enumerate() {
@@ -376,10 +382,17 @@ impl Catalog {
             }
         }
         let mut programs = Vec::new();
-        let mut program_index = HashMap::new();
         for (ai, ctxs) in contexts.iter().enumerate() {
             for &pc in ctxs {
-                program_index.insert((pc, ai as u32), programs.len() as u32);
+                let first = programs.len() as u32;
+                if pc == NO_PRODUCT {
+                    apis[ai].program = first;
+                } else {
+                    let p = &mut products[pc as usize];
+                    if let Ok(i) = p.apis.binary_search(&(ai as u32)) {
+                        p.programs[i] = first;
+                    }
+                }
                 let product = if pc == NO_PRODUCT {
                     None
                 } else {
@@ -417,7 +430,6 @@ impl Catalog {
             deepest,
             steps,
             programs,
-            program_index,
             warnings: {
                 let mut w = warnings;
                 w.extend(
@@ -463,13 +475,20 @@ impl Catalog {
         self.keys.len()
     }
 
+    /// The program of `api`'s first operation in `product`, if the product holds the API.
+    pub(crate) fn product_program(&self, product: u32, api: u32) -> Option<u32> {
+        let p = &self.products[product as usize];
+        let i = p.apis.binary_search(&api).ok()?;
+        p.programs.get(i).copied()
+    }
+
+    /// The program of a call of `api` (and `operation`) in `product` (or none).
     pub(crate) fn program(&self, product: Option<u32>, api: u32, operation: Option<u32>) -> u32 {
-        let base = self
-            .program_index
-            .get(&(product.unwrap_or(NO_PRODUCT), api))
-            .copied()
-            .unwrap_or(0);
-        base + operation.unwrap_or(0)
+        let first = match product {
+            None => self.apis[api as usize].program,
+            Some(p) => self.product_program(p, api).unwrap_or(0),
+        };
+        first + operation.unwrap_or(0)
     }
 }
 

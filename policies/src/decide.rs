@@ -1157,16 +1157,18 @@ impl Catalog {
                     key_digest(&k)
                 }),
         };
+        let mut first_program = None;
         match key {
             Some(digest) => {
                 let sub = self.keys.find(&digest).filter(|&s| {
                     let s = &self.subscriptions[s as usize];
                     s.active
                         && match s.scope {
-                            SubscriptionScope::Product(p) => self.products[p as usize]
-                                .apis
-                                .binary_search(&api_ix)
-                                .is_ok(),
+                            // The search that finds the API in the product finds its program.
+                            SubscriptionScope::Product(p) => {
+                                first_program = self.product_program(p, api_ix);
+                                first_program.is_some()
+                            }
                             SubscriptionScope::Api(a) => a == api_ix,
                             SubscriptionScope::AllApis | SubscriptionScope::Service => true,
                         }
@@ -1197,7 +1199,10 @@ impl Catalog {
             }
         }
 
-        call.program = self.program(call.id.product, api_ix, call.id.operation);
+        call.program = match first_program {
+            Some(first) => first + call.id.operation.unwrap_or(0),
+            None => self.program(call.id.product, api_ix, call.id.operation),
+        };
         let program: &Program = &self.programs[call.program as usize];
         let mut run = Run {
             catalog: self,
