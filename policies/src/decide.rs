@@ -268,6 +268,17 @@ struct LimitHeader {
     value: ArrayString<20>,
 }
 
+impl LimitHeader {
+    /// The header without its value yet.
+    fn new(step: u32, total: bool) -> Self {
+        LimitHeader {
+            step,
+            total,
+            value: ArrayString::new(),
+        }
+    }
+}
+
 /// A routed call: who it is, and what is left to do for it after the inbound phase.
 #[derive(Debug, Clone)]
 pub struct CallContext {
@@ -685,7 +696,8 @@ impl<'a> Run<'a, '_> {
             }
         }
         for (&(step, limit, _), headline) in limits.iter().zip(headlines) {
-            if let Some((remaining, total)) = headline {
+            let named = limit.remaining_header.is_some() || limit.total_header.is_some();
+            if let (Some((remaining, total)), true) = (headline, named) {
                 self.limit_headers(
                     call,
                     step,
@@ -959,8 +971,8 @@ impl<'a> Run<'a, '_> {
         Ok(v)
     }
 
-    /// Records the remaining-calls and total-calls headers of limit `step`; a later limit's
-    /// header of the same name replaces an earlier one.
+    /// Records the remaining-calls and total-calls headers of limit `step` (those it names); a
+    /// later limit's header of the same name replaces an earlier one.
     fn limit_headers(
         &self,
         call: &mut CallContext,
@@ -969,21 +981,23 @@ impl<'a> Run<'a, '_> {
         left: u64,
         calls: u64,
     ) {
-        for (name, value, is_total) in [(remaining, left, false), (total, calls, true)] {
-            let Some(name) = name else { continue };
-            if !call.limit_headers.is_empty() {
-                call.limit_headers
-                    .retain(|h| self.catalog.limit_header_name(h) != Some(name.as_str()));
-            }
-            call.limit_headers.push(LimitHeader {
-                step,
-                total: is_total,
-                value: ArrayString::new(),
-            });
-            // The digits are written where they are kept (a u64 has at most 20: they fit).
-            if let Some(h) = call.limit_headers.last_mut() {
-                let _ = h.value.try_push_str(itoa::Buffer::new().format(value));
-            }
+        if let Some(name) = remaining {
+            self.limit_header(call, LimitHeader::new(step, false), name, left);
+        }
+        if let Some(name) = total {
+            self.limit_header(call, LimitHeader::new(step, true), name, calls);
+        }
+    }
+
+    fn limit_header(&self, call: &mut CallContext, header: LimitHeader, name: &str, value: u64) {
+        if !call.limit_headers.is_empty() {
+            call.limit_headers
+                .retain(|h| self.catalog.limit_header_name(h) != Some(name));
+        }
+        call.limit_headers.push(header);
+        // The digits are written where they are kept (a u64 has at most 20: they fit).
+        if let Some(h) = call.limit_headers.last_mut() {
+            let _ = h.value.try_push_str(itoa::Buffer::new().format(value));
         }
     }
 }
