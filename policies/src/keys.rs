@@ -8,9 +8,37 @@ use subtle::ConstantTimeEq;
 /// SHA-256 of a key's UTF-8 bytes.
 pub type Digest = [u8; 32];
 
+/// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
+const INITIAL: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
+
+/// The longest message that SHA-256 pads into one block: 64 bytes less the `0x80` byte and the
+/// 8-byte length.
+const ONE_BLOCK: usize = 55;
+
 /// The digest of a subscription key.
+///
+/// Every keyed call pays for it. A key that fits in one block (APIM's are 32 characters) is
+/// padded here and compressed by the crate's block function once, which skips the streaming
+/// state and its buffer; a longer one goes through the streaming hash.
 pub fn key_digest(key: &str) -> Digest {
-    Sha256::digest(key.as_bytes()).into()
+    let bytes = key.as_bytes();
+    if bytes.len() > ONE_BLOCK {
+        return Sha256::digest(bytes).into();
+    }
+    // The message, the 0x80 byte, zeros, then the message's length in bits, big-endian.
+    let mut block = [0u8; 64];
+    block[..bytes.len()].copy_from_slice(bytes);
+    block[bytes.len()] = 0x80;
+    block[56..].copy_from_slice(&(bytes.len() as u64 * 8).to_be_bytes());
+    let mut state = INITIAL;
+    sha2::compress256(&mut state, &[block.into()]);
+    let mut digest = [0u8; 32];
+    for (out, word) in digest.chunks_exact_mut(4).zip(state) {
+        out.copy_from_slice(&word.to_be_bytes());
+    }
+    digest
 }
 
 /// Lower-case hex of a digest, the `primaryKeySha256` form.
@@ -100,6 +128,36 @@ impl KeyIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Keys of one block and of more, and the lengths where one becomes two, digest as the
+        /// streaming SHA-256 does.
+        #[test]
+        fn a_key_digests_as_streaming_sha256_does(key in "[a-zA-Z0-9é-]{0,70}") {
+            let streaming: Digest = Sha256::digest(key.as_bytes()).into();
+            proptest::prop_assert_eq!(key_digest(&key), streaming);
+        }
+    }
+
+    #[test]
+    fn a_key_digest_is_sha256() {
+        // FIPS 180-4's example "abc", and the empty message.
+        assert_eq!(
+            digest_hex(&key_digest("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            digest_hex(&key_digest("")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        for len in [55, 56, 64] {
+            let key = "k".repeat(len);
+            assert_eq!(
+                key_digest(&key),
+                <[u8; 32]>::from(Sha256::digest(key.as_bytes()))
+            );
+        }
+    }
 
     #[test]
     fn digest_round_trip_and_lookup() {
