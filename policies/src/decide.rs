@@ -1260,10 +1260,11 @@ impl Catalog {
         run: &mut Run<'c, '_>,
         upstream: &mut HeaderEdits<'c>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
-        // Who the call is does not change while its program runs.
-        let facts = CallFacts {
+        // What expressions see, made only for a step that evaluates one (who the call is does
+        // not change while its program runs).
+        let facts = |id: Identity| CallFacts {
             catalog: self,
-            id: call.id,
+            id,
             request: *req,
             status: None,
         };
@@ -1293,8 +1294,8 @@ impl Catalog {
                         None => run.subscription_limits(&[(ix, l, quota)], call)?,
                     }
                 }
-                Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts)?,
-                Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts)?,
+                Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts(call.id))?,
+                Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts(call.id))?,
                 Step::CheckHeader {
                     name,
                     status,
@@ -1338,7 +1339,7 @@ impl Catalog {
                 }
                 Step::SetHeader(h) => {
                     let exists = |name: &str| header(req.headers, name).is_some();
-                    set_header(h, &facts, &exists, upstream)?;
+                    set_header(h, &facts(call.id), &exists, upstream)?;
                     None
                 }
                 Step::Respond {
@@ -1347,6 +1348,7 @@ impl Catalog {
                     body,
                 } => {
                     let mut edits = HeaderEdits::new();
+                    let facts = facts(call.id);
                     for h in headers {
                         set_header(h, &facts, &|_| false, &mut edits)?;
                     }
