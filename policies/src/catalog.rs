@@ -178,6 +178,14 @@ fn keeps_request(steps: &[Step], request: &[u32], response: &[u32]) -> bool {
         || response.iter().any(|&i| expression(&steps[i as usize]))
 }
 
+/// The APIs at one path: those bound to hostnames, and the first bound to none. Most paths have
+/// one API bound to none, found without looking at the host or at the API.
+#[derive(Debug, Default)]
+pub(crate) struct PathApis {
+    pub bound: Vec<u32>,
+    pub open: Option<u32>,
+}
+
 /// A loaded, compiled snapshot. Immutable; a reload builds a new one.
 pub struct Catalog {
     pub(crate) service: String,
@@ -186,7 +194,7 @@ pub struct Catalog {
     pub(crate) subscriptions: Vec<Subscription>,
     pub(crate) keys: KeyIndex,
     /// Lower-case API path → APIs with that path (differing by hostnames).
-    pub(crate) paths: HashMap<String, Vec<u32>>,
+    pub(crate) paths: HashMap<String, PathApis>,
     /// The most segments an API path has: routing looks at no longer prefix.
     pub(crate) deepest: usize,
     pub(crate) steps: Vec<Step>,
@@ -368,10 +376,15 @@ impl Catalog {
             }
         }
 
-        let mut paths: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut paths: HashMap<String, PathApis> = HashMap::new();
         let deepest = apis.iter().map(|a| a.depth).max().unwrap_or(0);
         for (i, a) in apis.iter().enumerate() {
-            paths.entry(a.path.clone()).or_default().push(i as u32);
+            let at = paths.entry(a.path.clone()).or_default();
+            if !a.hostnames.is_empty() {
+                at.bound.push(i as u32);
+            } else if at.open.is_none() {
+                at.open = Some(i as u32);
+            }
         }
 
         // Effective programs: with no product, and in each product that holds the API.

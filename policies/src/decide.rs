@@ -4,7 +4,7 @@
 //! header changes, remaining-calls headers), and [`Catalog::complete`] when the exchange is
 //! over (bandwidth, `increment-condition`).
 
-use crate::catalog::{Catalog, Program};
+use crate::catalog::{Catalog, PathApis, Program};
 use crate::clock::Millis;
 use crate::counters::own::{self, OwnLimits, OwnVerdicts};
 use crate::counters::{self, CounterStore, FixedWindows, StoreError, Verdict};
@@ -1081,19 +1081,18 @@ impl Catalog {
 
     /// Of the APIs at one path, the one bound to `host`, else the one bound to none. The host
     /// is looked at only when an API there is bound to some.
-    fn api_for_host(&self, apis: &[u32], host: &str) -> Option<u32> {
-        let hostnames = |a: u32| &self.apis[a as usize].hostnames;
-        if let [a] = *apis {
-            if hostnames(a).is_empty() {
-                return Some(a);
-            }
+    fn api_for_host(&self, apis: &PathApis, host: &str) -> Option<u32> {
+        if apis.bound.is_empty() {
+            return apis.open;
         }
         let host = host_of(host);
-        let bound = apis
-            .iter()
-            .find(|&&a| hostnames(a).iter().any(|h| h.eq_ignore_ascii_case(host)));
-        let open = apis.iter().find(|&&a| hostnames(a).is_empty());
-        bound.or(open).copied()
+        let bound = apis.bound.iter().find(|&&a| {
+            self.apis[a as usize]
+                .hostnames
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host))
+        });
+        bound.copied().or(apis.open)
     }
 
     /// The operation of `api` whose method and template match: the most specific (the most
