@@ -14,7 +14,7 @@ use crate::policy::{
     ip_number, ExistsAction, KeyedLimit, Nested, SetHeader, Step, SubscriptionLimit, Text,
 };
 use crate::response::{self, LocalResponse};
-use crate::route::{segments, Below, PathShape};
+use crate::route::{first_segments, segments, Below, PathShape};
 use crate::snapshot::SubscriptionScope;
 use arrayvec::ArrayString;
 use smallvec::SmallVec;
@@ -345,23 +345,6 @@ impl Decision<'_> {
             call,
         }
     }
-}
-
-/// The length of the first `n` segments of a normalised path (all of it when it has fewer).
-fn first_segments(path: &str, n: usize) -> usize {
-    if n == 0 {
-        return 0;
-    }
-    let mut seen = 0;
-    for (i, &b) in path.as_bytes().iter().enumerate() {
-        if b == b'/' {
-            seen += 1;
-            if seen == n {
-                return i;
-            }
-        }
-    }
-    path.len()
 }
 
 /// A path without its leading and trailing slashes.

@@ -267,6 +267,34 @@ impl PathShape {
     }
 }
 
+/// The length of the first `n` segments of a path in its normal form, without outer slashes (all
+/// of it when it has fewer): up to its `n`-th slash, found a word at a time.
+pub(crate) fn first_segments(path: &str, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let bytes = path.as_bytes();
+    let (words, tail) = bytes.as_chunks::<8>();
+    let words = words.iter().map(|&w| u64::from_le_bytes(w));
+    let mut seen = 0;
+    for (i, word) in words
+        .chain(std::iter::once(tail_word(bytes, tail.len())))
+        .enumerate()
+    {
+        let mut slash = bytes_equal(word, b'/');
+        let here = (((slash >> 7).wrapping_mul(ONES)) >> 56) as usize;
+        if seen + here >= n {
+            // This word holds the n-th: drop the slashes before it, lowest first.
+            for _ in 1..n - seen {
+                slash &= slash - 1;
+            }
+            return i * 8 + slash.trailing_zeros() as usize / 8;
+        }
+        seen += here;
+    }
+    bytes.len()
+}
+
 /// The part of `path` after its first `depth` segments.
 pub(crate) fn below(path: &str, depth: usize) -> &str {
     let mut segments = segments(path);
@@ -402,6 +430,24 @@ mod tests {
                 parsed.matches(&Below::new(&normal)),
                 "template {} path {}", template, normal
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// The first segments of a path, found a word at a time, end where a look at each byte
+        /// finds its n-th slash.
+        #[test]
+        fn the_first_segments_end_at_the_nth_slash(path in "[ab/é]{0,40}", n in 0usize..8) {
+            let expected = match n {
+                0 => 0,
+                n => path
+                    .bytes()
+                    .enumerate()
+                    .filter(|&(_, b)| b == b'/')
+                    .nth(n - 1)
+                    .map_or(path.len(), |(i, _)| i),
+            };
+            proptest::prop_assert_eq!(first_segments(&path, n), expected);
         }
     }
 
