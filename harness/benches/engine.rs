@@ -20,7 +20,6 @@ use apim_edge_policies::{
     key_digest, Catalog, Completion, CounterStore, LoadOptions, MemoryStore, Outcome, Request,
 };
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::json;
 use std::hint::black_box;
 
 const SIZES: Sizes = Sizes {
@@ -151,26 +150,9 @@ fn parts(c: &mut Criterion) {
 /// has no global, API or operation policy, so the call is routing, the key, the two limits and
 /// the remaining-calls header.
 fn starter(c: &mut Criterion) {
-    let doc = json!({
-        "apis": [{"name": "echo", "properties": {"path": "echo"},
-                  "operations": [{"name": "get", "properties": {"method": "GET", "urlTemplate": "/resource"}}]}],
-        "products": [{"name": "starter", "apis": ["echo"],
-                      "policy": "<policies><inbound><rate-limit calls=\"1000\" renewal-period=\"60\" remaining-calls-header-name=\"x-ratelimit-remaining\" /><quota calls=\"1000000\" renewal-period=\"604800\" /><base /></inbound></policies>"}],
-        "subscriptions": [{"name": "sub-1", "properties": {"scope": "/products/starter", "primaryKey": "starter-key-1"}}]
-    });
-    let catalog = Catalog::load(&doc, LoadOptions::default()).unwrap();
-    let headers = vec![(
-        "Ocp-Apim-Subscription-Key".to_string(),
-        "starter-key-1".to_string(),
-    )];
-    let req = Request {
-        method: "GET",
-        host: "api.contoso.com",
-        path: "/echo/resource",
-        query: "",
-        headers: &headers,
-        client_ip: Some([192, 0, 2, 1].into()),
-    };
+    let catalog = Catalog::load(&synth::starter(), LoadOptions::default()).unwrap();
+    let headers = synth::starter_headers();
+    let req = synth::starter_request(&headers);
     let done = Completion {
         status: 200,
         request_bytes: 0,

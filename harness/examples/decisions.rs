@@ -13,6 +13,10 @@
 //! used the rate limit up, those counted in; `invalid`, a 401). The second line is the engine
 //! bench's one busy subscriber at a call a second; the third its 429.
 //!
+//! `starter` is the issue's own case instead ([`synth::starter`]): one subscriber under a
+//! product of only a rate limit and a quota, the decision alone, once a second (the engine
+//! bench's `starter/decision`): `decisions N 1 1000 starter`.
+//!
 //! It prints how many calls it made; callgrind's total over two runs of different lengths gives
 //! the instructions per call (the difference divided by the difference in calls), without the
 //! catalog load.
@@ -45,7 +49,10 @@ fn main() -> anyhow::Result<()> {
         // Product 0's rate limit is 1,000 calls a minute.
         Some("limited") => (Outcome::RateLimited, 1_000),
         Some("invalid") => (Outcome::InvalidKey, 0),
-        Some(other) => anyhow::bail!("unknown call '{other}': admitted, limited or invalid"),
+        Some("starter") => return starter(calls, step),
+        Some(other) => {
+            anyhow::bail!("unknown call '{other}': admitted, limited, invalid or starter")
+        }
     };
     let catalog = Catalog::load(&synth::catalog(SIZES), LoadOptions::default())?;
     let callers = synth::Callers::new(SIZES);
@@ -86,5 +93,21 @@ fn main() -> anyhow::Result<()> {
         "{calls} calls, {} after the first {admitted_first}",
         want.as_str()
     );
+    Ok(())
+}
+
+/// The case: [`synth::starter`]'s call decided `calls` times, `step` ms apart.
+fn starter(calls: usize, step: i64) -> anyhow::Result<()> {
+    let catalog = Catalog::load(&synth::starter(), LoadOptions::default())?;
+    let headers = synth::starter_headers();
+    let req = synth::starter_request(&headers);
+    let store = MemoryStore::new();
+    let start = 1_767_225_600_000i64;
+    for k in 0..calls {
+        let d = catalog.decide(black_box(&req), start + k as i64 * step, &store)?;
+        anyhow::ensure!(d.outcome == Outcome::Allowed, "call {k}: {:?}", d.outcome);
+        black_box(&d);
+    }
+    println!("{calls} starter decisions");
     Ok(())
 }

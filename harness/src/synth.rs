@@ -115,6 +115,43 @@ impl Callers {
     }
 }
 
+/// The issue's own case, for the engine's benchmarks: a product (Starter) whose only policy is a
+/// rate limit (1,000 calls a minute, with a remaining-calls header) and a quota, an API `echo`
+/// with one operation and no policy, and one subscription with the key [`STARTER_KEY`]; its
+/// call is [`starter_request`].
+pub fn starter() -> Value {
+    json!({
+        "apis": [{"name": "echo", "properties": {"path": "echo"},
+                  "operations": [{"name": "get", "properties": {"method": "GET", "urlTemplate": "/resource"}}]}],
+        "products": [{"name": "starter", "apis": ["echo"],
+                      "policy": "<policies><inbound><rate-limit calls=\"1000\" renewal-period=\"60\" remaining-calls-header-name=\"x-ratelimit-remaining\" /><quota calls=\"1000000\" renewal-period=\"604800\" /><base /></inbound></policies>"}],
+        "subscriptions": [{"name": "sub-1", "properties": {"scope": "/products/starter", "primaryKey": STARTER_KEY}}]
+    })
+}
+
+/// The key of [`starter`]'s subscription.
+pub const STARTER_KEY: &str = "starter-key-1";
+
+/// [`starter`]'s call: `GET /echo/resource` with `headers` (its key, from [`starter_headers`]).
+pub fn starter_request(headers: &[(String, String)]) -> Request<'_> {
+    Request {
+        method: "GET",
+        host: "api.contoso.com",
+        path: "/echo/resource",
+        query: "",
+        headers,
+        client_ip: Some([192, 0, 2, 1].into()),
+    }
+}
+
+/// The headers of [`starter`]'s call: its key.
+pub fn starter_headers() -> Vec<(String, String)> {
+    vec![(
+        "Ocp-Apim-Subscription-Key".to_string(),
+        STARTER_KEY.to_string(),
+    )]
+}
+
 /// A JSON Lines trace of `calls` keyed calls, 1 ms apart, rotating over the subscriptions:
 /// each is admitted (the rate limits allow 1,000 calls a minute per subscription).
 pub fn trace(s: Sizes, calls: usize) -> String {
