@@ -113,8 +113,9 @@ pub(crate) struct Program {
 pub(crate) struct StepPlan {
     /// Counted with the step after it ([`counted_together`]).
     pub with_next: bool,
-    /// A later step may deny the call or fail, so what this step counts is reserved, to be
-    /// taken back then. Where nothing after it can, the call is final once it is counted.
+    /// A later step (or a limit nested in this one, counted after it) may deny the call or
+    /// fail, so what this step counts is reserved, to be taken back then. Where nothing after
+    /// it can, the call is final once it is counted.
     pub reserve: bool,
 }
 
@@ -141,11 +142,16 @@ fn plans(steps: &[Step], request: &[u32]) -> Box<[StepPlan]> {
         .map(|i| {
             let with_next =
                 step(i + 1).is_some_and(|next| step(i).is_some_and(|s| counted_together(s, next)));
-            // A partner counted in the same update is not "later".
+            // A partner counted in the same update is not "later"; a limit's nested limits are.
             let after = i + 1 + usize::from(with_next);
+            let nested = step(i).is_some_and(|s| match s {
+                Step::RateLimit(l) | Step::Quota(l) => !l.nested.is_empty(),
+                _ => false,
+            });
             StepPlan {
                 with_next,
-                reserve: (after..request.len()).any(|j| step(j).is_some_and(may_deny_or_fail)),
+                reserve: nested
+                    || (after..request.len()).any(|j| step(j).is_some_and(may_deny_or_fail)),
             }
         })
         .collect()
@@ -557,6 +563,9 @@ mod tests {
             [true, true, false]
         );
         assert_eq!(plans(&format!("{rate}{check}{quota}")), [true, true, false]);
+        // A lone limit's nested limits are counted after its own, and may deny.
+        let nested = r#"<rate-limit calls="5" renewal-period="60"><api name="orders" calls="1" renewal-period="60" /></rate-limit>"#;
+        assert_eq!(plans(&format!("{nested}{literal}")), [true, false]);
     }
 
     #[test]

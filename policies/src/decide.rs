@@ -652,11 +652,9 @@ impl<'a> Run<'a, '_> {
         // Each limit's headline: the remaining and total calls of its first counter with calls.
         let mut headlines: [Option<(u64, u64)>; 2] = [None; 2];
         if own.rate.is_some() || own.quota.is_some() {
-            // A lone limit's nested counters come after its own, and may deny.
-            let reserve = self.reserve || limits.iter().any(|(_, l, _)| !l.nested.is_empty());
             let mut verdicts = OwnVerdicts::default();
             let document = &limits[0].1.document;
-            self.admit_own(owner, document, &own, reserve, call, &mut verdicts)?;
+            self.admit_own(owner, document, &own, call, &mut verdicts)?;
             for (i, &(_, limit, quota)) in limits.iter().enumerate() {
                 let verdict = match quota {
                     true => verdicts.quota.map(|(v, _)| v),
@@ -694,13 +692,12 @@ impl<'a> Run<'a, '_> {
     }
 
     /// A subscription's own counters of `document` ([`own`]): one update, reserved as one
-    /// when `reserve`.
+    /// when the step's plan says so.
     fn admit_own(
         &mut self,
         owner: &'a str,
         document: &'a str,
         own: &OwnLimits,
-        reserve: bool,
         call: &mut CallContext,
         verdicts: &mut OwnVerdicts,
     ) -> Result<(), EngineError> {
@@ -722,7 +719,7 @@ impl<'a> Run<'a, '_> {
                     windows,
                 });
             }
-            if !reserve {
+            if !self.reserve {
                 return Ok(());
             }
             self.reservations.push(Reservation::Own {

@@ -159,6 +159,33 @@ fn a_call_that_fails_after_the_product_limits_takes_back_what_they_counted() {
 }
 
 #[test]
+fn a_nested_limit_that_denies_takes_back_the_product_rate_limit() {
+    // The product's rate limit is the policy's only step; its limit nested for API "a" denies
+    // the second call to "a", which must give the product's count back: the product then has
+    // room for exactly one call to "b".
+    let doc = json!({
+        "apis": [{"name": "a", "properties": {"path": "a"}}, {"name": "b", "properties": {"path": "b"}}],
+        "products": [{"name": "p", "apis": ["a", "b"],
+                      "policy": r#"<policies><inbound><rate-limit calls="2" renewal-period="60"><api name="a" calls="1" renewal-period="60" /></rate-limit><base /></inbound></policies>"#}],
+        "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k"}}]
+    });
+    let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let outcome = |path, now| {
+        let req = Request {
+            path,
+            ..request(&h, "")
+        };
+        c.decide(&req, now, &store).unwrap().outcome
+    };
+    assert_eq!(outcome("/a/x", 0), Outcome::Allowed);
+    assert_eq!(outcome("/a/x", 1_000), Outcome::RateLimited);
+    assert_eq!(outcome("/b/x", 2_000), Outcome::Allowed);
+    assert_eq!(outcome("/b/x", 3_000), Outcome::RateLimited);
+}
+
+#[test]
 fn reading_a_null_context_member_is_an_internal_error() {
     let doc = json!({
         "apis": [{"name": "orders", "path": "orders", "subscriptionRequired": false,
