@@ -489,9 +489,12 @@ impl HttpContext for Call {
         let now = now_millis();
         let shared = HostSharedData::default();
         let store = SlotStore::new(&shared, now);
-        let decided = catalog.decide(&req, now, &store);
+        // Read where it lies: moved out of the result, the decision's bytes would be copied just
+        // after they were written.
+        let mut decided = catalog.decide(&req, now, &store);
         loaded.metrics.conflicts(&shared);
-        let decision = match decided {
+        let mut failed;
+        let decision = match &mut decided {
             Ok(d) => d,
             Err(e) => {
                 log(LogLevel::Error, &format!("apim-edge: {e}"));
@@ -500,17 +503,18 @@ impl HttpContext for Call {
                 if loaded.config.failure_mode == FailureMode::Open {
                     return Action::Continue;
                 }
-                Decision::internal_error(None)
+                failed = Decision::internal_error(None);
+                &mut failed
             }
         };
         loaded.metrics.outcome(decision.outcome);
-        self.expose(catalog, &decision);
+        self.expose(catalog, decision);
         if let Some(r) = &decision.response {
             Self::answer(r.status, &r.headers, &r.body);
             return Action::Pause;
         }
         Self::apply(&decision.upstream);
-        let call = decision.call;
+        let call = decision.call.take();
         if let Some(call) = &call {
             if loaded.config.strip_subscription_key {
                 match catalog.key_location(call) {

@@ -71,8 +71,11 @@ pub fn replay_one(
         headers: &e.headers,
         client_ip: e.client_ip,
     };
-    let decision = catalog.decide(&req, e.at, store);
-    let decision = match decision {
+    // Read where it lies: moved out of the result, the decision's bytes would be copied just
+    // after they were written.
+    let decided = catalog.decide(&req, e.at, store);
+    let failed;
+    let decision = match &decided {
         Ok(d) => d,
         Err(_) if failure == FailureMode::Open => {
             return DecisionRecord {
@@ -87,7 +90,10 @@ pub fn replay_one(
                 body: String::new(),
             };
         }
-        Err(_) => Decision::internal_error(None),
+        Err(_) => {
+            failed = Decision::internal_error(None);
+            &failed
+        }
     };
     let (api, operation, product, subscription) = match &decision.call {
         Some(c) => {
