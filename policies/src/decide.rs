@@ -246,15 +246,18 @@ impl NameBuf {
 
     fn join(&mut self, kind: &str, owner: &str, name: &str) -> &str {
         self.inline.clear();
-        let joined = [kind, "|", owner, "|", name]
-            .iter()
-            .try_for_each(|part| self.inline.try_push_str(part));
-        match joined {
-            Ok(()) => &self.inline,
-            Err(_) => {
-                self.heap = format!("{kind}|{owner}|{name}");
-                &self.heap
-            }
+        // Part by part, written out: a loop over the parts would copy each, the separators
+        // too, with a call to the C library.
+        let joined = self.inline.try_push_str(kind).is_ok()
+            && self.inline.try_push('|').is_ok()
+            && self.inline.try_push_str(owner).is_ok()
+            && self.inline.try_push('|').is_ok()
+            && self.inline.try_push_str(name).is_ok();
+        if joined {
+            &self.inline
+        } else {
+            self.heap = format!("{kind}|{owner}|{name}");
+            &self.heap
         }
     }
 }
@@ -676,9 +679,11 @@ impl<'a> Run<'a, '_> {
                 return Ok(Some(denial));
             }
         }
-        for (&(step, limit, _), headline) in limits.iter().zip(headlines) {
+        // Read where they lie: copied out, the headlines' bytes would be loaded wider than they
+        // were just stored, and wait for the stores.
+        for (&(step, limit, _), headline) in limits.iter().zip(&headlines) {
             let named = limit.remaining_header.is_some() || limit.total_header.is_some();
-            if let (Some((remaining, total)), true) = (headline, named) {
+            if let (&Some((remaining, total)), true) = (headline, named) {
                 self.limit_headers(
                     call,
                     step,
