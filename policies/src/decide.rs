@@ -16,6 +16,7 @@ use crate::policy::{
 use crate::response::{self, LocalResponse};
 use crate::route::{first_segments, segments, Below, PathShape};
 use crate::snapshot::SubscriptionScope;
+use crate::words::same_bytes;
 use arrayvec::ArrayString;
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -998,6 +999,17 @@ impl Catalog {
     }
 }
 
+/// An API path looked up in the catalog's paths: hashed as the `String` keys are, compared
+/// where it lies ([`same_bytes`]).
+#[derive(Hash)]
+struct PathText<'a>(&'a str);
+
+impl hashbrown::Equivalent<String> for PathText<'_> {
+    fn equivalent(&self, key: &String) -> bool {
+        same_bytes(self.0.as_bytes(), key.as_bytes())
+    }
+}
+
 impl Catalog {
     /// The API of a request, and the part of its path below the API's (when the path is as it
     /// came, else found again by the operation).
@@ -1048,7 +1060,7 @@ impl Catalog {
         loop {
             if let Some(a) = self
                 .paths
-                .get(&path[..end])
+                .get(&PathText(&path[..end]))
                 .and_then(|apis| self.api_for_host(apis, host))
             {
                 return Some((a, end));
@@ -1088,7 +1100,7 @@ impl Catalog {
         let mut best: Option<(usize, u32)> = None;
         for (i, o) in a.operations.iter().enumerate() {
             // A request's method is nearly always written as its operation's.
-            let method = o.method == req.method
+            let method = same_bytes(o.method.as_bytes(), req.method.as_bytes())
                 || o.method == "*"
                 || o.method.eq_ignore_ascii_case(req.method);
             let specificity = o.template.specificity;

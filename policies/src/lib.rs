@@ -23,6 +23,7 @@ mod policy;
 mod response;
 mod route;
 mod snapshot;
+mod words;
 mod xml;
 
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};

@@ -16,6 +16,7 @@
 //! holding one of each ([`own`]), so that a call under both is one update.
 
 use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
+use crate::words::same_bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use std::borrow::Cow;
 use std::hash::BuildHasher;
@@ -146,23 +147,9 @@ impl Counter {
         &self.bytes[..self.name_len]
     }
 
-    /// Whether the counter is named `name`: compared eight bytes at a time where it lies (a
-    /// name is a few words; calling the C library to compare them costs more than comparing).
+    /// Whether the counter is named `name`, compared where it lies ([`same_bytes`]).
     fn is_named(&self, name: &[u8]) -> bool {
-        let own = self.name();
-        if own.len() != name.len() {
-            return false;
-        }
-        let word = |w: &[u8; 8]| u64::from_ne_bytes(*w);
-        match (own.last_chunk::<8>(), name.last_chunk::<8>()) {
-            // The whole words, then the last eight bytes (which may overlap the last word).
-            (Some(a), Some(b)) => {
-                let (x, _) = own.as_chunks::<8>();
-                let (y, _) = name.as_chunks::<8>();
-                word(a) == word(b) && x.iter().zip(y).all(|(p, q)| word(p) == word(q))
-            }
-            _ => own == name,
-        }
+        same_bytes(self.name(), name)
     }
 
     fn state(&self) -> &[u8] {
@@ -1255,33 +1242,6 @@ mod tests {
     }
 
     proptest! {
-        /// A counter's name compared a word at a time says what comparing each byte says:
-        /// names shorter than a word, of whole words and between, equal and differing in any
-        /// one byte, with a state after the name.
-        #[test]
-        fn a_name_compares_as_its_bytes_do(
-            name in proptest::collection::vec(any::<u8>(), 0..40),
-            flip in any::<prop::sample::Index>(),
-            longer in any::<bool>(),
-        ) {
-            let counter = |n: &[u8]| {
-                let mut bytes = n.to_vec();
-                bytes.extend_from_slice(&[7; 12]);
-                Counter { bytes, name_len: n.len(), version: 1 }
-            };
-            let c = counter(&name);
-            prop_assert!(c.is_named(&name));
-            let mut other = name.clone();
-            if longer || other.is_empty() {
-                other.push(0);
-            } else {
-                let i = flip.index(other.len());
-                other[i] ^= 1;
-            }
-            prop_assert!(!c.is_named(&other));
-            prop_assert!(!counter(&other).is_named(&name));
-        }
-
         #[test]
         fn sliding_matches_the_reference(
             mut gaps in proptest::collection::vec(0i64..3_000, 1..200),
