@@ -13,7 +13,7 @@
 //! when anything in the slot changed since the read: never a lost update.
 
 use apim_edge_policies::{
-    counter_expiry, Change, CounterStore, Millis, State, StoreError, MAX_ATTEMPTS,
+    counter_expiry, Change, CounterName, CounterStore, Millis, State, StoreError, MAX_ATTEMPTS,
 };
 
 /// How many slot keys hold counters.
@@ -29,10 +29,11 @@ pub trait SharedData {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
 }
 
-fn fnv1a(text: &str) -> u64 {
+/// FNV-1a of the name's text, read piece by piece (the same as of the joined text).
+fn fnv1a(name: &CounterName<'_>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
+    for b in name.pieces().into_iter().flatten() {
+        h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
@@ -43,7 +44,7 @@ pub fn slot_key(slot: u32) -> String {
     format!("apim-edge/counters/{slot}")
 }
 
-fn slot_of(counter: &str) -> u32 {
+fn slot_of(counter: &CounterName<'_>) -> u32 {
     (fnv1a(counter) % u64::from(SLOTS)) as u32
 }
 
@@ -74,9 +75,12 @@ fn entries(slot: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     })
 }
 
-fn push_entry(out: &mut Vec<u8>, name: &[u8], state: &[u8]) {
-    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-    out.extend_from_slice(name);
+fn push_entry(out: &mut Vec<u8>, name: &[&[u8]], state: &[u8]) {
+    let name_len: usize = name.iter().map(|piece| piece.len()).sum();
+    out.extend_from_slice(&(name_len as u16).to_le_bytes());
+    for piece in name {
+        out.extend_from_slice(piece);
+    }
     out.extend_from_slice(&(state.len() as u32).to_le_bytes());
     out.extend_from_slice(state);
 }
@@ -103,22 +107,22 @@ impl<'a> SlotStore<'a> {
         &self,
         slot: u32,
         bytes: &[u8],
-        key: &str,
+        key: &CounterName<'_>,
         state: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
-        if key.len() > usize::from(u16::MAX) {
+        if key.text_len() > usize::from(u16::MAX) {
             return Err(StoreError::Unavailable("counter name too long".into()));
         }
         out.clear();
-        out.reserve(bytes.len() + key.len() + state.len() + 6);
+        out.reserve(bytes.len() + key.text_len() + state.len() + 6);
         for (name, other) in entries(bytes) {
             let expired = counter_expiry(other).is_none_or(|e| e <= self.now);
-            if name != key.as_bytes() && !expired {
-                push_entry(out, name, other);
+            if !key.is(name) && !expired {
+                push_entry(out, &[name], other);
             }
         }
-        push_entry(out, key.as_bytes(), state);
+        push_entry(out, &key.pieces(), state);
         if out.len() > SLOT_BYTES {
             return Err(StoreError::Unavailable(format!(
                 "counter slot {slot} is full ({SLOT_BYTES} bytes of live counters)"
@@ -129,7 +133,7 @@ impl<'a> SlotStore<'a> {
 }
 
 impl CounterStore for SlotStore<'_> {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+    fn get(&self, key: &CounterName<'_>) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         let slot_name = slot_key(slot_of(key));
         let (bytes, cas) = self.read_slot(&slot_name)?;
         let Some(cas) = cas else {
@@ -139,7 +143,7 @@ impl CounterStore for SlotStore<'_> {
             )));
         };
         let state = entries(&bytes)
-            .find(|(name, _)| *name == key.as_bytes())
+            .find(|(name, _)| key.is(name))
             .map(|(_, s)| s.to_vec())
             .unwrap_or_default();
         // A counter never written reads as empty, at the slot's version.
@@ -148,7 +152,7 @@ impl CounterStore for SlotStore<'_> {
 
     fn compare_and_set(
         &self,
-        key: &str,
+        key: &CounterName<'_>,
         value: &[u8],
         version: Option<u32>,
     ) -> Result<bool, StoreError> {
@@ -165,7 +169,7 @@ impl CounterStore for SlotStore<'_> {
 
     /// One read of the slot per attempt: the counter's state is copied out of the slot for
     /// `change`, and the slot is rebuilt around the new state.
-    fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
+    fn update(&self, key: &CounterName<'_>, change: &mut Change<'_>) -> Result<(), StoreError> {
         let slot = slot_of(key);
         let slot_name = slot_key(slot);
         let (mut next, mut out) = (Vec::new(), Vec::new());
@@ -177,7 +181,7 @@ impl CounterStore for SlotStore<'_> {
                 )));
             };
             let state = entries(&bytes)
-                .find(|(name, _)| *name == key.as_bytes())
+                .find(|(name, _)| key.is(name))
                 .map_or(&[][..], |(_, s)| s);
             next.clear();
             next.extend_from_slice(state);
@@ -207,6 +211,27 @@ mod tests {
     }
 
     #[test]
+    fn a_counter_is_in_the_slot_of_its_name_as_one_text() {
+        // As builds that were handed the name joined put it: FNV-1a of the text.
+        let text_slot = |text: &str| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in text.bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            (h % u64::from(SLOTS)) as u32
+        };
+        for (kind, owner, name) in [
+            ("sl", "sub-1", "product:starter"),
+            ("rlk", "60000", "10.0.0.1"),
+            ("q", "", ""),
+        ] {
+            let n = CounterName::new(kind, owner, name);
+            assert_eq!(slot_of(&n), text_slot(&format!("{kind}|{owner}|{name}")));
+        }
+    }
+
+    #[test]
     fn slots_are_created_once() -> R {
         let shared = EnvoyLike::default();
         assert_eq!(create_slots(&shared)?, SLOTS);
@@ -219,11 +244,12 @@ mod tests {
         let shared = EnvoyLike::default();
         create_slots(&shared)?;
         let store = SlotStore::new(&shared, 0);
-        let (empty, v) = store.get("rl|a")?.ok_or("absent")?;
+        let key = &CounterName::new("rl", "s", "a");
+        let (empty, v) = store.get(key)?.ok_or("absent")?;
         assert!(empty.is_empty());
-        assert!(store.compare_and_set("rl|a", &state(100, b"x"), Some(v))?);
-        assert!(!store.compare_and_set("rl|a", &state(100, b"y"), Some(v))?);
-        let (got, _) = store.get("rl|a")?.ok_or("absent")?;
+        assert!(store.compare_and_set(key, &state(100, b"x"), Some(v))?);
+        assert!(!store.compare_and_set(key, &state(100, b"y"), Some(v))?);
+        let (got, _) = store.get(key)?.ok_or("absent")?;
         assert_eq!(got, state(100, b"x"));
         Ok(())
     }
@@ -247,7 +273,8 @@ mod tests {
                 let n = round * 20_000 + i;
                 let now = i64::from(n) * 10;
                 let store = SlotStore::new(&shared, now);
-                let key = format!("rlk|60000|10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
+                let ip = format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
+                let key = CounterName::new("rlk", "60000", &ip);
                 let (_, v) = store.get(&key)?.ok_or("absent")?;
                 assert!(store.compare_and_set(&key, &state(now + 50, &big), Some(v))?);
             }
@@ -263,8 +290,9 @@ mod tests {
         let mut refused = false;
         let same_slot = (0..)
             .map(|i| format!("live-{i}"))
-            .filter(|k| slot_of(k) == 7);
-        for key in same_slot.take(100) {
+            .filter(|k| slot_of(&CounterName::new("t", "s", k)) == 7);
+        for name in same_slot.take(100) {
+            let key = CounterName::new("t", "s", &name);
             let (_, v) = store.get(&key)?.ok_or("absent")?;
             match store.compare_and_set(&key, &state(Millis::MAX, &big), Some(v)) {
                 Ok(true) => {}
@@ -283,7 +311,7 @@ mod tests {
     /// Another worker writes the same slot between this update's read and its write.
     struct Interleaved<'a> {
         inner: &'a EnvoyLike,
-        other: std::cell::Cell<Option<(&'static str, &'static [u8])>>,
+        other: std::cell::Cell<Option<(CounterName<'static>, &'static [u8])>>,
     }
 
     impl SharedData for Interleaved<'_> {
@@ -291,7 +319,7 @@ mod tests {
             let read = self.inner.get(key)?;
             if let Some((counter, state)) = self.other.take() {
                 let other = SlotStore::new(self.inner, 0);
-                other.update(counter, &mut |current| {
+                other.update(&counter, &mut |current| {
                     current.set(state);
                     true
                 })?;
@@ -308,9 +336,12 @@ mod tests {
         let shared = EnvoyLike::default();
         create_slots(&shared)?;
         // Two counters in one slot.
-        let mut same_slot = (0..).map(|i| format!("c-{i}")).filter(|k| slot_of(k) == 3);
+        let mut same_slot = (0..)
+            .map(|i| format!("c-{i}"))
+            .filter(|k| slot_of(&CounterName::new("t", "s", k)) == 3);
         let (mine, theirs) = (same_slot.next().ok_or("")?, same_slot.next().ok_or("")?);
-        let theirs: &'static str = Box::leak(theirs.into_boxed_str());
+        let mine = CounterName::new("t", "s", &mine);
+        let theirs = CounterName::new("t", "s", Box::leak(theirs.into_boxed_str()));
         let interleaved = Interleaved {
             inner: &shared,
             other: std::cell::Cell::new(Some((theirs, b"\xff\xff\xff\xff\xff\xff\xff\x7ftheirs"))),
@@ -327,7 +358,7 @@ mod tests {
         assert_eq!(seen, vec![Vec::<u8>::new(), Vec::new()]);
         let plain = SlotStore::new(&shared, 0);
         assert_eq!(plain.get(&mine)?.ok_or("")?.0, state(100, b"mine"));
-        assert!(plain.get(theirs)?.ok_or("")?.0.ends_with(b"theirs"));
+        assert!(plain.get(&theirs)?.ok_or("")?.0.ends_with(b"theirs"));
         // A change that writes nothing leaves the slot as it is.
         let before = shared.get(&slot_key(3))?;
         store.update(&mine, &mut |_| false)?;
@@ -409,16 +440,21 @@ mod tests {
             legacy.extend_from_slice(&n.to_le_bytes());
         }
         let store = SlotStore::new(&engine.shared, 0);
-        store.update("rl|s|product:p/rate-limit", &mut |state| {
-            state.set(&legacy);
-            true
-        })?;
+        store.update(
+            &CounterName::new("rl", "s", "product:p/rate-limit"),
+            &mut |state| {
+                state.set(&legacy);
+                true
+            },
+        )?;
         // Three admissions in the window: the next call is limited, and it was counted nowhere.
         assert_eq!(engine.decide(20)?, Outcome::RateLimited);
         // At 60,001 the admission at 0 has left the window: one more fits.
         assert_eq!(engine.decide(60_001)?, Outcome::Allowed);
         assert_eq!(engine.decide(60_002)?, Outcome::RateLimited);
-        assert!(store.get("sl|s|product:p")?.is_some());
+        assert!(store
+            .get(&CounterName::new("sl", "s", "product:p"))?
+            .is_some());
         Ok(())
     }
 

@@ -17,7 +17,8 @@
 
 use apim_edge_harness::synth::{self, Sizes};
 use apim_edge_policies::{
-    key_digest, Catalog, Completion, CounterStore, LoadOptions, MemoryStore, Outcome, Request,
+    key_digest, Catalog, Completion, CounterName, CounterStore, LoadOptions, MemoryStore, Outcome,
+    Request,
 };
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
@@ -126,7 +127,7 @@ fn parts(c: &mut Criterion) {
         b.iter(|| black_box(key_digest(black_box(&key))))
     });
     // A name of the usual length: kind, subscription, the limit's place in its product.
-    let name = "rl|sub-0|product:product-0/rate-limit";
+    let name = &CounterName::new("rl", "sub-0", "product:product-0/rate-limit");
     let store = MemoryStore::new();
     store
         .update(name, &mut |state| {

@@ -7,7 +7,9 @@
 use crate::catalog::{Catalog, PathApis, Program};
 use crate::clock::Millis;
 use crate::counters::own::{self, OwnLimits, OwnVerdicts};
-use crate::counters::{self, CounterStore, FixedWindows, StoreError, Verdict};
+use crate::counters::{
+    self, CounterName, CounterStore, FixedWindows, KeptName, StoreError, Verdict,
+};
 use crate::expr::{Expr, Facts, Member, NullReference, Value};
 use crate::keys::key_digest;
 use crate::policy::{
@@ -163,19 +165,25 @@ pub(crate) struct Identity {
 #[derive(Debug, Clone)]
 enum Pending {
     /// Add the exchange's bytes to a quota window.
-    Bandwidth { key: String, windows: FixedWindows },
+    Bandwidth {
+        key: KeptName,
+        windows: FixedWindows,
+    },
     /// Add them to the quota's part of a subscription's own counters of a document.
-    OwnBandwidth { key: String, windows: FixedWindows },
+    OwnBandwidth {
+        key: KeptName,
+        windows: FixedWindows,
+    },
     /// `rate-limit-by-key` with an `increment-condition`.
     SlidingIf {
-        key: String,
+        key: KeptName,
         period: Millis,
         n: u32,
         condition: u32,
     },
     /// `quota-by-key` with an `increment-condition`.
     FixedIf {
-        key: String,
+        key: KeptName,
         windows: FixedWindows,
         n: u64,
         condition: u32,
@@ -217,51 +225,14 @@ struct Counter<'a> {
 }
 
 impl Counter<'_> {
-    /// The counter's stable name, `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`),
-    /// written into `buf`.
-    fn name_in<'b>(&self, buf: &'b mut NameBuf) -> &'b str {
-        buf.join(self.kind, self.owner, &self.name)
+    /// The counter's stable name, `kind|owner|name` (`rl|sub-1|product:starter/rate-limit`).
+    fn name(&self) -> CounterName<'_> {
+        CounterName::new(self.kind, self.owner, &self.name)
     }
-}
-
-/// Where a counter's name is joined: on the stack when it fits, as nearly every name does.
-/// The caller owns it, so that the name is written once where it is read, never moved.
-struct NameBuf {
-    inline: ArrayString<INLINE_NAME>,
-    heap: String,
 }
 
 /// The kind of a subscription's own counters of a document (`sl|sub-1|product:starter`).
 const OWN_KIND: &str = "sl";
-
-/// The longest counter name kept on the stack.
-const INLINE_NAME: usize = 112;
-
-impl NameBuf {
-    fn new() -> Self {
-        NameBuf {
-            inline: ArrayString::new(),
-            heap: String::new(),
-        }
-    }
-
-    fn join(&mut self, kind: &str, owner: &str, name: &str) -> &str {
-        self.inline.clear();
-        // Part by part, written out: a loop over the parts would copy each, the separators
-        // too, with a call to the C library.
-        let joined = self.inline.try_push_str(kind).is_ok()
-            && self.inline.try_push('|').is_ok()
-            && self.inline.try_push_str(owner).is_ok()
-            && self.inline.try_push('|').is_ok()
-            && self.inline.try_push_str(name).is_ok();
-        if joined {
-            &self.inline
-        } else {
-            self.heap = format!("{kind}|{owner}|{name}");
-            &self.heap
-        }
-    }
-}
 
 /// A remaining-calls or total-calls header of the allowed response: the limit step that names
 /// it, and the value's text (kept here, so that the response borrows it rather than allocates).
@@ -592,7 +563,6 @@ struct Run<'a, 's> {
 
 impl<'a> Run<'a, '_> {
     fn release_all(&mut self) {
-        let mut buf = NameBuf::new();
         for r in self.reservations.drain(..).rev() {
             // Best effort: a failed release under-admits, never over-admits.
             let _ = match r {
@@ -603,19 +573,19 @@ impl<'a> Run<'a, '_> {
                     quota,
                 } => own::release(
                     self.store,
-                    buf.join(OWN_KIND, owner, document),
+                    &CounterName::new(OWN_KIND, owner, document),
                     rate_at,
                     quota,
                 ),
                 Reservation::Sliding { counter, at, n } => {
-                    counters::sliding_release(self.store, counter.name_in(&mut buf), at, n)
+                    counters::sliding_release(self.store, &counter.name(), at, n)
                 }
                 Reservation::Fixed {
                     counter,
                     windows,
                     start,
                     n,
-                } => windows.release(self.store, counter.name_in(&mut buf), start, n),
+                } => windows.release(self.store, &counter.name(), start, n),
             };
         }
     }
@@ -707,8 +677,7 @@ impl<'a> Run<'a, '_> {
         call: &mut CallContext,
         verdicts: &mut OwnVerdicts,
     ) -> Result<(), EngineError> {
-        let mut buf = NameBuf::new();
-        let key = buf.join(OWN_KIND, owner, document);
+        let key = &CounterName::new(OWN_KIND, owner, document);
         if !own.admit(self.store, key, self.now, None, verdicts)? {
             let seed = self.own_seed(owner, document)?;
             if !own.admit(self.store, key, self.now, Some(&seed), verdicts)? {
@@ -721,7 +690,7 @@ impl<'a> Run<'a, '_> {
         if admitted(verdicts.rate) && admitted(verdicts.quota.map(|(v, _)| v)) {
             if let Some(windows) = own.quota.filter(|w| w.bandwidth_kb.is_some()) {
                 call.pending.push(Pending::OwnBandwidth {
-                    key: key.to_string(),
+                    key: KeptName::of(key),
                     windows,
                 });
             }
@@ -747,8 +716,8 @@ impl<'a> Run<'a, '_> {
     fn own_seed(&self, owner: &str, document: &str) -> Result<Vec<u8>, StoreError> {
         own::seed(
             self.store,
-            &format!("rl|{owner}|{document}/rate-limit"),
-            &format!("q|{owner}|{document}/quota"),
+            &CounterName::new("rl", owner, &format!("{document}/rate-limit")),
+            &CounterName::new("q", owner, &format!("{document}/quota")),
         )
     }
 
@@ -846,11 +815,10 @@ impl<'a> Run<'a, '_> {
             match &limit.increment_condition {
                 None => self.admit_fixed(counter, windows, n, call)?,
                 Some(_) => {
-                    let mut buf = NameBuf::new();
-                    let key = counter.name_in(&mut buf);
+                    let key = &counter.name();
                     let v = windows.check(self.store, key, self.now)?;
                     call.pending.push(Pending::FixedIf {
-                        key: key.to_string(),
+                        key: KeptName::of(key),
                         windows,
                         n,
                         condition: step,
@@ -870,11 +838,10 @@ impl<'a> Run<'a, '_> {
             match &limit.increment_condition {
                 None => self.admit_sliding(counter, calls, a.period, n)?,
                 Some(_) => {
-                    let mut buf = NameBuf::new();
-                    let key = counter.name_in(&mut buf);
+                    let key = &counter.name();
                     let v = counters::sliding_check(self.store, key, calls, a.period, self.now)?;
                     call.pending.push(Pending::SlidingIf {
-                        key: key.to_string(),
+                        key: KeptName::of(key),
                         period: a.period,
                         n,
                         condition: step,
@@ -916,13 +883,12 @@ impl<'a> Run<'a, '_> {
         n: u64,
         call: &mut CallContext,
     ) -> Result<Verdict, EngineError> {
-        let mut buf = NameBuf::new();
-        let key = counter.name_in(&mut buf);
+        let key = &counter.name();
         let (v, start) = windows.admit(self.store, key, self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             if windows.bandwidth_kb.is_some() {
                 call.pending.push(Pending::Bandwidth {
-                    key: key.to_string(),
+                    key: KeptName::of(key),
                     windows,
                 });
             }
@@ -944,8 +910,7 @@ impl<'a> Run<'a, '_> {
         period: Millis,
         n: u32,
     ) -> Result<Verdict, EngineError> {
-        let mut buf = NameBuf::new();
-        let key = counter.name_in(&mut buf);
+        let key = &counter.name();
         let v = counters::sliding_admit(self.store, key, calls, period, self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             self.reservations.push(Reservation::Sliding {
@@ -1466,9 +1431,11 @@ impl Catalog {
         };
         for p in &call.pending {
             match p {
-                Pending::Bandwidth { key, windows } => windows.add(store, key, now, 0, bytes)?,
+                Pending::Bandwidth { key, windows } => {
+                    windows.add(store, &key.name(), now, 0, bytes)?
+                }
                 Pending::OwnBandwidth { key, windows } => {
-                    own::add_bytes(store, key, windows, now, bytes)?
+                    own::add_bytes(store, &key.name(), windows, now, bytes)?
                 }
                 Pending::SlidingIf {
                     key,
@@ -1477,7 +1444,7 @@ impl Catalog {
                     condition: step,
                 } => {
                     if condition(*step)? {
-                        counters::sliding_add(store, key, *period, now, *n)?;
+                        counters::sliding_add(store, &key.name(), *period, now, *n)?;
                     }
                 }
                 Pending::FixedIf {
@@ -1488,7 +1455,13 @@ impl Catalog {
                     bandwidth,
                 } => {
                     if condition(*step)? {
-                        windows.add(store, key, now, *n, if *bandwidth { bytes } else { 0 })?;
+                        windows.add(
+                            store,
+                            &key.name(),
+                            now,
+                            *n,
+                            if *bandwidth { bytes } else { 0 },
+                        )?;
                     }
                 }
             }
@@ -1551,7 +1524,7 @@ mod tests {
         for now in [0, 10] {
             counters::sliding_admit(
                 &store,
-                "rl|sub-1|product:starter/rate-limit",
+                &CounterName::new("rl", "sub-1", "product:starter/rate-limit"),
                 3,
                 60_000,
                 now,
@@ -1567,7 +1540,12 @@ mod tests {
         };
         for now in [0, 10, 20, 30] {
             quota
-                .admit(&store, "q|sub-1|product:starter/quota", now, 1)
+                .admit(
+                    &store,
+                    &CounterName::new("q", "sub-1", "product:starter/quota"),
+                    now,
+                    1,
+                )
                 .unwrap();
         }
         let headers = vec![("Ocp-Apim-Subscription-Key".to_string(), "k".to_string())];

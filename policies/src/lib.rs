@@ -29,7 +29,7 @@ mod xml;
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
 pub use clock::{format_timespan, parse_rfc3339, Millis};
 pub use counters::{
-    counter_expiry, Change, CounterStore, MemoryStore, State, StoreError, MAX_ATTEMPTS,
+    counter_expiry, Change, CounterName, CounterStore, MemoryStore, State, StoreError, MAX_ATTEMPTS,
 };
 pub use decide::{
     CallContext, Completion, Decision, EngineError, HeaderEdit, HeaderEdits, KeyLocation, Outcome,

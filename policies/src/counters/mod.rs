@@ -1,8 +1,8 @@
 //! Counters: the state behind rate limits and quotas, and the only state shared between calls.
 //!
 //! The engine keeps every counting rule here and asks of the host only a [`CounterStore`]:
-//! versioned bytes under a key with compare-and-swap, which proxy-wasm shared data provides
-//! directly. Every change is a read, a decision and a conditional write, retried a bounded
+//! versioned bytes under a name ([`CounterName`], handed over in its parts) with
+//! compare-and-swap, which proxy-wasm shared data provides directly. Every change is a read, a decision and a conditional write, retried a bounded
 //! number of times, so concurrent workers never over-admit.
 //!
 //! Two kinds of state:
@@ -19,7 +19,7 @@ use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
 use crate::words::same_bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use std::borrow::Cow;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -91,15 +91,107 @@ impl<'a> State<'a> {
     }
 }
 
+/// A counter's name, `kind|owner|name` (`sl|sub-1|product:starter`), in the three parts a limit
+/// knows it by. A store is handed the parts, so that no call joins them: the memory store
+/// hashes and compares them where they lie, and the filter's slots hash them as one text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterName<'a> {
+    parts: [&'a str; 3],
+}
+
+impl<'a> CounterName<'a> {
+    pub const fn new(kind: &'a str, owner: &'a str, name: &'a str) -> Self {
+        CounterName {
+            parts: [kind, owner, name],
+        }
+    }
+
+    /// The name's bytes in order, the separators included: what a store that keeps it as one
+    /// text writes or hashes.
+    pub fn pieces(&self) -> [&'a [u8]; 5] {
+        let [kind, owner, name] = self.parts;
+        [
+            kind.as_bytes(),
+            b"|",
+            owner.as_bytes(),
+            b"|",
+            name.as_bytes(),
+        ]
+    }
+
+    /// Where the name's parts end in its text: the lengths of the kind and the owner.
+    fn split(&self) -> [usize; 2] {
+        [self.parts[0].len(), self.parts[1].len()]
+    }
+
+    /// The length of the name as one text.
+    pub fn text_len(&self) -> usize {
+        let [kind, owner, name] = self.parts;
+        kind.len() + owner.len() + name.len() + 2
+    }
+
+    /// Whether `text` is this name as one text, compared part by part where it lies.
+    pub fn is(&self, text: &[u8]) -> bool {
+        let [kind, owner, name] = self.parts.map(str::as_bytes);
+        let (k, o) = (kind.len(), owner.len());
+        text.len() == self.text_len()
+            && same_bytes(&text[..k], kind)
+            && text[k] == b'|'
+            && same_bytes(&text[k + 1..k + 1 + o], owner)
+            && text[k + 1 + o] == b'|'
+            && same_bytes(&text[k + 2 + o..], name)
+    }
+
+    /// The name as one text, appended to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for piece in self.pieces() {
+            out.extend_from_slice(piece);
+        }
+    }
+}
+
+impl std::fmt::Display for CounterName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [kind, owner, name] = self.parts;
+        write!(f, "{kind}|{owner}|{name}")
+    }
+}
+
+/// A counter's name kept past the call that named it (for work left to the completion): the
+/// name as one text, and where its parts end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeptName {
+    text: String,
+    kind: usize,
+    owner: usize,
+}
+
+impl KeptName {
+    pub(crate) fn of(name: &CounterName<'_>) -> Self {
+        let [kind, owner, _] = name.parts;
+        KeptName {
+            text: name.to_string(),
+            kind: kind.len(),
+            owner: owner.len(),
+        }
+    }
+
+    pub(crate) fn name(&self) -> CounterName<'_> {
+        let (kind, rest) = self.text.split_at(self.kind);
+        let (owner, name) = rest[1..].split_at(self.owner);
+        CounterName::new(kind, owner, &name[1..])
+    }
+}
+
 /// Versioned bytes with compare-and-swap: what the engine needs of shared state.
 pub trait CounterStore {
     /// The counter's bytes and version, or `None` when it was never written.
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    fn get(&self, key: &CounterName<'_>) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
     /// Writes `value` if the counter is still at `version` (`None`: still never written).
     /// `Ok(false)` when another writer came first.
     fn compare_and_set(
         &self,
-        key: &str,
+        key: &CounterName<'_>,
         value: &[u8],
         version: Option<u32>,
     ) -> Result<bool, StoreError>;
@@ -110,7 +202,7 @@ pub trait CounterStore {
     /// default is a compare-and-swap loop over [`get`](Self::get) and
     /// [`compare_and_set`](Self::compare_and_set), retried at most [`MAX_ATTEMPTS`] times; a
     /// store that can update in place under its own lock may do so.
-    fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
+    fn update(&self, key: &CounterName<'_>, change: &mut Change<'_>) -> Result<(), StoreError> {
         for _ in 0..MAX_ATTEMPTS {
             let (mut bytes, version) = match self.get(key)? {
                 Some((b, v)) => (b, Some(v)),
@@ -139,6 +231,11 @@ struct Counter {
     /// The name's bytes, then the state's.
     bytes: Vec<u8>,
     name_len: usize,
+    /// Where the name's parts end ([`CounterName::split`]): a counter is its parts, as its
+    /// hash is theirs, even where a `|` inside one would make two names one text.
+    split: [usize; 2],
+    /// The name's hash ([`Counters::hash`]), kept for the table to grow by.
+    hash: u64,
     version: u32,
 }
 
@@ -147,9 +244,17 @@ impl Counter {
         &self.bytes[..self.name_len]
     }
 
-    /// Whether the counter is named `name`, compared where it lies ([`same_bytes`]).
-    fn is_named(&self, name: &[u8]) -> bool {
-        same_bytes(self.name(), name)
+    /// Whether the counter is named `name`: the same split, so the same separators, and the
+    /// same parts between them.
+    #[inline]
+    fn is_named(&self, name: &CounterName<'_>) -> bool {
+        let [kind, owner, rest] = name.parts.map(str::as_bytes);
+        let [k, o] = self.split;
+        let text = self.name();
+        [k, o] == name.split()
+            && same_bytes(&text[k + o + 2..], rest)
+            && same_bytes(&text[k + 1..k + 1 + o], owner)
+            && same_bytes(&text[..k], kind)
     }
 
     fn state(&self) -> &[u8] {
@@ -187,35 +292,40 @@ struct Counters {
 }
 
 impl Counters {
-    fn hash(&self, name: &str) -> u64 {
-        self.hasher.hash_one(name.as_bytes())
+    /// The hash of a name's parts (which part ends where is in the name's identity, not in
+    /// its hash: see [`Counter::is_named`]).
+    #[inline]
+    fn hash(&self, name: &CounterName<'_>) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for part in name.parts {
+            h.write(part.as_bytes());
+        }
+        h.finish()
     }
 
-    fn find(&self, name: &str) -> Option<&Counter> {
-        self.table
-            .find(self.hash(name), |c| c.is_named(name.as_bytes()))
+    fn find(&self, name: &CounterName<'_>) -> Option<&Counter> {
+        self.table.find(self.hash(name), |c| c.is_named(name))
     }
 
-    fn insert(&mut self, name: &str, state: &[u8]) {
-        let mut bytes = Vec::with_capacity(name.len() + state.len());
-        bytes.extend_from_slice(name.as_bytes());
+    fn insert(&mut self, name: &CounterName<'_>, hash: u64, state: &[u8]) {
+        let mut bytes = Vec::with_capacity(name.text_len() + state.len());
+        name.write_to(&mut bytes);
         bytes.extend_from_slice(state);
-        self.insert_counter(bytes, name.len());
+        self.insert_counter(bytes, name, hash);
     }
 
-    /// Adds a counter whose name is `bytes[..name_len]` and state the rest.
-    fn insert_counter(&mut self, bytes: Vec<u8>, name_len: usize) {
+    /// Adds a counter named `name` (of this hash), whose bytes are the name's text, then its
+    /// state.
+    fn insert_counter(&mut self, bytes: Vec<u8>, name: &CounterName<'_>, hash: u64) {
         let version = next_version(&mut self.version);
         let counter = Counter {
             bytes,
-            name_len,
+            name_len: name.text_len(),
+            split: name.split(),
+            hash,
             version,
         };
-        let name = &counter.bytes[..name_len];
-        let hasher = &self.hasher;
-        let hash = hasher.hash_one(name);
-        self.table
-            .insert_unique(hash, counter, |c| hasher.hash_one(c.name()));
+        self.table.insert_unique(hash, counter, |c| c.hash);
     }
 }
 
@@ -247,27 +357,27 @@ impl MemoryStore {
 }
 
 impl CounterStore for MemoryStore {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+    fn get(&self, key: &CounterName<'_>) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         let g = self.counters()?;
         Ok(g.find(key).map(|c| (c.state().to_vec(), c.version)))
     }
 
     fn compare_and_set(
         &self,
-        key: &str,
+        key: &CounterName<'_>,
         value: &[u8],
         version: Option<u32>,
     ) -> Result<bool, StoreError> {
         let mut guard = self.counters()?;
         let g = &mut *guard;
         let hash = g.hash(key);
-        match g.table.find_mut(hash, |c| c.is_named(key.as_bytes())) {
+        match g.table.find_mut(hash, |c| c.is_named(key)) {
             Some(c) if Some(c.version) == version => {
                 c.set_state(value, next_version(&mut g.version));
                 Ok(true)
             }
             None if version.is_none() => {
-                g.insert(key, value);
+                g.insert(key, hash, value);
                 Ok(true)
             }
             _ => Ok(false),
@@ -275,24 +385,26 @@ impl CounterStore for MemoryStore {
     }
 
     /// Changes the counter where it lies, under the lock: nothing is copied in or out.
-    fn update(&self, key: &str, change: &mut Change<'_>) -> Result<(), StoreError> {
+    fn update(&self, key: &CounterName<'_>, change: &mut Change<'_>) -> Result<(), StoreError> {
         let mut guard = self.counters()?;
         let g = &mut *guard;
         let hash = g.hash(key);
-        match g.table.find_mut(hash, |c| c.is_named(key.as_bytes())) {
+        match g.table.find_mut(hash, |c| c.is_named(key)) {
             Some(c) => {
                 if change(&mut c.state_mut()) {
                     c.version = next_version(&mut g.version);
                 }
             }
             None => {
-                let mut bytes = key.as_bytes().to_vec();
+                let mut bytes = Vec::with_capacity(key.text_len());
+                key.write_to(&mut bytes);
+                let name_len = bytes.len();
                 let mut state = State {
                     buf: &mut bytes,
-                    start: key.len(),
+                    start: name_len,
                 };
                 if change(&mut state) {
-                    g.insert_counter(bytes, key.len());
+                    g.insert_counter(bytes, key, hash);
                 }
             }
         }
@@ -305,7 +417,7 @@ impl CounterStore for MemoryStore {
 /// to write them, and the result.
 fn update<T>(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     mut change: impl FnMut(&mut State<'_>) -> (bool, T),
 ) -> Result<T, StoreError> {
     let mut out = None;
@@ -591,7 +703,7 @@ fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
 /// Admits a call of weight `n` if fewer than `calls` were admitted in `(now - period, now]`.
 pub(crate) fn sliding_admit(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     calls: u64,
     period: Millis,
     now: Millis,
@@ -622,7 +734,7 @@ fn admit_in(
 /// Whether a call would be admitted, without counting it (counted later, at completion).
 pub(crate) fn sliding_check(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     calls: u64,
     period: Millis,
     now: Millis,
@@ -635,7 +747,7 @@ pub(crate) fn sliding_check(
 /// Counts `n` calls at `now` unconditionally (an `increment-condition` that held).
 pub(crate) fn sliding_add(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     period: Millis,
     now: Millis,
     n: u32,
@@ -651,7 +763,7 @@ pub(crate) fn sliding_add(
 /// are the same or older: the expiry stands.
 pub(crate) fn sliding_release(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     at: Millis,
     n: u32,
 ) -> Result<(), StoreError> {
@@ -781,7 +893,7 @@ impl FixedWindows {
     pub fn admit(
         &self,
         store: &dyn CounterStore,
-        key: &str,
+        key: &CounterName<'_>,
         now: Millis,
         n: u64,
     ) -> Result<(Verdict, Millis), StoreError> {
@@ -815,7 +927,7 @@ impl FixedWindows {
     pub fn check(
         &self,
         store: &dyn CounterStore,
-        key: &str,
+        key: &CounterName<'_>,
         now: Millis,
     ) -> Result<Verdict, StoreError> {
         let current = store.get(key)?;
@@ -827,7 +939,7 @@ impl FixedWindows {
     pub fn add(
         &self,
         store: &dyn CounterStore,
-        key: &str,
+        key: &CounterName<'_>,
         now: Millis,
         calls: u64,
         bytes: u64,
@@ -854,7 +966,7 @@ impl FixedWindows {
     pub fn release(
         &self,
         store: &dyn CounterStore,
-        key: &str,
+        key: &CounterName<'_>,
         start: Millis,
         n: u64,
     ) -> Result<(), StoreError> {
@@ -886,6 +998,11 @@ fn release_window(bytes: &[u8], start: Millis, n: u64) -> Option<Window> {
 mod tests {
     use super::*;
 
+    /// A counter of the tests, named `t|test|{name}`.
+    fn name(name: &'static str) -> CounterName<'static> {
+        CounterName::new("t", "test", name)
+    }
+
     /// Minute-long fixed windows from the epoch.
     fn per_minute(calls: u64, bandwidth_kb: Option<u64>) -> FixedWindows {
         FixedWindows {
@@ -900,7 +1017,7 @@ mod tests {
     #[test]
     fn sliding_window_edges() {
         let s = MemoryStore::new();
-        let admit = |now| sliding_admit(&s, "k", 2, 10_000, now, 1).unwrap();
+        let admit = |now| sliding_admit(&s, &name("k"), 2, 10_000, now, 1).unwrap();
         assert_eq!(admit(0), Verdict::Admitted { remaining: 1 });
         assert_eq!(admit(4_000), Verdict::Admitted { remaining: 0 });
         assert_eq!(admit(9_999), Verdict::RateLimited { wait: 1 });
@@ -913,15 +1030,15 @@ mod tests {
     fn admissions_at_one_instant_share_an_entry() {
         let s = MemoryStore::new();
         for _ in 0..3 {
-            sliding_admit(&s, "k", 10, 1000, 7, 1).unwrap();
+            sliding_admit(&s, &name("k"), 10, 1000, 7, 1).unwrap();
         }
         assert_eq!(
-            s.get("k").unwrap().unwrap().0.len(),
+            s.get(&name("k")).unwrap().unwrap().0.len(),
             SLIDING_HEAD + ADMISSION
         );
-        sliding_release(&s, "k", 7, 1).unwrap();
+        sliding_release(&s, &name("k"), 7, 1).unwrap();
         assert_eq!(
-            decode_sliding(Some(&s.get("k").unwrap().unwrap().0)),
+            decode_sliding(Some(&s.get(&name("k")).unwrap().unwrap().0)),
             vec![(7, 2)]
         );
     }
@@ -929,22 +1046,22 @@ mod tests {
     #[test]
     fn states_carry_their_expiry() {
         let s = MemoryStore::new();
-        sliding_admit(&s, "r", 5, 1_000, 10, 1).unwrap();
-        sliding_admit(&s, "r", 5, 1_000, 20, 1).unwrap();
+        sliding_admit(&s, &name("r"), 5, 1_000, 10, 1).unwrap();
+        sliding_admit(&s, &name("r"), 5, 1_000, 20, 1).unwrap();
         assert_eq!(
-            counter_expiry(&s.get("r").unwrap().unwrap().0),
+            counter_expiry(&s.get(&name("r")).unwrap().unwrap().0),
             Some(1_020 + CLOCK_SKEW)
         );
         let q = per_minute(1, None);
-        q.admit(&s, "q", 61_000, 1).unwrap();
+        q.admit(&s, &name("q"), 61_000, 1).unwrap();
         assert_eq!(
-            counter_expiry(&s.get("q").unwrap().unwrap().0),
+            counter_expiry(&s.get(&name("q")).unwrap().unwrap().0),
             Some(120_000 + CLOCK_SKEW)
         );
         let forever = FixedWindows { period: 0, ..q };
-        forever.admit(&s, "f", 5, 1).unwrap();
+        forever.admit(&s, &name("f"), 5, 1).unwrap();
         assert_eq!(
-            counter_expiry(&s.get("f").unwrap().unwrap().0),
+            counter_expiry(&s.get(&name("f")).unwrap().unwrap().0),
             Some(Millis::MAX)
         );
     }
@@ -954,11 +1071,11 @@ mod tests {
         // Another worker's clock runs behind: its admission goes before a later one, so the
         // state stays in time order.
         let s = MemoryStore::new();
-        let admit = |now| sliding_admit(&s, "k", 10, 1_000, now, 1).unwrap();
+        let admit = |now| sliding_admit(&s, &name("k"), 10, 1_000, now, 1).unwrap();
         admit(1_000);
         admit(10);
         admit(1_000);
-        let state = |s: &MemoryStore| s.get("k").unwrap().unwrap().0;
+        let state = |s: &MemoryStore| s.get(&name("k")).unwrap().unwrap().0;
         assert_eq!(decode_sliding(Some(&state(&s))), vec![(10, 1), (1_000, 2)]);
         assert_eq!(counter_expiry(&state(&s)), Some(2_000 + CLOCK_SKEW));
         // At 1,500 the admission at 10 has left the window (it no longer counts), but it is
@@ -1000,26 +1117,26 @@ mod tests {
             bytes.extend_from_slice(&at.to_le_bytes());
             bytes.extend_from_slice(&n.to_le_bytes());
         }
-        assert!(s.compare_and_set("k", &bytes, None).unwrap());
+        assert!(s.compare_and_set(&name("k"), &bytes, None).unwrap());
         // At 2,150 with a 1 s window: 1,500 and 1,200 count (3 of 5); 100 and 50 are past the
         // window and the skew, and count no more.
         assert_eq!(
-            sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
+            sliding_admit(&s, &name("k"), 5, 1_000, 2_150, 1).unwrap(),
             Verdict::Admitted { remaining: 1 }
         );
         // It is written back in this build's layout: in time order, with running counts.
-        let state = s.get("k").unwrap().unwrap().0;
+        let state = s.get(&name("k")).unwrap().unwrap().0;
         assert!(state.len().is_multiple_of(ADMISSION));
         assert_eq!(
             Admissions::of(&state).iter().collect::<Vec<_>>(),
             vec![(50, 4), (100, 1), (1_200, 1), (1_500, 2), (2_150, 1)]
         );
         assert_eq!(
-            sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
+            sliding_admit(&s, &name("k"), 5, 1_000, 2_150, 1).unwrap(),
             Verdict::Admitted { remaining: 0 }
         );
         assert_eq!(
-            sliding_admit(&s, "k", 5, 1_000, 2_150, 1).unwrap(),
+            sliding_admit(&s, &name("k"), 5, 1_000, 2_150, 1).unwrap(),
             Verdict::RateLimited { wait: 50 }
         );
     }
@@ -1030,17 +1147,17 @@ mod tests {
         let q = per_minute(2, None);
         // Ahead: the first call of the window starting at 60,000.
         assert!(matches!(
-            q.admit(&s, "q", 60_000, 1).unwrap().0,
+            q.admit(&s, &name("q"), 60_000, 1).unwrap().0,
             Verdict::Admitted { remaining: 1 }
         ));
         // Behind by 5 ms: its clock is still in the window before, yet it must not start that
         // window over the newer one.
         assert_eq!(
-            q.admit(&s, "q", 59_995, 1).unwrap(),
+            q.admit(&s, &name("q"), 59_995, 1).unwrap(),
             (Verdict::Admitted { remaining: 0 }, 60_000)
         );
         assert!(matches!(
-            q.admit(&s, "q", 60_001, 1).unwrap().0,
+            q.admit(&s, &name("q"), 60_001, 1).unwrap().0,
             Verdict::QuotaExceeded { .. }
         ));
     }
@@ -1048,10 +1165,10 @@ mod tests {
     #[test]
     fn release_restores_a_slot() {
         let s = MemoryStore::new();
-        sliding_admit(&s, "k", 1, 1000, 5, 1).unwrap();
-        sliding_release(&s, "k", 5, 1).unwrap();
+        sliding_admit(&s, &name("k"), 1, 1000, 5, 1).unwrap();
+        sliding_release(&s, &name("k"), 5, 1).unwrap();
         assert_eq!(
-            sliding_admit(&s, "k", 1, 1000, 6, 1).unwrap(),
+            sliding_admit(&s, &name("k"), 1, 1000, 6, 1).unwrap(),
             Verdict::Admitted { remaining: 0 }
         );
     }
@@ -1059,10 +1176,10 @@ mod tests {
     #[test]
     fn a_window_that_was_idle_keeps_only_its_new_admission() {
         let s = MemoryStore::new();
-        sliding_admit(&s, "k", 5, 1_000, 0, 1).unwrap();
+        sliding_admit(&s, &name("k"), 5, 1_000, 0, 1).unwrap();
         // Past the window and the skew, the one entry left is as many as are kept: dropped.
-        sliding_admit(&s, "k", 5, 1_000, 5_000, 1).unwrap();
-        let state = s.get("k").unwrap().unwrap().0;
+        sliding_admit(&s, &name("k"), 5, 1_000, 5_000, 1).unwrap();
+        let state = s.get(&name("k")).unwrap().unwrap().0;
         assert_eq!(decode_sliding(Some(&state)), vec![(5_000, 1)]);
         assert_eq!(state.len(), SLIDING_HEAD + ADMISSION);
     }
@@ -1071,19 +1188,19 @@ mod tests {
     fn releasing_an_admission_keeps_the_others_counted() {
         let s = MemoryStore::new();
         for now in [5, 6, 6, 7] {
-            sliding_admit(&s, "k", 10, 1_000, now, 1).unwrap();
+            sliding_admit(&s, &name("k"), 10, 1_000, now, 1).unwrap();
         }
-        sliding_release(&s, "k", 6, 2).unwrap();
+        sliding_release(&s, &name("k"), 6, 2).unwrap();
         // Nothing to take back at 9: nothing changes.
-        sliding_release(&s, "k", 9, 1).unwrap();
-        let state = |s: &MemoryStore| decode_sliding(Some(&s.get("k").unwrap().unwrap().0));
+        sliding_release(&s, &name("k"), 9, 1).unwrap();
+        let state = |s: &MemoryStore| decode_sliding(Some(&s.get(&name("k")).unwrap().unwrap().0));
         assert_eq!(state(&s), vec![(5, 1), (7, 1)]);
         assert_eq!(
-            sliding_admit(&s, "k", 10, 1_000, 8, 1).unwrap(),
+            sliding_admit(&s, &name("k"), 10, 1_000, 8, 1).unwrap(),
             Verdict::Admitted { remaining: 7 }
         );
         // More than was admitted at 5 is not taken back.
-        sliding_release(&s, "k", 5, 2).unwrap();
+        sliding_release(&s, &name("k"), 5, 2).unwrap();
         assert_eq!(state(&s), vec![(5, 1), (7, 1), (8, 1)]);
     }
 
@@ -1092,12 +1209,12 @@ mod tests {
     struct CasOnly(MemoryStore);
 
     impl CounterStore for CasOnly {
-        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        fn get(&self, key: &CounterName<'_>) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
             self.0.get(key)
         }
         fn compare_and_set(
             &self,
-            key: &str,
+            key: &CounterName<'_>,
             value: &[u8],
             version: Option<u32>,
         ) -> Result<bool, StoreError> {
@@ -1109,10 +1226,15 @@ mod tests {
     struct AlwaysBeaten;
 
     impl CounterStore for AlwaysBeaten {
-        fn get(&self, _: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        fn get(&self, _: &CounterName<'_>) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
             Ok(None)
         }
-        fn compare_and_set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, StoreError> {
+        fn compare_and_set(
+            &self,
+            _: &CounterName<'_>,
+            _: &[u8],
+            _: Option<u32>,
+        ) -> Result<bool, StoreError> {
             Ok(false)
         }
     }
@@ -1121,7 +1243,7 @@ mod tests {
     fn an_update_that_always_loses_is_an_error_after_the_last_attempt() {
         let mut attempts = 0;
         let e = AlwaysBeaten
-            .update("rl|s|x", &mut |state| {
+            .update(&CounterName::new("rl", "s", "x"), &mut |state| {
                 attempts += 1;
                 state.set(&[1]);
                 true
@@ -1140,38 +1262,100 @@ mod tests {
                 true
             }
         };
-        s.update("a", &mut write(b"one")).unwrap();
-        let (_, v1) = s.get("a").unwrap().unwrap();
-        s.update("a", &mut write(b"two!")).unwrap();
-        let (bytes, v2) = s.get("a").unwrap().unwrap();
+        s.update(&name("a"), &mut write(b"one")).unwrap();
+        let (_, v1) = s.get(&name("a")).unwrap().unwrap();
+        s.update(&name("a"), &mut write(b"two!")).unwrap();
+        let (bytes, v2) = s.get(&name("a")).unwrap().unwrap();
         assert_eq!((bytes.as_slice(), v2 > v1), (&b"two!"[..], true));
         // The change sees the current bytes; declining writes nothing and keeps the version.
         let mut seen = None;
-        s.update("a", &mut |state| {
+        s.update(&name("a"), &mut |state| {
             seen = Some(state.bytes().to_vec());
             false
         })
         .unwrap();
         assert_eq!(seen.as_deref(), Some(&b"two!"[..]));
-        assert_eq!(s.get("a").unwrap().unwrap().1, v2);
+        assert_eq!(s.get(&name("a")).unwrap().unwrap().1, v2);
         // A counter never written is seen empty.
-        s.update("b", &mut |state| {
+        s.update(&name("b"), &mut |state| {
             assert!(state.bytes().is_empty());
             false
         })
         .unwrap();
-        assert_eq!(s.get("b").unwrap(), None);
+        assert_eq!(s.get(&name("b")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_counter_name_is_its_parts_joined_by_bars() {
+        let n = CounterName::new("sl", "sub-1", "product:starter");
+        assert_eq!(n.to_string(), "sl|sub-1|product:starter");
+        assert_eq!(n.text_len(), "sl|sub-1|product:starter".len());
+        let mut text = b"x".to_vec();
+        n.write_to(&mut text);
+        assert_eq!(text, b"xsl|sub-1|product:starter");
+        assert!(n.is(b"sl|sub-1|product:starter"));
+        for other in [
+            "sl|sub-1|product:starteR",
+            "sl|sub-1|product:starte",
+            "sl|sub-2|product:starter",
+            "sl+sub-1|product:starter",
+            "sl|sub-1+product:starter",
+            "q|sub-1|product:starter",
+            "",
+        ] {
+            assert!(!n.is(other.as_bytes()), "{other}");
+        }
+        // Kept past the call, it names the same counter.
+        let kept = KeptName::of(&n);
+        assert_eq!(kept.name(), n);
+        let keyed = CounterName::new("rlk", "60000", "a|b");
+        assert_eq!(KeptName::of(&keyed).name(), keyed);
+    }
+
+    #[test]
+    fn the_memory_store_finds_a_counter_by_its_parts() {
+        let s = MemoryStore::new();
+        let write = |name: &CounterName<'_>, bytes: &'static [u8]| {
+            s.update(name, &mut |state| {
+                state.set(bytes);
+                true
+            })
+            .unwrap()
+        };
+        write(&CounterName::new("sl", "sub-1", "product:starter"), b"one");
+        write(&CounterName::new("sl", "sub-10", "product:starter"), b"two");
+        // One text (`sl|a|b|c`) split in two ways: two counters.
+        write(&CounterName::new("sl", "a", "b|c"), b"three");
+        write(&CounterName::new("sl", "a|b", "c"), b"four");
+        let read = |kind, owner, name| {
+            s.get(&CounterName::new(kind, owner, name))
+                .unwrap()
+                .map(|(b, _)| b)
+        };
+        assert_eq!(
+            read("sl", "sub-1", "product:starter").as_deref(),
+            Some(&b"one"[..])
+        );
+        assert_eq!(
+            read("sl", "sub-10", "product:starter").as_deref(),
+            Some(&b"two"[..])
+        );
+        assert_eq!(read("sl", "a", "b|c").as_deref(), Some(&b"three"[..]));
+        assert_eq!(read("sl", "a|b", "c").as_deref(), Some(&b"four"[..]));
+        assert_eq!(read("sl", "sub-1", "product:starteR"), None);
+        assert_eq!(read("q", "sub-1", "product:starter"), None);
+        assert_eq!(s.len(), 4);
     }
 
     #[test]
     fn memory_store_cas() {
         let s = MemoryStore::new();
-        assert!(s.compare_and_set("a", b"1", None).unwrap());
-        assert!(!s.compare_and_set("a", b"2", None).unwrap());
-        let (_, v) = s.get("a").unwrap().unwrap();
-        assert!(!s.compare_and_set("a", b"2", Some(v + 1)).unwrap());
-        assert!(s.compare_and_set("a", b"2", Some(v)).unwrap());
-        assert_eq!(s.get("a").unwrap().unwrap().0, b"2");
+        assert!(s.compare_and_set(&name("a"), b"1", None).unwrap());
+        assert!(!s.compare_and_set(&name("a"), b"2", None).unwrap());
+        let (_, v) = s.get(&name("a")).unwrap().unwrap();
+        assert!(!s.compare_and_set(&name("a"), b"2", Some(v + 1)).unwrap());
+        assert!(s.compare_and_set(&name("a"), b"2", Some(v)).unwrap());
+        assert_eq!(s.get(&name("a")).unwrap().unwrap().0, b"2");
     }
 
     #[test]
@@ -1179,12 +1363,12 @@ mod tests {
         let s = MemoryStore::new();
         let q = per_minute(2, Some(1));
         assert!(matches!(
-            q.admit(&s, "q", 1_000, 1).unwrap().0,
+            q.admit(&s, &name("q"), 1_000, 1).unwrap().0,
             Verdict::Admitted { remaining: 1 }
         ));
-        q.add(&s, "q", 1_500, 0, 1024).unwrap();
+        q.add(&s, &name("q"), 1_500, 0, 1024).unwrap();
         assert_eq!(
-            q.admit(&s, "q", 2_000, 1).unwrap().0,
+            q.admit(&s, &name("q"), 2_000, 1).unwrap().0,
             Verdict::QuotaExceeded {
                 bandwidth: true,
                 seconds: 58
@@ -1192,7 +1376,7 @@ mod tests {
         );
         // The next window renews both.
         assert!(matches!(
-            q.admit(&s, "q", 60_000, 1).unwrap().0,
+            q.admit(&s, &name("q"), 60_000, 1).unwrap().0,
             Verdict::Admitted { remaining: 1 }
         ));
     }
@@ -1250,11 +1434,11 @@ mod tests {
         ) {
             gaps_to_instants(&mut gaps);
             let s = MemoryStore::new();
-            let got: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            let got: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&s, &name("k"), calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
             prop_assert_eq!(&got, &naive_sliding(&gaps, calls, period));
             // The compare-and-swap loop counts the same as the in-place update.
             let cas = CasOnly(MemoryStore::new());
-            let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&cas, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(sliding_admit(&cas, &name("k"), calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
             prop_assert_eq!(by_cas, got);
         }
 
@@ -1271,9 +1455,9 @@ mod tests {
             let s = MemoryStore::new();
             let mut got = Vec::new();
             for &t in &gaps {
-                let admitted = matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. });
+                let admitted = matches!(sliding_admit(&s, &name("k"), calls, period, t, 1).unwrap(), Verdict::Admitted { .. });
                 got.push(admitted);
-                let state = s.get("k").unwrap().unwrap().0;
+                let state = s.get(&name("k")).unwrap().unwrap().0;
                 let a = Admissions::of(&state);
                 let dead = a.first_after(kept_after(period, t));
                 if admitted {
@@ -1306,9 +1490,9 @@ mod tests {
                     Verdict::RateLimited { wait: (oldest + period - t).max(1) }
                 };
                 for store in [&s as &dyn CounterStore, &cas] {
-                    prop_assert_eq!(sliding_admit(store, "k", calls, period, t, n).unwrap(), want);
+                    prop_assert_eq!(sliding_admit(store, &name("k"), calls, period, t, n).unwrap(), want);
                     if release && used < calls {
-                        sliding_release(store, "k", t, n).unwrap();
+                        sliding_release(store, &name("k"), t, n).unwrap();
                     }
                 }
                 if !release && used < calls {
@@ -1328,9 +1512,9 @@ mod tests {
             let mut t = 1_700_000_000_000;
             let times: Vec<Millis> = steps.iter().map(|(gap, skew)| { t += gap; t + skew }).collect();
             let s = MemoryStore::new();
-            let got: Vec<bool> = times.iter().map(|&t| matches!(sliding_admit(&s, "k", calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
+            let got: Vec<bool> = times.iter().map(|&t| matches!(sliding_admit(&s, &name("k"), calls, period, t, 1).unwrap(), Verdict::Admitted { .. })).collect();
             // Whatever order the admissions came in, the state is kept in time order.
-            let kept = decode_sliding(s.get("k").unwrap().map(|(b, _)| b).as_deref());
+            let kept = decode_sliding(s.get(&name("k")).unwrap().map(|(b, _)| b).as_deref());
             prop_assert!(kept.windows(2).all(|w| w[0].0 < w[1].0), "{:?}", kept);
             let mut admitted: Vec<Millis> = Vec::new();
             let want: Vec<bool> = times.iter().map(|&t| {
@@ -1352,10 +1536,10 @@ mod tests {
             for g in gaps.iter_mut() { t += *g; *g = t; }
             let s = MemoryStore::new();
             let q = FixedWindows { origin, period, calls: Some(calls), bandwidth_kb: None };
-            let got: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&s, "k", t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
+            let got: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&s, &name("k"), t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
             prop_assert_eq!(&got, &naive_fixed(&gaps, calls, origin, period));
             let cas = CasOnly(MemoryStore::new());
-            let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&cas, "k", t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
+            let by_cas: Vec<bool> = gaps.iter().map(|&t| matches!(q.admit(&cas, &name("k"), t, 1).unwrap().0, Verdict::Admitted { .. })).collect();
             prop_assert_eq!(by_cas, got);
         }
     }

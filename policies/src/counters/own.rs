@@ -14,8 +14,8 @@
 
 use super::{
     count_admission, counter_expiry, decode_window, in_layout, into_layout, release_in,
-    release_window, sliding_verdict, update, window_bytes, Admissions, CounterStore, FixedWindows,
-    Millis, State, StoreError, Verdict, Window, EXPIRY, WINDOW,
+    release_window, sliding_verdict, update, window_bytes, Admissions, CounterName, CounterStore,
+    FixedWindows, Millis, State, StoreError, Verdict, Window, EXPIRY, WINDOW,
 };
 
 /// The bytes before the quota's part: the expiry and the quota part's length.
@@ -97,7 +97,7 @@ impl OwnLimits {
     pub fn admit(
         &self,
         store: &dyn CounterStore,
-        key: &str,
+        key: &CounterName<'_>,
         now: Millis,
         seed: Option<&[u8]>,
         verdicts: &mut OwnVerdicts,
@@ -163,8 +163,8 @@ impl OwnLimits {
 /// renews a quota early. Either may be absent.
 pub(crate) fn seed(
     store: &dyn CounterStore,
-    rate_key: &str,
-    quota_key: &str,
+    rate_key: &CounterName<'_>,
+    quota_key: &CounterName<'_>,
 ) -> Result<Vec<u8>, StoreError> {
     let quota = store
         .get(quota_key)?
@@ -189,7 +189,7 @@ pub(crate) fn seed(
 /// `quota.0`). The admissions left are the same or older: the expiry stands.
 pub(crate) fn release(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     rate_at: Option<Millis>,
     quota: Option<(Millis, Millis)>,
 ) -> Result<(), StoreError> {
@@ -216,7 +216,7 @@ pub(crate) fn release(
 /// bandwidth quota).
 pub(crate) fn add_bytes(
     store: &dyn CounterStore,
-    key: &str,
+    key: &CounterName<'_>,
     windows: &FixedWindows,
     now: Millis,
     bytes: u64,
@@ -240,6 +240,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A counter of the tests, named `t|test|{name}`.
+    fn name(name: &'static str) -> CounterName<'static> {
+        CounterName::new("t", "test", name)
+    }
+
     /// A rate limit of `rate` calls in 100 s and a quota of `quota` calls a minute.
     fn limits(rate: u64, quota: u64, quota_first: bool) -> OwnLimits {
         OwnLimits {
@@ -257,9 +262,9 @@ mod tests {
     /// Admits as the engine does: from the counters of an earlier build when there is none.
     fn admit(s: &MemoryStore, l: &OwnLimits, now: Millis) -> OwnVerdicts {
         let mut v = OwnVerdicts::default();
-        if !l.admit(s, "sl", now, None, &mut v).unwrap() {
-            let seed = seed(s, "rl", "q").unwrap();
-            assert!(l.admit(s, "sl", now, Some(&seed), &mut v).unwrap());
+        if !l.admit(s, &name("sl"), now, None, &mut v).unwrap() {
+            let seed = seed(s, &name("rl"), &name("q")).unwrap();
+            assert!(l.admit(s, &name("sl"), now, Some(&seed), &mut v).unwrap());
         }
         v
     }
@@ -315,10 +320,10 @@ mod tests {
     #[test]
     fn counters_an_earlier_build_kept_apart_are_carried_over() {
         let s = MemoryStore::new();
-        sliding_admit(&s, "rl", 3, 100_000, 0, 1).unwrap();
-        sliding_admit(&s, "rl", 3, 100_000, 10, 1).unwrap();
+        sliding_admit(&s, &name("rl"), 3, 100_000, 0, 1).unwrap();
+        sliding_admit(&s, &name("rl"), 3, 100_000, 10, 1).unwrap();
         let l = limits(3, 2, false);
-        l.quota.unwrap().admit(&s, "q", 20, 1).unwrap();
+        l.quota.unwrap().admit(&s, &name("q"), 20, 1).unwrap();
         assert_eq!(
             admit(&s, &l, 30),
             OwnVerdicts {
@@ -331,7 +336,7 @@ mod tests {
             Some(Verdict::RateLimited { .. })
         ));
         // The counter's expiry is the later of its parts': the rate limit's last admission.
-        let state = s.get("sl").unwrap().unwrap().0;
+        let state = s.get(&name("sl")).unwrap().unwrap().0;
         assert_eq!(counter_expiry(&state), Some(30 + 100_000 + CLOCK_SKEW));
     }
 
@@ -344,7 +349,7 @@ mod tests {
             bytes.extend_from_slice(&at.to_le_bytes());
             bytes.extend_from_slice(&n.to_le_bytes());
         }
-        assert!(s.compare_and_set("rl", &bytes, None).unwrap());
+        assert!(s.compare_and_set(&name("rl"), &bytes, None).unwrap());
         let l = OwnLimits {
             quota: None,
             ..limits(3, 0, false)
@@ -362,7 +367,7 @@ mod tests {
         let s = MemoryStore::new();
         let l = limits(1, 1, false);
         let first = admit(&s, &l, 5);
-        release(&s, "sl", Some(5), Some((60_000, 0))).unwrap();
+        release(&s, &name("sl"), Some(5), Some((60_000, 0))).unwrap();
         assert_eq!(admit(&s, &l, 6), first);
     }
 
@@ -380,7 +385,7 @@ mod tests {
             quota_first: false,
         };
         admit(&s, &l, 0);
-        add_bytes(&s, "sl", &l.quota.unwrap(), 0, 1024).unwrap();
+        add_bytes(&s, &name("sl"), &l.quota.unwrap(), 0, 1024).unwrap();
         let v = admit(&s, &l, 1);
         assert_eq!(v.rate, Some(admitted(4)));
         assert!(matches!(
@@ -435,20 +440,20 @@ mod tests {
                 let (mut r, mut q) = (None, None);
                 for asking_quota in [quota_first, !quota_first] {
                     if asking_quota {
-                        let (verdict, start) = windows.admit(&apart, "q", now, 1).unwrap();
+                        let (verdict, start) = windows.admit(&apart, &name("q"), now, 1).unwrap();
                         q = Some((verdict, start));
                         if !matches!(verdict, Verdict::Admitted { .. }) {
                             if r.is_some() {
-                                sliding_release(&apart, "rl", now, 1).unwrap();
+                                sliding_release(&apart, &name("rl"), now, 1).unwrap();
                             }
                             break;
                         }
                     } else {
-                        let verdict = sliding_admit(&apart, "rl", rate, 100_000, now, 1).unwrap();
+                        let verdict = sliding_admit(&apart, &name("rl"), rate, 100_000, now, 1).unwrap();
                         r = Some(verdict);
                         if !matches!(verdict, Verdict::Admitted { .. }) {
                             if let Some((_, start)) = q {
-                                windows.release(&apart, "q", start, 1).unwrap();
+                                windows.release(&apart, &name("q"), start, 1).unwrap();
                             }
                             break;
                         }
@@ -463,9 +468,9 @@ mod tests {
                 let all = said(v.rate, v.quota.map(|(v, _)| v), quota_first).starts_with("Some");
                 if taken_back && all {
                     let start = v.quota.map(|(_, s)| s).unwrap();
-                    release(&one, "sl", Some(now), Some((60_000, start))).unwrap();
-                    sliding_release(&apart, "rl", now, 1).unwrap();
-                    windows.release(&apart, "q", start, 1).unwrap();
+                    release(&one, &name("sl"), Some(now), Some((60_000, start))).unwrap();
+                    sliding_release(&apart, &name("rl"), now, 1).unwrap();
+                    windows.release(&apart, &name("q"), start, 1).unwrap();
                 }
             }
         }
