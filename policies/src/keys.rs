@@ -1,6 +1,7 @@
 //! Subscription keys: SHA-256 digests made at load time, and a lookup that never compares a
 //! whole digest in variable time. The catalog never holds a plain key.
 
+use crate::words::put_bytes;
 use hashbrown::HashMap;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
@@ -29,7 +30,7 @@ pub fn key_digest(key: &str) -> Digest {
     }
     // The message, the 0x80 byte, zeros, then the message's length in bits, big-endian.
     let mut block = [0u8; 64];
-    block[..bytes.len()].copy_from_slice(bytes);
+    put_bytes(&mut block, bytes);
     block[bytes.len()] = 0x80;
     block[56..].copy_from_slice(&(bytes.len() as u64 * 8).to_be_bytes());
     let mut state = INITIAL;

@@ -1,6 +1,7 @@
-//! Short byte strings compared where they lie, a word at a time: the names and paths a call is
-//! decided by (a method, an API's path, a template's literal segments, a counter's name) are a
-//! few words long, and a call into the C library's `memcmp` costs more than comparing them.
+//! Short byte strings compared and copied a word at a time: the names and paths a call is
+//! decided by (a method, an API's path, a template's literal segments, a counter's name) and
+//! the key it is keyed by are a few words long, and a call into the C library's `memcmp` or
+//! `memcpy` costs more than comparing or copying them.
 
 /// Whether `a` and `b` hold the same bytes. Each is read as at most a few overlapping words:
 /// the first and the last of a width that fits, and the whole words between.
@@ -32,6 +33,34 @@ pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// Copies `src` to the start of `dst` as two overlapping copies of a width that fits (the
+/// first and the last bytes of it), each of a length known when it is built. More than 64
+/// bytes are copied as the standard library does.
+#[inline]
+pub(crate) fn put_bytes(dst: &mut [u8], src: &[u8]) {
+    /// The first and the last `W` bytes of `src` (at least `W` long) to `dst`.
+    #[inline]
+    fn ends<const W: usize>(dst: &mut [u8], src: &[u8]) {
+        let n = src.len();
+        if let (Some(d), Some(s)) = (dst.first_chunk_mut::<W>(), src.first_chunk::<W>()) {
+            *d = *s;
+        }
+        if let (Some(d), Some(s)) = (dst[..n].last_chunk_mut::<W>(), src.last_chunk::<W>()) {
+            *d = *s;
+        }
+    }
+    match src.len() {
+        0 => {}
+        1 => dst[0] = src[0],
+        2..4 => ends::<2>(dst, src),
+        4..8 => ends::<4>(dst, src),
+        8..16 => ends::<8>(dst, src),
+        16..32 => ends::<16>(dst, src),
+        32..=64 => ends::<32>(dst, src),
+        n => dst[..n].copy_from_slice(src),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +86,21 @@ mod tests {
             }
             prop_assert!(!same_bytes(&a, &b));
             prop_assert!(!same_bytes(&b, &a));
+        }
+    }
+
+    proptest! {
+        /// Copied in overlapping widths, every byte of the source lands in its place and
+        /// nothing after it changes: for every length from 0 to 80.
+        #[test]
+        fn bytes_copy_as_each_byte_does(
+            src in proptest::collection::vec(any::<u8>(), 0..80),
+            before in proptest::collection::vec(any::<u8>(), 80..81),
+        ) {
+            let mut dst = before.clone();
+            put_bytes(&mut dst, &src);
+            prop_assert_eq!(&dst[..src.len()], &src[..]);
+            prop_assert_eq!(&dst[src.len()..], &before[src.len()..]);
         }
     }
 

@@ -56,9 +56,9 @@ impl<'a> State<'a> {
     }
 
     /// Puts `bytes` at offset `at` of the state (the usual place, the end, is an append).
-    /// Inlined, so that an append of a known length is a copy of that length, not a call.
+    /// Of a length known when it is built, so that the copy is of that length, not a call.
     #[inline]
-    pub fn insert(&mut self, at: usize, bytes: &[u8]) {
+    pub fn insert<const N: usize>(&mut self, at: usize, bytes: &[u8; N]) {
         let (at, len) = (self.start + at, self.buf.len());
         if at == len {
             self.buf.extend_from_slice(bytes);
