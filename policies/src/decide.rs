@@ -19,7 +19,6 @@ use crate::response::{self, LocalResponse};
 use crate::route::{first_segments, segments, Below, PathShape};
 use crate::snapshot::SubscriptionScope;
 use crate::words::same_bytes;
-use arrayvec::ArrayString;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -235,35 +234,78 @@ impl Counter<'_> {
 const OWN_KIND: &str = "sl";
 
 /// A remaining-calls or total-calls header of the allowed response: the limit step that names
-/// it, and the value's text (kept here, so that the response borrows it rather than allocates).
+/// it, and the value's digits (kept here, so that the response borrows them rather than
+/// allocates).
 #[derive(Debug, Clone, Copy)]
 struct LimitHeader {
     step: u32,
     total: bool,
-    value: ArrayString<20>,
+    value: Digits,
 }
 
-impl LimitHeader {
-    /// The header without its value yet.
-    fn new(step: u32, total: bool) -> Self {
-        LimitHeader {
-            step,
-            total,
-            value: ArrayString::new(),
+/// The decimal digits of a number, `bytes[..len]` (a u64 has at most 20). A header's value is
+/// a few digits, copied in place without a call.
+#[derive(Debug, Clone, Copy, Default)]
+struct Digits {
+    len: u8,
+    bytes: [u8; 20],
+}
+
+impl Digits {
+    /// Writes `value`'s digits where they are kept, each as it is made: digits made elsewhere
+    /// and copied here would be read back wider than they were written, and wait for the
+    /// writes to land.
+    fn set(&mut self, mut value: u64) {
+        let len = value.checked_ilog10().unwrap_or(0) as usize + 1;
+        for d in self.bytes.iter_mut().take(len).rev() {
+            *d = b'0' + (value % 10) as u8;
+            value /= 10;
         }
+        self.len = len as u8;
+    }
+
+    fn as_str(&self) -> &str {
+        let digits = self.bytes.get(..usize::from(self.len)).unwrap_or(&[]);
+        std::str::from_utf8(digits).unwrap_or("0")
     }
 }
 
 /// A routed call: who it is, and what is left to do for it after the inbound phase.
+///
+/// Kept within 128 bytes, so that moving it into its [`Decision`] is a few moves rather than a
+/// call to copy memory (a test checks the size).
 #[derive(Debug, Clone)]
 pub struct CallContext {
     pub(crate) id: Identity,
     program: u32,
-    pending: Vec<Pending>,
     /// Headers for the allowed response (remaining-calls and total-calls).
     limit_headers: SmallVec<[LimitHeader; 2]>,
+    /// Work for after the upstream, which most calls do not have.
+    later: Option<Box<Later>>,
+}
+
+/// What an allowed call leaves for after the inbound phase, in one allocation when it is one
+/// thing to count (a bandwidth quota, a deferred by-key limit) or the request.
+#[derive(Debug, Clone, Default)]
+struct Later {
+    pending: SmallVec<[Pending; 1]>,
     /// The request, kept only when a later phase evaluates an expression that may read it.
-    saved: Option<Box<SavedRequest>>,
+    saved: Option<SavedRequest>,
+}
+
+impl CallContext {
+    /// Leaves work for the completion.
+    fn pend(&mut self, p: Pending) {
+        self.later.get_or_insert_default().pending.push(p);
+    }
+
+    fn pending(&self) -> &[Pending] {
+        self.later.as_deref().map_or(&[], |l| &l.pending)
+    }
+
+    fn saved(&self) -> Option<&SavedRequest> {
+        self.later.as_deref().and_then(|l| l.saved.as_ref())
+    }
 }
 
 /// The decision on a call.
@@ -689,7 +731,7 @@ impl<'a> Run<'a, '_> {
         let admitted = |v: Option<Verdict>| v.is_none_or(|v| matches!(v, Verdict::Admitted { .. }));
         if admitted(verdicts.rate) && admitted(verdicts.quota.map(|(v, _)| v)) {
             if let Some(windows) = own.quota.filter(|w| w.bandwidth_kb.is_some()) {
-                call.pending.push(Pending::OwnBandwidth {
+                call.pend(Pending::OwnBandwidth {
                     key: KeptName::of(key),
                     windows,
                 });
@@ -817,7 +859,7 @@ impl<'a> Run<'a, '_> {
                 Some(_) => {
                     let key = &counter.name();
                     let v = windows.check(self.store, key, self.now)?;
-                    call.pending.push(Pending::FixedIf {
+                    call.pend(Pending::FixedIf {
                         key: KeptName::of(key),
                         windows,
                         n,
@@ -840,7 +882,7 @@ impl<'a> Run<'a, '_> {
                 Some(_) => {
                     let key = &counter.name();
                     let v = counters::sliding_check(self.store, key, calls, a.period, self.now)?;
-                    call.pending.push(Pending::SlidingIf {
+                    call.pend(Pending::SlidingIf {
                         key: KeptName::of(key),
                         period: a.period,
                         n,
@@ -852,7 +894,9 @@ impl<'a> Run<'a, '_> {
         };
         if let Some(denial) = limit_denial(verdict, || limit.retry_after_header.clone()) {
             // A denied call leaves nothing to count at completion.
-            call.pending.retain(|p| !matches!(p, Pending::SlidingIf { condition, .. } | Pending::FixedIf { condition, .. } if *condition == step));
+            if let Some(later) = &mut call.later {
+                later.pending.retain(|p| !matches!(p, Pending::SlidingIf { condition, .. } | Pending::FixedIf { condition, .. } if *condition == step));
+            }
             return Ok(Some(denial));
         }
         if let (Verdict::Admitted { remaining }, Some(calls)) = (verdict, a.calls) {
@@ -887,7 +931,7 @@ impl<'a> Run<'a, '_> {
         let (v, start) = windows.admit(self.store, key, self.now, n)?;
         if matches!(v, Verdict::Admitted { .. }) {
             if windows.bandwidth_kb.is_some() {
-                call.pending.push(Pending::Bandwidth {
+                call.pend(Pending::Bandwidth {
                     key: KeptName::of(key),
                     windows,
                 });
@@ -933,22 +977,25 @@ impl<'a> Run<'a, '_> {
         calls: u64,
     ) {
         if let Some(name) = remaining {
-            self.limit_header(call, LimitHeader::new(step, false), name, left);
+            self.limit_header(call, step, false, name, left);
         }
         if let Some(name) = total {
-            self.limit_header(call, LimitHeader::new(step, true), name, calls);
+            self.limit_header(call, step, true, name, calls);
         }
     }
 
-    fn limit_header(&self, call: &mut CallContext, header: LimitHeader, name: &str, value: u64) {
+    fn limit_header(&self, call: &mut CallContext, step: u32, total: bool, name: &str, value: u64) {
         if !call.limit_headers.is_empty() {
             call.limit_headers
                 .retain(|h| self.catalog.limit_header_name(h) != Some(name));
         }
-        call.limit_headers.push(header);
-        // The digits are written where they are kept (a u64 has at most 20: they fit).
+        call.limit_headers.push(LimitHeader {
+            step,
+            total,
+            value: Digits::default(),
+        });
         if let Some(h) = call.limit_headers.last_mut() {
-            let _ = h.value.try_push_str(itoa::Buffer::new().format(value));
+            h.value.set(value);
         }
     }
 }
@@ -1100,9 +1147,8 @@ impl Catalog {
                 key: None,
             },
             program: 0,
-            pending: Vec::new(),
             limit_headers: SmallVec::new(),
-            saved: None,
+            later: None,
         };
         if !api.operations.is_empty() {
             match self.operation(api_ix, req, below) {
@@ -1191,7 +1237,7 @@ impl Catalog {
         match result {
             Ok(None) => {
                 if program.keeps_request {
-                    call.saved = Some(Box::new(SavedRequest::of(req)));
+                    call.later.get_or_insert_default().saved = Some(SavedRequest::of(req));
                 }
                 Ok(Decision {
                     outcome: Outcome::Allowed,
@@ -1359,7 +1405,7 @@ impl Catalog {
         let program = &self.programs[call.program as usize];
         let mut edits = HeaderEdits::new();
         let empty: [(String, String); 0] = [];
-        let request = match &call.saved {
+        let request = match call.saved() {
             Some(s) => s.request(),
             None => Request {
                 method: "",
@@ -1402,7 +1448,7 @@ impl Catalog {
         store: &dyn CounterStore,
     ) -> Result<(), EngineError> {
         let empty: [(String, String); 0] = [];
-        let request = match &call.saved {
+        let request = match call.saved() {
             Some(s) => s.request(),
             None => Request {
                 method: "",
@@ -1429,7 +1475,7 @@ impl Catalog {
                 _ => Ok(true),
             }
         };
-        for p in &call.pending {
+        for p in call.pending() {
             match p {
                 Pending::Bandwidth { key, windows } => {
                     windows.add(store, &key.name(), now, 0, bytes)?
@@ -1496,6 +1542,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn query_decoding() {
@@ -1563,5 +1610,36 @@ mod tests {
         assert_eq!(outcome(1_000), Outcome::Allowed);
         assert_eq!(outcome(2_000), Outcome::RateLimited);
         assert_eq!(outcome(61_000), Outcome::QuotaExceeded);
+    }
+
+    proptest! {
+        /// A header's value is the number's decimal text, for every u64.
+        #[test]
+        fn digits_are_the_numbers_decimal_text(v in any::<u64>()) {
+            let mut digits = Digits::default();
+            digits.set(v);
+            prop_assert_eq!(digits.as_str(), v.to_string());
+        }
+    }
+
+    #[test]
+    fn digits_at_the_edges() {
+        // Set over longer digits too: the old ones do not show.
+        let mut digits = Digits::default();
+        for v in [u64::MAX, 0, 9, 10, 99, 100, 999_999, u64::MAX, 7] {
+            digits.set(v);
+            assert_eq!(digits.as_str(), v.to_string());
+        }
+    }
+
+    /// Moving a call into its decision copies at most 128 bytes, which the compiler does in
+    /// place; a larger context is copied by a call to `memcpy` on every decision.
+    #[test]
+    fn a_call_context_is_moved_without_a_copy_call() {
+        assert!(
+            std::mem::size_of::<CallContext>() <= 128,
+            "{} bytes",
+            std::mem::size_of::<CallContext>()
+        );
     }
 }
