@@ -230,8 +230,11 @@ fn engine() -> Result<Engine> {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
     let engine = Engine::new(&config)?;
-    ticker(&engine);
-    Ok(ENGINE.get_or_init(|| engine).clone())
+    // Two first callers may each make one: the ticker must tick the one that is kept, which
+    // every VM then uses (ticking the other, a runaway guest would never be stopped).
+    let kept = ENGINE.get_or_init(|| engine);
+    ticker(kept);
+    Ok(kept.clone())
 }
 
 impl Host {
