@@ -3,6 +3,7 @@
 //! program once, at load time. Nothing is parsed per request.
 
 use crate::clock::Millis;
+use crate::counters::{own::OwnLimits, FixedWindows};
 use crate::error::{LoadError, LoadErrors};
 use crate::keys::KeyIndex;
 pub use crate::policy::UnsupportedPolicies;
@@ -117,6 +118,10 @@ pub(crate) struct StepPlan {
     /// fail, so what this step counts is reserved, to be taken back then. Where nothing after
     /// it can, the call is final once it is counted.
     pub reserve: bool,
+    /// For a `rate-limit` or `quota` (with its partner when `with_next`): the subscription's
+    /// own limits it counts ([`crate::counters::own`]), but for the quota's windows' origin,
+    /// which is the subscription's. `None` when neither has calls or bandwidth of its own.
+    pub own: Option<OwnLimits>,
 }
 
 /// Whether a step may deny a call or fail, so that what earlier steps counted must be taken
@@ -148,13 +153,45 @@ fn plans(steps: &[Step], request: &[u32]) -> Box<[StepPlan]> {
                 Step::RateLimit(l) | Step::Quota(l) => !l.nested.is_empty(),
                 _ => false,
             });
+            let partner = if with_next { step(i + 1) } else { None };
             StepPlan {
                 with_next,
                 reserve: nested
                     || (after..request.len()).any(|j| step(j).is_some_and(may_deny_or_fail)),
+                own: step(i).and_then(|s| own_limits(s, partner)),
             }
         })
         .collect()
+}
+
+/// The own limits of a `rate-limit` or `quota` step and of the `partner` counted with it, in
+/// their order in the program; the quota's origin is left for the call to set.
+fn own_limits(first: &Step, partner: Option<&Step>) -> Option<OwnLimits> {
+    let mut own = OwnLimits {
+        rate: None,
+        quota: None,
+        quota_first: false,
+    };
+    for (i, step) in std::iter::once(first).chain(partner).enumerate() {
+        let (limit, quota) = match step {
+            Step::RateLimit(l) => (l, false),
+            Step::Quota(l) => (l, true),
+            _ => continue,
+        };
+        let Some(a) = limit.allowance else { continue };
+        if quota {
+            own.quota = Some(FixedWindows {
+                origin: 0,
+                period: a.period,
+                calls: a.calls,
+                bandwidth_kb: a.bandwidth_kb,
+            });
+            own.quota_first = i == 0;
+        } else {
+            own.rate = Some((a.calls.unwrap_or(u64::MAX), a.period));
+        }
+    }
+    (own.rate.is_some() || own.quota.is_some()).then_some(own)
 }
 
 /// Whether two steps that follow each other in a program are counted in one update: a
@@ -566,6 +603,55 @@ mod tests {
         // A lone limit's nested limits are counted after its own, and may deny.
         let nested = r#"<rate-limit calls="5" renewal-period="60"><api name="orders" calls="1" renewal-period="60" /></rate-limit>"#;
         assert_eq!(plans(&format!("{nested}{literal}")), [true, false]);
+    }
+
+    #[test]
+    fn a_limit_steps_own_limits_are_found_at_load_in_the_programs_order() {
+        let own = |inbound: &str| {
+            let doc = serde_json::json!({
+                "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+                "products": [{"name": "p", "apis": ["orders"],
+                              "policy": format!("<policies><inbound>{inbound}</inbound></policies>")}]
+            });
+            let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
+            let program = &c.programs[c.program(Some(0), 0, None) as usize];
+            program.plans.iter().map(|p| p.own).collect::<Vec<_>>()
+        };
+        let (rate, quota) = (
+            r#"<rate-limit calls="5" renewal-period="60" />"#,
+            r#"<quota calls="9" bandwidth="40" renewal-period="3600" />"#,
+        );
+        let windows = FixedWindows {
+            origin: 0,
+            period: 3_600_000,
+            calls: Some(9),
+            bandwidth_kb: Some(40),
+        };
+        let both = |quota_first| OwnLimits {
+            rate: Some((5, 60_000)),
+            quota: Some(windows),
+            quota_first,
+        };
+        // Side by side: the first step's plan has both, in their order.
+        assert_eq!(own(&format!("{rate}{quota}"))[0], Some(both(false)));
+        assert_eq!(own(&format!("{quota}{rate}"))[0], Some(both(true)));
+        // Apart: each its own.
+        let check = r#"<check-header name="x" failed-check-httpcode="401" failed-check-error-message="no" />"#;
+        let apart = own(&format!("{quota}{check}{rate}"));
+        let alone = |rate, quota, quota_first| {
+            Some(OwnLimits {
+                rate,
+                quota,
+                quota_first,
+            })
+        };
+        assert_eq!(apart[0], alone(None, Some(windows), true));
+        assert_eq!(apart[1], None);
+        assert_eq!(apart[2], alone(Some((5, 60_000)), None, false));
+        // A limit with only nested limits counts nothing of its own.
+        let nested =
+            r#"<rate-limit><api name="orders" calls="1" renewal-period="60" /></rate-limit>"#;
+        assert_eq!(own(nested), [None]);
     }
 
     #[test]

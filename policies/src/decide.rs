@@ -252,14 +252,31 @@ struct Digits {
 }
 
 impl Digits {
-    /// Writes `value`'s digits where they are kept, each as it is made: digits made elsewhere
+    /// Writes `value`'s digits where they are kept. Up to 16 digits are gathered in a
+    /// register (the first digit in its lowest byte) and stored at once: digits made elsewhere
     /// and copied here would be read back wider than they were written, and wait for the
     /// writes to land.
     fn set(&mut self, mut value: u64) {
-        let len = value.checked_ilog10().unwrap_or(0) as usize + 1;
-        for d in self.bytes.iter_mut().take(len).rev() {
-            *d = b'0' + (value % 10) as u8;
-            value /= 10;
+        let mut len = 0;
+        if value < 10u64.pow(16) {
+            let mut digits = 0u128;
+            loop {
+                digits = (digits << 8) | u128::from(b'0' + (value % 10) as u8);
+                len += 1;
+                value /= 10;
+                if value == 0 {
+                    break;
+                }
+            }
+            if let Some(head) = self.bytes.first_chunk_mut::<16>() {
+                *head = digits.to_le_bytes();
+            }
+        } else {
+            len = value.ilog10() as usize + 1;
+            for d in self.bytes.iter_mut().take(len).rev() {
+                *d = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
         }
         self.len = len as u8;
     }
@@ -638,39 +655,28 @@ impl<'a> Run<'a, '_> {
     fn subscription_limits(
         &mut self,
         limits: &[(u32, &'a SubscriptionLimit, bool)],
+        own: Option<&OwnLimits>,
         call: &mut CallContext,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         let Some(sub) = call.id.subscription else {
             return Ok(None); // counted per subscription: keyless calls are not limited
         };
-        let c = self.catalog;
-        let subscription = &c.subscriptions[sub as usize];
-        let owner: &'a str = &subscription.counter_id;
-        let mut own = OwnLimits {
-            rate: None,
-            quota: None,
-            quota_first: false,
-        };
-        for (i, &(_, limit, quota)) in limits.iter().enumerate() {
-            let Some(a) = limit.allowance else { continue };
-            if quota {
-                own.quota = Some(FixedWindows {
-                    origin: subscription.origin,
-                    period: a.period,
-                    calls: a.calls,
-                    bandwidth_kb: a.bandwidth_kb,
-                });
-                own.quota_first = i == 0;
-            } else {
-                own.rate = Some((a.calls.unwrap_or(u64::MAX), a.period));
-            }
-        }
+        let subscription = &self.catalog.subscriptions[sub as usize];
         // Each limit's headline: the remaining and total calls of its first counter with calls.
         let mut headlines: [Option<(u64, u64)>; 2] = [None; 2];
-        if own.rate.is_some() || own.quota.is_some() {
+        if let Some(&(mut own)) = own {
+            if let Some(q) = &mut own.quota {
+                q.origin = subscription.origin;
+            }
             let mut verdicts = OwnVerdicts::default();
             let document = &limits[0].1.document;
-            self.admit_own(owner, document, &own, call, &mut verdicts)?;
+            self.admit_own(
+                &subscription.counter_id,
+                document,
+                &own,
+                call,
+                &mut verdicts,
+            )?;
             for (i, &(_, limit, quota)) in limits.iter().enumerate() {
                 let verdict = match quota {
                     true => verdicts.quota.map(|(v, _)| v),
@@ -1296,9 +1302,12 @@ impl Catalog {
                     match partner {
                         Some(partner) => {
                             steps.next();
-                            run.subscription_limits(&[(ix, l, quota), partner], call)?
+                            let limits = [(ix, l, quota), partner];
+                            run.subscription_limits(&limits, plan.own.as_ref(), call)?
                         }
-                        None => run.subscription_limits(&[(ix, l, quota)], call)?,
+                        None => {
+                            run.subscription_limits(&[(ix, l, quota)], plan.own.as_ref(), call)?
+                        }
                     }
                 }
                 Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts(call.id))?,
@@ -1613,9 +1622,12 @@ mod tests {
     }
 
     proptest! {
-        /// A header's value is the number's decimal text, for every u64.
+        /// A header's value is the number's decimal text, for every u64: short ones (made in
+        /// a register) and long ones (digit by digit), and the 16 digits between.
         #[test]
-        fn digits_are_the_numbers_decimal_text(v in any::<u64>()) {
+        fn digits_are_the_numbers_decimal_text(
+            v in prop_oneof![0..1_000u64, 0..10u64.pow(16), 10u64.pow(15)..10u64.pow(17), any::<u64>()]
+        ) {
             let mut digits = Digits::default();
             digits.set(v);
             prop_assert_eq!(digits.as_str(), v.to_string());
@@ -1626,7 +1638,20 @@ mod tests {
     fn digits_at_the_edges() {
         // Set over longer digits too: the old ones do not show.
         let mut digits = Digits::default();
-        for v in [u64::MAX, 0, 9, 10, 99, 100, 999_999, u64::MAX, 7] {
+        let edge = 10u64.pow(16);
+        for v in [
+            u64::MAX,
+            0,
+            9,
+            10,
+            99,
+            100,
+            999_999,
+            edge - 1,
+            edge,
+            u64::MAX,
+            7,
+        ] {
             digits.set(v);
             assert_eq!(digits.as_str(), v.to_string());
         }
