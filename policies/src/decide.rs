@@ -19,6 +19,7 @@ use crate::response::{self, LocalResponse};
 use crate::route::{first_segments, segments, Below, PathShape};
 use crate::snapshot::SubscriptionScope;
 use crate::words::same_bytes;
+use arrayvec::ArrayString;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -243,47 +244,40 @@ struct LimitHeader {
     value: Digits,
 }
 
-/// The decimal digits of a number, `bytes[..len]` (a u64 has at most 20). A header's value is
-/// a few digits, copied in place without a call.
+/// The decimal digits of a number (a u64 has at most 20), kept where the response borrows them.
 #[derive(Debug, Clone, Copy, Default)]
-struct Digits {
-    len: u8,
-    bytes: [u8; 20],
-}
+struct Digits(ArrayString<20>);
 
 impl Digits {
-    /// Writes `value`'s digits where they are kept. Up to 16 digits are gathered in a
-    /// register (the first digit in its lowest byte) and stored at once: digits made elsewhere
+    /// Writes `value`'s digits where they are kept. Up to 16 are gathered in a register (the
+    /// first digit in its lowest byte) and pushed from there: digits made in memory elsewhere
     /// and copied here would be read back wider than they were written, and wait for the
     /// writes to land.
     fn set(&mut self, mut value: u64) {
-        let mut len = 0;
-        if value < 10u64.pow(16) {
-            let mut digits = 0u128;
-            loop {
-                digits = (digits << 8) | u128::from(b'0' + (value % 10) as u8);
-                len += 1;
-                value /= 10;
-                if value == 0 {
-                    break;
-                }
+        self.0.clear();
+        if value >= 10u64.pow(16) {
+            for c in itoa::Buffer::new().format(value).chars() {
+                let _ = self.0.try_push(c);
             }
-            if let Some(head) = self.bytes.first_chunk_mut::<16>() {
-                *head = digits.to_le_bytes();
-            }
-        } else {
-            len = value.ilog10() as usize + 1;
-            for d in self.bytes.iter_mut().take(len).rev() {
-                *d = b'0' + (value % 10) as u8;
-                value /= 10;
+            return;
+        }
+        let (mut digits, mut len) = (0u128, 0);
+        loop {
+            digits = (digits << 8) | u128::from(b'0' + (value % 10) as u8);
+            len += 1;
+            value /= 10;
+            if value == 0 {
+                break;
             }
         }
-        self.len = len as u8;
+        for _ in 0..len {
+            let _ = self.0.try_push(char::from(digits as u8));
+            digits >>= 8;
+        }
     }
 
     fn as_str(&self) -> &str {
-        let digits = self.bytes.get(..usize::from(self.len)).unwrap_or(&[]);
-        std::str::from_utf8(digits).unwrap_or("0")
+        &self.0
     }
 }
 
