@@ -119,9 +119,25 @@ pub(crate) struct StepPlan {
     /// it can, the call is final once it is counted.
     pub reserve: bool,
     /// For a `rate-limit` or `quota` (with its partner when `with_next`): the subscription's
-    /// own limits it counts ([`crate::counters::own`]), but for the quota's windows' origin,
-    /// which is the subscription's. `None` when neither has calls or bandwidth of its own.
-    pub own: Option<OwnLimits>,
+    /// own limits it counts ([`crate::counters::own`]), an index into
+    /// [`Catalog::own_limits`]. `None` when neither has calls or bandwidth of its own.
+    pub own: Option<u32>,
+}
+
+/// The distinct own limits of the programs' steps, each kept once ([`StepPlan::own`]).
+#[derive(Default)]
+struct OwnLimitsTable {
+    limits: Vec<OwnLimits>,
+    index: HashMap<OwnLimits, u32>,
+}
+
+impl OwnLimitsTable {
+    fn index_of(&mut self, own: OwnLimits) -> u32 {
+        *self.index.entry(own).or_insert_with(|| {
+            self.limits.push(own);
+            (self.limits.len() - 1) as u32
+        })
+    }
 }
 
 /// Whether a step may deny a call or fail, so that what earlier steps counted must be taken
@@ -141,7 +157,7 @@ fn may_deny_or_fail(step: &Step) -> bool {
 }
 
 /// The plan of each step of a program's request phase.
-fn plans(steps: &[Step], request: &[u32]) -> Box<[StepPlan]> {
+fn plans(steps: &[Step], request: &[u32], own: &mut OwnLimitsTable) -> Box<[StepPlan]> {
     let step = |i: usize| request.get(i).map(|&ix| &steps[ix as usize]);
     (0..request.len())
         .map(|i| {
@@ -158,7 +174,9 @@ fn plans(steps: &[Step], request: &[u32]) -> Box<[StepPlan]> {
                 with_next,
                 reserve: nested
                     || (after..request.len()).any(|j| step(j).is_some_and(may_deny_or_fail)),
-                own: step(i).and_then(|s| own_limits(s, partner)),
+                own: step(i)
+                    .and_then(|s| own_limits(s, partner))
+                    .map(|o| own.index_of(o)),
             }
         })
         .collect()
@@ -242,6 +260,8 @@ pub struct Catalog {
     pub(crate) deepest: usize,
     pub(crate) steps: Vec<Step>,
     pub(crate) programs: Vec<Program>,
+    /// The own limits that programs' steps count, each kept once ([`StepPlan::own`]).
+    pub(crate) own_limits: Box<[OwnLimits]>,
     warnings: Vec<String>,
     policy_documents: usize,
 }
@@ -438,6 +458,7 @@ impl Catalog {
             }
         }
         let mut programs = Vec::new();
+        let mut own_limits = OwnLimitsTable::default();
         for (ai, ctxs) in contexts.iter().enumerate() {
             for &pc in ctxs {
                 let first = programs.len() as u32;
@@ -468,7 +489,7 @@ impl Catalog {
                     let response = policy::inline(&chain, OUTBOUND);
                     programs.push(Program {
                         keeps_request: keeps_request(&steps, &request, &response),
-                        plans: plans(&steps, &request),
+                        plans: plans(&steps, &request, &mut own_limits),
                         request: request.into_boxed_slice(),
                         response: response.into_boxed_slice(),
                     });
@@ -486,6 +507,7 @@ impl Catalog {
             deepest,
             steps,
             programs,
+            own_limits: own_limits.limits.into_boxed_slice(),
             warnings: {
                 let mut w = warnings;
                 w.extend(
@@ -615,7 +637,8 @@ mod tests {
             });
             let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
             let program = &c.programs[c.program(Some(0), 0, None) as usize];
-            program.plans.iter().map(|p| p.own).collect::<Vec<_>>()
+            let limits = |p: &StepPlan| p.own.map(|o| c.own_limits[o as usize]);
+            program.plans.iter().map(limits).collect::<Vec<_>>()
         };
         let (rate, quota) = (
             r#"<rate-limit calls="5" renewal-period="60" />"#,

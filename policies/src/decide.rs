@@ -1297,11 +1297,17 @@ impl Catalog {
                         Some(partner) => {
                             steps.next();
                             let limits = [(ix, l, quota), partner];
-                            run.subscription_limits(&limits, plan.own.as_ref(), call)?
+                            run.subscription_limits(
+                                &limits,
+                                plan.own.map(|o| &self.own_limits[o as usize]),
+                                call,
+                            )?
                         }
-                        None => {
-                            run.subscription_limits(&[(ix, l, quota)], plan.own.as_ref(), call)?
-                        }
+                        None => run.subscription_limits(
+                            &[(ix, l, quota)],
+                            plan.own.map(|o| &self.own_limits[o as usize]),
+                            call,
+                        )?,
                     }
                 }
                 Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts(call.id))?,

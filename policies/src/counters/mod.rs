@@ -834,7 +834,7 @@ fn window_bytes(w: &Window, period: Millis) -> [u8; WINDOW] {
 }
 
 /// Fixed windows of `period` from `origin`, allowing `calls` and/or `bandwidth_kb`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FixedWindows {
     pub origin: Millis,
     pub period: Millis,

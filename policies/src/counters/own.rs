@@ -22,7 +22,7 @@ use super::{
 const HEAD: usize = EXPIRY + 1;
 
 /// The own limits of one document that one update counts a call in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct OwnLimits {
     /// The rate limit's calls and period.
     pub rate: Option<(u64, Millis)>,
