@@ -592,17 +592,30 @@ mod tests {
             .collect()
     }
 
+    /// A catalog of one API (`orders`) in one product, whose policy's inbound section is
+    /// `inbound`.
+    fn with_inbound(inbound: &str) -> Catalog {
+        let doc = serde_json::json!({
+            "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+            "products": [{"name": "p", "apis": ["orders"],
+                          "policy": format!("<policies><inbound>{inbound}</inbound></policies>")}]
+        });
+        Catalog::load(&doc, LoadOptions::default()).unwrap()
+    }
+
+    /// The step plans of the product's program in a catalog of [`with_inbound`].
+    fn product_plans(c: &Catalog) -> &[StepPlan] {
+        &c.programs[c.program(Some(0), 0, None) as usize].plans
+    }
+
     #[test]
     fn a_step_reserves_what_it_counts_only_when_a_later_step_may_deny_or_fail() {
         let plans = |inbound: &str| {
-            let doc = serde_json::json!({
-                "apis": [{"name": "orders", "properties": {"path": "orders"}}],
-                "products": [{"name": "p", "apis": ["orders"],
-                              "policy": format!("<policies><inbound>{inbound}</inbound></policies>")}]
-            });
-            let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
-            let program = &c.programs[c.program(Some(0), 0, None) as usize];
-            program.plans.iter().map(|p| p.reserve).collect::<Vec<_>>()
+            let c = with_inbound(inbound);
+            product_plans(&c)
+                .iter()
+                .map(|p| p.reserve)
+                .collect::<Vec<_>>()
         };
         let (rate, quota) = (
             r#"<rate-limit calls="5" renewal-period="60" />"#,
@@ -630,15 +643,9 @@ mod tests {
     #[test]
     fn a_limit_steps_own_limits_are_found_at_load_in_the_programs_order() {
         let own = |inbound: &str| {
-            let doc = serde_json::json!({
-                "apis": [{"name": "orders", "properties": {"path": "orders"}}],
-                "products": [{"name": "p", "apis": ["orders"],
-                              "policy": format!("<policies><inbound>{inbound}</inbound></policies>")}]
-            });
-            let c = Catalog::load(&doc, LoadOptions::default()).unwrap();
-            let program = &c.programs[c.program(Some(0), 0, None) as usize];
+            let c = with_inbound(inbound);
             let limits = |p: &StepPlan| p.own.map(|o| c.own_limits[o as usize]);
-            program.plans.iter().map(limits).collect::<Vec<_>>()
+            product_plans(&c).iter().map(limits).collect::<Vec<_>>()
         };
         let (rate, quota) = (
             r#"<rate-limit calls="5" renewal-period="60" />"#,
