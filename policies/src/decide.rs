@@ -994,6 +994,7 @@ impl<'a> Run<'a, '_> {
             total,
             value: Digits::default(),
         });
+        // The digits are set where they are kept ([`Digits::set`]), not moved in afterwards.
         if let Some(h) = call.limit_headers.last_mut() {
             h.value.set(value);
         }
@@ -1293,21 +1294,13 @@ impl Catalog {
                                 Step::Quota(n) => Some((next, n, true)),
                                 _ => None,
                             });
+                    let own = plan.own.map(|o| &self.own_limits[o as usize]);
                     match partner {
                         Some(partner) => {
                             steps.next();
-                            let limits = [(ix, l, quota), partner];
-                            run.subscription_limits(
-                                &limits,
-                                plan.own.map(|o| &self.own_limits[o as usize]),
-                                call,
-                            )?
+                            run.subscription_limits(&[(ix, l, quota), partner], own, call)?
                         }
-                        None => run.subscription_limits(
-                            &[(ix, l, quota)],
-                            plan.own.map(|o| &self.own_limits[o as usize]),
-                            call,
-                        )?,
+                        None => run.subscription_limits(&[(ix, l, quota)], own, call)?,
                     }
                 }
                 Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts(call.id))?,
