@@ -52,10 +52,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A shared-data value and its CAS value.
+type Entry = (Vec<u8>, u32);
+
 /// State every VM of a host shares: shared data with compare-and-swap, queues, metrics.
 #[derive(Default)]
 pub struct Shared {
-    data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    /// Hashed with hashbrown's default hasher (foldhash), not SipHash: every counter update
+    /// looks its slot up twice.
+    data: Mutex<hashbrown::HashMap<Box<str>, Entry>>,
     next_cas: AtomicU32,
     queues: Mutex<Vec<(String, VecDeque<Vec<u8>>)>>,
     metrics: Mutex<Vec<(String, i64)>>,
@@ -66,22 +71,40 @@ impl Shared {
     /// otherwise the key's current CAS value must match.
     pub fn set(&self, key: &str, value: &[u8], cas: u32) -> bool {
         let mut data = lock(&self.data);
-        if let Some((_, current)) = data.get(key) {
-            if cas != 0 && cas != *current {
-                return false;
+        let next = |counter: &AtomicU32| {
+            counter
+                .fetch_add(1, Ordering::SeqCst)
+                .wrapping_add(1)
+                .max(1)
+        };
+        match data.get_mut(key) {
+            Some((_, current)) if cas != 0 && cas != *current => false,
+            // Rewritten in place: a counter's slot keeps its buffer from one update to the next.
+            Some((bytes, current)) => {
+                bytes.clear();
+                bytes.extend_from_slice(value);
+                *current = next(&self.next_cas);
+                true
+            }
+            None => {
+                data.insert(key.into(), (value.to_vec(), next(&self.next_cas)));
+                true
             }
         }
-        let next = self
-            .next_cas
-            .fetch_add(1, Ordering::SeqCst)
-            .wrapping_add(1)
-            .max(1);
-        data.insert(key.to_string(), (value.to_vec(), next));
-        true
     }
 
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         lock(&self.data).get(key).cloned()
+    }
+
+    /// Copies `key`'s value into `out` (replacing what it held) and returns its CAS value;
+    /// `None` when there is no such key. `out` keeps its buffer across calls.
+    pub fn get_into(&self, key: &str, out: &mut Vec<u8>) -> Option<u32> {
+        let data = lock(&self.data);
+        let (bytes, cas) = data.get(key)?;
+        out.clear();
+        out.extend_from_slice(bytes);
+        Some(*cas)
     }
 
     /// Applies `f` to metric `id`'s value; `None` when there is no such metric.
@@ -198,6 +221,8 @@ pub struct VmState {
     /// The guest's memory and allocator, found once at instantiation.
     memory: Option<Memory>,
     alloc: Option<TypedFunc<i32, i32>>,
+    /// The buffer values are copied through on their way to the guest, kept between calls.
+    scratch: Vec<u8>,
 }
 
 /// A compiled module and the state its VMs share.
@@ -332,6 +357,7 @@ fn blank_state() -> VmState {
         metric_ids: HashMap::new(),
         memory: None,
         alloc: None,
+        scratch: Vec::new(),
     }
 }
 
@@ -528,6 +554,12 @@ impl Vm {
 /// The proxy-wasm serialization of a header map.
 pub fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
     let mut out = Vec::new();
+    serialize_map_into(pairs, &mut out);
+    out
+}
+
+/// [`serialize_map`] into `out`, after what it holds.
+fn serialize_map_into(pairs: &[(String, String)], out: &mut Vec<u8>) {
     out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (k, v) in pairs {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -539,7 +571,6 @@ pub fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
         out.extend_from_slice(v.as_bytes());
         out.push(0);
     }
-    out
 }
 
 /// Reads a serialized header map; `None` when it is malformed.
@@ -578,12 +609,15 @@ fn memory(c: &mut C) -> Option<Memory> {
     c.data().memory
 }
 
+/// The `len` bytes at `ptr` of a guest's memory, where they lie.
+fn slice(memory: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {
+    let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+    memory.get(ptr..ptr.checked_add(len)?)
+}
+
 fn read(c: &mut C, ptr: i32, len: i32) -> Option<Vec<u8>> {
     let m = memory(c)?;
-    let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
-    m.data(&*c)
-        .get(ptr..ptr.checked_add(len)?)
-        .map(<[u8]>::to_vec)
+    slice(m.data(&*c), ptr, len).map(<[u8]>::to_vec)
 }
 
 fn read_str(c: &mut C, ptr: i32, len: i32) -> Option<String> {
@@ -630,6 +664,38 @@ fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> i32 {
     OK
 }
 
+/// Gives the guest what `fill` writes into the VM's scratch buffer (`None`: `NOT_FOUND`). The
+/// buffer is kept between calls, so handing over a value allocates nothing on the host.
+fn give_from(
+    c: &mut C,
+    ret_ptr: i32,
+    ret_size: i32,
+    fill: impl FnOnce(&C, &mut Vec<u8>) -> Option<()>,
+) -> i32 {
+    let mut scratch = std::mem::take(&mut c.data_mut().scratch);
+    scratch.clear();
+    let status = match fill(c, &mut scratch) {
+        Some(()) => give(c, &scratch, ret_ptr, ret_size),
+        None => NOT_FOUND,
+    };
+    c.data_mut().scratch = scratch;
+    status
+}
+
+/// A property path as the guest sends it (elements separated by NUL), dotted.
+fn property_path(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', ".")
+}
+
+fn map_ref(s: &VmState, map_type: i32) -> Option<&[(String, String)]> {
+    match map_type {
+        REQUEST_HEADERS => Some(&s.stream.request_headers),
+        RESPONSE_HEADERS => Some(&s.stream.response_headers),
+        HTTP_CALL_RESPONSE_HEADERS => s.callout_response.as_ref().map(|(h, _)| h.as_slice()),
+        _ => None,
+    }
+}
+
 fn map_of(s: &mut VmState, map_type: i32) -> Option<&mut Vec<(String, String)>> {
     match map_type {
         REQUEST_HEADERS => Some(&mut s.stream.request_headers),
@@ -664,11 +730,11 @@ fn edit_map(mut c: C, map: i32, key: (i32, i32), value: Option<(i32, i32)>, remo
     OK
 }
 
-fn property(s: &VmState, path: &str) -> Option<Vec<u8>> {
+fn property<'s>(s: &'s VmState, path: &str) -> Option<&'s [u8]> {
     match path {
-        "source.address" => s.stream.source_address.clone().map(String::into_bytes),
-        "plugin_name" | "plugin_vm_id" | "plugin_root_id" => Some(b"apim-edge".to_vec()),
-        _ => s.stream.properties.get(path).cloned(),
+        "source.address" => s.stream.source_address.as_deref().map(str::as_bytes),
+        "plugin_name" | "plugin_vm_id" | "plugin_root_id" => Some(b"apim-edge"),
+        _ => s.stream.properties.get(path).map(Vec::as_slice),
     }
 }
 
@@ -796,10 +862,9 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         env,
         "proxy_get_header_map_pairs",
         |mut c: C, map: i32, ret_ptr: i32, ret_size: i32| -> i32 {
-            let Some(pairs) = map_of(c.data_mut(), map).map(|m| m.clone()) else {
-                return NOT_FOUND;
-            };
-            give(&mut c, &serialize_map(&pairs), ret_ptr, ret_size)
+            give_from(&mut c, ret_ptr, ret_size, |c, out| {
+                map_ref(c.data(), map).map(|pairs| serialize_map_into(pairs, out))
+            })
         },
     )?;
     l.func_wrap(
@@ -826,15 +891,12 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             let Some(key) = read_str(&mut c, kp, kl) else {
                 return INVALID_MEMORY_ACCESS;
             };
-            let value = map_of(c.data_mut(), map).and_then(|m| {
-                m.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(&key))
-                    .map(|(_, v)| v.clone())
-            });
-            match value {
-                Some(v) => give(&mut c, v.as_bytes(), ret_ptr, ret_size),
-                None => NOT_FOUND,
-            }
+            give_from(&mut c, ret_ptr, ret_size, |c, out| {
+                let pairs = map_ref(c.data(), map)?;
+                let (_, v) = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(&key))?;
+                out.extend_from_slice(v.as_bytes());
+                Some(())
+            })
         },
     )?;
     l.func_wrap(
@@ -860,14 +922,16 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         env,
         "proxy_get_property",
         |mut c: C, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| -> i32 {
-            let Some(path) = read(&mut c, pp, pl) else {
+            let Some(m) = memory(&mut c) else {
                 return INVALID_MEMORY_ACCESS;
             };
-            let path = String::from_utf8_lossy(&path).replace('\0', ".");
-            match property(c.data(), &path) {
-                Some(v) => give(&mut c, &v, ret_ptr, ret_size),
-                None => NOT_FOUND,
-            }
+            let Some(path) = slice(m.data(&c), pp, pl).map(property_path) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            give_from(&mut c, ret_ptr, ret_size, |c, out| {
+                out.extend_from_slice(property(c.data(), &path)?);
+                Some(())
+            })
         },
     )?;
     l.func_wrap(
@@ -877,8 +941,10 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             let (Some(path), Some(value)) = (read(&mut c, pp, pl), read(&mut c, vp, vl)) else {
                 return INVALID_MEMORY_ACCESS;
             };
-            let path = String::from_utf8_lossy(&path).replace('\0', ".");
-            c.data_mut().stream.properties.insert(path, value);
+            c.data_mut()
+                .stream
+                .properties
+                .insert(property_path(&path), value);
             OK
         },
     )?;
@@ -886,27 +952,51 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
         env,
         "proxy_get_shared_data",
         |mut c: C, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| -> i32 {
-            let Some(key) = read_str(&mut c, kp, kl) else {
+            // The key is read where it lies, and the value copied through a buffer the VM
+            // keeps: a counter update allocates nothing on the host.
+            let Some(m) = memory(&mut c) else {
                 return INVALID_MEMORY_ACCESS;
             };
-            let Some((value, cas)) = c.data().shared.get(&key) else {
-                return NOT_FOUND;
+            let mut value = std::mem::take(&mut c.data_mut().scratch);
+            let found = match slice(m.data(&c), kp, kl) {
+                Some(key) => c
+                    .data()
+                    .shared
+                    .get_into(&String::from_utf8_lossy(key), &mut value)
+                    .ok_or(NOT_FOUND),
+                None => Err(INVALID_MEMORY_ACCESS),
             };
-            let status = give(&mut c, &value, ret_ptr, ret_size);
-            if status != OK || !write_u32(&mut c, ret_cas, cas) {
-                return INVALID_MEMORY_ACCESS;
-            }
-            OK
+            let status = match found {
+                Ok(cas) => {
+                    if give(&mut c, &value, ret_ptr, ret_size) != OK
+                        || !write_u32(&mut c, ret_cas, cas)
+                    {
+                        INVALID_MEMORY_ACCESS
+                    } else {
+                        OK
+                    }
+                }
+                Err(status) => status,
+            };
+            c.data_mut().scratch = value;
+            status
         },
     )?;
     l.func_wrap(
         env,
         "proxy_set_shared_data",
         |mut c: C, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
-            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read(&mut c, vp, vl)) else {
+            let Some(m) = memory(&mut c) else {
                 return INVALID_MEMORY_ACCESS;
             };
-            if c.data().shared.set(&key, &value, cas as u32) {
+            let memory = m.data(&c);
+            let (Some(key), Some(value)) = (slice(memory, kp, kl), slice(memory, vp, vl)) else {
+                return INVALID_MEMORY_ACCESS;
+            };
+            if c.data()
+                .shared
+                .set(&String::from_utf8_lossy(key), value, cas as u32)
+            {
                 OK
             } else {
                 CAS_MISMATCH
@@ -1320,5 +1410,17 @@ mod tests {
         assert!(s.set("k", b"3", 0)); // cas 0: unconditional
         assert_eq!(s.get("k").unwrap().0, b"3");
         assert!(s.set("new", b"x", 12345)); // a missing key ignores cas, as in Envoy
+    }
+
+    #[test]
+    fn shared_data_is_read_into_a_kept_buffer_whole_and_alone() {
+        let s = Shared::default();
+        assert!(s.set("k", b"a longer value", 0));
+        assert!(s.set("k", b"short", 0)); // rewritten in place: nothing of the old is left
+        let mut out = b"what the buffer held".to_vec();
+        let cas = s.get_into("k", &mut out).unwrap();
+        assert_eq!(out, b"short");
+        assert_eq!(s.get("k"), Some((b"short".to_vec(), cas)));
+        assert_eq!(s.get_into("missing", &mut out), None);
     }
 }
