@@ -4,6 +4,8 @@
 //! `apim-edge-policies`, which makes every decision. This crate only translates:
 //!
 //! - [`config`]: the plugin configuration (SPEC §5);
+//! - [`headers`]: header maps read from the host without the SDK's panic on bytes that are not
+//!   UTF-8;
 //! - [`slots`]: the engine's counters on proxy-wasm shared data, with memory bounded;
 //! - [`snapshots`]: fetched snapshots shared between worker VMs, one fetch at a time;
 //! - the root context (one per worker VM): loads the snapshot, creates the counter slots,
@@ -20,6 +22,7 @@
 static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
 
 pub mod config;
+pub mod headers;
 pub mod slots;
 pub mod snapshots;
 

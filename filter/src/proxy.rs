@@ -1,6 +1,7 @@
 //! The proxy-wasm contexts: the root context of each worker VM, and one HTTP context per call.
 
 use crate::config::{FailureMode, FilterConfig};
+use crate::headers;
 use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
@@ -9,7 +10,7 @@ use apim_edge_policies::{
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -184,9 +185,8 @@ impl Context for Root {
         let Some(loaded) = self.loaded.clone() else {
             return;
         };
-        let status = self
-            .get_http_call_response_header(":status")
-            .unwrap_or_default();
+        let status =
+            headers::map_value(MapType::HttpCallResponseHeaders, ":status").unwrap_or_default();
         match status.as_str() {
             "304" => {}
             "200" => {
@@ -198,8 +198,7 @@ impl Context for Root {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-                let etag = self
-                    .get_http_call_response_header("etag")
+                let etag = headers::map_value(MapType::HttpCallResponseHeaders, "etag")
                     .unwrap_or_default();
                 let installed = self.install(&body, "snapshotSource");
                 if let Err(why) = &installed {
@@ -465,8 +464,7 @@ impl HttpContext for Call {
             return Action::Pause;
         };
         // One host call for every header, the pseudo-headers among them.
-        let headers =
-            hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders).unwrap_or_default();
+        let headers = headers::map_pairs(proxy_wasm::types::MapType::HttpRequestHeaders);
         let pseudo = |name: &str| {
             headers
                 .iter()
@@ -568,13 +566,11 @@ impl HttpContext for Call {
         ) else {
             return Action::Continue;
         };
-        self.status = hostcalls::get_map_value(Map, ":status")
-            .ok()
-            .flatten()
+        self.status = headers::map_value(Map, ":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         // Asked only where an outbound set-header with exists-action="skip" needs to know.
-        let exists = |name: &str| hostcalls::get_map_value(Map, name).ok().flatten().is_some();
+        let exists = |name: &str| headers::map_value(Map, name).is_some();
         match catalog.respond(call, self.status, &exists) {
             Ok(edits) => {
                 for e in &edits {

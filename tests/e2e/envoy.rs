@@ -2,8 +2,8 @@
 
 use apim_edge_e2e::start_envoy_lds;
 use apim_edge_e2e::{
-    request, root, send_entry, start_envoy, start_envoy_with, start_upstream, ConfigServer,
-    Response,
+    request, request_raw, root, send_entry, start_envoy, start_envoy_with, start_upstream,
+    ConfigServer, Response,
 };
 use apim_edge_harness::trace::{self, Entry};
 use serde_json::{json, Value};
@@ -239,6 +239,52 @@ fn the_upstream_sees_policy_headers_and_identity_but_not_the_key() {
     assert_eq!(r.status, 200);
     let seen: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(seen["path"], "/echo/items/1?a=1");
+}
+
+/// HTTP/1.1 lets a header value carry bytes that are not UTF-8 (obs-text), and Envoy passes
+/// them on. The filter reads such a request like any other (the value as text with the
+/// replacement character), and its VM lives on to decide the next call.
+#[test]
+fn a_header_value_that_is_not_utf8_is_decided_and_the_worker_lives_on() {
+    let upstream = start_upstream();
+    let envoy = start_envoy(&upstream, &json!({"snapshot": sample()})).unwrap();
+    let head = |key: &str| {
+        let mut h =
+            b"GET /echo/items/1 HTTP/1.1\r\nhost: localhost\r\nx-note: caf\xe9 cr\xe8me\r\n"
+                .to_vec();
+        h.extend_from_slice(format!("ocp-apim-subscription-key: {key}\r\n").as_bytes());
+        h.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n\r\n");
+        h
+    };
+    // Sequentially, more calls than Envoy's four workers: every VM sees one.
+    for _ in 0..8 {
+        let r = request_raw(envoy.port, &head("service-key")).unwrap();
+        assert_eq!(r.status, 200, "{}\n{}", r.body, envoy.log_text());
+        // The value reaches the upstream as it was sent (the echo decodes it lossily).
+        let seen: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(
+            seen["headers"]["x-note"], "caf\u{fffd} cr\u{fffd}me",
+            "{seen}"
+        );
+        let r = request_raw(envoy.port, &head("no-such-key")).unwrap();
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(r.body.contains("invalid subscription key"), "{}", r.body);
+    }
+    let r = request(
+        envoy.port,
+        "GET",
+        "/echo/items/1",
+        &[(
+            "Ocp-Apim-Subscription-Key".to_string(),
+            "service-key".to_string(),
+        )],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        !envoy.log_text().contains("panicked"),
+        "{}",
+        envoy.log_text()
+    );
 }
 
 /// `total` calls from 64 concurrent connections; the statuses seen, counted.

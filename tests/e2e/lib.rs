@@ -99,6 +99,17 @@ pub fn try_request(
     Ok(parse_response(&raw))
 }
 
+/// One request whose head is given as raw bytes (header values that are not UTF-8, say), on
+/// its own connection.
+pub fn request_raw(port: u16, head: &[u8]) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(head)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    Ok(parse_response(&raw))
+}
+
 fn parse_response(raw: &[u8]) -> Response {
     let split = raw
         .windows(4)
@@ -174,10 +185,12 @@ fn serve(conn: TcpStream) {
         let mut headers = serde_json::Map::new();
         let mut length = 0usize;
         loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+            // Read as bytes: a header value may carry bytes that are not UTF-8.
+            let mut raw = Vec::new();
+            if reader.read_until(b'\n', &mut raw).unwrap_or(0) == 0 {
                 return;
             }
+            let h = String::from_utf8_lossy(&raw);
             let h = h.trim_end();
             if h.is_empty() {
                 break;

@@ -1,0 +1,177 @@
+//! Header maps read from the host without panicking.
+//!
+//! HTTP/1.1 lets a header value carry bytes that are not UTF-8 (obs-text, RFC 9110 §5.5), and
+//! Envoy passes them on. The proxy-wasm SDK decodes header maps and values with
+//! `String::from_utf8(..).unwrap()`, so one such byte from any client panicked the filter and
+//! killed its worker's VM. Here the same ABI calls are made directly and the bytes decoded with
+//! the replacement character (U+FFFD) where they are not UTF-8: such a call is decided like any
+//! other, and a malformed map from the host reads as no headers rather than a panic.
+
+/// The pairs of a serialized header map (the ABI's layout: a count, then each pair's key and
+/// value sizes as little-endian u32, then each key and value followed by a NUL), names and
+/// values decoded lossily. `None` when the bytes are not such a map.
+pub fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let word = |at: usize| -> Option<usize> {
+        let b = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let count = word(0)?;
+    // The sizes the count promises must be there before anything is allocated for them.
+    let mut at = count.checked_mul(8)?.checked_add(4)?;
+    if at > bytes.len() {
+        return None;
+    }
+    // Each key and value is followed by a NUL.
+    let mut field = |len: usize| -> Option<&[u8]> {
+        let end = at.checked_add(len)?;
+        let found = bytes.get(at..end)?;
+        if bytes.get(end) != Some(&0) {
+            return None;
+        }
+        at = end + 1;
+        Some(found)
+    };
+    let mut pairs = Vec::with_capacity(count);
+    for i in 0..count {
+        let (key_len, value_len) = (word(4 + i * 8)?, word(8 + i * 8)?);
+        let key = field(key_len)?;
+        let value = field(value_len)?;
+        pairs.push((text(key), text(value)));
+    }
+    Some(pairs)
+}
+
+/// Bytes as text, with U+FFFD where they are not UTF-8.
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[cfg(target_arch = "wasm32")]
+mod host {
+    use super::{parse_map, text};
+    use proxy_wasm::types::{MapType, Status};
+    use std::ptr::null_mut;
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(
+            map_type: MapType,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
+        ) -> Status;
+        fn proxy_get_header_map_value(
+            map_type: MapType,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> Status;
+    }
+
+    /// What the host returned: bytes it wrote into memory the guest allocated for them
+    /// (`proxy_on_memory_allocate`), now owned here.
+    ///
+    /// # Safety
+    /// `data` and `size` must be what the host returned from a call that answered `Ok`.
+    unsafe fn returned(data: *mut u8, size: usize) -> Vec<u8> {
+        if data.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: the SDK's `proxy_on_memory_allocate` allocates exactly `size` bytes as a
+            // `Vec<u8>`'s buffer, so this takes that allocation back with its layout.
+            unsafe { Vec::from_raw_parts(data, size, size) }
+        }
+    }
+
+    /// Every pair of header map `map`; none when the host has no such map or answers with
+    /// something that is not one.
+    pub fn map_pairs(map: MapType) -> Vec<(String, String)> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: the ABI call writes only through the two pointers given.
+        match unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) } {
+            // SAFETY: the host answered Ok, so `data` and `size` are its answer.
+            Status::Ok => parse_map(&unsafe { returned(data, size) }).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The value of header `name` in map `map`, or `None` when it is absent.
+    pub fn map_value(map: MapType, name: &str) -> Option<String> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: the key is read from `name`'s bytes; the call writes only through the two
+        // pointers given.
+        let status = unsafe {
+            proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size)
+        };
+        match status {
+            // SAFETY: the host answered Ok, so `data` and `size` are its answer.
+            Status::Ok => Some(text(&unsafe { returned(data, size) })),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+pub use host::{map_pairs, map_value};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serialized(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend_from_slice(k);
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn a_map_reads_as_its_pairs() {
+        let bytes = serialized(&[(b":path", b"/echo/items/1"), (b"x-empty", b"")]);
+        assert_eq!(
+            parse_map(&bytes).unwrap(),
+            vec![
+                (":path".to_string(), "/echo/items/1".to_string()),
+                ("x-empty".to_string(), String::new()),
+            ]
+        );
+        assert_eq!(parse_map(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_reads_with_the_replacement_character() {
+        let bytes = serialized(&[(b"x-note", b"caf\xe9 cr\xe8me"), (b"x-next", b"ok")]);
+        assert_eq!(
+            parse_map(&bytes).unwrap(),
+            vec![
+                ("x-note".to_string(), "caf\u{fffd} cr\u{fffd}me".to_string()),
+                ("x-next".to_string(), "ok".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_malformed_map_is_refused_not_a_panic() {
+        let good = serialized(&[(b"a", b"b"), (b"cc", b"dd")]);
+        // Cut anywhere, it is not a map.
+        for end in 1..good.len() {
+            assert_eq!(parse_map(&good[..end]), None, "cut at {end}");
+        }
+        // A count far beyond the bytes, sizes that overflow.
+        assert_eq!(parse_map(&[0xff, 0xff, 0xff, 0x7f, 1, 0, 0, 0]), None);
+        let mut huge = serialized(&[(b"a", b"b")]);
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_map(&huge), None);
+    }
+}
