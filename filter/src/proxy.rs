@@ -404,11 +404,26 @@ fn client_ip() -> Option<IpAddr> {
     host.parse().ok()
 }
 
+/// Sets property `name` (a path of one element) to `value` through the ABI directly: the SDK's
+/// `set_property` allocates the serialized path on every call, and panics on a status it does
+/// not expect. A property the host refuses is only not exposed.
+fn set_property(name: &str, value: &[u8]) {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_set_property(
+            path_data: *const u8,
+            path_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> Status;
+    }
+    // SAFETY: the host only reads both slices, which live for the call.
+    let _ = unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+}
+
 impl Call {
     fn expose(&self, catalog: &Catalog, decision: &Decision) {
-        let set = |name: &str, value: &str| {
-            let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
-        };
+        let set = |name: &str, value: &str| set_property(name, value.as_bytes());
         set("apim_edge.outcome", decision.outcome.as_str());
         if let Some(call) = &decision.call {
             let (api, operation, product, subscription) = catalog.names(call);
