@@ -11,8 +11,61 @@
 /// value sizes as little-endian u32, then each key and value followed by a NUL), names and
 /// values decoded lossily. `None` when the bytes are not such a map.
 pub fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut kept = KeptPairs::default();
+    parse_map_into(bytes, &mut kept)?;
+    kept.pairs.truncate(kept.len);
+    Some(kept.pairs)
+}
+
+/// Header pairs in strings kept from one call to the next, so that a VM reads each call's
+/// headers without allocating once it has seen calls like it. A string grown past
+/// [`KEPT_CAPACITY`] is let go before the next map is read, so what is kept stays small.
+#[derive(Default)]
+pub struct KeptPairs {
+    pairs: Vec<(String, String)>,
+    len: usize,
+}
+
+/// The most bytes a kept header string holds on to between calls.
+pub const KEPT_CAPACITY: usize = 4096;
+
+impl KeptPairs {
+    /// The pairs of the last map read.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.pairs[..self.len]
+    }
+
+    /// The next pair to fill, its strings emptied.
+    fn next(&mut self) -> &mut (String, String) {
+        if self.len == self.pairs.len() {
+            self.pairs.push(Default::default());
+        }
+        let pair = &mut self.pairs[self.len];
+        self.len += 1;
+        pair.0.clear();
+        pair.1.clear();
+        pair
+    }
+}
+
+/// [`parse_map`] into `kept`; on `None`, `kept` holds no pairs.
+pub fn parse_map_into(bytes: &[u8], kept: &mut KeptPairs) -> Option<()> {
+    kept.len = 0;
+    for s in kept.pairs.iter_mut().flat_map(|(k, v)| [k, v]) {
+        if s.capacity() > KEPT_CAPACITY {
+            *s = String::new();
+        }
+    }
+    let parsed = parse_pairs(bytes, kept);
+    if parsed.is_none() {
+        kept.len = 0;
+    }
+    parsed
+}
+
+fn parse_pairs(bytes: &[u8], kept: &mut KeptPairs) -> Option<()> {
     if bytes.is_empty() {
-        return Some(Vec::new());
+        return Some(());
     }
     let word = |at: usize| -> Option<usize> {
         let b = bytes.get(at..at.checked_add(4)?)?;
@@ -34,28 +87,29 @@ pub fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
         at = end + 1;
         Some(found)
     };
-    let mut pairs = Vec::with_capacity(count);
     for i in 0..count {
         let (key_len, value_len) = (word(4 + i * 8)?, word(8 + i * 8)?);
         let key = field(key_len)?;
         let value = field(value_len)?;
-        pairs.push((text(key), text(value)));
+        let (k, v) = kept.next();
+        push_text(k, key);
+        push_text(v, value);
     }
-    Some(pairs)
+    Some(())
 }
 
-/// Bytes as text, with U+FFFD where they are not UTF-8 (checked whole first: the usual case,
-/// and much faster than the lossy decoder's chunks).
-fn text(bytes: &[u8]) -> String {
+/// Bytes as text appended to `out`, with U+FFFD where they are not UTF-8 (checked whole first:
+/// the usual case, and much faster than the lossy decoder's chunks).
+fn push_text(out: &mut String, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        Ok(text) => out.push_str(text),
+        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 
 #[cfg(target_arch = "wasm32")]
 mod host {
-    use super::{parse_map, text};
+    use super::{parse_map_into, push_text, KeptPairs};
     use proxy_wasm::types::{MapType, Status};
     use std::ptr::null_mut;
 
@@ -90,16 +144,17 @@ mod host {
         }
     }
 
-    /// Every pair of header map `map`; none when the host has no such map or answers with
-    /// something that is not one.
-    pub fn map_pairs(map: MapType) -> Vec<(String, String)> {
+    /// Every pair of header map `map`, into `kept`; none when the host has no such map or
+    /// answers with something that is not one.
+    pub fn map_pairs_into(map: MapType, kept: &mut KeptPairs) {
         let (mut data, mut size) = (null_mut(), 0usize);
         // SAFETY: the ABI call writes only through the two pointers given.
-        match unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) } {
+        let bytes = match unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) } {
             // SAFETY: the host answered Ok, so `data` and `size` are its answer.
-            Status::Ok => parse_map(&unsafe { returned(data, size) }).unwrap_or_default(),
+            Status::Ok => unsafe { returned(data, size) },
             _ => Vec::new(),
-        }
+        };
+        let _ = parse_map_into(&bytes, kept);
     }
 
     /// The value of header `name` in map `map`, or `None` when it is absent.
@@ -112,14 +167,18 @@ mod host {
         };
         match status {
             // SAFETY: the host answered Ok, so `data` and `size` are its answer.
-            Status::Ok => Some(text(&unsafe { returned(data, size) })),
+            Status::Ok => {
+                let mut value = String::new();
+                push_text(&mut value, &unsafe { returned(data, size) });
+                Some(value)
+            }
             _ => None,
         }
     }
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use host::{map_pairs, map_value};
+pub use host::{map_pairs_into, map_value};
 
 #[cfg(test)]
 mod tests {
@@ -163,6 +222,27 @@ mod tests {
                 ("x-next".to_string(), "ok".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn kept_pairs_are_refilled_whole_and_let_go_of_large_strings() {
+        let mut kept = KeptPairs::default();
+        let long = vec![b'x'; KEPT_CAPACITY + 1];
+        parse_map_into(
+            &serialized(&[(b"a", &long), (b"b", b"2"), (b"c", b"3")]),
+            &mut kept,
+        )
+        .unwrap();
+        assert_eq!(kept.pairs().len(), 3);
+        parse_map_into(&serialized(&[(b"d", b"4")]), &mut kept).unwrap();
+        assert_eq!(kept.pairs(), &[("d".to_string(), "4".to_string())]);
+        assert!(kept
+            .pairs
+            .iter()
+            .all(|(k, v)| k.capacity() <= KEPT_CAPACITY && v.capacity() <= KEPT_CAPACITY));
+        // A map that does not read leaves no pairs, not the last call's.
+        assert_eq!(parse_map_into(&[1, 0, 0, 0], &mut kept), None);
+        assert!(kept.pairs().is_empty());
     }
 
     #[test]

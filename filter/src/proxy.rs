@@ -12,6 +12,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -457,6 +458,21 @@ impl Call {
     }
 }
 
+thread_local! {
+    /// The strings the request headers are read into, kept from call to call (a VM is one
+    /// thread).
+    static REQUEST_HEADERS: RefCell<headers::KeptPairs> = RefCell::default();
+}
+
+/// The kept request headers while a call is decided; given back when dropped.
+struct KeptRequestHeaders(headers::KeptPairs);
+
+impl Drop for KeptRequestHeaders {
+    fn drop(&mut self) {
+        REQUEST_HEADERS.set(std::mem::take(&mut self.0));
+    }
+}
+
 impl HttpContext for Call {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(loaded) = self.loaded.clone() else {
@@ -478,25 +494,28 @@ impl HttpContext for Call {
             }
             return Action::Pause;
         };
-        // One host call for every header, the pseudo-headers among them.
-        let headers = headers::map_pairs(proxy_wasm::types::MapType::HttpRequestHeaders);
+        // One host call for every header, the pseudo-headers among them, into strings this VM
+        // keeps (given back when the call is decided, however it ends).
+        let mut kept = KeptRequestHeaders(REQUEST_HEADERS.take());
+        headers::map_pairs_into(MapType::HttpRequestHeaders, &mut kept.0);
+        let headers = kept.0.pairs();
         let pseudo = |name: &str| {
             headers
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_str())
         };
-        let method = pseudo(":method").unwrap_or_default().to_string();
-        let full_path = pseudo(":path").unwrap_or("/").to_string();
-        let authority = pseudo(":authority").unwrap_or_default().to_string();
-        let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
+        let method = pseudo(":method").unwrap_or_default();
+        let full_path = pseudo(":path").unwrap_or("/");
+        let authority = pseudo(":authority").unwrap_or_default();
+        let (path, query) = full_path.split_once('?').unwrap_or((full_path, ""));
         let host = authority.split(':').next().unwrap_or("");
         let req = Request {
-            method: &method,
+            method,
             host,
             path,
             query,
-            headers: &headers,
+            headers,
             client_ip: client_ip(),
         };
         let now = now_millis();
