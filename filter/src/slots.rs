@@ -12,6 +12,8 @@
 //! A counter's version is its slot's CAS value, so a write fails, and is retried by the engine,
 //! when anything in the slot changed since the read: never a lost update.
 
+use std::cell::RefCell;
+
 use apim_edge_policies::{
     counter_expiry, Change, CounterName, CounterStore, Millis, State, StoreError, MAX_ATTEMPTS,
 };
@@ -41,7 +43,52 @@ fn fnv1a(name: &CounterName<'_>) -> u64 {
 
 /// The shared-data key of a slot.
 pub fn slot_key(slot: u32) -> String {
-    format!("apim-edge/counters/{slot}")
+    SlotKey::new(slot).as_str().to_owned()
+}
+
+/// A slot's shared-data key (`apim-edge/counters/N`), written on the stack: it is needed on
+/// every counter update.
+struct SlotKey {
+    bytes: [u8; SlotKey::PREFIX.len() + 10],
+    len: usize,
+}
+
+impl SlotKey {
+    const PREFIX: &'static str = "apim-edge/counters/";
+
+    fn new(slot: u32) -> Self {
+        let mut bytes = [0u8; Self::PREFIX.len() + 10];
+        bytes[..Self::PREFIX.len()].copy_from_slice(Self::PREFIX.as_bytes());
+        // The digits, last first, then moved up behind the prefix.
+        let mut digits = [0u8; 10];
+        let (mut n, mut count) = (slot, 0);
+        loop {
+            digits[count] = b'0' + (n % 10) as u8;
+            count += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for (i, d) in digits[..count].iter().rev().enumerate() {
+            bytes[Self::PREFIX.len() + i] = *d;
+        }
+        SlotKey {
+            bytes,
+            len: Self::PREFIX.len() + count,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII is ever written; an empty key (never reached) would name no slot.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+thread_local! {
+    /// The buffers a counter update builds a counter's state and its slot in, kept from call
+    /// to call (a VM is one thread). A buffer grown past twice a slot's size is let go.
+    static UPDATE_BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = RefCell::default();
 }
 
 fn slot_of(counter: &CounterName<'_>) -> u32 {
@@ -170,11 +217,32 @@ impl CounterStore for SlotStore<'_> {
     /// One read of the slot per attempt: the counter's state is copied out of the slot for
     /// `change`, and the slot is rebuilt around the new state.
     fn update(&self, key: &CounterName<'_>, change: &mut Change<'_>) -> Result<(), StoreError> {
+        let (mut next, mut out) = UPDATE_BUFFERS.take();
+        let updated = self.update_with(key, change, &mut next, &mut out);
+        for buffer in [&mut next, &mut out] {
+            if buffer.capacity() > 2 * SLOT_BYTES {
+                *buffer = Vec::new();
+            }
+        }
+        UPDATE_BUFFERS.set((next, out));
+        updated
+    }
+}
+
+impl SlotStore<'_> {
+    /// [`CounterStore::update`] with the buffers it builds in.
+    fn update_with(
+        &self,
+        key: &CounterName<'_>,
+        change: &mut Change<'_>,
+        next: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let slot = slot_of(key);
-        let slot_name = slot_key(slot);
-        let (mut next, mut out) = (Vec::new(), Vec::new());
+        let slot_key = SlotKey::new(slot);
+        let slot_name = slot_key.as_str();
         for _ in 0..MAX_ATTEMPTS {
-            let (bytes, cas) = self.read_slot(&slot_name)?;
+            let (bytes, cas) = self.read_slot(slot_name)?;
             let Some(cas) = cas else {
                 return Err(StoreError::Unavailable(format!(
                     "counter slot {slot} was never created"
@@ -185,11 +253,11 @@ impl CounterStore for SlotStore<'_> {
                 .map_or(&[][..], |(_, s)| s);
             next.clear();
             next.extend_from_slice(state);
-            if !change(&mut State::new(&mut next)) {
+            if !change(&mut State::new(next)) {
                 return Ok(());
             }
-            self.rebuild(slot, &bytes, key, &next, &mut out)?;
-            if self.shared.set(&slot_name, &out, Some(cas))? {
+            self.rebuild(slot, &bytes, key, next, out)?;
+            if self.shared.set(slot_name, out, Some(cas))? {
                 return Ok(());
             }
         }
@@ -228,6 +296,13 @@ mod tests {
         ] {
             let n = CounterName::new(kind, owner, name);
             assert_eq!(slot_of(&n), text_slot(&format!("{kind}|{owner}|{name}")));
+        }
+    }
+
+    #[test]
+    fn a_slots_key_is_its_number_behind_the_prefix() {
+        for slot in [0, 7, 10, 99, 1023, SLOTS - 1, u32::MAX] {
+            assert_eq!(slot_key(slot), format!("apim-edge/counters/{slot}"));
         }
     }
 
