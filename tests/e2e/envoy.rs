@@ -287,6 +287,37 @@ fn a_header_value_that_is_not_utf8_is_decided_and_the_worker_lives_on() {
     );
 }
 
+/// A set-header whose value comes from the request can carry what no header value may (a
+/// CR LF decoded from the query). The filter hands it to Envoy, whose codec refuses the
+/// request (503, "invalid header value"); the worker's VM lives on and decides the next call.
+#[test]
+fn a_header_value_envoy_refuses_does_not_stop_the_worker() {
+    let upstream = start_upstream();
+    let snapshot = limited_catalog(
+        r#"<policies><inbound><set-header name="x-from-query" exists-action="override"><value>@(context.Request.Url.Query.GetValueOrDefault("v", "none"))</value></set-header></inbound></policies>"#,
+    );
+    let envoy = start_envoy(&upstream, &json!({"snapshot": snapshot})).unwrap();
+    let key = [(
+        "Ocp-Apim-Subscription-Key".to_string(),
+        "bulk-key".to_string(),
+    )];
+    // More calls than Envoy's four workers: every VM sees one.
+    for _ in 0..8 {
+        let r = request(envoy.port, "GET", "/load/x?v=a%0D%0Ab%00c", &key);
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("invalid header value"), "{}", r.body);
+    }
+    let r = request(envoy.port, "GET", "/load/x?v=plain", &key);
+    assert_eq!(r.status, 200, "{}\n{}", r.body, envoy.log_text());
+    let seen: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["headers"]["x-from-query"], "plain", "{seen}");
+    assert!(
+        !envoy.log_text().contains("panicked"),
+        "{}",
+        envoy.log_text()
+    );
+}
+
 /// `total` calls from 64 concurrent connections; the statuses seen, counted.
 fn hammer(
     port: u16,
