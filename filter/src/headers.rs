@@ -138,8 +138,9 @@ mod host {
         if data.is_null() {
             Vec::new()
         } else {
-            // SAFETY: the SDK's `proxy_on_memory_allocate` allocates exactly `size` bytes as a
-            // `Vec<u8>`'s buffer, so this takes that allocation back with its layout.
+            // SAFETY: the SDK's `proxy_on_memory_allocate` hands out a boxed slice of exactly
+            // `size` bytes (align 1), the layout of a `Vec<u8>` of capacity `size`, so this
+            // takes that allocation back as it was made (as the SDK's own readers do).
             unsafe { Vec::from_raw_parts(data, size, size) }
         }
     }
