@@ -7,16 +7,6 @@
 //! the replacement character (U+FFFD) where they are not UTF-8: such a call is decided like any
 //! other, and a malformed map from the host reads as no headers rather than a panic.
 
-/// The pairs of a serialized header map (the ABI's layout: a count, then each pair's key and
-/// value sizes as little-endian u32, then each key and value followed by a NUL), names and
-/// values decoded lossily. `None` when the bytes are not such a map.
-pub fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
-    let mut kept = KeptPairs::default();
-    parse_map_into(bytes, &mut kept)?;
-    kept.pairs.truncate(kept.len);
-    Some(kept.pairs)
-}
-
 /// Header pairs in strings kept from one call to the next, so that a VM reads each call's
 /// headers without allocating once it has seen calls like it. A string grown past
 /// [`KEPT_CAPACITY`] is let go before the next map is read, so what is kept stays small.
@@ -48,7 +38,10 @@ impl KeptPairs {
     }
 }
 
-/// [`parse_map`] into `kept`; on `None`, `kept` holds no pairs.
+/// Reads a serialized header map (the ABI's layout: a count, then each pair's key and value
+/// sizes as little-endian u32, then each key and value followed by a NUL) into `kept`, names
+/// and values decoded lossily. `None` when the bytes are not such a map; `kept` then holds no
+/// pairs.
 pub fn parse_map_into(bytes: &[u8], kept: &mut KeptPairs) -> Option<()> {
     kept.len = 0;
     for s in kept.pairs.iter_mut().flat_map(|(k, v)| [k, v]) {
@@ -184,6 +177,13 @@ pub use host::{map_pairs_into, map_value};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pairs of a serialized map, as a vector.
+    fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+        let mut kept = KeptPairs::default();
+        parse_map_into(bytes, &mut kept)?;
+        Some(kept.pairs().to_vec())
+    }
 
     fn serialized(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
         let mut out = (pairs.len() as u32).to_le_bytes().to_vec();

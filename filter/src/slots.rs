@@ -12,11 +12,11 @@
 //! A counter's version is its slot's CAS value, so a write fails, and is retried by the engine,
 //! when anything in the slot changed since the read: never a lost update.
 
-use std::cell::RefCell;
-
 use apim_edge_policies::{
     counter_expiry, Change, CounterName, CounterStore, Millis, State, StoreError, MAX_ATTEMPTS,
 };
+use arrayvec::ArrayString;
+use std::cell::RefCell;
 
 /// How many slot keys hold counters.
 pub const SLOTS: u32 = 1024;
@@ -43,46 +43,15 @@ fn fnv1a(name: &CounterName<'_>) -> u64 {
 
 /// The shared-data key of a slot.
 pub fn slot_key(slot: u32) -> String {
-    SlotKey::new(slot).as_str().to_owned()
+    slot_key_text(slot).to_string()
 }
 
-/// A slot's shared-data key (`apim-edge/counters/N`), written on the stack: it is needed on
-/// every counter update.
-struct SlotKey {
-    bytes: [u8; SlotKey::PREFIX.len() + 10],
-    len: usize,
-}
-
-impl SlotKey {
-    const PREFIX: &'static str = "apim-edge/counters/";
-
-    fn new(slot: u32) -> Self {
-        let mut bytes = [0u8; Self::PREFIX.len() + 10];
-        bytes[..Self::PREFIX.len()].copy_from_slice(Self::PREFIX.as_bytes());
-        // The digits, last first, then moved up behind the prefix.
-        let mut digits = [0u8; 10];
-        let (mut n, mut count) = (slot, 0);
-        loop {
-            digits[count] = b'0' + (n % 10) as u8;
-            count += 1;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for (i, d) in digits[..count].iter().rev().enumerate() {
-            bytes[Self::PREFIX.len() + i] = *d;
-        }
-        SlotKey {
-            bytes,
-            len: Self::PREFIX.len() + count,
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        // Only ASCII is ever written; an empty key (never reached) would name no slot.
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
-    }
+/// [`slot_key`] on the stack: it is needed on every counter update.
+fn slot_key_text(slot: u32) -> ArrayString<32> {
+    let mut key = ArrayString::new();
+    key.push_str("apim-edge/counters/");
+    key.push_str(itoa::Buffer::new().format(slot));
+    key
 }
 
 thread_local! {
@@ -239,7 +208,7 @@ impl SlotStore<'_> {
         out: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
         let slot = slot_of(key);
-        let slot_key = SlotKey::new(slot);
+        let slot_key = slot_key_text(slot);
         let slot_name = slot_key.as_str();
         for _ in 0..MAX_ATTEMPTS {
             let (bytes, cas) = self.read_slot(slot_name)?;

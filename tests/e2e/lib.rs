@@ -83,8 +83,6 @@ pub fn try_request(
     target: &str,
     headers: &[(String, String)],
 ) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut head = format!("{method} {target} HTTP/1.1\r\n");
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         head.push_str("host: localhost\r\n");
@@ -93,10 +91,7 @@ pub fn try_request(
         head.push_str(&format!("{n}: {v}\r\n"));
     }
     head.push_str("content-length: 0\r\nconnection: close\r\n\r\n");
-    s.write_all(head.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    Ok(parse_response(&raw))
+    request_raw(port, head.as_bytes())
 }
 
 /// One request whose head is given as raw bytes (header values that are not UTF-8, say), on
