@@ -3,7 +3,10 @@
 //! The proxy-wasm filter: a thin adapter between the proxy-wasm ABI (0.2.1) and the engine,
 //! `apim-edge-policies`, which makes every decision. This crate only translates:
 //!
-//! - [`config`]: the plugin configuration (SPEC §5);
+//! The plugin configuration (SPEC §5) and every edge behaviour around the decision (key
+//! stripping, identity headers, what a failure answers) are the engine's
+//! ([`apim_edge_policies::edge`]): the filter applies the edits a decision carries.
+//!
 //! - [`headers`]: header maps read from the host without the SDK's panic on bytes that are not
 //!   UTF-8;
 //! - [`slots`]: the engine's counters on proxy-wasm shared data, with memory bounded;
@@ -21,7 +24,6 @@
 #[global_allocator]
 static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
 
-pub mod config;
 pub mod headers;
 pub mod slots;
 pub mod snapshots;

@@ -1,12 +1,11 @@
 //! The proxy-wasm contexts: the root context of each worker VM, and one HTTP context per call.
 
-use crate::config::{FailureMode, FilterConfig};
 use crate::headers;
 use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
-    CallContext, Catalog, Completion, Decision, HeaderEdit, KeyLocation, LoadOptions, Millis,
-    Outcome, Request, StoreError,
+    CallContext, Catalog, Completion, Decision, FilterConfig, HeaderEdit, Millis, Outcome, Request,
+    StoreError,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -132,10 +131,7 @@ impl Root {
             return Err("not configured".into());
         };
         let started = now_millis();
-        let options = LoadOptions {
-            unsupported: loaded.config.unsupported,
-        };
-        let result = Catalog::load(doc, options).map_err(|e| {
+        let result = Catalog::load(doc, loaded.config.load_options()).map_err(|e| {
             let first = e.0.first().map(ToString::to_string).unwrap_or_default();
             format!("{} errors; the first: {first}", e.0.len())
         });
@@ -274,7 +270,7 @@ impl RootContext for Root {
                 return false;
             }
         }
-        if let Some(source) = &config.source {
+        if let Some(source) = &config.snapshot_source {
             // Check for a newer shared snapshot every second; fetch every refreshSeconds.
             self.set_tick_period(std::time::Duration::from_secs(1));
             log(
@@ -294,7 +290,7 @@ impl RootContext for Root {
         let Some(loaded) = self.loaded.clone() else {
             return;
         };
-        let Some(source) = loaded.config.source.clone() else {
+        let Some(source) = loaded.config.snapshot_source.clone() else {
             return;
         };
         // A snapshot another VM fetched and loaded.
@@ -386,8 +382,6 @@ struct Call {
 }
 
 impl Context for Call {}
-
-const IDENTITY_HEADERS: [&str; 2] = ["x-apim-product-id", "x-apim-subscription-id"];
 
 /// The client's address from `source.address` (`1.2.3.4:5678`, `[::1]:5678`).
 fn client_ip() -> Option<IpAddr> {
@@ -483,17 +477,6 @@ impl HttpContext for Call {
             );
             return Action::Pause;
         };
-        let Some(catalog) = loaded.catalog.as_ref() else {
-            // No snapshot has loaded yet (it is still being fetched).
-            loaded.metrics.outcome(Outcome::InternalError);
-            if loaded.config.failure_mode == FailureMode::Open {
-                return Action::Continue;
-            }
-            if let Some(r) = Decision::internal_error(None).response {
-                Self::answer(r.status, &r.headers, &r.body);
-            }
-            return Action::Pause;
-        };
         // One host call for every header, the pseudo-headers among them, into strings this VM
         // keeps (given back when the call is decided, however it ends).
         let mut kept = KeptRequestHeaders(REQUEST_HEADERS.take());
@@ -518,6 +501,22 @@ impl HttpContext for Call {
             headers,
             client_ip: client_ip(),
         };
+        let Some(catalog) = loaded.catalog.as_ref() else {
+            // No snapshot has loaded yet (it is still being fetched): what the engine says a
+            // failure does under this configuration.
+            let decision = loaded.config.edge().unloaded(&req);
+            loaded.metrics.outcome(decision.outcome);
+            return match &decision.response {
+                Some(r) => {
+                    Self::answer(r.status, &r.headers, &r.body);
+                    Action::Pause
+                }
+                None => {
+                    Self::apply(&decision.upstream);
+                    Action::Continue
+                }
+            };
+        };
         let now = now_millis();
         let shared = HostSharedData::default();
         let store = SlotStore::new(&shared, now);
@@ -531,11 +530,7 @@ impl HttpContext for Call {
             Err(e) => {
                 log(LogLevel::Error, &format!("apim-edge: {e}"));
                 Metrics::bump(loaded.metrics.store_failures);
-                loaded.metrics.outcome(Outcome::InternalError);
-                if loaded.config.failure_mode == FailureMode::Open {
-                    return Action::Continue;
-                }
-                failed = Decision::internal_error(None);
+                failed = catalog.failed(&req);
                 &mut failed
             }
         };
@@ -545,45 +540,9 @@ impl HttpContext for Call {
             Self::answer(r.status, &r.headers, &r.body);
             return Action::Pause;
         }
+        // The policies' edits, then the edge's own (the key stripped, identity headers).
         Self::apply(&decision.upstream);
-        let call = decision.call.take();
-        if let Some(call) = &call {
-            if loaded.config.strip_subscription_key {
-                match catalog.key_location(call) {
-                    Some(KeyLocation::Header(h)) => Self::apply(&[HeaderEdit::Remove(h.into())]),
-                    Some(KeyLocation::Query(q)) => {
-                        let kept: Vec<&str> = query
-                            .split('&')
-                            .filter(|p| p.split('=').next() != Some(q.as_str()) && !p.is_empty())
-                            .collect();
-                        let new_path = if kept.is_empty() {
-                            path.to_string()
-                        } else {
-                            format!("{path}?{}", kept.join("&"))
-                        };
-                        Self::apply(&[HeaderEdit::Set(":path".into(), new_path.into())]);
-                    }
-                    None => {}
-                }
-            }
-            if loaded.config.identity_headers {
-                let (_, _, product, subscription) = catalog.names(call);
-                let mut edits: Vec<HeaderEdit> = IDENTITY_HEADERS
-                    .iter()
-                    .map(|h| HeaderEdit::Remove((*h).into()))
-                    .collect();
-                if let Some(p) = product {
-                    edits.push(HeaderEdit::Set(IDENTITY_HEADERS[0].into(), p.into()));
-                }
-                if let Some(s) = subscription {
-                    edits.push(HeaderEdit::Set(IDENTITY_HEADERS[1].into(), s.into()));
-                }
-                Self::apply(&edits);
-            }
-        } else if loaded.config.identity_headers {
-            Self::apply(&IDENTITY_HEADERS.map(|h| HeaderEdit::Remove(h.into())));
-        }
-        self.call = call;
+        self.call = decision.call.take();
         Action::Continue
     }
 

@@ -7,7 +7,7 @@
 //! subscriptions, 1 ms apart, as in the engine bench), a 401 and a 429.
 
 use apim_edge_harness::host::{Host, NoUpstreams};
-use apim_edge_harness::replay::{self, FailureMode};
+use apim_edge_harness::replay;
 use apim_edge_harness::synth::{self, key_of, Sizes};
 use apim_edge_harness::trace::Entry;
 use apim_edge_harness::{build, wasm_replay};
@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
     for _ in 0..2 * SIZES.subscriptions {
         let i = next(&mut calls);
         let w = wasm_replay::replay_one(&mut vm, 2, i, &calls[i], &NoUpstreams).unwrap();
-        let n = replay::replay_one(&catalog, &store, i, &calls[i], FailureMode::Closed);
+        let n = replay::replay_one(&catalog, &store, i, &calls[i]);
         assert_eq!((w.outcome, n.outcome), ("allowed", "allowed"));
     }
 
@@ -79,13 +79,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("native/admitted keyed call (rate-limit + quota)", |b| {
         b.iter(|| {
             let i = next(&mut calls);
-            black_box(replay::replay_one(
-                &catalog,
-                &store,
-                i,
-                &calls[i],
-                FailureMode::Closed,
-            ))
+            black_box(replay::replay_one(&catalog, &store, i, &calls[i]))
         })
     });
 
@@ -103,15 +97,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("native/401 invalid key", |b| {
-        b.iter(|| {
-            black_box(replay::replay_one(
-                &catalog,
-                &store,
-                0,
-                &invalid,
-                FailureMode::Closed,
-            ))
-        })
+        b.iter(|| black_box(replay::replay_one(&catalog, &store, 0, &invalid)))
     });
 
     // Subscription 0 (product-0: 1,000 calls a minute) at its limit, in both stores.
@@ -119,7 +105,7 @@ fn bench(c: &mut Criterion) {
     limited.at = now + 1;
     for _ in 0..1000 {
         wasm_replay::replay_one(&mut vm, 2, 0, &limited, &NoUpstreams).unwrap();
-        replay::replay_one(&catalog, &store, 0, &limited, FailureMode::Closed);
+        replay::replay_one(&catalog, &store, 0, &limited);
     }
     check(
         wasm_replay::replay_one(&mut vm, 2, 0, &limited, &NoUpstreams)
@@ -128,7 +114,7 @@ fn bench(c: &mut Criterion) {
         "rate_limited",
     );
     check(
-        replay::replay_one(&catalog, &store, 0, &limited, FailureMode::Closed).outcome,
+        replay::replay_one(&catalog, &store, 0, &limited).outcome,
         "rate_limited",
     );
     group.bench_function("wasm/429 rate limited", |b| {
@@ -137,15 +123,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("native/429 rate limited", |b| {
-        b.iter(|| {
-            black_box(replay::replay_one(
-                &catalog,
-                &store,
-                0,
-                &limited,
-                FailureMode::Closed,
-            ))
-        })
+        b.iter(|| black_box(replay::replay_one(&catalog, &store, 0, &limited)))
     });
     group.finish();
 }

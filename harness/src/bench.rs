@@ -9,7 +9,7 @@
 //! (1 ns to 1 s, 3 significant digits).
 
 use crate::host::{Host, NoUpstreams};
-use crate::replay::{replay_one, FailureMode};
+use crate::replay::replay_one;
 use crate::trace::Entry;
 use crate::wasm_replay;
 use anyhow::{bail, Result};
@@ -105,7 +105,7 @@ pub fn native(
 ) -> Result<Measured> {
     let store = MemoryStore::new();
     measure(entries, requests, warmup, |k, e| {
-        std::hint::black_box(replay_one(catalog, &store, k, e, FailureMode::Closed));
+        std::hint::black_box(replay_one(catalog, &store, k, e));
         Ok(())
     })
 }

@@ -36,3 +36,45 @@ pub fn filter_wasm() -> PathBuf {
         })
         .clone()
 }
+
+/// A conformance trace of `tests/traces`, and the filter configuration it is replayed with:
+/// `NAME.config.json` beside `NAME.jsonl`, when there is one.
+pub struct ConformanceTrace {
+    pub trace: PathBuf,
+    pub config: Option<PathBuf>,
+}
+
+impl ConformanceTrace {
+    /// `--trace T` and, with a configuration, `--config C`: for `apim-edge replay`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["--trace".into(), self.trace.display().to_string()];
+        if let Some(c) = &self.config {
+            args.extend(["--config".into(), c.display().to_string()]);
+        }
+        args
+    }
+}
+
+/// Every conformance trace, in name order.
+///
+/// # Panics
+/// When `tests/traces` cannot be read: for tests, where that is the failure.
+pub fn conformance_traces() -> Vec<ConformanceTrace> {
+    let dir = workspace_root().join("tests/traces");
+    let mut traces: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/traces is readable")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    traces.sort();
+    traces
+        .into_iter()
+        .map(|trace| {
+            let config = trace.with_extension("config.json");
+            ConformanceTrace {
+                config: config.exists().then_some(config),
+                trace,
+            }
+        })
+        .collect()
+}

@@ -3,9 +3,11 @@
 
 use anyhow::{anyhow, Context};
 use apim_edge_harness::host::{Answer, Callout, CalloutKind};
-use apim_edge_harness::replay::{mismatches, replay_one, FailureMode};
+use apim_edge_harness::replay::{mismatches, replay_one};
 use apim_edge_harness::{bench, synth, trace, wasm_replay};
-use apim_edge_policies::{parse_rfc3339, Catalog, LoadOptions, MemoryStore, UnsupportedPolicies};
+use apim_edge_policies::{
+    parse_rfc3339, Catalog, FilterConfig, LoadOptions, MemoryStore, UnsupportedPolicies,
+};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -149,29 +151,31 @@ struct Traffic {
 
 /// Traffic, loaded.
 struct Loaded {
-    cfg: FilterConfig,
+    /// The filter's plugin configuration: `--config` with the snapshot inline.
+    plugin: String,
     catalog: Catalog,
     entries: Vec<trace::Entry>,
 }
 
 impl Traffic {
     fn load(&self, expect_recorded: bool) -> Result<Loaded, Unusable> {
-        let cfg = filter_config(self.config.as_deref())?;
-        let catalog = load(&self.snapshot, cfg.unsupported)?;
+        let (plugin, mut cfg) = plugin_config(self.config.as_deref(), &self.snapshot)?;
+        let doc = cfg.snapshot.take().unwrap_or_default();
+        let catalog = Catalog::load(&doc, cfg.load_options()).map_err(|e| {
+            Unusable(anyhow!(
+                "{}: the snapshot does not load:\n{e}",
+                self.snapshot.display()
+            ))
+        })?;
         let start = parse_rfc3339(&self.start)
             .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {}", self.start)))?;
         let entries = trace::read(&read(&self.trace)?, start, expect_recorded)
             .map_err(|e| Unusable(anyhow!("{}: {e:#}", self.trace.display())))?;
         Ok(Loaded {
-            cfg,
+            plugin,
             catalog,
             entries,
         })
-    }
-
-    /// The filter's plugin configuration: `--config` (or `{}`) with the snapshot inline.
-    fn plugin_config(&self) -> Result<String, Unusable> {
-        plugin_config(self.config.as_deref(), &self.snapshot)
     }
 }
 
@@ -190,69 +194,53 @@ fn read(path: &Path) -> Result<String, Unusable> {
         .map_err(Unusable)
 }
 
-struct FilterConfig {
-    unsupported: UnsupportedPolicies,
-    failure: FailureMode,
-}
-
-fn filter_config(path: Option<&Path>) -> Result<FilterConfig, Unusable> {
+/// A filter configuration file (`--config`) as JSON, `{}` without one.
+fn config_document(path: Option<&Path>) -> Result<serde_json::Value, Unusable> {
     let Some(path) = path else {
-        return filter_config_of(&serde_json::json!({}), None);
+        return Ok(serde_json::json!({}));
     };
-    let text = read(path)?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    let v: serde_json::Value = serde_json::from_str(&read(path)?)
         .with_context(|| format!("{}: not valid JSON", path.display()))
         .map_err(Unusable)?;
-    filter_config_of(&v, Some(path))
+    if !v.is_object() {
+        return Err(Unusable(anyhow!(
+            "{}: expected a JSON object (the filter configuration)",
+            path.display()
+        )));
+    }
+    Ok(v)
 }
 
-/// The settings of a filter configuration that the command line uses.
-fn filter_config_of(v: &serde_json::Value, path: Option<&Path>) -> Result<FilterConfig, Unusable> {
-    let path = path.unwrap_or(Path::new("(configuration)"));
-    let mut cfg = FilterConfig {
-        unsupported: UnsupportedPolicies::Reject,
-        failure: FailureMode::Closed,
-    };
-    match v.get("unsupportedPolicies").and_then(|x| x.as_str()) {
-        None | Some("reject") => {}
-        Some("skip") => cfg.unsupported = UnsupportedPolicies::Skip,
-        Some(other) => {
-            return Err(Unusable(anyhow!(
-                "{}: unsupportedPolicies: expected \"reject\" or \"skip\", not {other:?}",
-                path.display()
-            )))
-        }
-    }
-    match v.get("failureMode").and_then(|x| x.as_str()) {
-        None | Some("closed") => {}
-        Some("open") => cfg.failure = FailureMode::Open,
-        Some(other) => {
-            return Err(Unusable(anyhow!(
-                "{}: failureMode: expected \"closed\" or \"open\", not {other:?}",
-                path.display()
-            )))
-        }
-    }
-    Ok(cfg)
+/// Reads a complete plugin configuration with the engine's parser, as the filter does.
+fn parse_config(text: &str, path: Option<&Path>) -> Result<FilterConfig, Unusable> {
+    FilterConfig::parse(text.as_bytes()).map_err(|e| {
+        let name = path.map_or("(configuration)".into(), |p| p.display().to_string());
+        Unusable(anyhow!("{name}: {e}"))
+    })
 }
 
-/// The filter's plugin configuration: `--config` (or `{}`) with the snapshot put inline.
-fn plugin_config(config: Option<&Path>, snapshot: &Path) -> Result<String, Unusable> {
-    let mut plugin: serde_json::Value = match config {
-        Some(p) => serde_json::from_str(&read(p)?)
-            .with_context(|| format!("{}: not valid JSON", p.display()))
-            .map_err(Unusable)?,
-        None => serde_json::json!({}),
-    };
+/// The filter's plugin configuration: `--config` (or `{}`) with the snapshot put inline, as
+/// text for the `.wasm` and read for the native engine.
+fn plugin_config(
+    config: Option<&Path>,
+    snapshot: &Path,
+) -> Result<(String, FilterConfig), Unusable> {
+    let mut plugin = config_document(config)?;
     plugin["snapshot"] = serde_json::from_str(&read(snapshot)?)
         .with_context(|| format!("{}: not valid JSON", snapshot.display()))
         .map_err(Unusable)?;
-    Ok(plugin.to_string())
+    let text = plugin.to_string();
+    let cfg = parse_config(&text, config)?;
+    Ok((text, cfg))
 }
 
 fn load(path: &Path, unsupported: UnsupportedPolicies) -> Result<Catalog, Unusable> {
     let text = read(path)?;
-    Catalog::load_str(&text, LoadOptions { unsupported }).map_err(|e| {
+    let options = LoadOptions {
+        unsupported,
+        ..LoadOptions::default()
+    };
+    Catalog::load_str(&text, options).map_err(|e| {
         Unusable(anyhow!(
             "{}: the snapshot does not load:\n{e}",
             path.display()
@@ -334,7 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let check = check || expect_recorded;
             let rules = callout_rules(&callout)?;
             let Loaded {
-                cfg,
+                plugin,
                 catalog,
                 entries,
             } = traffic.load(expect_recorded)?;
@@ -346,13 +334,12 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 .enumerate()
                 .map(|(i, e)| {
                     progress.inc(1);
-                    replay_one(&catalog, &store, i, e, cfg.failure)
+                    replay_one(&catalog, &store, i, e)
                 })
                 .collect();
             let records = match &wasm {
                 None => native.clone(),
                 Some(path) => {
-                    let plugin = traffic.plugin_config()?;
                     let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
                     let options = wasm_replay::Options {
                         workers,
@@ -449,7 +436,9 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             warmup,
         } => {
             let Loaded {
-                catalog, entries, ..
+                plugin,
+                catalog,
+                entries,
             } = traffic.load(false)?;
             if entries.is_empty() || requests == 0 {
                 return Err(Unusable(anyhow!(
@@ -465,7 +454,6 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let measured_wasm = match &wasm {
                 None => None,
                 Some(path) => {
-                    let plugin = traffic.plugin_config()?;
                     let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
                     Some(
                         bench::wasm(&host, plugin.as_bytes(), &entries, requests, warmup)
@@ -518,6 +506,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 &doc,
                 LoadOptions {
                     unsupported: UnsupportedPolicies::Skip,
+                    ..LoadOptions::default()
                 },
             )
             .map_err(|e| {
@@ -555,32 +544,17 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     .ok_or_else(|| Unusable(anyhow!("{what}: expected IP:PORT, not {text:?}")))?;
                 Ok((h.to_string(), p))
             };
-            let mut filter_config = match &config {
-                Some(path) => serde_json::from_str::<serde_json::Value>(&read(path)?)
-                    .with_context(|| format!("{}: not valid JSON", path.display()))
-                    .map_err(Unusable)?,
-                None => serde_json::json!({}),
+            let mut filter_config = config_document(config.as_deref())?;
+            let doc = match &snapshot {
+                Some(path) => {
+                    let doc: serde_json::Value = serde_json::from_str(&read(path)?)
+                        .with_context(|| format!("{}: not valid JSON", path.display()))
+                        .map_err(Unusable)?;
+                    filter_config["snapshot"] = doc.clone();
+                    Some(doc)
+                }
+                None => None,
             };
-            let cfg = filter_config_of(&filter_config, config.as_deref())?;
-            if let Some(path) = &snapshot {
-                let text = read(path)?;
-                let doc: serde_json::Value = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: not valid JSON", path.display()))
-                    .map_err(Unusable)?;
-                Catalog::load(
-                    &doc,
-                    LoadOptions {
-                        unsupported: cfg.unsupported,
-                    },
-                )
-                .map_err(|e| {
-                    Unusable(anyhow!(
-                        "{}: the snapshot does not load:\n{e}",
-                        path.display()
-                    ))
-                })?;
-                filter_config["snapshot"] = doc;
-            }
             let config_server = match &snapshot_source {
                 Some(s) => {
                     filter_config["snapshotSource"] = serde_json::json!({"cluster": "apim-config", "authority": s, "path": "/snapshot.json", "refreshSeconds": 10});
@@ -588,6 +562,15 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 }
                 None => None,
             };
+            let cfg = parse_config(&filter_config.to_string(), config.as_deref())?;
+            if let (Some(doc), Some(path)) = (&doc, &snapshot) {
+                Catalog::load(doc, cfg.load_options()).map_err(|e| {
+                    Unusable(anyhow!(
+                        "{}: the snapshot does not load:\n{e}",
+                        path.display()
+                    ))
+                })?;
+            }
             let wasm = std::path::absolute(&wasm).unwrap_or(wasm);
             let boot = apim_edge_harness::envoy::Bootstrap {
                 listen,

@@ -2,21 +2,9 @@
 //! (the trace's own times), printed as SPEC §6's JSON objects and compared with expectations.
 
 use crate::trace::{Entry, Expect};
-use apim_edge_policies::{
-    Catalog, Completion, CounterStore, Decision, HeaderEdit, Outcome, Request,
-};
+use apim_edge_policies::{edge, Catalog, Completion, CounterStore, HeaderEdit, Outcome, Request};
 use serde::Serialize;
 use std::collections::BTreeMap;
-
-/// What the configuration's `failureMode` makes of an internal failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FailureMode {
-    /// Answer 500 with an APIM-shaped body.
-    #[default]
-    Closed,
-    /// Let the call through.
-    Open,
-}
 
 /// One line of replay output.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -31,6 +19,56 @@ pub struct DecisionRecord {
     /// Headers the gateway set on its own response, names lower-case.
     pub headers: BTreeMap<String, String>,
     pub body: String,
+    /// For a call that goes upstream, what the gateway changed in the request on its way (an
+    /// extension of SPEC §6): absent when nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamChanges>,
+}
+
+/// What the gateway changed in a request on its way upstream (the policies' `set-header`, the
+/// key stripped, identity headers). Only changes are shown: a replay never echoes the request's
+/// own headers, its subscription key among them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UpstreamChanges {
+    /// The path and query the upstream receives, when they changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Each header that changed (lower-case name): its value upstream (repeated values joined
+    /// with ", "), or `null` when removed.
+    pub headers: BTreeMap<String, Option<String>>,
+}
+
+impl UpstreamChanges {
+    /// The changes between a request as received and as sent upstream; `None` when none.
+    pub fn between(
+        (path_in, headers_in): (&str, &BTreeMap<String, String>),
+        (path_out, headers_out): (&str, &BTreeMap<String, String>),
+    ) -> Option<Self> {
+        let mut headers = BTreeMap::new();
+        for (name, value) in headers_out {
+            if headers_in.get(name) != Some(value) {
+                headers.insert(name.clone(), Some(value.clone()));
+            }
+        }
+        for name in headers_in.keys() {
+            if !headers_out.contains_key(name) {
+                headers.insert(name.clone(), None);
+            }
+        }
+        let path = (path_in != path_out).then(|| path_out.to_string());
+        (path.is_some() || !headers.is_empty()).then_some(UpstreamChanges { path, headers })
+    }
+
+    /// The changes `edits` make to the recorded request `e`.
+    fn of(e: &Entry, edits: &[HeaderEdit]) -> Option<Self> {
+        if edits.is_empty() {
+            return None;
+        }
+        let target = e.target();
+        let (_, before) = edge::apply_to_request(&target, &e.headers, &[]);
+        let (path, after) = edge::apply_to_request(&target, &e.headers, edits);
+        Self::between((&target, &before), (&path, &after))
+    }
 }
 
 /// Applies edits to a header map (names lower-case).
@@ -55,13 +93,13 @@ fn apply(map: &mut BTreeMap<String, String>, edits: &[HeaderEdit]) {
     }
 }
 
-/// Decides one recorded request, completes it, and describes the result.
+/// Decides one recorded request, completes it, and describes the result. An internal failure
+/// is answered as the catalog's configuration says ([`Catalog::failed`]).
 pub fn replay_one(
     catalog: &Catalog,
     store: &dyn CounterStore,
     index: usize,
     e: &Entry,
-    failure: FailureMode,
 ) -> DecisionRecord {
     let req = Request {
         method: &e.method,
@@ -77,21 +115,8 @@ pub fn replay_one(
     let failed;
     let decision = match &decided {
         Ok(d) => d,
-        Err(_) if failure == FailureMode::Open => {
-            return DecisionRecord {
-                index,
-                status: e.upstream_status,
-                outcome: Outcome::InternalError.as_str(),
-                api: None,
-                operation: None,
-                product: None,
-                subscription: None,
-                headers: BTreeMap::new(),
-                body: String::new(),
-            };
-        }
         Err(_) => {
-            failed = Decision::internal_error(None);
+            failed = catalog.failed(&req);
             &failed
         }
     };
@@ -133,6 +158,11 @@ pub fn replay_one(
         }
         (None, None) => (e.upstream_status, String::new(), decision.outcome),
     };
+    let upstream = decision
+        .response
+        .is_none()
+        .then(|| UpstreamChanges::of(e, &decision.upstream))
+        .flatten();
     DecisionRecord {
         index,
         status,
@@ -143,6 +173,7 @@ pub fn replay_one(
         subscription,
         headers,
         body,
+        upstream,
     }
 }
 
@@ -180,6 +211,27 @@ pub fn mismatches(got: &DecisionRecord, expect: &Expect) -> Vec<String> {
     if let Some(b) = &expect.body {
         if *b != got.body {
             out.push(format!("body: expected {b:?}, got {:?}", got.body));
+        }
+    }
+    if let Some(want) = &expect.upstream {
+        match &got.upstream {
+            None => out.push("upstream: expected changes to the request, none made".into()),
+            Some(up) => {
+                if want.path.is_some() && want.path != up.path {
+                    out.push(format!(
+                        "upstream path: expected {:?}, got {:?}",
+                        want.path, up.path
+                    ));
+                }
+                for (name, value) in &want.headers {
+                    let got_value = up.headers.get(name);
+                    if got_value != Some(value) {
+                        out.push(format!(
+                            "upstream header {name}: expected {value:?}, got {got_value:?}"
+                        ));
+                    }
+                }
+            }
         }
     }
     out

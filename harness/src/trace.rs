@@ -18,6 +18,40 @@ pub struct Expect {
     pub body: Option<String>,
     /// Who the call resolved to (an extension of SPEC §6): absent, not checked; `null`, none.
     pub identity: BTreeMap<&'static str, Option<String>>,
+    /// What the gateway changes in the request on its way upstream (an extension of SPEC §6).
+    pub upstream: Option<ExpectUpstream>,
+}
+
+/// What a trace line expects the gateway to change in the request on its way upstream: the
+/// path and query it sends, and headers by lower-case name (`null`: removed).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExpectUpstream {
+    pub path: Option<String>,
+    pub headers: BTreeMap<String, Option<String>>,
+}
+
+fn expect_upstream(v: &Value) -> Result<ExpectUpstream> {
+    if !v.is_object() {
+        bail!("expect.upstream: expected an object");
+    }
+    let headers = match v.get("headers") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::Null => Ok((k.to_ascii_lowercase(), None)),
+                Value::String(s) => Ok((k.to_ascii_lowercase(), Some(s.clone()))),
+                _ => bail!("expect.upstream.headers.{k}: expected a string or null"),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => bail!("expect.upstream.headers: expected an object"),
+    };
+    Ok(ExpectUpstream {
+        path: str_field(v, "path")
+            .context("expect.upstream")?
+            .map(str::to_string),
+        headers,
+    })
 }
 
 /// The identity fields `expect` may carry.
@@ -37,6 +71,17 @@ pub struct Entry {
     pub response_bytes: u64,
     pub upstream_status: u16,
     pub expect: Option<Expect>,
+}
+
+impl Entry {
+    /// The request's path and query, as a proxy's `:path`.
+    pub fn target(&self) -> String {
+        if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        }
+    }
 }
 
 /// The default `--start`: the origin of relative `t` times.
@@ -166,6 +211,10 @@ pub fn parse_line(line: &str, start: Millis) -> Result<Entry> {
                     Some(_) => Some(Err(anyhow!("expect.{name}: expected a string or null"))),
                 })
                 .collect::<Result<_>>()?,
+            upstream: match e.get("upstream") {
+                None | Some(Value::Null) => None,
+                Some(u) => Some(expect_upstream(u)?),
+            },
         }),
     };
     Ok(Entry {

@@ -5,7 +5,7 @@
 //! conformance) or on threads of their own (to stress compare-and-swap).
 
 use crate::host::{Host, Responder, Vm, ROOT};
-use crate::replay::DecisionRecord;
+use crate::replay::{DecisionRecord, UpstreamChanges};
 use crate::trace::Entry;
 use anyhow::Result;
 use indicatif::ProgressBar;
@@ -43,14 +43,10 @@ pub fn replay_one(
     vm.advance(nanos(e.at), responder)?;
     let s = vm.store.data_mut();
     s.stream = Default::default();
-    let target = if e.query.is_empty() {
-        e.path.clone()
-    } else {
-        format!("{}?{}", e.path, e.query)
-    };
+    let target = e.target();
     let mut headers = vec![
         (":method".to_string(), e.method.clone()),
-        (":path".to_string(), target),
+        (":path".to_string(), target.clone()),
         (":authority".to_string(), e.host.clone()),
         (":scheme".to_string(), "https".to_string()),
     ];
@@ -59,6 +55,7 @@ pub fn replay_one(
             .iter()
             .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
     );
+    let received = headers.clone();
     s.stream.request_headers = headers;
     s.stream.source_address = e.client_ip.map(|ip| match ip {
         IpAddr::V4(v4) => format!("{v4}:40000"),
@@ -74,6 +71,21 @@ pub fn replay_one(
         vm.call3r("proxy_on_request_body", context, e.request_bytes as i32, 1)?;
     }
     let reply = vm.store.data().stream.local_reply.clone();
+    // What the filter changed in the request on its way upstream.
+    let upstream = match reply {
+        Some(_) => None,
+        None => {
+            let sent = &vm.store.data().stream.request_headers;
+            let path_out = sent
+                .iter()
+                .find(|(n, _)| n == ":path")
+                .map_or("", |(_, v)| v.as_str());
+            UpstreamChanges::between(
+                (&target, &collect_regular(&received)),
+                (path_out, &collect_regular(sent)),
+            )
+        }
+    };
     let (status, headers, body) = match reply {
         Some(r) => (
             r.status,
@@ -133,6 +145,7 @@ pub fn replay_one(
         subscription: prop("apim_edge.subscription"),
         headers,
         body,
+        upstream,
     })
 }
 
@@ -157,6 +170,13 @@ fn collect(pairs: &[(String, String)]) -> BTreeMap<String, String> {
             .or_insert_with(|| v.clone());
     }
     out
+}
+
+/// [`collect`] without the pseudo-headers.
+fn collect_regular(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+    let mut map = collect(pairs);
+    map.retain(|n, _| !n.starts_with(':'));
+    map
 }
 
 /// Starts a worker VM at the time of the trace's first request, its first callouts answered.

@@ -147,3 +147,49 @@ fn synth_makes_a_catalog_that_loads() {
         "{s}"
     );
 }
+
+/// The configuration is read by the engine's own parser, as the filter reads it: a file that is
+/// not a configuration object, or a setting of the wrong type, is exit 2 naming what is wrong.
+#[test]
+fn a_configuration_that_is_not_one_exits_2_naming_the_fault() {
+    let trace = scratch("one.jsonl");
+    std::fs::write(&trace, r#"{"method": "GET", "url": "/echo/items/1"}"#).unwrap();
+    let cases = [
+        (
+            "string.json",
+            r#""a string""#,
+            "expected a JSON object (the filter configuration)",
+        ),
+        (
+            "array.json",
+            "[1]",
+            "expected a JSON object (the filter configuration)",
+        ),
+        (
+            "mode.json",
+            r#"{"failureMode": "sometimes"}"#,
+            "failureMode: unknown variant `sometimes`",
+        ),
+        (
+            "strip.json",
+            r#"{"stripSubscriptionKey": "yes"}"#,
+            "stripSubscriptionKey: invalid type",
+        ),
+    ];
+    for (name, text, message) in cases {
+        let config = scratch(name);
+        std::fs::write(&config, text).unwrap();
+        let out = apim_edge(&[
+            "replay",
+            "--snapshot",
+            &sample(),
+            "--trace",
+            trace.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(message), "{name}: {stderr}");
+    }
+}

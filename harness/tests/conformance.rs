@@ -2,6 +2,7 @@
 //! against the sample catalog, with `--check` comparing each decision to its `expect`.
 //! Decision logs are also kept as insta snapshots for review.
 
+use apim_edge_harness::build::{conformance_traces as traces, ConformanceTrace};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -9,23 +10,12 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn traces() -> Vec<PathBuf> {
-    let mut t: Vec<PathBuf> = std::fs::read_dir(root().join("tests/traces"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    t.sort();
-    t
-}
-
-fn replay(trace: &Path, check: bool) -> std::process::Output {
+fn replay(trace: &ConformanceTrace, check: bool) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_apim-edge"));
     cmd.arg("replay")
         .arg("--snapshot")
         .arg(root().join("tests/catalog/sample.json"))
-        .arg("--trace")
-        .arg(trace);
+        .args(trace.args());
     if check {
         cmd.arg("--check");
     }
@@ -35,15 +25,15 @@ fn replay(trace: &Path, check: bool) -> std::process::Output {
 #[test]
 fn every_trace_matches_its_expectations() {
     let all = traces();
-    assert!(all.len() >= 9, "traces missing: {all:?}");
+    assert!(all.len() >= 10, "traces missing");
     for t in all {
         let out = replay(&t, true);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{}:\n{stderr}", t.display());
+        assert!(out.status.success(), "{}:\n{stderr}", t.trace.display());
         assert!(
             stderr.contains(", 0 mismatched"),
             "{}: {stderr}",
-            t.display()
+            t.trace.display()
         );
     }
 }
@@ -51,7 +41,11 @@ fn every_trace_matches_its_expectations() {
 #[test]
 fn every_trace_line_carries_an_expectation() {
     for t in traces() {
-        for (i, line) in std::fs::read_to_string(&t).unwrap().lines().enumerate() {
+        for (i, line) in std::fs::read_to_string(&t.trace)
+            .unwrap()
+            .lines()
+            .enumerate()
+        {
             if line.trim().is_empty() || line.starts_with("//") {
                 continue;
             }
@@ -60,7 +54,7 @@ fn every_trace_line_carries_an_expectation() {
             assert!(
                 e["status"].is_u64() && e["outcome"].is_string(),
                 "{} line {}: expect needs status and outcome",
-                t.display(),
+                t.trace.display(),
                 i + 1
             );
         }
@@ -104,7 +98,13 @@ fn check_reports_a_wrong_expectation_and_exits_1() {
         r#"{"method": "GET", "url": "https://api.contoso.com/echo/items/1", "expect": {"status": 200, "outcome": "allowed", "operation": "list-items"}}"#,
     )
     .unwrap();
-    let out = replay(&t, true);
+    let out = replay(
+        &ConformanceTrace {
+            trace: t,
+            config: None,
+        },
+        true,
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("status: expected 200, got 401"), "{stderr}");
@@ -123,7 +123,7 @@ fn decision_logs() {
     for t in traces() {
         let out = replay(&t, false);
         assert!(out.status.success());
-        let name = t.file_stem().unwrap().to_string_lossy().to_string();
+        let name = t.trace.file_stem().unwrap().to_string_lossy().to_string();
         insta::assert_snapshot!(name, String::from_utf8(out.stdout).unwrap());
     }
 }

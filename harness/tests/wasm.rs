@@ -6,7 +6,9 @@ use apim_edge_harness::host::Host;
 use std::path::PathBuf;
 use std::process::Command;
 
-use apim_edge_harness::build::{filter_wasm, workspace_root as root};
+use apim_edge_harness::build::{
+    conformance_traces, filter_wasm, workspace_root as root, ConformanceTrace,
+};
 
 fn apim_edge(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_apim-edge"))
@@ -16,33 +18,32 @@ fn apim_edge(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `apim-edge replay` of a conformance trace (with its configuration) through the `.wasm` on
+/// `workers` VMs, with `mode` (`--diff` or `--check`).
+fn replay_in_wasm(
+    t: &ConformanceTrace,
+    wasm: &std::path::Path,
+    workers: &str,
+    mode: &str,
+) -> std::process::Output {
+    let mut args = vec!["replay", "--snapshot", "tests/catalog/sample.json"];
+    let trace_args = t.args();
+    args.extend(trace_args.iter().map(String::as_str));
+    args.extend(["--wasm", wasm.to_str().unwrap(), "--workers", workers, mode]);
+    apim_edge(&args)
+}
+
 #[test]
 fn every_trace_gives_the_same_answers_from_the_wasm() {
     let wasm = filter_wasm();
-    let mut traces: Vec<PathBuf> = std::fs::read_dir(root().join("tests/traces"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    traces.sort();
-    for t in traces {
+    for t in conformance_traces() {
         for workers in ["1", "4"] {
-            let out = apim_edge(&[
-                "replay",
-                "--snapshot",
-                "tests/catalog/sample.json",
-                "--trace",
-                t.to_str().unwrap(),
-                "--wasm",
-                wasm.to_str().unwrap(),
-                "--workers",
-                workers,
-                "--diff",
-            ]);
+            let out = replay_in_wasm(&t, &wasm, workers, "--diff");
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(
                 out.status.success() && stderr.contains(" 0 differ"),
                 "{} with {workers} workers:\n{}{stderr}",
-                t.display(),
+                t.trace.display(),
                 String::from_utf8_lossy(&out.stdout)
             );
         }
@@ -52,23 +53,15 @@ fn every_trace_gives_the_same_answers_from_the_wasm() {
 #[test]
 fn the_wasm_meets_every_expectation_of_the_traces() {
     let wasm = filter_wasm();
-    let out = apim_edge(&[
-        "replay",
-        "--snapshot",
-        "tests/catalog/sample.json",
-        "--trace",
-        "tests/traces/policies.jsonl",
-        "--wasm",
-        wasm.to_str().unwrap(),
-        "--workers",
-        "4",
-        "--check",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for t in conformance_traces() {
+        let out = replay_in_wasm(&t, &wasm, "4", "--check");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            t.trace.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

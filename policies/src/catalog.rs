@@ -4,6 +4,7 @@
 
 use crate::clock::Millis;
 use crate::counters::{own::OwnLimits, FixedWindows};
+use crate::edge::config::EdgeOptions;
 use crate::error::{LoadError, LoadErrors};
 use crate::keys::KeyIndex;
 pub use crate::policy::UnsupportedPolicies;
@@ -19,6 +20,8 @@ use hashbrown::HashMap;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     pub unsupported: UnsupportedPolicies,
+    /// What the edge does around the decision (key stripping, identity headers, failures).
+    pub edge: EdgeOptions,
 }
 
 pub(crate) struct Operation {
@@ -262,6 +265,8 @@ pub struct Catalog {
     pub(crate) programs: Vec<Program>,
     /// The own limits that programs' steps count, each kept once ([`StepPlan::own`]).
     pub(crate) own_limits: Box<[OwnLimits]>,
+    /// What the edge does around each decision.
+    pub(crate) edge: EdgeOptions,
     warnings: Vec<String>,
     policy_documents: usize,
 }
@@ -508,6 +513,7 @@ impl Catalog {
             steps,
             programs,
             own_limits: own_limits.limits.into_boxed_slice(),
+            edge: options.edge,
             warnings: {
                 let mut w = warnings;
                 w.extend(

@@ -395,7 +395,7 @@ fn host_of(host: &str) -> &str {
     }
 }
 
-fn header<'r>(headers: &'r [(String, String)], lower: &str) -> Option<&'r str> {
+pub(crate) fn header<'r>(headers: &'r [(String, String)], lower: &str) -> Option<&'r str> {
     headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(lower))
@@ -410,11 +410,12 @@ fn hex_value(b: u8) -> Option<u8> {
 pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k) == name).then(|| decode(v))
+        (decode_component(k) == name).then(|| decode_component(v))
     })
 }
 
-fn decode(s: &str) -> String {
+/// A query component with `+` and percent-escapes decoded.
+pub(crate) fn decode_component(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -1124,7 +1125,14 @@ impl Catalog {
         best.map(|(_, i)| i)
     }
 
-    /// Decides a call at `now`, counting in `store`.
+    /// The API a request routes to, if any.
+    pub(crate) fn route_api(&self, req: &Request) -> Option<u32> {
+        self.route(req).map(|(api, _)| api)
+    }
+
+    /// Decides a call at `now`, counting in `store`. An allowed call's upstream edits end with
+    /// the edge's own ([`crate::edge`]); an error is an internal failure, which
+    /// [`Catalog::failed`] turns into the configuration's answer.
     pub fn decide<'c>(
         &'c self,
         req: &Request,
@@ -1240,6 +1248,13 @@ impl Catalog {
                 if program.keeps_request {
                     call.later.get_or_insert_default().saved = Some(SavedRequest::of(req));
                 }
+                let (_, _, product, subscription) = self.names(&call);
+                self.edge.upstream_edits(
+                    req,
+                    self.key_names(api_ix),
+                    [product, subscription],
+                    &mut upstream,
+                );
                 Ok(Decision {
                     outcome: Outcome::Allowed,
                     response: None,

@@ -15,6 +15,7 @@ mod catalog;
 mod clock;
 mod counters;
 mod decide;
+pub mod edge;
 mod error;
 mod expr;
 mod json;
@@ -35,6 +36,8 @@ pub use decide::{
     CallContext, Completion, Decision, EngineError, HeaderEdit, HeaderEdits, KeyLocation, Outcome,
     Request,
 };
+pub use edge::config::{ConfigError, EdgeOptions, FailureMode, FilterConfig, SnapshotSource};
+pub use edge::IDENTITY_HEADERS;
 pub use error::{LoadError, LoadErrors};
 pub use keys::{digest_hex, key_digest};
 pub use response::LocalResponse;

@@ -14,7 +14,8 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// What to do with a policy element outside the edge subset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UnsupportedPolicies {
     /// Refuse the snapshot, naming the element and its scope (the default).
     #[default]

@@ -66,7 +66,14 @@ fn load(doc: &str, mode: UnsupportedPolicies) -> Result<Catalog, Vec<LoadError>>
         "apis": [{"name": "api", "path": "api"}],
         "products": [{"name": "product", "apis": ["api"], "policy": doc}]
     });
-    Catalog::load(&snapshot, LoadOptions { unsupported: mode }).map_err(|e| e.0)
+    Catalog::load(
+        &snapshot,
+        LoadOptions {
+            unsupported: mode,
+            ..LoadOptions::default()
+        },
+    )
+    .map_err(|e| e.0)
 }
 
 /// The reason of a refusal, without its position: `<cors> is not supported`, `expression`.

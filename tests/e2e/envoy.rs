@@ -33,11 +33,24 @@ fn send(port: u16, e: &Entry) -> Response {
 /// without a body arrives without it (the engine's decision carries it; see the README).
 const ENVOY_DIFFERENCES: [(&str, usize, &str); 1] = [("policies.jsonl", 14, "content-type")];
 
-/// Status, headers and body as each line of the trace expects (outcomes are checked through the
-/// access log in another test: HTTP does not carry them).
+/// Status, headers and body as each line of the trace expects, and what the upstream receives
+/// where it expects that (outcomes are checked through the access log in another test: HTTP
+/// does not carry them). A trace's `NAME.config.json`, when there is one, is merged into the
+/// filter configuration.
 fn replay_through_envoy(name: &str) {
     let upstream = start_upstream();
-    let envoy = start_envoy(&upstream, &json!({"snapshot": sample()})).unwrap();
+    let mut config = json!({"snapshot": sample()});
+    let sidecar = root()
+        .join("tests/traces")
+        .join(name)
+        .with_extension("config.json");
+    if let Ok(text) = std::fs::read_to_string(&sidecar) {
+        let extra: Value = serde_json::from_str(&text).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+    }
+    let envoy = start_envoy(&upstream, &config).unwrap();
     let text = std::fs::read_to_string(root().join("tests/traces").join(name)).unwrap();
     let entries = trace::parse(&text, 0).unwrap();
     let mut wrong = Vec::new();
@@ -71,8 +84,103 @@ fn replay_through_envoy(name: &str) {
                 wrong.push(format!("{name}[{i}]: body {:?}, expected {b:?}", r.body));
             }
         }
+        if let Some(up) = &expect.upstream {
+            let Ok(seen) = serde_json::from_str::<Value>(&r.body) else {
+                wrong.push(format!(
+                    "{name}[{i}]: did not reach the upstream: {}",
+                    r.body
+                ));
+                continue;
+            };
+            if let Some(p) = &up.path {
+                if seen["path"] != p.as_str() {
+                    wrong.push(format!(
+                        "{name}[{i}]: upstream path {}, expected {p:?}",
+                        seen["path"]
+                    ));
+                }
+            }
+            for (h, v) in &up.headers {
+                if seen["headers"].get(h).and_then(Value::as_str) != v.as_deref() {
+                    wrong.push(format!(
+                        "{name}[{i}]: upstream header {h} is {}, expected {v:?}",
+                        seen["headers"][h]
+                    ));
+                }
+            }
+        }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Every subscription key of the sample catalog.
+fn sample_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    for s in sample()["subscriptions"].as_array().unwrap() {
+        for k in ["primaryKey", "secondaryKey"] {
+            if let Some(key) = s["properties"][k].as_str() {
+                keys.push(key.to_string());
+            }
+        }
+    }
+    keys
+}
+
+#[test]
+fn edge_trace_through_envoy() {
+    replay_through_envoy("edge.jsonl");
+}
+
+/// With `stripSubscriptionKey`, no key text reaches the upstream, wherever and however often
+/// the client put it: the upstream's own view of every request (its raw head) is searched.
+#[test]
+fn no_key_text_reaches_the_upstream_when_keys_are_stripped() {
+    let upstream = start_upstream();
+    let envoy = start_envoy(
+        &upstream,
+        &json!({"snapshot": sample(), "stripSubscriptionKey": true}),
+    )
+    .unwrap();
+    let key = |k: &str| vec![("Ocp-Apim-Subscription-Key".to_string(), k.to_string())];
+    let cases: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("/echo/items/1?subscription-key=starter-primary", vec![]),
+        ("/echo/items/1?subscription%2Dkey=starter2-primary", vec![]),
+        ("/echo/items/1?subscription%2dkey=all-apis-key&x=1", vec![]),
+        (
+            "/echo/items/1?x=1&subscription-key=echo-only-key",
+            key("echo-only-key"),
+        ),
+        (
+            "/echo/items/1?subscription-key=gold-primary",
+            key("starter-primary"),
+        ),
+        (
+            "/echo/items/1?subscription-key=service-key&subscription-key=trial-primary",
+            vec![],
+        ),
+        ("/echo/items/1", key("starter2-primary")),
+        ("/public/anything?subscription-key=service-key", vec![]),
+        ("/partner/orders?partner-key=partner-key-1", {
+            vec![
+                ("X-Partner-Key".to_string(), "partner-key-1".to_string()),
+                ("x-partner".to_string(), "acme".to_string()),
+                ("x-forwarded-for".to_string(), "10.0.0.7".to_string()),
+            ]
+        }),
+    ];
+    let keys = sample_keys();
+    for (target, headers) in &cases {
+        let r = request(envoy.port, "GET", target, headers);
+        assert_eq!(r.status, 200, "{target}: {}", r.body);
+        let seen: Value = serde_json::from_str(&r.body).unwrap();
+        let head = seen["head"].as_str().unwrap();
+        for k in &keys {
+            assert!(
+                !head.contains(k.as_str()),
+                "{target}: the upstream received {k}:\n{head}"
+            );
+        }
+    }
 }
 
 #[test]

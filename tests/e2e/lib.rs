@@ -177,6 +177,7 @@ fn serve(conn: TcpStream) {
             return;
         }
         let target = line.split(' ').nth(1).unwrap_or("/").to_string();
+        let mut head = line.clone();
         let mut headers = serde_json::Map::new();
         let mut length = 0usize;
         loop {
@@ -186,6 +187,7 @@ fn serve(conn: TcpStream) {
                 return;
             }
             let h = String::from_utf8_lossy(&raw);
+            head.push_str(&h);
             let h = h.trim_end();
             if h.is_empty() {
                 break;
@@ -206,7 +208,7 @@ fn serve(conn: TcpStream) {
             .get("x-upstream-status")
             .and_then(|v| v.as_str()?.parse().ok())
             .unwrap_or(200);
-        let mut out = json!({"path": target, "headers": headers}).to_string();
+        let mut out = json!({"path": target, "headers": headers, "head": head}).to_string();
         if let Some(n) = headers
             .get("x-upstream-bytes")
             .and_then(|v| v.as_str()?.parse::<usize>().ok())

@@ -3,7 +3,7 @@
 //! other; the Istio and Envoy Gateway manifests carry a plugin configuration the filter accepts.
 
 use apim_edge_e2e::{envoy_bin, filter_wasm, root};
-use apim_edge_filter::config::FilterConfig;
+use apim_edge_policies::FilterConfig;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -115,7 +115,7 @@ fn the_istio_wasm_plugin_runs_before_authorization_and_fails_closed() {
     assert_eq!(plugin["spec"]["failStrategy"], "FAIL_CLOSE");
     let config =
         FilterConfig::parse(plugin["spec"]["pluginConfig"].to_string().as_bytes()).unwrap();
-    assert_eq!(config.source.unwrap().path, "/snapshot.json");
+    assert_eq!(config.snapshot_source.unwrap().path, "/snapshot.json");
 }
 
 #[test]

@@ -1,0 +1,292 @@
+//! The filter configuration (SPEC §5), read the same way by the proxy-wasm filter (its plugin
+//! configuration) and by the command line (`--config`): serde derive, with faults that name
+//! their JSON path.
+
+use crate::catalog::LoadOptions;
+use crate::policy::UnsupportedPolicies;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// What an internal failure does to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Answer 500 with an APIM-shaped body (the default).
+    #[default]
+    Closed,
+    /// Let the call through (the edge's own edits, key stripping among them, still apply).
+    Open,
+}
+
+/// The settings of the edge around APIM's decision: they shape what goes upstream and what a
+/// failure answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EdgeOptions {
+    /// Remove the subscription key (header and query parameter) before the upstream.
+    pub strip_subscription_key: bool,
+    /// Add `x-apim-product-id` and `x-apim-subscription-id` upstream; always remove client-sent
+    /// copies of them.
+    pub identity_headers: bool,
+    pub failure_mode: FailureMode,
+}
+
+/// Where the snapshot is fetched from, and how often it is checked for a new version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSource {
+    /// The proxy's cluster to call.
+    pub cluster: String,
+    /// Default: the cluster's name.
+    #[serde(default, deserialize_with = "or_default")]
+    pub authority: String,
+    #[serde(default = "default_path", deserialize_with = "or_default_path")]
+    pub path: String,
+    #[serde(default = "default_refresh", deserialize_with = "refresh_seconds")]
+    pub refresh_seconds: u64,
+}
+
+/// The plugin configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(
+    rename_all = "camelCase",
+    expecting = "a JSON object (the filter configuration)"
+)]
+pub struct FilterConfig {
+    /// The inline snapshot; with a source too, it serves until a fetched one loads.
+    #[serde(default, deserialize_with = "snapshot")]
+    pub snapshot: Option<Value>,
+    #[serde(default)]
+    pub snapshot_source: Option<SnapshotSource>,
+    #[serde(default, deserialize_with = "or_default")]
+    pub unsupported_policies: UnsupportedPolicies,
+    #[serde(default, deserialize_with = "or_default")]
+    pub failure_mode: FailureMode,
+    #[serde(default, deserialize_with = "or_default")]
+    pub strip_subscription_key: bool,
+    #[serde(default, deserialize_with = "or_default")]
+    pub identity_headers: bool,
+}
+
+/// Why a configuration cannot be used: the JSON path of the fault, and what is wrong there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+/// `null` reads as the default, as an absent field does.
+fn or_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn default_path() -> String {
+    "/snapshot.json".into()
+}
+
+fn or_default_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_path))
+}
+
+fn default_refresh() -> u64 {
+    10
+}
+
+fn refresh_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match Option::<u64>::deserialize(d) {
+        Ok(None) => Ok(default_refresh()),
+        Ok(Some(s)) if s >= 1 => Ok(s),
+        _ => Err(serde::de::Error::custom(
+            "expected a whole number of seconds, at least 1",
+        )),
+    }
+}
+
+fn snapshot<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(_)) => Ok(Some(v)),
+        Some(_) => Err(serde::de::Error::custom(
+            "expected an object (the catalog snapshot)",
+        )),
+    }
+}
+
+impl FilterConfig {
+    /// Reads a configuration. The inline snapshot is parsed into its tree once, here, and
+    /// moved out by the caller ([`Option::take`]) when it is loaded.
+    pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let mut config: FilterConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            json_fault(&path, e.into_inner())
+        })?;
+        de.end().map_err(|e| json_fault(".", e))?;
+        if let Some(source) = &mut config.snapshot_source {
+            if source.cluster.is_empty() {
+                return Err(fault(
+                    "snapshotSource.cluster",
+                    "expected a non-empty string",
+                ));
+            }
+            if source.authority.is_empty() {
+                source.authority = source.cluster.clone();
+            }
+        }
+        if config.snapshot.is_none() && config.snapshot_source.is_none() {
+            return Err(fault("snapshot", "required (or a snapshotSource)"));
+        }
+        Ok(config)
+    }
+
+    /// The edge's settings.
+    pub fn edge(&self) -> EdgeOptions {
+        EdgeOptions {
+            strip_subscription_key: self.strip_subscription_key,
+            identity_headers: self.identity_headers,
+            failure_mode: self.failure_mode,
+        }
+    }
+
+    /// How a snapshot is loaded under this configuration.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            unsupported: self.unsupported_policies,
+            edge: self.edge(),
+        }
+    }
+}
+
+/// A fault of serde's at `path` (`.` for the whole document).
+fn json_fault(path: &str, e: serde_json::Error) -> ConfigError {
+    let (path, message) = match e.classify() {
+        // A fault of the text: its line and column say where.
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            (".", format!("not valid JSON: {e}"))
+        }
+        _ => (path, strip_position(&e.to_string())),
+    };
+    ConfigError {
+        path: if path == "." {
+            "(configuration)".into()
+        } else {
+            path.into()
+        },
+        message,
+    }
+}
+
+fn fault(path: &str, message: &str) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// serde_json's message without its " at line L column C" tail: the path says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type R = Result<(), Box<dyn std::error::Error>>;
+
+    fn err(text: &str) -> String {
+        match FilterConfig::parse(text.as_bytes()) {
+            Ok(c) => format!("loaded: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_and_flags() -> R {
+        let c = FilterConfig::parse(br#"{"snapshot": {}, "stripSubscriptionKey": true}"#)?;
+        assert_eq!(c.unsupported_policies, UnsupportedPolicies::Reject);
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert!(c.strip_subscription_key && !c.identity_headers);
+        let c = FilterConfig::parse(
+            br#"{"snapshot": {}, "failureMode": null, "unsupportedPolicies": "skip", "identityHeaders": true, "counters": {"cluster": "x"}}"#,
+        )?;
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.unsupported_policies, UnsupportedPolicies::Skip);
+        assert!(c.identity_headers);
+        Ok(())
+    }
+
+    #[test]
+    fn a_source_with_defaults() -> R {
+        let c = FilterConfig::parse(br#"{"snapshotSource": {"cluster": "apim-config"}}"#)?;
+        assert_eq!(
+            c.snapshot_source,
+            Some(SnapshotSource {
+                cluster: "apim-config".into(),
+                authority: "apim-config".into(),
+                path: "/snapshot.json".into(),
+                refresh_seconds: 10
+            })
+        );
+        assert!(c.snapshot.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn faults_name_their_path() {
+        assert_eq!(
+            err(r#"{"snapshot": {}, "failureMode": "maybe"}"#),
+            "failureMode: unknown variant `maybe`, expected `closed` or `open`"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "identityHeaders": "yes"}"#),
+            "identityHeaders: invalid type: string \"yes\", expected a boolean"
+        );
+        assert_eq!(err(r#"{}"#), "snapshot: required (or a snapshotSource)");
+        assert_eq!(
+            err(r#"{"snapshotSource": {}}"#),
+            "snapshotSource: missing field `cluster`"
+        );
+        assert_eq!(
+            err(r#"{"snapshotSource": {"cluster": ""}}"#),
+            "snapshotSource.cluster: expected a non-empty string"
+        );
+        assert_eq!(
+            err(r#"{"snapshotSource": {"cluster": "c", "refreshSeconds": 0}}"#),
+            "snapshotSource.refreshSeconds: expected a whole number of seconds, at least 1"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": []}"#),
+            "snapshot: expected an object (the catalog snapshot)"
+        );
+        assert!(
+            err("{").starts_with("(configuration): not valid JSON"),
+            "{}",
+            err("{")
+        );
+        assert!(
+            err("{} x").starts_with("(configuration): not valid JSON"),
+            "{}",
+            err("{} x")
+        );
+        assert_eq!(
+            err(r#""a string""#),
+            "(configuration): invalid type: string \"a string\", expected a JSON object (the filter configuration)"
+        );
+    }
+
+    #[test]
+    fn the_inline_snapshot_is_kept_as_parsed() -> R {
+        let c = FilterConfig::parse(br#"{"snapshot": {"schemaVersion": 1, "apis": []}}"#)?;
+        assert_eq!(
+            c.snapshot,
+            Some(serde_json::json!({"schemaVersion": 1, "apis": []}))
+        );
+        Ok(())
+    }
+}
