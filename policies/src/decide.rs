@@ -613,6 +613,20 @@ struct Run<'a, 's> {
     reservations: SmallVec<[Reservation<'a>; 2]>,
     /// The step being run must reserve what it counts ([`crate::catalog::StepPlan`]).
     reserve: bool,
+    /// The by-key counters this call has met, so that each counts the call once however many
+    /// policies name the same key value (APIM: "if multiple policies would increment the same
+    /// key value, it is incremented only once per request").
+    keyed: SmallVec<[KeyedCount<'a>; 1]>,
+}
+
+/// A by-key counter a call has met: by kind, window and key value, and the weight it counted
+/// the call with (none yet when its `increment-condition` leaves that to the completion).
+#[derive(Debug, Clone)]
+struct KeyedCount<'a> {
+    kind: &'static str,
+    window: &'a str,
+    value: Cow<'a, str>,
+    counted: u64,
 }
 
 impl<'a> Run<'a, '_> {
@@ -843,6 +857,27 @@ impl<'a> Run<'a, '_> {
             },
         };
         let a = limit.allowance;
+        let kind = if quota { "qk" } else { "rlk" };
+        if let Some(met) = self
+            .keyed
+            .iter()
+            .find(|k| k.kind == kind && k.window == limit.window && k.value == value)
+        {
+            // Counted (or left to count) by an earlier policy of this call: this one only
+            // checks its own limit, with the call's weight already in the counter.
+            let already = met.counted;
+            return self.keyed_check(step, limit, quota, value, already, call);
+        }
+        self.keyed.push(KeyedCount {
+            kind,
+            window: &limit.window,
+            value: value.clone(),
+            counted: if limit.increment_condition.is_some() {
+                0
+            } else {
+                n
+            },
+        });
         let verdict = if quota {
             let counter = Counter {
                 kind: "qk",
@@ -919,6 +954,52 @@ impl<'a> Run<'a, '_> {
 }
 
 impl<'a> Run<'a, '_> {
+    /// A by-key limit whose counter an earlier policy of this call has met: the counter
+    /// already holds `already` of this call's weight, so the limit admits when what it holds
+    /// without them is under the limit. Nothing is counted or left to count.
+    fn keyed_check(
+        &mut self,
+        step: u32,
+        limit: &'a KeyedLimit,
+        quota: bool,
+        value: Cow<'a, str>,
+        already: u64,
+        call: &mut CallContext,
+    ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        let a = limit.allowance;
+        let calls = a.calls.map(|c| c.saturating_add(already));
+        let verdict = if quota {
+            let windows = FixedWindows {
+                origin: limit.first_period_start,
+                period: a.period,
+                calls,
+                bandwidth_kb: a.bandwidth_kb,
+            };
+            windows.check(self.store, &CounterName::new("qk", &limit.window, &value), self.now)?
+        } else {
+            counters::sliding_check(
+                self.store,
+                &CounterName::new("rlk", &limit.window, &value),
+                calls.unwrap_or(u64::MAX),
+                a.period,
+                self.now,
+            )?
+        };
+        if let Some(denial) = limit_denial(verdict, || limit.retry_after_header.clone()) {
+            return Ok(Some(denial));
+        }
+        if let (Verdict::Admitted { remaining }, Some(calls)) = (verdict, a.calls) {
+            self.limit_headers(
+                call,
+                step,
+                [&limit.remaining_header, &limit.total_header],
+                remaining.saturating_sub(already),
+                calls,
+            );
+        }
+        Ok(None)
+    }
+
     /// Counts a call of weight `n` in fixed windows. An admission is reserved (taken back if a
     /// later limit denies the call) and, for a bandwidth quota, left for the completion.
     fn admit_fixed(
@@ -1240,6 +1321,7 @@ impl Catalog {
             now,
             reservations: SmallVec::new(),
             reserve: true,
+            keyed: SmallVec::new(),
         };
         let mut upstream = HeaderEdits::new();
         let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);

@@ -420,3 +420,67 @@ fn a_step_between_a_rate_limit_and_a_quota_keeps_their_counts() {
     assert_eq!(outcome(&side_by_side, 62_000), Outcome::QuotaExceeded);
     assert_eq!(outcome(&apart, 63_000), Outcome::QuotaExceeded);
 }
+
+/// APIM's `quota-by-key` and `rate-limit-by-key`: "if multiple policies would increment the same
+/// key value, it is incremented only once per request". One key value at product and API scope
+/// counts each call once, so a limit of N admits N calls, not N / 2.
+#[test]
+fn one_key_value_at_two_scopes_is_counted_once_per_request() {
+    for (element, limit, denied) in [
+        ("quota-by-key", "calls=\"3\" renewal-period=\"3600\"", 403),
+        ("rate-limit-by-key", "calls=\"3\" renewal-period=\"60\"", 429),
+    ] {
+        let policy = format!(
+            r#"<policies><inbound><base /><{element} {limit} counter-key="@(context.Subscription.Id)" /></inbound></policies>"#
+        );
+        let c = catalog(&policy, &policy);
+        let store = MemoryStore::new();
+        let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+        let statuses: Vec<u16> = (0..5)
+            .map(|i| {
+                let d = c.decide(&request(&h, ""), 1_000 + i, &store).unwrap();
+                d.response.map_or(200, |r| r.status)
+            })
+            .collect();
+        assert_eq!(statuses, [200, 200, 200, denied, denied], "{element}");
+    }
+}
+
+/// Two limits on one key value: the call counts once, and each limit holds at its own number;
+/// a call the smaller limit denies is taken back from the counter, so it counts in neither.
+#[test]
+fn one_key_value_under_two_limits_counts_once_and_each_limit_holds() {
+    let product = r#"<policies><inbound><base /><rate-limit-by-key calls="4" renewal-period="60" counter-key="@(context.Subscription.Id)" /></inbound></policies>"#;
+    let api = r#"<policies><inbound><base /><rate-limit-by-key calls="2" renewal-period="60" counter-key="@(context.Subscription.Id)" remaining-calls-header-name="x-left" /></inbound></policies>"#;
+    let c = catalog(product, api);
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let mut left = Vec::new();
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| {
+            let d = c.decide(&request(&h, ""), 1_000 + i, &store).unwrap();
+            if let Some(call) = &d.call {
+                if d.response.is_none() {
+                    let edits = c.respond(call, 200, &|_| false).unwrap();
+                    left.extend(edits.iter().filter_map(|e| match e {
+                        HeaderEdit::Set(n, v) if n == "x-left" => Some(v.to_string()),
+                        _ => None,
+                    }));
+                }
+            }
+            d.response.map_or(200, |r| r.status)
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    assert_eq!(left, ["1", "0"]);
+    // The denied calls were taken back: with the smaller limit gone (another API policy), the
+    // larger admits exactly two more in the same window.
+    let c2 = catalog(product, "<policies><inbound><base /></inbound></policies>");
+    let more: Vec<u16> = (0..3)
+        .map(|i| {
+            let d = c2.decide(&request(&h, ""), 2_000 + i, &store).unwrap();
+            d.response.map_or(200, |r| r.status)
+        })
+        .collect();
+    assert_eq!(more, [200, 200, 429]);
+}
