@@ -43,6 +43,10 @@ pub(crate) struct Scope {
 }
 
 pub(crate) const SECTIONS: [&str; 4] = ["inbound", "backend", "outbound", "on-error"];
+
+/// Elements APIM allows once per policy definition (its policy reference: "this policy can be
+/// used only once per policy definition").
+const ONCE_PER_DOCUMENT: [&str; 2] = ["rate-limit", "quota"];
 pub(crate) const INBOUND: usize = 0;
 pub(crate) const BACKEND: usize = 1;
 pub(crate) const OUTBOUND: usize = 2;
@@ -280,6 +284,7 @@ impl Compiler<'_> {
         }
         let before = self.errors.len();
         let mut policy = ScopePolicy::default();
+        let mut once: Vec<(String, Pos)> = Vec::new();
         for section in &root.children {
             let Some(index) = SECTIONS.iter().position(|s| *s == section.name) else {
                 self.error(
@@ -299,6 +304,21 @@ impl Compiler<'_> {
             }
             let mut nodes = Vec::new();
             for el in &section.children {
+                if ONCE_PER_DOCUMENT.contains(&el.name.as_str()) {
+                    if let Some(first) = once.iter().find(|(n, _)| *n == el.name) {
+                        let (line, column) = (first.1.line, first.1.column);
+                        self.error(
+                            scope,
+                            el.pos,
+                            format!(
+                                "<{}> may appear only once in a policy document (the first is at line {line}, column {column})",
+                                el.name
+                            ),
+                        );
+                        continue;
+                    }
+                    once.push((el.name.clone(), el.pos));
+                }
                 match self.element(el, scope, index) {
                     Ok(Some(node)) => nodes.push(node),
                     Ok(None) => {}
@@ -949,6 +969,26 @@ mod tests {
         assert!(err("<policies><inbound><rate-limit-by-key calls=\"1\" renewal-period=\"600\" counter-key=\"a\"/></inbound></policies>", ScopeKind::Product).contains("between 1 and 300"));
         assert!(err("<policies><inbound><quota-by-key calls=\"1\" renewal-period=\"60\" counter-key=\"a\"/></inbound></policies>", ScopeKind::Product).contains("at least 300"));
         ok("<policies><inbound><quota-by-key calls=\"1\" renewal-period=\"0\" counter-key=\"a\"/></inbound></policies>");
+    }
+
+    #[test]
+    fn a_rate_limit_or_a_quota_stands_once_in_a_document() {
+        let twice = err(
+            "<policies><inbound>\n  <rate-limit calls=\"1\" renewal-period=\"60\"/>\n  <quota calls=\"5\" renewal-period=\"60\"/>\n  <rate-limit calls=\"2\" renewal-period=\"30\"/>\n</inbound></policies>",
+            ScopeKind::Product,
+        );
+        assert!(
+            twice.contains("line 4, column 3")
+                && twice.contains("<rate-limit> may appear only once in a policy document (the first is at line 2, column 3)"),
+            "{twice}"
+        );
+        let quota = err(
+            "<policies><inbound><quota calls=\"1\" renewal-period=\"60\"/><quota calls=\"2\" renewal-period=\"60\"/></inbound></policies>",
+            ScopeKind::Product,
+        );
+        assert!(quota.contains("<quota> may appear only once"), "{quota}");
+        // One of each, and by-key limits as often as wanted, load.
+        ok("<policies><inbound><rate-limit calls=\"1\" renewal-period=\"60\"/><quota calls=\"5\" renewal-period=\"60\"/><rate-limit-by-key calls=\"1\" renewal-period=\"60\" counter-key=\"a\"/><rate-limit-by-key calls=\"1\" renewal-period=\"60\" counter-key=\"b\"/></inbound></policies>");
     }
 
     #[test]
