@@ -1,4 +1,4 @@
-//! The outside corpus (`../shared/corpus/apim-policies`, 118 real APIM policy documents): every
+//! The outside corpus (`tests/corpus/apim-policies`, 118 real APIM policy documents): every
 //! document is read without a panic; under `reject` each one compiles or is refused with an
 //! error that names the first unsupported element or expression with its line and column; under
 //! `skip` every document loads. Each document is loaded as a product's policy, with a
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn corpus() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/apim-policies");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/corpus/apim-policies");
     let mut docs = Vec::new();
     for sub in ["policy-toolkit", "policy-snippets"] {
         for e in
