@@ -6,9 +6,20 @@
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
-/// The access-log line: request, status, and the filter's decision (SPEC §4 outcome, product,
+/// The access log's format: [`ACCESS_LOG_FORMAT`], with the formatter extension that gives
+/// `%REQ_WITHOUT_QUERY%`.
+fn log_format() -> Value {
+    json!({
+        "text_format_source": {"inline_string": ACCESS_LOG_FORMAT},
+        "formatters": [{"name": "envoy.formatter.req_without_query", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"}}]
+    })
+}
+
+/// The access-log line: method, path without its query (where a subscription key may be),
+/// status, and the filter's decision (SPEC §4 outcome, product,
 /// subscription) from its properties, which Envoy keeps as filter state.
-pub const ACCESS_LOG_FORMAT: &str = "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)% index=%REQ(X-APIM-EDGE-INDEX)%\n";
+pub const ACCESS_LOG_FORMAT: &str = "ACCESS %REQ(:METHOD)% %REQ_WITHOUT_QUERY(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)% index=%REQ(X-APIM-EDGE-INDEX)%\n";
 
 /// What a bootstrap is made of.
 #[derive(Debug, Clone)]
@@ -41,10 +52,10 @@ impl Bootstrap {
             Some(path) => json!({"name": "envoy.access_loggers.file", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                 "path": path,
-                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}),
+                "log_format": log_format()}}),
             None => json!({"name": "envoy.access_loggers.stdout", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}),
+                "log_format": log_format()}}),
         };
         let mut clusters = vec![cluster("upstream", &self.upstream)];
         if let Some(c) = &self.config_server {

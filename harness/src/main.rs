@@ -109,7 +109,8 @@ enum Command {
         /// A file for the access log (default: standard output).
         #[arg(long)]
         access_log: Option<PathBuf>,
-        /// More filter settings (JSON): failureMode, unsupportedPolicies, stripSubscriptionKey, identityHeaders.
+        /// More filter settings (JSON): failureMode, unsupportedPolicies, stripSubscriptionKey
+        /// (true unless this file sets it), identityHeaders.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Where to write the bootstrap (default: standard output).
@@ -545,6 +546,10 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 Ok((h.to_string(), p))
             };
             let mut filter_config = config_document(config.as_deref())?;
+            // Keys are stripped before the upstream unless the configuration says otherwise.
+            if filter_config.get("stripSubscriptionKey").is_none() {
+                filter_config["stripSubscriptionKey"] = serde_json::Value::Bool(true);
+            }
             let doc = match &snapshot {
                 Some(path) => {
                     let doc: serde_json::Value = serde_json::from_str(&read(path)?)

@@ -975,7 +975,11 @@ impl<'a> Run<'a, '_> {
                 calls,
                 bandwidth_kb: a.bandwidth_kb,
             };
-            windows.check(self.store, &CounterName::new("qk", &limit.window, &value), self.now)?
+            windows.check(
+                self.store,
+                &CounterName::new("qk", &limit.window, &value),
+                self.now,
+            )?
         } else {
             counters::sliding_check(
                 self.store,

@@ -428,7 +428,11 @@ fn a_step_between_a_rate_limit_and_a_quota_keeps_their_counts() {
 fn one_key_value_at_two_scopes_is_counted_once_per_request() {
     for (element, limit, denied) in [
         ("quota-by-key", "calls=\"3\" renewal-period=\"3600\"", 403),
-        ("rate-limit-by-key", "calls=\"3\" renewal-period=\"60\"", 429),
+        (
+            "rate-limit-by-key",
+            "calls=\"3\" renewal-period=\"60\"",
+            429,
+        ),
     ] {
         let policy = format!(
             r#"<policies><inbound><base /><{element} {limit} counter-key="@(context.Subscription.Id)" /></inbound></policies>"#

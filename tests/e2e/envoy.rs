@@ -530,6 +530,21 @@ fn access_log_and_metrics_carry_the_decisions() {
         ],
     );
     assert_eq!(ok.status, 200);
+    // Keys in the query, a wrong one and a right one: the access log shows neither.
+    let wrong = request(
+        envoy.port,
+        "GET",
+        "/echo/items/3?subscription-key=wrong-secret-key",
+        std::slice::from_ref(&host),
+    );
+    assert_eq!(wrong.status, 401);
+    let queried = request(
+        envoy.port,
+        "GET",
+        "/echo/items/4?x=1&subscription-key=gold-primary",
+        std::slice::from_ref(&host),
+    );
+    assert_eq!(queried.status, 200);
     let missing = request(envoy.port, "GET", "/echo/items/2", &[host]);
     assert_eq!(missing.status, 401);
     let stats = envoy.stats("apim_edge");
@@ -541,6 +556,11 @@ fn access_log_and_metrics_carry_the_decisions() {
     };
     assert_eq!(
         stat("apim_edge.requests.allowed").as_deref(),
+        Some("2"),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stat("apim_edge.requests.invalid_key").as_deref(),
         Some("1"),
         "{stats:?}"
     );
@@ -552,7 +572,7 @@ fn access_log_and_metrics_carry_the_decisions() {
     // The same counters in Prometheus format (Envoy strips the wasmcustom namespace).
     let prometheus = request(envoy.admin, "GET", "/stats/prometheus", &[]).body;
     assert!(
-        prometheus.contains("apim_edge_requests_allowed{} 1"),
+        prometheus.contains("apim_edge_requests_allowed{} 2"),
         "{prometheus}"
     );
     assert!(
@@ -578,6 +598,14 @@ fn access_log_and_metrics_carry_the_decisions() {
         log.contains("ACCESS GET /echo/items/2 401 outcome=missing_key product=- subscription=-"),
         "{log}"
     );
+    assert!(
+        log.contains("ACCESS GET /echo/items/3 401 outcome=invalid_key")
+            && log.contains("ACCESS GET /echo/items/4 200 outcome=allowed product=gold"),
+        "{log}"
+    );
+    for key in ["wrong-secret-key", "gold-primary"] {
+        assert!(!log.contains(key), "the access log carries a key: {log}");
+    }
 }
 
 fn reload_catalog(keys: &[(&str, &str)]) -> String {

@@ -75,8 +75,30 @@ fn generated_bootstraps_are_valid_envoy_configuration() {
             .as_str()
             .unwrap()
             .to_string();
-        FilterConfig::parse(config.as_bytes()).unwrap();
+        let config = FilterConfig::parse(config.as_bytes()).unwrap();
+        assert!(
+            config.strip_subscription_key,
+            "{name}: keys are stripped by default"
+        );
     }
+    // Unless the configuration says otherwise.
+    let keep = dir.join("keep-keys.json");
+    std::fs::write(&keep, r#"{"stripSubscriptionKey": false}"#).unwrap();
+    let boot = generate(&[
+        "--snapshot",
+        "tests/catalog/sample.json",
+        "--config",
+        keep.to_str().unwrap(),
+    ]);
+    let config = boot.pointer(FILTER).unwrap()["configuration"]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !FilterConfig::parse(config.as_bytes())
+            .unwrap()
+            .strip_subscription_key
+    );
 }
 
 #[test]
