@@ -4,6 +4,9 @@
 //! `skip` every document loads. Each document is loaded as a product's policy, with a
 //! placeholder for every named value it references.
 
+// Test helpers may unwrap: a failure here is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use apim_edge_policies::{Catalog, LoadError, LoadOptions, UnsupportedPolicies};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -14,7 +17,7 @@ fn corpus() -> Vec<PathBuf> {
     let mut docs = Vec::new();
     for sub in ["policy-toolkit", "policy-snippets"] {
         for e in
-            std::fs::read_dir(dir.join(sub)).expect("the shared corpus is beside the repository")
+            std::fs::read_dir(dir.join(sub)).expect("the corpus is in tests/corpus")
         {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "xml") {

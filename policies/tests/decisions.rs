@@ -2,6 +2,9 @@
 //! made to the upstream request, where the key was found, internal failures, and the rule that a
 //! call denied by any limit consumes none.
 
+// Test helpers may unwrap: a failure here is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use apim_edge_policies::{
     Catalog, Completion, HeaderEdit, KeyLocation, LoadOptions, MemoryStore, Outcome, Request,
 };
