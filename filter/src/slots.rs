@@ -467,41 +467,6 @@ mod tests {
         Ok(())
     }
 
-    /// A rate limit's state in the layout of builds before session 5 (the expiry, then
-    /// `(instant, count)` entries in any order), under the name builds before session 7 gave a
-    /// rate limit's counter, as a running Envoy's shared data holds it when the filter is
-    /// replaced: the counter this build keeps (one per subscription and document) starts from
-    /// it, so its admissions still count.
-    #[test]
-    fn a_rate_limit_written_by_an_earlier_build_still_counts() -> R {
-        use apim_edge_policies::Outcome;
-        let engine = OnSlots::new(
-            "<policies><inbound><rate-limit calls=\"3\" renewal-period=\"60\" /></inbound></policies>",
-        )?;
-        let mut legacy = 61_000i64.to_le_bytes().to_vec();
-        for (at, n) in [(10i64, 1u32), (0, 1), (5, 1)] {
-            legacy.extend_from_slice(&at.to_le_bytes());
-            legacy.extend_from_slice(&n.to_le_bytes());
-        }
-        let store = SlotStore::new(&engine.shared, 0);
-        store.update(
-            &CounterName::new("rl", "s", "product:p/rate-limit"),
-            &mut |state| {
-                state.set(&legacy);
-                true
-            },
-        )?;
-        // Three admissions in the window: the next call is limited, and it was counted nowhere.
-        assert_eq!(engine.decide(20)?, Outcome::RateLimited);
-        // At 60,001 the admission at 0 has left the window: one more fits.
-        assert_eq!(engine.decide(60_001)?, Outcome::Allowed);
-        assert_eq!(engine.decide(60_002)?, Outcome::RateLimited);
-        assert!(store
-            .get(&CounterName::new("sl", "s", "product:p"))?
-            .is_some());
-        Ok(())
-    }
-
     /// The known limit the README states: a sliding window holds 12 bytes per distinct
     /// millisecond with admissions in it, so a rate limit of 10,000 calls a minute outgrows a
     /// slot after about 5,400 admissions at distinct instants. The write is then refused (an

@@ -735,14 +735,7 @@ impl<'a> Run<'a, '_> {
         verdicts: &mut OwnVerdicts,
     ) -> Result<(), EngineError> {
         let key = &CounterName::new(OWN_KIND, owner, document);
-        if !own.admit(self.store, key, self.now, None, verdicts)? {
-            let seed = self.own_seed(owner, document)?;
-            if !own.admit(self.store, key, self.now, Some(&seed), verdicts)? {
-                return Err(
-                    StoreError::Unavailable(format!("counter '{key}' was never read")).into(),
-                );
-            }
-        }
+        own.admit(self.store, key, self.now, verdicts)?;
         let admitted = |v: Option<Verdict>| v.is_none_or(|v| matches!(v, Verdict::Admitted { .. }));
         if admitted(verdicts.rate) && admitted(verdicts.quota.map(|(v, _)| v)) {
             if let Some(windows) = own.quota.filter(|w| w.bandwidth_kb.is_some()) {
@@ -765,17 +758,6 @@ impl<'a> Run<'a, '_> {
             });
         }
         Ok(())
-    }
-
-    /// What builds that kept a document's rate limit and quota apart counted for `owner`, to
-    /// start the counter they now share from.
-    #[cold]
-    fn own_seed(&self, owner: &str, document: &str) -> Result<Vec<u8>, StoreError> {
-        own::seed(
-            self.store,
-            &CounterName::new("rl", owner, &format!("{document}/rate-limit")),
-            &CounterName::new("q", owner, &format!("{document}/quota")),
-        )
     }
 
     /// The `<api>` limits nested in a `rate-limit` or `quota` that match the call, and their
@@ -1657,62 +1639,6 @@ mod tests {
         assert_eq!(query_param("a=%", "a").as_deref(), Some("%"));
         assert_eq!(query_param("a=%4", "a").as_deref(), Some("%4"));
         assert_eq!(query_param("", "a"), None);
-    }
-
-    #[test]
-    fn an_upgrade_keeps_what_builds_before_it_counted_apart() {
-        // Builds before this one counted a subscription's rate limit and quota of a product
-        // under two names; the counter that holds both now starts from them.
-        let doc = serde_json::json!({
-            "apis": [{"name": "orders", "properties": {"path": "orders"}}],
-            "products": [{"name": "Starter", "apis": ["orders"],
-                          "policy": r#"<policies><inbound><rate-limit calls="3" renewal-period="60" /><quota calls="5" renewal-period="3600" /><base /></inbound></policies>"#}],
-            "subscriptions": [{"name": "Sub-1", "properties": {"scope": "/products/Starter", "primaryKey": "k"}}]
-        });
-        let c = Catalog::load(&doc, crate::LoadOptions::default()).unwrap();
-        let store = crate::MemoryStore::new();
-        for now in [0, 10] {
-            counters::sliding_admit(
-                &store,
-                &CounterName::new("rl", "sub-1", "product:starter/rate-limit"),
-                3,
-                60_000,
-                now,
-                1,
-            )
-            .unwrap();
-        }
-        let quota = FixedWindows {
-            origin: 0,
-            period: 3_600_000,
-            calls: Some(5),
-            bandwidth_kb: None,
-        };
-        for now in [0, 10, 20, 30] {
-            quota
-                .admit(
-                    &store,
-                    &CounterName::new("q", "sub-1", "product:starter/quota"),
-                    now,
-                    1,
-                )
-                .unwrap();
-        }
-        let headers = vec![("Ocp-Apim-Subscription-Key".to_string(), "k".to_string())];
-        let request = Request {
-            method: "GET",
-            host: "h",
-            path: "/orders",
-            query: "",
-            headers: &headers,
-            client_ip: None,
-        };
-        let outcome = |now| c.decide(&request, now, &store).unwrap().outcome;
-        // The rate limit has room for one more (two of three counted), and so has the quota
-        // (four of five).
-        assert_eq!(outcome(1_000), Outcome::Allowed);
-        assert_eq!(outcome(2_000), Outcome::RateLimited);
-        assert_eq!(outcome(61_000), Outcome::QuotaExceeded);
     }
 
     proptest! {

@@ -16,9 +16,7 @@ fn corpus() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/corpus/apim-policies");
     let mut docs = Vec::new();
     for sub in ["policy-toolkit", "policy-snippets"] {
-        for e in
-            std::fs::read_dir(dir.join(sub)).expect("the corpus is in tests/corpus")
-        {
+        for e in std::fs::read_dir(dir.join(sub)).expect("the corpus is in tests/corpus") {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "xml") {
                 docs.push(p);

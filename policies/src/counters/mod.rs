@@ -18,7 +18,6 @@
 use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
 use crate::words::same_bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
-use std::borrow::Cow;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Range;
 use std::sync::Mutex;
@@ -446,18 +445,31 @@ pub(crate) enum Verdict {
 /// store that must bound its memory can drop expired states without knowing their kind.
 const EXPIRY: usize = 8;
 
+/// Then the version of the states' layout: a state of another version (written by another
+/// build) reads as never written. Builds before this byte were never released, and nothing of
+/// theirs is carried over.
+pub(crate) const LAYOUT_VERSION: u8 = 1;
+
+/// The bytes every state starts with: its expiry and its layout's version.
+const HEAD: usize = EXPIRY + 1;
+
+/// Whether a state is of this build's layout version.
+fn current(bytes: &[u8]) -> bool {
+    bytes.len() >= HEAD && bytes[EXPIRY] == LAYOUT_VERSION
+}
+
 /// When a counter state expires (it then counts as never written).
 pub fn counter_expiry(bytes: &[u8]) -> Option<Millis> {
     let head: [u8; EXPIRY] = bytes.get(..EXPIRY)?.try_into().ok()?;
     Some(i64::from_le_bytes(head))
 }
 
-/// A sliding-window state: the [`EXPIRY`], the running count before its first entry (`u32`),
+/// A sliding-window state: the [`HEAD`], the running count before its first entry (`u32`),
 /// then one entry of [`ADMISSION`] bytes per instant with admissions, in time order: the instant
 /// (`i64`) and the running count of admissions up to and including it (`u32`, wrapping). The
 /// admissions from any entry on are then one subtraction, and the entry where a window begins
 /// one binary search.
-const SLIDING_HEAD: usize = EXPIRY + 4;
+const SLIDING_HEAD: usize = HEAD + 4;
 
 /// The bytes of one entry of a sliding-window state: its instant, then the running count.
 const ADMISSION: usize = 12;
@@ -503,14 +515,15 @@ struct Admissions<'b> {
 }
 
 impl<'b> Admissions<'b> {
-    /// The entries of a state in this layout (see [`in_layout`]).
+    /// The entries of a state; none when it is not a sliding-window state of this layout
+    /// ([`is_sliding`]).
     fn of(bytes: &'b [u8]) -> Self {
         match bytes.get(SLIDING_HEAD..) {
-            Some(entries) => Admissions {
-                base: u32_at(bytes, EXPIRY),
-                entries: &entries[..entries.len() - entries.len() % ADMISSION],
+            Some(entries) if is_sliding(bytes) => Admissions {
+                base: u32_at(bytes, HEAD),
+                entries,
             },
-            None => Admissions {
+            _ => Admissions {
                 base: 0,
                 entries: &[],
             },
@@ -569,60 +582,33 @@ impl<'b> Admissions<'b> {
     }
 }
 
-/// A state in this layout, as it is, or rewritten from the layout of builds before it (the
-/// expiry, then `(instant, count)` entries of 12 bytes in any order, told apart by its length):
-/// sorted, one entry per instant, with running counts. A state never written is empty.
-#[inline]
-fn in_layout(bytes: &[u8]) -> Cow<'_, [u8]> {
-    if bytes.len().is_multiple_of(ADMISSION) {
-        Cow::Borrowed(bytes)
-    } else {
-        Cow::Owned(from_earlier_layout(bytes))
-    }
+/// Whether a state is a sliding-window state of this layout: the head, then whole entries.
+fn is_sliding(bytes: &[u8]) -> bool {
+    current(bytes)
+        && bytes.len() >= SLIDING_HEAD
+        && (bytes.len() - SLIDING_HEAD).is_multiple_of(ADMISSION)
 }
 
-/// [`in_layout`] for a state of an earlier build.
-#[cold]
-fn from_earlier_layout(bytes: &[u8]) -> Vec<u8> {
-    let mut entries: Vec<(Millis, u32)> = bytes
-        .get(EXPIRY..)
-        .unwrap_or(&[])
-        .chunks_exact(ADMISSION)
-        .map(|e| (i64_at(e, 0), u32_at(e, 8)))
-        .collect();
-    entries.sort_unstable_by_key(|&(at, _)| at);
-    let mut out = bytes.get(..EXPIRY).unwrap_or(&[0; EXPIRY]).to_vec();
-    out.extend_from_slice(&0u32.to_le_bytes());
-    let mut running = 0u32;
-    for (at, n) in entries {
-        running = running.wrapping_add(n);
-        let last = out.len() - ADMISSION;
-        if out.len() > SLIDING_HEAD && i64_at(&out, last) == at {
-            out[last + 8..].copy_from_slice(&running.to_le_bytes());
-        } else {
-            out.extend_from_slice(&at.to_le_bytes());
-            out.extend_from_slice(&running.to_le_bytes());
-        }
+/// Drops a state that is not a sliding-window state of this layout (another build's), so that
+/// it reads as never written; true when it did.
+fn forget_other_layout(state: &mut State<'_>) -> bool {
+    let other = !state.bytes().is_empty() && !is_sliding(state.bytes());
+    if other {
+        state.set(&[]);
     }
-    out
+    other
 }
 
-/// Puts a state written by an earlier build into this layout; true when it did.
-#[inline]
-fn into_layout(state: &mut State<'_>) -> bool {
-    match in_layout(state.bytes()) {
-        Cow::Borrowed(_) => false,
-        Cow::Owned(bytes) => {
-            state.set(&bytes);
-            true
-        }
-    }
+/// A sliding-window state with no admission.
+fn empty_sliding() -> [u8; SLIDING_HEAD] {
+    let mut head = [0; SLIDING_HEAD];
+    head[EXPIRY] = LAYOUT_VERSION;
+    head
 }
 
 #[cfg(test)]
 fn decode_sliding(bytes: Option<&[u8]>) -> Vec<(Millis, u32)> {
-    let bytes = in_layout(bytes.unwrap_or(&[]));
-    Admissions::of(&bytes).iter().collect()
+    Admissions::of(bytes.unwrap_or(&[])).iter().collect()
 }
 
 /// Admitted while fewer than `calls` were admitted in `(now - period, now]` (later ones, from
@@ -657,8 +643,8 @@ fn add_running(state: &mut State<'_>, from: usize, delta: u32) {
 /// expiry follows the latest entry, and the entries that have left the window and the skew are
 /// dropped once there are [`DROP_BATCH`] of them, or as many as are kept.
 fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
-    if state.bytes().len() < SLIDING_HEAD {
-        state.set(&[0; SLIDING_HEAD]);
+    if !is_sliding(state.bytes()) {
+        state.set(&empty_sliding());
     }
     let a = Admissions::of(state.bytes());
     let (len, latest) = (a.len(), a.latest().map_or(now, |l| l.max(now)));
@@ -695,7 +681,7 @@ fn count_admission(state: &mut State<'_>, period: Millis, now: Millis, n: u32) {
     let expiry = latest.saturating_add(period).saturating_add(CLOCK_SKEW);
     state.bytes_mut()[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
     if dead > 0 {
-        state.bytes_mut()[EXPIRY..SLIDING_HEAD].copy_from_slice(&base.to_le_bytes());
+        state.bytes_mut()[HEAD..SLIDING_HEAD].copy_from_slice(&base.to_le_bytes());
         state.remove(SLIDING_HEAD..SLIDING_HEAD + dead * ADMISSION);
     }
 }
@@ -720,7 +706,7 @@ fn admit_in(
     now: Millis,
     n: u32,
 ) -> (bool, Verdict) {
-    let rewritten = into_layout(state);
+    let rewritten = forget_other_layout(state);
     match sliding_verdict(Admissions::of(state.bytes()), calls, period, now) {
         Verdict::Admitted { remaining } => {
             count_admission(state, period, now, n);
@@ -740,8 +726,8 @@ pub(crate) fn sliding_check(
     now: Millis,
 ) -> Result<Verdict, StoreError> {
     let current = store.get(key)?;
-    let bytes = in_layout(current.as_ref().map_or(&[][..], |(b, _)| b.as_slice()));
-    Ok(sliding_verdict(Admissions::of(&bytes), calls, period, now))
+    let bytes = current.as_ref().map_or(&[][..], |(b, _)| b.as_slice());
+    Ok(sliding_verdict(Admissions::of(bytes), calls, period, now))
 }
 
 /// Counts `n` calls at `now` unconditionally (an `increment-condition` that held).
@@ -753,7 +739,6 @@ pub(crate) fn sliding_add(
     n: u32,
 ) -> Result<(), StoreError> {
     update(store, key, |state| {
-        into_layout(state);
         count_admission(state, period, now, n);
         (true, ())
     })
@@ -772,11 +757,10 @@ pub(crate) fn sliding_release(
 
 /// [`sliding_release`]'s change of a sliding-window state: whether to write it.
 fn release_in(state: &mut State<'_>, at: Millis, n: u32) -> bool {
-    let rewritten = into_layout(state);
     let a = Admissions::of(state.bytes());
     let i = match a.first_after(at).checked_sub(1) {
         Some(i) if a.at(i) == at && a.count(i) >= n => i,
-        _ => return rewritten,
+        _ => return false,
     };
     let emptied = a.count(i) == n;
     add_running(state, i, n.wrapping_neg());
@@ -796,20 +780,21 @@ struct Window {
     bytes: u64,
 }
 
-/// A fixed window's state (the expiry, then start, calls and bytes); `None` when never written.
+/// A fixed window's state (the [`HEAD`], then start, calls and bytes); `None` when never
+/// written (or written in another layout).
 fn decode_window(bytes: &[u8]) -> Option<Window> {
-    if bytes.len() != WINDOW {
+    if bytes.len() != WINDOW || !current(bytes) {
         return None;
     }
     Some(Window {
-        start: i64_at(bytes, EXPIRY),
-        calls: u64_at(bytes, EXPIRY + 8),
-        bytes: u64_at(bytes, EXPIRY + 16),
+        start: i64_at(bytes, HEAD),
+        calls: u64_at(bytes, HEAD + 8),
+        bytes: u64_at(bytes, HEAD + 16),
     })
 }
 
 /// The bytes of a fixed window's state.
-const WINDOW: usize = EXPIRY + 24;
+const WINDOW: usize = HEAD + 24;
 
 /// Writes window `w` as the state.
 fn encode_window(w: &Window, period: Millis, state: &mut State<'_>) {
@@ -824,11 +809,11 @@ fn window_bytes(w: &Window, period: Millis) -> [u8; WINDOW] {
         w.start.saturating_add(period).saturating_add(CLOCK_SKEW)
     };
     let mut out = [0u8; WINDOW];
-    for (i, x) in [expiry, w.start].into_iter().enumerate() {
-        out[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
-    }
+    out[..EXPIRY].copy_from_slice(&expiry.to_le_bytes());
+    out[EXPIRY] = LAYOUT_VERSION;
+    out[HEAD..HEAD + 8].copy_from_slice(&w.start.to_le_bytes());
     for (i, x) in [w.calls, w.bytes].into_iter().enumerate() {
-        out[16 + i * 8..24 + i * 8].copy_from_slice(&x.to_le_bytes());
+        out[HEAD + 8 + i * 8..HEAD + 16 + i * 8].copy_from_slice(&x.to_le_bytes());
     }
     out
 }
@@ -1105,40 +1090,6 @@ mod tests {
         // The running counts carry on from the entries dropped.
         assert_eq!(admit(3_600), Verdict::Admitted { remaining: 7 });
         assert_eq!(admit(3_601), Verdict::Admitted { remaining: 6 });
-    }
-
-    #[test]
-    fn a_state_out_of_time_order_still_counts_exactly() {
-        // A state written out of order (by an earlier version of the filter, say): entries
-        // inside the window come before and after one that has left it.
-        let s = MemoryStore::new();
-        let mut bytes = 9_000i64.to_le_bytes().to_vec();
-        for (at, n) in [(1_500i64, 2u32), (100, 1), (1_200, 1), (50, 4)] {
-            bytes.extend_from_slice(&at.to_le_bytes());
-            bytes.extend_from_slice(&n.to_le_bytes());
-        }
-        assert!(s.compare_and_set(&name("k"), &bytes, None).unwrap());
-        // At 2,150 with a 1 s window: 1,500 and 1,200 count (3 of 5); 100 and 50 are past the
-        // window and the skew, and count no more.
-        assert_eq!(
-            sliding_admit(&s, &name("k"), 5, 1_000, 2_150, 1).unwrap(),
-            Verdict::Admitted { remaining: 1 }
-        );
-        // It is written back in this build's layout: in time order, with running counts.
-        let state = s.get(&name("k")).unwrap().unwrap().0;
-        assert!(state.len().is_multiple_of(ADMISSION));
-        assert_eq!(
-            Admissions::of(&state).iter().collect::<Vec<_>>(),
-            vec![(50, 4), (100, 1), (1_200, 1), (1_500, 2), (2_150, 1)]
-        );
-        assert_eq!(
-            sliding_admit(&s, &name("k"), 5, 1_000, 2_150, 1).unwrap(),
-            Verdict::Admitted { remaining: 0 }
-        );
-        assert_eq!(
-            sliding_admit(&s, &name("k"), 5, 1_000, 2_150, 1).unwrap(),
-            Verdict::RateLimited { wait: 50 }
-        );
     }
 
     #[test]

@@ -7,19 +7,19 @@
 //! order and counted in both or (when one denies) in neither, in one update, so nothing has to
 //! be taken back. In the filter that is one slot read and written per call instead of two.
 //!
-//! The state: the [`EXPIRY`] (the later of its parts'), the length of the quota's part (a byte,
-//! 0 or [`WINDOW`]), the quota's fixed window, then the rate limit's sliding window to the end
-//! (last, as it grows and shrinks). Each part is in the layout of a counter of its own, so a
-//! counter written by a build that kept them apart becomes a part as it is ([`seed`]).
+//! The state: the [`HEAD`] (its expiry the later of its parts', and the layout's version), the
+//! length of the quota's part (a byte, 0 or [`WINDOW`]), the quota's fixed window, then the rate
+//! limit's sliding window to the end (last, as it grows and shrinks). Each part is in the layout
+//! of a counter of its own.
 
 use super::{
-    count_admission, counter_expiry, decode_window, in_layout, into_layout, release_in,
-    release_window, sliding_verdict, update, window_bytes, Admissions, CounterName, CounterStore,
-    FixedWindows, Millis, State, StoreError, Verdict, Window, EXPIRY, WINDOW,
+    count_admission, counter_expiry, current, forget_other_layout, release_in, release_window,
+    sliding_verdict, update, window_bytes, Admissions, CounterName, CounterStore, FixedWindows,
+    Millis, State, StoreError, Verdict, Window, EXPIRY, HEAD, LAYOUT_VERSION, WINDOW,
 };
 
-/// The bytes before the quota's part: the expiry and the quota part's length.
-const HEAD: usize = EXPIRY + 1;
+/// The bytes before the quota's part: the [`HEAD`] and the quota part's length.
+const OWN_HEAD: usize = HEAD + 1;
 
 /// The own limits of one document that one update counts a call in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,23 +42,25 @@ pub(crate) struct OwnVerdicts {
 
 /// The quota part's length, once the state is in this layout.
 fn quota_len(bytes: &[u8]) -> usize {
-    usize::from(bytes[EXPIRY])
+    usize::from(bytes[HEAD])
 }
 
 /// Whether a state is in this layout.
 fn in_own_layout(b: &[u8]) -> bool {
-    b.len() >= HEAD && {
+    b.len() >= OWN_HEAD && current(b) && {
         let q = quota_len(b);
-        (q == 0 || q == WINDOW) && b.len() >= HEAD + q
+        (q == 0 || q == WINDOW) && b.len() >= OWN_HEAD + q
     }
 }
 
-/// Puts a state that is not in this layout (never written by it) into it, empty; true when it
-/// did.
+/// Puts a state that is not in this layout (never written, or another build's) into it, empty;
+/// true when it did.
 fn into_own_layout(state: &mut State<'_>) -> bool {
     let fits = in_own_layout(state.bytes());
     if !fits {
-        state.set(&[0; HEAD]);
+        let mut empty = [0; OWN_HEAD];
+        empty[EXPIRY] = LAYOUT_VERSION;
+        state.set(&empty);
     }
     !fits
 }
@@ -67,10 +69,10 @@ fn into_own_layout(state: &mut State<'_>) -> bool {
 fn set_quota(state: &mut State<'_>, w: &Window, period: Millis) {
     let bytes = window_bytes(w, period);
     if quota_len(state.bytes()) == WINDOW {
-        state.bytes_mut()[HEAD..HEAD + WINDOW].copy_from_slice(&bytes);
+        state.bytes_mut()[OWN_HEAD..OWN_HEAD + WINDOW].copy_from_slice(&bytes);
     } else {
-        state.insert(HEAD, &bytes);
-        state.bytes_mut()[EXPIRY] = WINDOW as u8;
+        state.insert(OWN_HEAD, &bytes);
+        state.bytes_mut()[HEAD] = WINDOW as u8;
     }
 }
 
@@ -78,7 +80,7 @@ fn set_quota(state: &mut State<'_>, w: &Window, period: Millis) {
 fn refresh_expiry(state: &mut State<'_>) {
     let b = state.bytes();
     let q = quota_len(b);
-    let expiry = [&b[HEAD..HEAD + q], &b[HEAD + q..]]
+    let expiry = [&b[OWN_HEAD..OWN_HEAD + q], &b[OWN_HEAD + q..]]
         .into_iter()
         .filter_map(counter_expiry)
         .max()
@@ -90,40 +92,24 @@ impl OwnLimits {
     /// Admits a call of weight 1 under each limit, in the document's order, and counts it in
     /// every one or, when one denies, in none. The verdicts are written into `verdicts` (where
     /// the caller reads them, rather than moved out through the store's update).
-    ///
-    /// False when the counter was never written and `seed` is `None`: the caller then reads
-    /// what builds before this one counted ([`seed`]) and calls again with it, which gives
-    /// true. The seed is used only if the counter is still unwritten.
     pub fn admit(
         &self,
         store: &dyn CounterStore,
         key: &CounterName<'_>,
         now: Millis,
-        seed: Option<&[u8]>,
         verdicts: &mut OwnVerdicts,
-    ) -> Result<bool, StoreError> {
-        let mut read = false;
+    ) -> Result<(), StoreError> {
         store.update(key, &mut |state| {
             *verdicts = OwnVerdicts::default();
-            let mut write = false;
-            if state.bytes().is_empty() {
-                match seed {
-                    Some(seed) => {
-                        state.set(seed);
-                        write = true;
-                    }
-                    None => return false,
-                }
-            }
-            read = true;
-            write |= into_own_layout(state);
+            let mut write = into_own_layout(state);
             let q = quota_len(state.bytes());
             // Every verdict before anything is counted.
             let mut quota_window = None;
             for quota in [self.quota_first, !self.quota_first] {
                 let admitted = if quota {
                     let Some(windows) = &self.quota else { continue };
-                    let (w, verdict) = windows.admit_in(&state.bytes()[HEAD..HEAD + q], now, 1);
+                    let (w, verdict) =
+                        windows.admit_in(&state.bytes()[OWN_HEAD..OWN_HEAD + q], now, 1);
                     verdicts.quota = Some(verdict);
                     quota_window = w;
                     quota_window.is_some()
@@ -131,8 +117,8 @@ impl OwnLimits {
                     let Some((calls, period)) = self.rate else {
                         continue;
                     };
-                    let mut sliding = state.tail(HEAD + q);
-                    write |= into_layout(&mut sliding);
+                    let mut sliding = state.tail(OWN_HEAD + q);
+                    write |= forget_other_layout(&mut sliding);
                     let a = Admissions::of(sliding.bytes());
                     let verdict = sliding_verdict(a, calls, period, now);
                     verdicts.rate = Some(verdict);
@@ -143,7 +129,7 @@ impl OwnLimits {
                 }
             }
             if let Some((_, period)) = self.rate {
-                count_admission(&mut state.tail(HEAD + q), period, now, 1);
+                count_admission(&mut state.tail(OWN_HEAD + q), period, now, 1);
                 if let Some(Verdict::Admitted { remaining }) = &mut verdicts.rate {
                     *remaining = remaining.saturating_sub(1);
                 }
@@ -153,35 +139,8 @@ impl OwnLimits {
             }
             refresh_expiry(state);
             true
-        })?;
-        Ok(read)
+        })
     }
-}
-
-/// The state to start a never-written counter from: what a build that kept the two apart
-/// counted under `rate_key` and `quota_key`, so that an upgrade neither forgets admissions nor
-/// renews a quota early. Either may be absent.
-pub(crate) fn seed(
-    store: &dyn CounterStore,
-    rate_key: &CounterName<'_>,
-    quota_key: &CounterName<'_>,
-) -> Result<Vec<u8>, StoreError> {
-    let quota = store
-        .get(quota_key)?
-        .map(|(b, _)| b)
-        .filter(|b| decode_window(b).is_some());
-    let rate = store.get(rate_key)?.map(|(b, _)| b);
-    let mut out = vec![0; HEAD];
-    if let Some(q) = quota {
-        out[EXPIRY] = WINDOW as u8;
-        out.extend_from_slice(&q);
-    }
-    if let Some(r) = rate {
-        // Put into this build's layout now, so the part is one state whatever wrote it.
-        out.extend_from_slice(&in_layout(&r));
-    }
-    refresh_expiry(&mut State::new(&mut out));
-    Ok(out)
 }
 
 /// Takes back a call counted by [`OwnLimits::admit`] (a later step denied it): the rate limit's
@@ -200,13 +159,13 @@ pub(crate) fn release(
         let q = quota_len(state.bytes());
         let mut write = false;
         if let Some((period, start)) = quota {
-            if let Some(w) = release_window(&state.bytes()[HEAD..HEAD + q], start, 1) {
+            if let Some(w) = release_window(&state.bytes()[OWN_HEAD..OWN_HEAD + q], start, 1) {
                 set_quota(state, &w, period);
                 write = true;
             }
         }
         if let Some(at) = rate_at {
-            write |= release_in(&mut state.tail(HEAD + q), at, 1);
+            write |= release_in(&mut state.tail(OWN_HEAD + q), at, 1);
         }
         (write, ())
     })
@@ -227,7 +186,7 @@ pub(crate) fn add_bytes(
     update(store, key, |state| {
         into_own_layout(state);
         let q = quota_len(state.bytes());
-        let w = windows.add_in(&state.bytes()[HEAD..HEAD + q], now, 0, bytes);
+        let w = windows.add_in(&state.bytes()[OWN_HEAD..OWN_HEAD + q], now, 0, bytes);
         set_quota(state, &w, windows.period);
         refresh_expiry(state);
         (true, ())
@@ -259,13 +218,9 @@ mod tests {
         }
     }
 
-    /// Admits as the engine does: from the counters of an earlier build when there is none.
     fn admit(s: &MemoryStore, l: &OwnLimits, now: Millis) -> OwnVerdicts {
         let mut v = OwnVerdicts::default();
-        if !l.admit(s, &name("sl"), now, None, &mut v).unwrap() {
-            let seed = seed(s, &name("rl"), &name("q")).unwrap();
-            assert!(l.admit(s, &name("sl"), now, Some(&seed), &mut v).unwrap());
-        }
+        l.admit(s, &name("sl"), now, &mut v).unwrap();
         v
     }
 
@@ -318,47 +273,36 @@ mod tests {
     }
 
     #[test]
-    fn counters_an_earlier_build_kept_apart_are_carried_over() {
+    fn the_expiry_is_the_later_of_the_parts() {
         let s = MemoryStore::new();
-        sliding_admit(&s, &name("rl"), 3, 100_000, 0, 1).unwrap();
-        sliding_admit(&s, &name("rl"), 3, 100_000, 10, 1).unwrap();
         let l = limits(3, 2, false);
-        l.quota.unwrap().admit(&s, &name("q"), 20, 1).unwrap();
-        assert_eq!(
-            admit(&s, &l, 30),
-            OwnVerdicts {
-                rate: Some(admitted(0)),
-                quota: Some((admitted(0), 0)),
-            }
-        );
-        assert!(matches!(
-            admit(&s, &l, 40).rate,
-            Some(Verdict::RateLimited { .. })
-        ));
-        // The counter's expiry is the later of its parts': the rate limit's last admission.
+        admit(&s, &l, 30);
+        // The rate limit's last admission outlives the quota's minute.
         let state = s.get(&name("sl")).unwrap().unwrap().0;
         assert_eq!(counter_expiry(&state), Some(30 + 100_000 + CLOCK_SKEW));
+        assert_eq!(state[EXPIRY], LAYOUT_VERSION);
     }
 
     #[test]
-    fn a_rate_limit_in_the_layout_of_older_builds_is_carried_over() {
-        // Entries out of time order, of builds before running counts.
+    fn a_state_of_another_layout_version_counts_as_never_written() {
         let s = MemoryStore::new();
-        let mut bytes = 200_000i64.to_le_bytes().to_vec();
-        for (at, n) in [(900i64, 1u32), (100, 1)] {
-            bytes.extend_from_slice(&at.to_le_bytes());
-            bytes.extend_from_slice(&n.to_le_bytes());
-        }
-        assert!(s.compare_and_set(&name("rl"), &bytes, None).unwrap());
-        let l = OwnLimits {
-            quota: None,
-            ..limits(3, 0, false)
-        };
-        assert_eq!(admit(&s, &l, 1_000).rate, Some(admitted(0)));
-        // The oldest admission, at 100, leaves the 100 s window at 100,100.
+        let l = limits(1, 5, false);
+        admit(&s, &l, 0);
+        let mut state = s.get(&name("sl")).unwrap().unwrap().0;
+        // The same bytes with another version: another build's, read as nothing counted.
+        state[EXPIRY] = LAYOUT_VERSION + 1;
+        let stale = State::new(&mut state.clone()).bytes().to_vec();
+        assert!(s
+            .compare_and_set(
+                &name("sl"),
+                &stale,
+                s.get(&name("sl")).unwrap().map(|(_, v)| v)
+            )
+            .unwrap());
+        assert_eq!(admit(&s, &l, 1).rate, Some(admitted(0)));
         assert_eq!(
-            admit(&s, &l, 1_001).rate,
-            Some(Verdict::RateLimited { wait: 99_099 })
+            admit(&s, &l, 2).rate,
+            Some(Verdict::RateLimited { wait: 99_999 })
         );
     }
 
