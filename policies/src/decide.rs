@@ -18,7 +18,6 @@ use crate::policy::{
 use crate::response::{self, LocalResponse};
 use crate::route::{first_segments, segments, Below, PathShape};
 use crate::snapshot::SubscriptionScope;
-use crate::words::same_bytes;
 use arrayvec::ArrayString;
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -249,31 +248,11 @@ struct LimitHeader {
 struct Digits(ArrayString<20>);
 
 impl Digits {
-    /// Writes `value`'s digits where they are kept. Up to 16 are gathered in a register (the
-    /// first digit in its lowest byte) and pushed from there: digits made in memory elsewhere
-    /// and copied here would be read back wider than they were written, and wait for the
-    /// writes to land.
-    fn set(&mut self, mut value: u64) {
+    /// Writes `value`'s digits where they are kept.
+    fn set(&mut self, value: u64) {
         self.0.clear();
-        if value >= 10u64.pow(16) {
-            for c in itoa::Buffer::new().format(value).chars() {
-                let _ = self.0.try_push(c);
-            }
-            return;
-        }
-        let (mut digits, mut len) = (0u128, 0);
-        loop {
-            digits = (digits << 8) | u128::from(b'0' + (value % 10) as u8);
-            len += 1;
-            value /= 10;
-            if value == 0 {
-                break;
-            }
-        }
-        for _ in 0..len {
-            let _ = self.0.try_push(char::from(digits as u8));
-            digits >>= 8;
-        }
+        // A u64 has at most 20 digits: the push always fits.
+        let _ = self.0.try_push_str(itoa::Buffer::new().format(value));
     }
 
     fn as_str(&self) -> &str {
@@ -1081,13 +1060,13 @@ impl Catalog {
 }
 
 /// An API path looked up in the catalog's paths: hashed as the `String` keys are, compared
-/// where it lies ([`same_bytes`]).
+/// where it lies.
 #[derive(Hash)]
 struct PathText<'a>(&'a str);
 
 impl hashbrown::Equivalent<String> for PathText<'_> {
     fn equivalent(&self, key: &String) -> bool {
-        same_bytes(self.0.as_bytes(), key.as_bytes())
+        self.0 == key.as_str()
     }
 }
 
@@ -1181,7 +1160,7 @@ impl Catalog {
         let mut best: Option<(usize, u32)> = None;
         for (i, o) in a.operations.iter().enumerate() {
             // A request's method is nearly always written as its operation's.
-            let method = same_bytes(o.method.as_bytes(), req.method.as_bytes())
+            let method = o.method == req.method
                 || o.method == "*"
                 || o.method.eq_ignore_ascii_case(req.method);
             let specificity = o.template.specificity;

@@ -1,7 +1,6 @@
 //! Subscription keys: SHA-256 digests made at load time, and a lookup that never compares a
 //! whole digest in variable time. The catalog never holds a plain key.
 
-use crate::words::put_bytes;
 use hashbrown::HashMap;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
@@ -9,37 +8,9 @@ use subtle::ConstantTimeEq;
 /// SHA-256 of a key's UTF-8 bytes.
 pub type Digest = [u8; 32];
 
-/// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
-const INITIAL: [u32; 8] = [
-    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
-];
-
-/// The longest message that SHA-256 pads into one block: 64 bytes less the `0x80` byte and the
-/// 8-byte length.
-const ONE_BLOCK: usize = 55;
-
-/// The digest of a subscription key.
-///
-/// Every keyed call pays for it. A key that fits in one block (APIM's are 32 characters) is
-/// padded here and compressed by the crate's block function once, which skips the streaming
-/// state and its buffer; a longer one goes through the streaming hash.
+/// The digest of a subscription key (every keyed call pays for it once).
 pub fn key_digest(key: &str) -> Digest {
-    let bytes = key.as_bytes();
-    if bytes.len() > ONE_BLOCK {
-        return Sha256::digest(bytes).into();
-    }
-    // The message, the 0x80 byte, zeros, then the message's length in bits, big-endian.
-    let mut block = [0u8; 64];
-    put_bytes(&mut block, bytes);
-    block[bytes.len()] = 0x80;
-    block[56..].copy_from_slice(&(bytes.len() as u64 * 8).to_be_bytes());
-    let mut state = INITIAL;
-    sha2::compress256(&mut state, &[block.into()]);
-    let mut digest = [0u8; 32];
-    for (out, word) in digest.chunks_exact_mut(4).zip(state) {
-        out.copy_from_slice(&word.to_be_bytes());
-    }
-    digest
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// Lower-case hex of a digest, the `primaryKeySha256` form.
@@ -69,19 +40,9 @@ pub(crate) struct KeyIndex {
     overflow: Vec<(Digest, u32)>,
 }
 
-/// Compares two digests in constant time, a word at a time: the differences of the four
-/// 8-byte words are folded together with no branch, and `subtle` decides on the fold.
+/// Compares two digests in constant time.
 fn same_digest(a: &Digest, b: &Digest) -> bool {
-    let mut diff = 0u64;
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        let word = |c: &[u8]| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            u64::from_le_bytes(w)
-        };
-        diff |= word(x) ^ word(y);
-    }
-    bool::from(diff.ct_eq(&0))
+    bool::from(a.ct_eq(b))
 }
 
 fn prefix(d: &Digest) -> u64 {

@@ -24,7 +24,6 @@ mod policy;
 mod response;
 mod route;
 mod snapshot;
-mod words;
 mod xml;
 
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};

@@ -2,8 +2,6 @@
 //! then the operation whose method and `urlTemplate` match. Matching ignores ASCII case, as
 //! APIM's does.
 
-use crate::words::same_bytes;
-
 /// The non-empty `/`-separated segments of a path.
 pub(crate) fn segments(path: &str) -> Segments<'_> {
     Segments { rest: path }
@@ -127,7 +125,7 @@ impl UrlTemplate {
         if let (Some(literal), true) = (&self.literal, below.normal) {
             // Single slashes, lower case: one comparison, whatever the segments.
             let text = below.text.strip_prefix('/').unwrap_or(below.text);
-            return same_bytes(text.as_bytes(), literal.as_bytes());
+            return text == &**literal;
         }
         let fits = if self.rest {
             below.segments >= self.segments.len()

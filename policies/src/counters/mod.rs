@@ -16,7 +16,6 @@
 //! holding one of each ([`own`]), so that a call under both is one update.
 
 use crate::clock::{ceil_seconds, window_start, Millis, NEVER_SECONDS};
-use crate::words::same_bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Range;
@@ -134,11 +133,11 @@ impl<'a> CounterName<'a> {
         let [kind, owner, name] = self.parts.map(str::as_bytes);
         let (k, o) = (kind.len(), owner.len());
         text.len() == self.text_len()
-            && same_bytes(&text[..k], kind)
+            && &text[..k] == kind
             && text[k] == b'|'
-            && same_bytes(&text[k + 1..k + 1 + o], owner)
+            && &text[k + 1..k + 1 + o] == owner
             && text[k + 1 + o] == b'|'
-            && same_bytes(&text[k + 2 + o..], name)
+            && &text[k + 2 + o..] == name
     }
 
     /// The name as one text, appended to `out`.
@@ -251,9 +250,9 @@ impl Counter {
         let [k, o] = self.split;
         let text = self.name();
         [k, o] == name.split()
-            && same_bytes(&text[k + o + 2..], rest)
-            && same_bytes(&text[k + 1..k + 1 + o], owner)
-            && same_bytes(&text[..k], kind)
+            && &text[k + o + 2..] == rest
+            && &text[k + 1..k + 1 + o] == owner
+            && &text[..k] == kind
     }
 
     fn state(&self) -> &[u8] {
