@@ -118,12 +118,13 @@ impl FilterConfig {
     /// Reads a configuration. The inline snapshot is parsed into its tree once, here, and
     /// moved out by the caller ([`Option::take`]) when it is loaded.
     pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let mut config: FilterConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // The text becomes a tree first: the inline snapshot is kept as that tree, and the
+        // configuration's own fields are read from it (one deserializer in the filter's code).
+        let doc: Value = serde_json::from_slice(bytes).map_err(|e| json_fault(".", e))?;
+        let mut config: FilterConfig = serde_path_to_error::deserialize(doc).map_err(|e| {
             let path = e.path().to_string();
             json_fault(&path, e.into_inner())
         })?;
-        de.end().map_err(|e| json_fault(".", e))?;
         if let Some(source) = &mut config.snapshot_source {
             if source.cluster.is_empty() {
                 return Err(fault(
