@@ -2,6 +2,9 @@
 //! then the operation whose method and `urlTemplate` match. Matching ignores ASCII case, as
 //! APIM's does.
 
+use crate::catalog::{Catalog, PathApis};
+use crate::decide::{host_of, trim_slashes, Request};
+
 /// The non-empty `/`-separated segments of a path.
 pub(crate) fn segments(path: &str) -> Segments<'_> {
     Segments { rest: path }
@@ -327,6 +330,126 @@ fn match_pieces(pieces: &[Piece], text: &str) -> bool {
                 .filter(|&i| text.is_char_boundary(i))
                 .any(|i| match_pieces(rest, &text[i..]))
         }
+    }
+}
+
+// ---- routing a call to its API and operation ----
+
+/// An API path looked up in the catalog's paths: hashed as the `String` keys are, compared
+/// where it lies.
+#[derive(Hash)]
+struct PathText<'a>(&'a str);
+
+impl hashbrown::Equivalent<String> for PathText<'_> {
+    fn equivalent(&self, key: &String) -> bool {
+        self.0 == key.as_str()
+    }
+}
+
+impl Catalog {
+    /// The API of a request, and the part of its path below the API's (when the path is as it
+    /// came, else found again by the operation).
+    pub(crate) fn route<'r>(&self, req: &Request<'r>) -> Option<(u32, Option<Below<'r>>)> {
+        // Nearly every path is its own normal form: its segments, lower case, joined by single
+        // slashes (outer slashes aside). Then it is routed as it is, without a copy, and what is
+        // below the API's path has the segments the API's path has not.
+        let trimmed = trim_slashes(req.path);
+        let shape = PathShape::of(trimmed);
+        if shape.needs_normalising() {
+            return self.route_normalised(req).map(|a| (a, None));
+        }
+        let segments = if trimmed.is_empty() {
+            0
+        } else {
+            shape.slashes + 1
+        };
+        self.longest_api(trimmed, req.host).map(|(a, end)| {
+            let depth = self.apis[a as usize].depth;
+            (
+                a,
+                Some(Below::normal(
+                    &trimmed[end..],
+                    segments.saturating_sub(depth),
+                )),
+            )
+        })
+    }
+
+    /// [`Self::route`] for a path with upper case or doubled slashes: routed in its normal form.
+    #[cold]
+    pub(crate) fn route_normalised(&self, req: &Request) -> Option<u32> {
+        let mut joined = String::with_capacity(req.path.len());
+        for seg in segments(req.path) {
+            if !joined.is_empty() {
+                joined.push('/');
+            }
+            joined.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
+        }
+        self.longest_api(&joined, req.host).map(|(a, _)| a)
+    }
+
+    /// The API for `host` whose path is the longest segment-aligned prefix of `path` (a normal
+    /// form, without outer slashes), and that prefix's length. Prefixes are tried longest first,
+    /// from the first `deepest` segments (no API path is longer), down to the empty path.
+    pub(crate) fn longest_api(&self, path: &str, host: &str) -> Option<(u32, usize)> {
+        let mut end = first_segments(path, self.deepest);
+        loop {
+            if let Some(a) = self
+                .paths
+                .get(&PathText(&path[..end]))
+                .and_then(|apis| self.api_for_host(apis, host))
+            {
+                return Some((a, end));
+            }
+            if end == 0 {
+                return None;
+            }
+            // The prefix one segment shorter: up to the '/' before this one's last segment.
+            end = path.as_bytes()[..end]
+                .iter()
+                .rposition(|&b| b == b'/')
+                .unwrap_or(0);
+        }
+    }
+
+    /// Of the APIs at one path, the one bound to `host`, else the one bound to none. The host
+    /// is looked at only when an API there is bound to some.
+    pub(crate) fn api_for_host(&self, apis: &PathApis, host: &str) -> Option<u32> {
+        if apis.bound.is_empty() {
+            return apis.open;
+        }
+        let host = host_of(host);
+        let bound = apis.bound.iter().find(|&&a| {
+            self.apis[a as usize]
+                .hostnames
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host))
+        });
+        bound.copied().or(apis.open)
+    }
+
+    /// The operation of `api` whose method and template match: the most specific (the most
+    /// literal characters), the first listed of equals.
+    pub(crate) fn operation(&self, api: u32, req: &Request, below: Option<Below>) -> Option<u32> {
+        let a = &self.apis[api as usize];
+        let below = below.unwrap_or_else(|| Below::new(crate::route::below(req.path, a.depth)));
+        let mut best: Option<(usize, u32)> = None;
+        for (i, o) in a.operations.iter().enumerate() {
+            // A request's method is nearly always written as its operation's.
+            let method = o.method == req.method
+                || o.method == "*"
+                || o.method.eq_ignore_ascii_case(req.method);
+            let specificity = o.template.specificity;
+            if method && best.is_none_or(|(s, _)| specificity > s) && o.template.matches(&below) {
+                best = Some((specificity, i as u32));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// The API a request routes to, if any.
+    pub(crate) fn route_api(&self, req: &Request) -> Option<u32> {
+        self.route(req).map(|(api, _)| api)
     }
 }
 

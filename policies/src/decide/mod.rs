@@ -1,0 +1,654 @@
+//! The decision for one call (SPEC §3): route to an API and operation, find the key and the
+//! subscription, pick the product context, and run the effective program. A call then has two
+//! more moments: [`Catalog::respond`] when the upstream's response headers arrive (outbound
+//! header changes, remaining-calls headers), and [`Catalog::complete`] when the exchange is
+//! over (bandwidth, `increment-condition`).
+//!
+//! Its rooms: [`request`] (the call as the proxy hands it over), [`facts`] (what expressions
+//! see), [`limits`] (counting under the program's limits); routing is [`crate::route`]'s.
+
+mod facts;
+mod limits;
+mod request;
+
+use crate::catalog::{Catalog, Program};
+use crate::clock::Millis;
+use crate::counters::own::{self};
+use crate::counters::{self, CounterStore, StoreError};
+use crate::expr::NullReference;
+use crate::keys::key_digest;
+use crate::policy::{ip_number, Step};
+use crate::response::{self, LocalResponse};
+use crate::snapshot::SubscriptionScope;
+use facts::*;
+use limits::*;
+pub use request::Request;
+pub(crate) use request::*;
+use smallvec::SmallVec;
+use std::borrow::Cow;
+
+/// What happened to a call (SPEC §4), as printed in decision logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Allowed,
+    Returned,
+    ApiNotFound,
+    OperationNotFound,
+    MissingKey,
+    InvalidKey,
+    RateLimited,
+    QuotaExceeded,
+    BandwidthExceeded,
+    IpForbidden,
+    HeaderCheckFailed,
+    InternalError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 12] = [
+        Outcome::Allowed,
+        Outcome::Returned,
+        Outcome::ApiNotFound,
+        Outcome::OperationNotFound,
+        Outcome::MissingKey,
+        Outcome::InvalidKey,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+        Outcome::BandwidthExceeded,
+        Outcome::IpForbidden,
+        Outcome::HeaderCheckFailed,
+        Outcome::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Returned => "returned",
+            Outcome::ApiNotFound => "api_not_found",
+            Outcome::OperationNotFound => "operation_not_found",
+            Outcome::MissingKey => "missing_key",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::BandwidthExceeded => "bandwidth_exceeded",
+            Outcome::IpForbidden => "ip_forbidden",
+            Outcome::HeaderCheckFailed => "header_check_failed",
+            Outcome::InternalError => "internal_error",
+        }
+    }
+}
+
+/// A change to a header map. Names as the policy wrote them; compare without case. Names and
+/// literal values are borrowed from the catalog; computed values are owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit<'a> {
+    /// Replace every value of the header with this one.
+    Set(Cow<'a, str>, Cow<'a, str>),
+    /// Add a value, keeping the others.
+    Append(Cow<'a, str>, Cow<'a, str>),
+    Remove(Cow<'a, str>),
+}
+
+/// The header changes of one phase, in order. Most calls make one or two, kept inline.
+pub type HeaderEdits<'a> = SmallVec<[HeaderEdit<'a>; 2]>;
+
+/// Where the call's subscription key was found, so an adapter can strip it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLocation {
+    Header(String),
+    Query(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeySource {
+    Header,
+    Query,
+}
+
+/// Who a call is: API, operation, product context, subscription, and where its key was.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity {
+    pub api: u32,
+    pub operation: Option<u32>,
+    pub product: Option<u32>,
+    pub subscription: Option<u32>,
+    pub key: Option<KeySource>,
+}
+
+/// A routed call: who it is, and what is left to do for it after the inbound phase.
+///
+/// Kept within 128 bytes, so that moving it into its [`Decision`] is a few moves rather than a
+/// call to copy memory (a test checks the size).
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub(crate) id: Identity,
+    program: u32,
+    /// Headers for the allowed response (remaining-calls and total-calls).
+    limit_headers: SmallVec<[LimitHeader; 2]>,
+    /// Work for after the upstream, which most calls do not have.
+    later: Option<Box<Later>>,
+}
+
+/// What an allowed call leaves for after the inbound phase, in one allocation when it is one
+/// thing to count (a bandwidth quota, a deferred by-key limit) or the request.
+#[derive(Debug, Clone, Default)]
+struct Later {
+    pending: SmallVec<[Pending; 1]>,
+    /// The request, kept only when a later phase evaluates an expression that may read it.
+    saved: Option<SavedRequest>,
+}
+
+impl CallContext {
+    /// Leaves work for the completion.
+    fn pend(&mut self, p: Pending) {
+        self.later.get_or_insert_default().pending.push(p);
+    }
+
+    fn pending(&self) -> &[Pending] {
+        self.later.as_deref().map_or(&[], |l| &l.pending)
+    }
+
+    fn saved(&self) -> Option<&SavedRequest> {
+        self.later.as_deref().and_then(|l| l.saved.as_ref())
+    }
+}
+
+/// The decision on a call.
+#[derive(Debug, Clone)]
+pub struct Decision<'a> {
+    pub outcome: Outcome,
+    /// The response to send instead of calling the upstream (every outcome but `allowed`).
+    pub response: Option<LocalResponse>,
+    /// For `allowed`: changes to the request before it goes upstream.
+    pub upstream: HeaderEdits<'a>,
+    /// `None` only when no API matched.
+    pub call: Option<CallContext>,
+}
+
+/// What is known when an allowed exchange completes.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// An internal failure: the configuration's `failureMode` decides what the call gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("policy expression failed: {0} is null")]
+    Expression(&'static str),
+}
+
+impl From<NullReference> for EngineError {
+    fn from(n: NullReference) -> Self {
+        EngineError::Expression(n.0)
+    }
+}
+
+impl Decision<'_> {
+    /// The decision for an internal failure under `failureMode: closed`.
+    pub fn internal_error(call: Option<CallContext>) -> Self {
+        Decision {
+            outcome: Outcome::InternalError,
+            response: Some(response::internal_error()),
+            upstream: HeaderEdits::new(),
+            call,
+        }
+    }
+
+    fn deny(outcome: Outcome, response: LocalResponse, call: Option<CallContext>) -> Self {
+        Decision {
+            outcome,
+            response: Some(response),
+            upstream: HeaderEdits::new(),
+            call,
+        }
+    }
+}
+
+impl Catalog {
+    /// Decides a call at `now`, counting in `store`. An allowed call's upstream edits end with
+    /// the edge's own ([`crate::edge`]); an error is an internal failure, which
+    /// [`Catalog::failed`] turns into the configuration's answer.
+    pub fn decide<'c>(
+        &'c self,
+        req: &Request,
+        now: Millis,
+        store: &dyn CounterStore,
+    ) -> Result<Decision<'c>, EngineError> {
+        let Some((api_ix, below)) = self.route(req) else {
+            return Ok(Decision::deny(
+                Outcome::ApiNotFound,
+                response::not_found(),
+                None,
+            ));
+        };
+        let api = &self.apis[api_ix as usize];
+        let mut call = CallContext {
+            id: Identity {
+                api: api_ix,
+                operation: None,
+                product: None,
+                subscription: None,
+                key: None,
+            },
+            program: 0,
+            limit_headers: SmallVec::new(),
+            later: None,
+        };
+        if !api.operations.is_empty() {
+            match self.operation(api_ix, req, below) {
+                Some(o) => call.id.operation = Some(o),
+                None => {
+                    return Ok(Decision::deny(
+                        Outcome::OperationNotFound,
+                        response::not_found(),
+                        Some(call),
+                    ))
+                }
+            }
+        }
+
+        // The key: the header, else (only when the header is absent) the query parameter.
+        // An empty value counts as absent.
+        // Only the key's digest is kept.
+        let key = match header(req.headers, &api.header_lower).filter(|k| !k.is_empty()) {
+            Some(k) => {
+                call.id.key = Some(KeySource::Header);
+                Some(key_digest(k))
+            }
+            None => query_param(req.query, &api.query_name)
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    call.id.key = Some(KeySource::Query);
+                    key_digest(&k)
+                }),
+        };
+        let mut first_program = None;
+        match key {
+            Some(digest) => {
+                let sub = self.keys.find(&digest).filter(|&s| {
+                    let s = &self.subscriptions[s as usize];
+                    s.active
+                        && match s.scope {
+                            // The search that finds the API in the product finds its program.
+                            SubscriptionScope::Product(p) => {
+                                first_program = self.product_program(p, api_ix);
+                                first_program.is_some()
+                            }
+                            SubscriptionScope::Api(a) => a == api_ix,
+                            SubscriptionScope::AllApis | SubscriptionScope::Service => true,
+                        }
+                });
+                let Some(sub) = sub else {
+                    return Ok(Decision::deny(
+                        Outcome::InvalidKey,
+                        response::invalid_key(),
+                        Some(call),
+                    ));
+                };
+                call.id.subscription = Some(sub);
+                if let SubscriptionScope::Product(p) = self.subscriptions[sub as usize].scope {
+                    call.id.product = Some(p);
+                }
+            }
+            None => {
+                if let Some(p) = api.open_product {
+                    call.id.product = Some(p);
+                } else if api.subscription_required {
+                    let host = host_of(req.host);
+                    return Ok(Decision::deny(
+                        Outcome::MissingKey,
+                        response::missing_key(host, &api.path_text, &api.header_name),
+                        Some(call),
+                    ));
+                }
+            }
+        }
+
+        call.program = match first_program {
+            Some(first) => first + call.id.operation.unwrap_or(0),
+            None => self.program(call.id.product, api_ix, call.id.operation),
+        };
+        let program: &Program = &self.programs[call.program as usize];
+        let mut run = Run {
+            catalog: self,
+            store,
+            now,
+            reservations: SmallVec::new(),
+            reserve: true,
+            keyed: SmallVec::new(),
+        };
+        let mut upstream = HeaderEdits::new();
+        let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
+        match result {
+            Ok(None) => {
+                if program.keeps_request {
+                    call.later.get_or_insert_default().saved = Some(SavedRequest::of(req));
+                }
+                let (_, _, product, subscription) = self.names(&call);
+                self.edge.upstream_edits(
+                    req,
+                    self.key_names(api_ix),
+                    [product, subscription],
+                    &mut upstream,
+                );
+                Ok(Decision {
+                    outcome: Outcome::Allowed,
+                    response: None,
+                    upstream,
+                    call: Some(call),
+                })
+            }
+            Ok(Some((outcome, response))) => {
+                if outcome != Outcome::Returned {
+                    run.release_all();
+                }
+                Ok(Decision::deny(outcome, response, Some(call)))
+            }
+            Err(e) => {
+                run.release_all();
+                Err(e)
+            }
+        }
+    }
+
+    fn run_request<'c>(
+        &'c self,
+        program: &Program,
+        req: &Request,
+        call: &mut CallContext,
+        run: &mut Run<'c, '_>,
+        upstream: &mut HeaderEdits<'c>,
+    ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        // What expressions see, made only for a step that evaluates one (who the call is does
+        // not change while its program runs).
+        let facts = |id: Identity| CallFacts {
+            catalog: self,
+            id,
+            request: *req,
+            status: None,
+        };
+        let mut steps = program.request.iter().zip(program.plans.iter()).peekable();
+        while let Some((&ix, plan)) = steps.next() {
+            let step = &self.steps[ix as usize];
+            run.reserve = plan.reserve;
+            let denial = match step {
+                Step::RateLimit(l) | Step::Quota(l) => {
+                    let quota = matches!(step, Step::Quota(_));
+                    // A rate limit and a quota of one document side by side, found at load
+                    // (`counted_together`), are counted in one update.
+                    let partner =
+                        steps
+                            .peek()
+                            .filter(|_| plan.with_next)
+                            .and_then(|&(&next, _)| match &self.steps[next as usize] {
+                                Step::RateLimit(n) => Some((next, n, false)),
+                                Step::Quota(n) => Some((next, n, true)),
+                                _ => None,
+                            });
+                    let own = plan.own.map(|o| &self.own_limits[o as usize]);
+                    match partner {
+                        Some(partner) => {
+                            steps.next();
+                            run.subscription_limits(&[(ix, l, quota), partner], own, call)?
+                        }
+                        None => run.subscription_limits(&[(ix, l, quota)], own, call)?,
+                    }
+                }
+                Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts(call.id))?,
+                Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts(call.id))?,
+                Step::CheckHeader {
+                    name,
+                    status,
+                    message,
+                    ignore_case,
+                    values,
+                } => {
+                    let found: Vec<&str> = req
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| v.as_str())
+                        .collect();
+                    let ok = !found.is_empty()
+                        && (values.is_empty()
+                            || found.iter().any(|f| {
+                                values.iter().any(|v| {
+                                    if *ignore_case {
+                                        v.eq_ignore_ascii_case(f)
+                                    } else {
+                                        v == f
+                                    }
+                                })
+                            }));
+                    (!ok).then(|| {
+                        (
+                            Outcome::HeaderCheckFailed,
+                            response::header_check_failed(*status, message),
+                        )
+                    })
+                }
+                Step::IpFilter { allow, ranges } => {
+                    let inside = req.client_ip.is_some_and(|ip| {
+                        let n = ip_number(ip);
+                        ranges.iter().any(|r| r.from <= n && n <= r.to)
+                    });
+                    (inside != *allow).then(|| {
+                        let ip = req.client_ip.map(|i| i.to_string()).unwrap_or_default();
+                        (Outcome::IpForbidden, response::ip_forbidden(&ip))
+                    })
+                }
+                Step::SetHeader(h) => {
+                    let exists = |name: &str| header(req.headers, name).is_some();
+                    set_header(h, &facts(call.id), &exists, upstream)?;
+                    None
+                }
+                Step::Respond {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let mut edits = HeaderEdits::new();
+                    let facts = facts(call.id);
+                    for h in headers {
+                        set_header(h, &facts, &|_| false, &mut edits)?;
+                    }
+                    let mut out: Vec<(Cow<'static, str>, Cow<'static, str>)> = Vec::new();
+                    for e in edits {
+                        match e {
+                            HeaderEdit::Set(n, v) => {
+                                let n = n.to_ascii_lowercase();
+                                out.retain(|(o, _)| *o != n);
+                                out.push((Cow::Owned(n), Cow::Owned(v.into_owned())));
+                            }
+                            HeaderEdit::Append(n, v) => out.push((
+                                Cow::Owned(n.to_ascii_lowercase()),
+                                Cow::Owned(v.into_owned()),
+                            )),
+                            HeaderEdit::Remove(n) => {
+                                out.retain(|(o, _)| !o.eq_ignore_ascii_case(&n))
+                            }
+                        }
+                    }
+                    Some((
+                        Outcome::Returned,
+                        LocalResponse {
+                            status: *status,
+                            headers: out,
+                            body: body.clone(),
+                        },
+                    ))
+                }
+            };
+            if denial.is_some() {
+                return Ok(denial);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The changes to the upstream's response headers of an allowed call: the outbound
+    /// program, then the remaining-calls and total-calls headers. `response_header_exists` is
+    /// asked only where a `set-header` with `exists-action="skip"` needs to know.
+    pub fn respond<'c>(
+        &'c self,
+        call: &'c CallContext,
+        status: u16,
+        response_header_exists: &dyn Fn(&str) -> bool,
+    ) -> Result<HeaderEdits<'c>, EngineError> {
+        let program = &self.programs[call.program as usize];
+        let mut edits = HeaderEdits::new();
+        let empty: [(String, String); 0] = [];
+        let request = match call.saved() {
+            Some(s) => s.request(),
+            None => Request {
+                method: "",
+                host: "",
+                path: "",
+                query: "",
+                headers: &empty,
+                client_ip: None,
+            },
+        };
+        let facts = CallFacts {
+            catalog: self,
+            id: call.id,
+            request,
+            status: Some(status),
+        };
+        for &ix in program.response.iter() {
+            if let Step::SetHeader(h) = &self.steps[ix as usize] {
+                set_header(h, &facts, response_header_exists, &mut edits)?;
+            }
+        }
+        for h in &call.limit_headers {
+            if let Some(name) = self.limit_header_name(h) {
+                edits.push(HeaderEdit::Set(
+                    Cow::Borrowed(name),
+                    Cow::Borrowed(h.value.as_str()),
+                ));
+            }
+        }
+        Ok(edits)
+    }
+
+    /// Counts what is counted when an allowed exchange is over: bandwidth, and the
+    /// `increment-condition` of by-key limits.
+    pub fn complete(
+        &self,
+        call: &CallContext,
+        done: Completion,
+        now: Millis,
+        store: &dyn CounterStore,
+    ) -> Result<(), EngineError> {
+        let empty: [(String, String); 0] = [];
+        let request = match call.saved() {
+            Some(s) => s.request(),
+            None => Request {
+                method: "",
+                host: "",
+                path: "",
+                query: "",
+                headers: &empty,
+                client_ip: None,
+            },
+        };
+        let facts = CallFacts {
+            catalog: self,
+            id: call.id,
+            request,
+            status: Some(done.status),
+        };
+        let bytes = done.request_bytes.saturating_add(done.response_bytes);
+        let condition = |step: u32| -> Result<bool, EngineError> {
+            match &self.steps[step as usize] {
+                Step::RateLimitByKey(k) | Step::QuotaByKey(k) => match &k.increment_condition {
+                    Some(e) => Ok(eval_condition(e, &facts)?),
+                    None => Ok(true),
+                },
+                _ => Ok(true),
+            }
+        };
+        for p in call.pending() {
+            match p {
+                Pending::Bandwidth { key, windows } => {
+                    windows.add(store, &key.name(), now, 0, bytes)?
+                }
+                Pending::OwnBandwidth { key, windows } => {
+                    own::add_bytes(store, &key.name(), windows, now, bytes)?
+                }
+                Pending::SlidingIf {
+                    key,
+                    period,
+                    n,
+                    condition: step,
+                } => {
+                    if condition(*step)? {
+                        counters::sliding_add(store, &key.name(), *period, now, *n)?;
+                    }
+                }
+                Pending::FixedIf {
+                    key,
+                    windows,
+                    n,
+                    condition: step,
+                    bandwidth,
+                } => {
+                    if condition(*step)? {
+                        windows.add(
+                            store,
+                            &key.name(),
+                            now,
+                            *n,
+                            if *bandwidth { bytes } else { 0 },
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The names a call is known by in logs: API, operation, product, subscription.
+    pub fn names(&self, call: &CallContext) -> (&str, Option<&str>, Option<&str>, Option<&str>) {
+        let id = &call.id;
+        let api = &self.apis[id.api as usize];
+        (
+            &api.name,
+            id.operation
+                .map(|o| api.operations[o as usize].name.as_str()),
+            id.product.map(|p| self.products[p as usize].name.as_str()),
+            id.subscription
+                .map(|s| self.subscriptions[s as usize].name.as_str()),
+        )
+    }
+
+    /// Where the call's key was found (to strip it before the upstream).
+    pub fn key_location(&self, call: &CallContext) -> Option<KeyLocation> {
+        let api = &self.apis[call.id.api as usize];
+        call.id.key.map(|k| match k {
+            KeySource::Header => KeyLocation::Header(api.header_name.clone()),
+            KeySource::Query => KeyLocation::Query(api.query_name.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moving a call into its decision copies at most 128 bytes, which the compiler does in
+    /// place; a larger context is copied by a call to `memcpy` on every decision.
+    #[test]
+    fn a_call_context_is_moved_without_a_copy_call() {
+        assert!(
+            std::mem::size_of::<CallContext>() <= 128,
+            "{} bytes",
+            std::mem::size_of::<CallContext>()
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! A call as the proxy hands it over: method, host, path, query, headers and client address,
+//! the owned copy kept for later phases, and reading a header or a query parameter the way
+//! APIM does (`+` and percent-escapes decoded).
+
+use std::net::IpAddr;
+
+/// A call as the proxy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The host, without a port.
+    pub host: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The query, without the `?`.
+    pub query: &'a str,
+    pub headers: &'a [(String, String)],
+    pub client_ip: Option<IpAddr>,
+}
+
+/// An owned copy of a request, kept for expressions evaluated after the inbound phase.
+#[derive(Debug, Clone)]
+pub(crate) struct SavedRequest {
+    method: String,
+    host: String,
+    path: String,
+    query: String,
+    headers: Vec<(String, String)>,
+    client_ip: Option<IpAddr>,
+}
+
+impl SavedRequest {
+    pub(crate) fn of(r: &Request) -> Self {
+        SavedRequest {
+            method: r.method.to_string(),
+            host: r.host.to_string(),
+            path: r.path.to_string(),
+            query: r.query.to_string(),
+            headers: r.headers.to_vec(),
+            client_ip: r.client_ip,
+        }
+    }
+
+    pub(crate) fn request(&self) -> Request<'_> {
+        Request {
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            query: &self.query,
+            headers: &self.headers,
+            client_ip: self.client_ip,
+        }
+    }
+}
+
+/// A path without its leading and trailing slashes.
+pub(crate) fn trim_slashes(path: &str) -> &str {
+    let b = path.as_bytes();
+    let start = b.iter().position(|&c| c != b'/').unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|&c| c != b'/')
+        .map_or(start, |last| last + 1);
+    // Both ends are next to a '/' or at an end of the text: char boundaries.
+    &path[start..end]
+}
+
+/// A host without its port.
+pub(crate) fn host_of(host: &str) -> &str {
+    match host.bytes().position(|b| b == b':') {
+        Some(colon) => &host[..colon],
+        None => host,
+    }
+}
+
+pub(crate) fn header<'r>(headers: &'r [(String, String)], lower: &str) -> Option<&'r str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(lower))
+        .map(|(_, v)| v.as_str())
+}
+
+pub(crate) fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// A query parameter's value, `+` and percent-escapes decoded.
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode_component(k) == name).then(|| decode_component(v))
+    })
+}
+
+/// A query component with `+` and percent-escapes decoded.
+pub(crate) fn decode_component(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex_value(b[i + 1]), hex_value(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            query_param("a=1&subscription-key=k%2Bx+y", "subscription-key").as_deref(),
+            Some("k+x y")
+        );
+        assert_eq!(query_param("a", "a").as_deref(), Some(""));
+        assert_eq!(query_param("a=%", "a").as_deref(), Some("%"));
+        assert_eq!(query_param("a=%4", "a").as_deref(), Some("%4"));
+        assert_eq!(query_param("", "a"), None);
+    }
+}
