@@ -416,6 +416,16 @@ impl Compiler<'_> {
                 ip_filter(el)?
             }
             "set-header" => Step::SetHeader(set_header(el)?),
+            // APIM places mock-response in inbound, outbound and on-error only.
+            "mock-response" if section == BACKEND => {
+                return Err(Fault::Invalid(
+                    el.pos,
+                    format!("<mock-response> is not allowed in the {sname} section"),
+                ))
+            }
+            // The backend section runs after inbound, before the upstream: a response there
+            // answers instead of the upstream, as one in inbound does.
+            "return-response" if section == BACKEND => return_response(el)?,
             "return-response" | "mock-response" if section != INBOUND => {
                 return Err(Fault::Unsupported(
                     el.pos,
@@ -969,6 +979,22 @@ mod tests {
         assert!(err("<policies><inbound><rate-limit-by-key calls=\"1\" renewal-period=\"600\" counter-key=\"a\"/></inbound></policies>", ScopeKind::Product).contains("between 1 and 300"));
         assert!(err("<policies><inbound><quota-by-key calls=\"1\" renewal-period=\"60\" counter-key=\"a\"/></inbound></policies>", ScopeKind::Product).contains("at least 300"));
         ok("<policies><inbound><quota-by-key calls=\"1\" renewal-period=\"0\" counter-key=\"a\"/></inbound></policies>");
+    }
+
+    #[test]
+    fn a_response_in_the_backend_section_answers_instead_of_the_upstream() {
+        let steps = ok(
+            r#"<policies><inbound><base /></inbound><backend><return-response><set-status code="503" reason="down" /><set-body>maintenance</set-body></return-response></backend></policies>"#,
+        );
+        assert!(
+            matches!(&steps[..], [Step::Respond { status: 503, body, .. }] if body == "maintenance"),
+            "{steps:?}"
+        );
+        assert!(err(
+            "<policies><backend><mock-response status-code=\"200\" /></backend></policies>",
+            ScopeKind::Api
+        )
+        .contains("<mock-response> is not allowed in the backend section"));
     }
 
     #[test]

@@ -491,3 +491,26 @@ fn one_key_value_under_two_limits_counts_once_and_each_limit_holds() {
         .collect();
     assert_eq!(more, [200, 200, 429]);
 }
+
+/// APIM runs the backend section after inbound: a `return-response` there answers instead of
+/// the upstream, after the inbound limits counted the call.
+#[test]
+fn a_return_response_in_the_backend_section_answers_the_call() {
+    let c = catalog(
+        r#"<policies><inbound><rate-limit calls="1" renewal-period="60" /><base /></inbound></policies>"#,
+        r#"<policies><inbound><base /></inbound><backend><return-response><set-status code="503" reason="down" /><set-header name="retry-after" exists-action="override"><value>120</value></set-header><set-body>{"down": true}</set-body></return-response></backend></policies>"#,
+    );
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let d = c.decide(&request(&h, ""), 0, &store).unwrap();
+    assert_eq!(d.outcome, Outcome::Returned);
+    let r = d.response.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (503, r#"{"down": true}"#));
+    assert!(r
+        .headers
+        .iter()
+        .any(|(n, v)| n == "retry-after" && v == "120"));
+    // The product's rate limit counted it: the next call is limited before the backend.
+    let d = c.decide(&request(&h, ""), 1_000, &store).unwrap();
+    assert_eq!(d.outcome, Outcome::RateLimited);
+}
