@@ -296,9 +296,26 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, String> {
     Ok(out)
 }
 
+/// The longest expression compiled, in bytes.
+pub(crate) const MAX_EXPRESSION_BYTES: usize = 16 * 1024;
+
+/// The most binary operators one expression may hold, and the deepest its parentheses and `!`
+/// may nest. Together they bound the compiled tree's depth, so that compiling, evaluating and
+/// dropping it recurse a bounded number of times in any stack (wasmtime's, V8's, a thread's).
+pub(crate) const MAX_OPERATORS: usize = 256;
+pub(crate) const MAX_NESTING: usize = 32;
+
+/// What a fault over one of the limits above starts with: such an expression is refused in
+/// every mode (it is too large to run safely), where one outside the subset may be skipped.
+pub(crate) const OVER_LIMIT: &str = "over the edge's limits: ";
+
 struct Parser {
     toks: Vec<Tok>,
     i: usize,
+    /// Binary operators read so far.
+    operators: usize,
+    /// Parentheses and `!` open around the token being read.
+    nesting: usize,
 }
 
 impl Parser {
@@ -330,6 +347,12 @@ impl Parser {
         'again: loop {
             for (p, op) in ops {
                 if self.eat(p) {
+                    self.operators += 1;
+                    if self.operators > MAX_OPERATORS {
+                        return Err(format!(
+                            "{OVER_LIMIT}more than {MAX_OPERATORS} operators in one expression"
+                        ));
+                    }
                     let right = next(self)?;
                     left = typed(*op, left, right)?;
                     continue 'again;
@@ -362,9 +385,22 @@ impl Parser {
     fn sum(&mut self) -> Result<(Expr, Ty), String> {
         self.binary(&[("+", BinOp::Add)], Self::unary)
     }
+    /// Enters a parenthesis or a `!`: an error past [`MAX_NESTING`].
+    fn nest(&mut self) -> Result<(), String> {
+        self.nesting += 1;
+        if self.nesting > MAX_NESTING {
+            return Err(format!(
+                "{OVER_LIMIT}parentheses and '!' nested more than {MAX_NESTING} deep"
+            ));
+        }
+        Ok(())
+    }
+
     fn unary(&mut self) -> Result<(Expr, Ty), String> {
         if self.eat("!") {
+            self.nest()?;
             let (e, t) = self.unary()?;
+            self.nesting -= 1;
             if t != Ty::Bool {
                 return Err(format!("'!' needs a bool, not {t}"));
             }
@@ -390,8 +426,10 @@ impl Parser {
             Tok::Str(s) => Ok((Expr::Str(s), Ty::Str)),
             Tok::Int(n) => Ok((Expr::Int(n), Ty::Int)),
             Tok::Punct("(") => {
+                self.nest()?;
                 let e = self.or()?;
                 self.expect(")")?;
+                self.nesting -= 1;
                 Ok(e)
             }
             Tok::Ident(w) if w == "true" || w == "false" => Ok((Expr::Bool(w == "true"), Ty::Bool)),
@@ -463,12 +501,20 @@ pub(crate) fn compile(text: &str) -> Result<(Expr, Ty), String> {
     } else {
         return Err("an expression must be the whole value: @(...) or @{...}".into());
     };
+    if t.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "{OVER_LIMIT}the expression is {} bytes, more than {MAX_EXPRESSION_BYTES}",
+            t.len()
+        ));
+    }
     if block && !body.trim_start().starts_with("return") {
         return Err("only a single 'return ...;' statement is supported in @{...}".into());
     }
     let mut p = Parser {
         toks: tokenize(body)?,
         i: 0,
+        operators: 0,
+        nesting: 0,
     };
     if block {
         p.i += 1;
@@ -560,5 +606,41 @@ mod tests {
             let err = compile(src).unwrap_err();
             assert!(err.contains(why), "{src}: {err}");
         }
+    }
+
+    /// `"a" + "a" + …` with `n` operators.
+    fn chain(n: usize) -> String {
+        format!("@({})", vec!["\"a\""; n + 1].join(" + "))
+    }
+
+    /// `!` and parentheses `n` deep around `true`.
+    fn nested(n: usize) -> String {
+        format!("@({}true{})", "!(".repeat(n / 2), ")".repeat(n / 2))
+    }
+
+    #[test]
+    fn limits_hold_at_their_values_and_refuse_just_past() {
+        let (e, _) = compile(&chain(MAX_OPERATORS)).unwrap();
+        assert_eq!(
+            e.eval(&F).unwrap().into_text(),
+            "a".repeat(MAX_OPERATORS + 1)
+        );
+        let past = compile(&chain(MAX_OPERATORS + 1)).unwrap_err();
+        assert!(
+            past.starts_with(OVER_LIMIT) && past.contains("more than 256 operators"),
+            "{past}"
+        );
+        let (e, _) = compile(&nested(MAX_NESTING)).unwrap();
+        assert_eq!(e.eval(&F).unwrap().into_text(), "True");
+        let past = compile(&nested(MAX_NESTING + 2)).unwrap_err();
+        assert!(
+            past.starts_with(OVER_LIMIT) && past.contains("nested more than 32 deep"),
+            "{past}"
+        );
+        // Thousands deep are refused as quickly, without recursing that deep.
+        let deep = format!("@({}1{})", "(".repeat(50_000), ")".repeat(50_000));
+        assert!(compile(&deep).unwrap_err().starts_with(OVER_LIMIT));
+        let long = format!("@(\"{}\")", "x".repeat(MAX_EXPRESSION_BYTES));
+        assert!(compile(&long).unwrap_err().contains("more than 16384"));
     }
 }

@@ -485,7 +485,8 @@ fn literal<'v>(el: &Element, attr: &str, value: &'v str) -> Compiled<&'v str> {
         return Err(Fault::Unsupported(
             el.pos,
             format!(
-                "expression \"{value}\" in '{attr}' of <{}> is not supported at the edge",
+                "expression \"{}\" in '{attr}' of <{}> is not supported at the edge",
+                quoted(value),
                 el.name
             ),
         ));
@@ -533,20 +534,31 @@ fn status_code(el: &Element, code: u64) -> Compiled<u16> {
         .ok_or_else(|| Fault::Invalid(el.pos, format!("'{code}' is not an HTTP status")))
 }
 
+/// An expression as an error quotes it: trimmed, and cut after 120 characters.
+fn quoted(value: &str) -> String {
+    let t = value.trim();
+    match t.char_indices().nth(120) {
+        Some((i, _)) => format!("{}…", &t[..i]),
+        None => t.to_string(),
+    }
+}
+
 /// An attribute or text that may be an expression of the given type.
 fn text(el: &Element, what: &str, value: &str, ty: Ty) -> Compiled<Text> {
     if !expr::is_expression(value) {
         return Ok(Text::Literal(value.to_string()));
     }
     let (e, t) = expr::compile(value).map_err(|why| {
-        Fault::Unsupported(
-            el.pos,
-            format!(
-                "expression \"{}\" in {what} of <{}> is not supported at the edge: {why}",
-                value.trim(),
-                el.name
-            ),
-        )
+        let message = format!(
+            "expression \"{}\" in {what} of <{}> is not supported at the edge: {why}",
+            quoted(value),
+            el.name
+        );
+        if why.starts_with(expr::OVER_LIMIT) {
+            Fault::Invalid(el.pos, message)
+        } else {
+            Fault::Unsupported(el.pos, message)
+        }
     })?;
     if t != ty && !(ty == Ty::Str) {
         return Err(Fault::Invalid(

@@ -10,6 +10,16 @@
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
+/// The largest policy document read: APIM's own limit on a policy document.
+pub(crate) const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+
+/// The deepest nesting of elements read (`<policies>` and its sections count): deeper than any
+/// real document, shallow enough that every walk of the tree fits any stack.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// The most elements one document may hold.
+pub(crate) const MAX_ELEMENTS: usize = 10_000;
+
 /// A 1-based line and column in the original document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Pos {
@@ -61,20 +71,61 @@ impl OffsetMap {
     }
 }
 
+/// The line and column of a byte offset of `text` (one look, for an error).
 pub(crate) fn position_of(text: &str, offset: usize) -> Pos {
-    let offset = offset.min(text.len());
-    let before = &text.as_bytes()[..offset];
-    let line = before.iter().filter(|&&b| b == b'\n').count() as u32 + 1;
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map(|p| p + 1)
-        .unwrap_or(0);
-    let column = String::from_utf8_lossy(&before[line_start..])
-        .chars()
-        .count() as u32
-        + 1;
-    Pos { line, column }
+    Positions::new(text).at(offset)
+}
+
+/// Positions in one text: its line starts found once, and the last position asked kept, so that
+/// positions asked in order (every element of a document, as it is read) cost time in
+/// proportion to the text between them, never a scan from the start.
+pub(crate) struct Positions<'t> {
+    text: &'t [u8],
+    /// The offset where each line starts.
+    line_starts: Vec<usize>,
+    /// The last position asked: its offset, and its position.
+    last: std::cell::Cell<(usize, Pos)>,
+}
+
+impl<'t> Positions<'t> {
+    pub(crate) fn new(text: &'t str) -> Self {
+        let text = text.as_bytes();
+        let mut line_starts = vec![0];
+        line_starts.extend(
+            text.iter()
+                .enumerate()
+                .filter(|(_, &b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        Positions {
+            text,
+            line_starts,
+            last: std::cell::Cell::new((0, Pos { line: 1, column: 1 })),
+        }
+    }
+
+    /// Columns count characters: the bytes that do not continue a UTF-8 sequence.
+    fn chars(bytes: &[u8]) -> u32 {
+        bytes.iter().filter(|&&b| (b & 0xC0) != 0x80).count() as u32
+    }
+
+    pub(crate) fn at(&self, offset: usize) -> Pos {
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        let (last_offset, last_pos) = self.last.get();
+        let column = if last_pos.line as usize == line && last_offset <= offset {
+            last_pos.column + Self::chars(&self.text[last_offset..offset])
+        } else {
+            1 + Self::chars(&self.text[start..offset])
+        };
+        let pos = Pos {
+            line: line as u32,
+            column,
+        };
+        self.last.set((offset, pos));
+        pos
+    }
 }
 
 /// The context an expression stands in: element text, or an attribute value with its quote.
@@ -307,8 +358,19 @@ fn protect_expressions(src: &str) -> Result<(String, OffsetMap), XmlError> {
 
 /// Parses a policy document (either format) into its root element.
 pub(crate) fn parse_document(src: &str) -> Result<Element, XmlError> {
+    if src.len() > MAX_DOCUMENT_BYTES {
+        return Err(XmlError {
+            pos: Pos { line: 1, column: 1 },
+            message: format!(
+                "the document is {} bytes; a policy document may have at most {MAX_DOCUMENT_BYTES} (256 KiB, APIM's own limit)",
+                src.len()
+            ),
+        });
+    }
     let (text, map) = protect_expressions(src)?;
-    let at = |offset: u64| position_of(src, map.original(offset as usize));
+    let positions = Positions::new(src);
+    let at = |offset: u64| positions.at(map.original(offset as usize));
+    let mut elements = 0usize;
     let mut reader = Reader::from_str(&text);
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
@@ -345,6 +407,17 @@ pub(crate) fn parse_document(src: &str) -> Result<Element, XmlError> {
                 };
                 if root.is_some() && stack.is_empty() {
                     return Err(xml_err("content after the root element".into()));
+                }
+                elements += 1;
+                if elements > MAX_ELEMENTS {
+                    return Err(xml_err(format!(
+                        "more than {MAX_ELEMENTS} elements in one policy document"
+                    )));
+                }
+                if matches!(event, Event::Start(_)) && stack.len() >= MAX_DEPTH {
+                    return Err(xml_err(format!(
+                        "elements nested more than {MAX_DEPTH} deep"
+                    )));
                 }
                 if matches!(event, Event::Start(_)) {
                     stack.push(el);
@@ -517,5 +590,68 @@ mod tests {
             e.message.contains("inbound") || e.message.contains("mismatch"),
             "{e:?}"
         );
+    }
+
+    /// `<policies>` with `depth` elements nested inside one another.
+    fn nested(depth: usize) -> String {
+        format!(
+            "<policies>{}{}</policies>",
+            "<a>".repeat(depth - 1),
+            "</a>".repeat(depth - 1)
+        )
+    }
+
+    #[test]
+    fn nesting_elements_and_size_hold_at_their_limits_and_refuse_past() {
+        assert!(parse_document(&nested(MAX_DEPTH)).is_ok());
+        let e = parse_document(&nested(MAX_DEPTH + 1)).unwrap_err();
+        assert_eq!(e.message, "elements nested more than 64 deep");
+        assert_eq!(
+            e.pos,
+            Pos {
+                line: 1,
+                column: 1 + 10 + 3 * (MAX_DEPTH - 1) as u32
+            }
+        );
+        // 50,000 deep is refused as quickly, and nothing walks it.
+        assert!(parse_document(&nested(50_000)).is_err());
+        let flat = |n: usize| format!("<policies>{}</policies>", "<b/>".repeat(n - 1));
+        assert!(parse_document(&flat(MAX_ELEMENTS)).is_ok());
+        let e = parse_document(&flat(MAX_ELEMENTS + 1)).unwrap_err();
+        assert!(
+            e.message.contains("more than 10000 elements"),
+            "{}",
+            e.message
+        );
+        let big = |n: usize| format!("<policies>{}</policies>", " ".repeat(n - 21));
+        assert!(parse_document(&big(MAX_DOCUMENT_BYTES)).is_ok());
+        let e = parse_document(&big(MAX_DOCUMENT_BYTES + 1)).unwrap_err();
+        assert!(e.message.contains("at most 262144"), "{}", e.message);
+    }
+
+    #[test]
+    fn positions_asked_in_any_order_are_the_same_as_one_at_a_time() {
+        let text = "ab\ncdé\n\nxyz";
+        let p = Positions::new(text);
+        let all: Vec<usize> = (0..=text.len()).collect();
+        // Counted directly: newlines before, and characters since the last one.
+        let naive = |o: usize| {
+            let before = &text[..o];
+            Pos {
+                line: before.matches('\n').count() as u32 + 1,
+                column: before.rsplit('\n').next().unwrap_or("").chars().count() as u32 + 1,
+            }
+        };
+        let all: Vec<usize> = all
+            .into_iter()
+            .filter(|&o| text.is_char_boundary(o))
+            .collect();
+        let fresh: Vec<Pos> = all.iter().map(|&o| naive(o)).collect();
+        let in_order: Vec<Pos> = all.iter().map(|&o| p.at(o)).collect();
+        let backwards: Vec<Pos> = all.iter().rev().map(|&o| p.at(o)).collect();
+        assert_eq!(in_order, fresh);
+        assert_eq!(backwards.into_iter().rev().collect::<Vec<_>>(), fresh);
+        assert_eq!(p.at(6), Pos { line: 2, column: 4 });
+        assert_eq!(p.at(text.len()), Pos { line: 4, column: 4 });
     }
 }
