@@ -152,6 +152,22 @@ fn status(n: u64, what: &str) -> Result<u16> {
         .ok_or_else(|| anyhow!("{what}: {n} is not an HTTP status"))
 }
 
+/// The largest request or response body a trace may record: the wasmtime host hands the
+/// filter a body of that many bytes.
+pub const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How far from `--start` a relative time `t` may lie, in seconds (about 317 years).
+pub const MAX_RELATIVE_SECONDS: f64 = 1e10;
+
+/// A body's byte count, within [`MAX_BODY_BYTES`].
+fn body_bytes(v: &Value, name: &str) -> Result<u64> {
+    let n = u64_field(v, name)?.unwrap_or(0);
+    if n > MAX_BODY_BYTES {
+        bail!("{name}: {n} is more than {MAX_BODY_BYTES} bytes (64 MiB)");
+    }
+    Ok(n)
+}
+
 /// Reads one trace line.
 pub fn parse_line(line: &str, start: Millis) -> Result<Entry> {
     let v: Value = serde_json::from_str(line).context("not valid JSON")?;
@@ -163,7 +179,12 @@ pub fn parse_line(line: &str, start: Millis) -> Result<Entry> {
             parse_rfc3339(at).ok_or_else(|| anyhow!("at: not an RFC 3339 time: {at}"))?
         }
         (None, Some(t)) => {
-            let secs = t.as_f64().ok_or_else(|| anyhow!("t: expected seconds"))?;
+            let secs = t
+                .as_f64()
+                .filter(|s| s.abs() <= MAX_RELATIVE_SECONDS)
+                .ok_or_else(|| {
+                    anyhow!("t: expected seconds from --start, at most {MAX_RELATIVE_SECONDS:e} either way")
+                })?;
             start + (secs * 1000.0).round() as Millis
         }
         (None, None) => start,
@@ -225,8 +246,8 @@ pub fn parse_line(line: &str, start: Millis) -> Result<Entry> {
         query,
         headers,
         client_ip,
-        request_bytes: u64_field(&v, "requestBytes")?.unwrap_or(0),
-        response_bytes: u64_field(&v, "responseBytes")?.unwrap_or(0),
+        request_bytes: body_bytes(&v, "requestBytes")?,
+        response_bytes: body_bytes(&v, "responseBytes")?,
         upstream_status: u64_field(&v, "upstreamStatus")?
             .map(|s| status(s, "upstreamStatus"))
             .transpose()?
@@ -359,7 +380,11 @@ impl Exchange {
                     .find(|(n, _)| n.eq_ignore_ascii_case("host"))
                     .map(|(_, h)| h.clone())
             })
-            .ok_or_else(|| anyhow!("request.url: expected an absolute URL, not {}", self.url))?;
+            .ok_or_else(|| {
+                // Without its query: a key may be there.
+                let shown = self.url.split('?').next().unwrap_or_default();
+                anyhow!("request.url: expected an absolute URL, not {shown} (query left out)")
+            })?;
         let known = |n: i64| u64::try_from(n).ok();
         let request_bytes = known(self.request_body)
             .or(self.request_text.map(|n| n as u64))
@@ -367,6 +392,9 @@ impl Exchange {
         let response_bytes = known(self.response_body)
             .or(known(self.content_size))
             .unwrap_or(0);
+        if request_bytes.max(response_bytes) > MAX_BODY_BYTES {
+            bail!("a body of more than {MAX_BODY_BYTES} bytes (64 MiB)");
+        }
         let recorded = match self.status {
             0 => None,
             n => Some(status(

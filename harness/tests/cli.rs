@@ -193,3 +193,159 @@ fn a_configuration_that_is_not_one_exits_2_naming_the_fault() {
         assert!(stderr.contains(message), "{name}: {stderr}");
     }
 }
+
+/// A catalog whose API `a` (path `a`, no key needed) has `policy` as its policy.
+fn one_api_catalog(name: &str, policy: &str) -> PathBuf {
+    let p = scratch(name);
+    let doc = serde_json::json!({
+        "apis": [{"name": "a", "properties": {"path": "a", "subscriptionRequired": false}, "policy": policy}]
+    });
+    std::fs::write(&p, doc.to_string()).unwrap();
+    p
+}
+
+fn set_header(value: &str) -> String {
+    format!(
+        r#"<policies><inbound><set-header name="x-v" exists-action="override"><value>{value}</value></set-header></inbound></policies>"#
+    )
+}
+
+/// Hostile policy documents: `check` refuses each with exit 2 and a message that names the
+/// limit and the place, in bounded time and without overflowing its stack; a large flat
+/// document at the size limit loads.
+#[test]
+fn hostile_policies_are_refused_naming_the_limit_and_the_place() {
+    let terms = format!("@({})", vec!["1"; 5_000].join("+"));
+    let long = format!("@({})", vec!["\"a\""; 20_000].join("+"));
+    let parens = format!("@({}1{})", "(".repeat(500), ")".repeat(500));
+    let cases = [
+        (
+            "terms.json",
+            set_header(&terms),
+            "more than 256 operators in one expression",
+        ),
+        (
+            "parens.json",
+            set_header(&parens),
+            "nested more than 32 deep",
+        ),
+        (
+            "long.json",
+            set_header(&long),
+            "is too large: the expression is 80002 bytes, more than 16384",
+        ),
+        (
+            "xml.json",
+            format!(
+                "<policies>{}{}</policies>",
+                "<a>".repeat(30_000),
+                "</a>".repeat(30_000)
+            ),
+            "elements nested more than 64 deep",
+        ),
+        (
+            "huge.json",
+            format!(
+                "<policies><inbound>{}</inbound></policies>",
+                " ".repeat(300_000)
+            ),
+            "a policy document may have at most 262144",
+        ),
+    ];
+    for (name, policy, message) in cases {
+        let p = one_api_catalog(name, &policy);
+        let out = apim_edge(&["check", p.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(message), "{name}: {stderr}");
+        assert!(stderr.contains("line 1, column"), "{name}: {stderr}");
+        assert!(
+            stderr.len() < 2_000,
+            "{name}: the message quotes too much: {stderr}"
+        );
+    }
+    // At the limits: 4,000 set-header elements with an expression each, under 256 KiB.
+    let flat: String = (0..2_000)
+        .map(|i| format!(r#"<set-header name="x-{i}" exists-action="override"><value>@("{i}")</value></set-header>"#))
+        .collect();
+    let p = one_api_catalog(
+        "flat.json",
+        &format!("<policies><inbound>{flat}</inbound></policies>"),
+    );
+    let out = apim_edge(&["check", p.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replay input outside sane ranges is exit 2 naming the line, natively and with `--wasm`, and
+/// a HAR error never quotes a URL's query.
+#[test]
+fn replay_input_out_of_range_is_exit_2_naming_the_line() {
+    let cases = [
+        (
+            r#"{"method": "GET", "url": "/a", "requestBytes": 18446744073709551615}"#,
+            "line 1: requestBytes: 18446744073709551615 is more than",
+        ),
+        (
+            r#"{"method": "GET", "url": "/a", "responseBytes": 10000000000}"#,
+            "line 1: responseBytes: 10000000000 is more than",
+        ),
+        (
+            r#"{"method": "GET", "url": "/a", "t": 1e300}"#,
+            "line 1: t: expected seconds from --start",
+        ),
+    ];
+    let snapshot = one_api_catalog("open.json", "<policies />");
+    let filter = apim_edge_harness::build::filter_wasm();
+    for (line, message) in cases {
+        let t = scratch("range.jsonl");
+        std::fs::write(&t, line).unwrap();
+        for wasm in [false, true] {
+            let mut args = vec![
+                "replay",
+                "--snapshot",
+                snapshot.to_str().unwrap(),
+                "--trace",
+                t.to_str().unwrap(),
+            ];
+            if wasm {
+                args.extend(["--wasm", filter.to_str().unwrap()]);
+            }
+            let out = apim_edge(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{line}: {stderr}");
+            assert!(stderr.contains(message), "{line}: {stderr}");
+        }
+    }
+    let har = scratch("relative.har");
+    std::fs::write(
+        &har,
+        r#"{"log": {"version": "1.2", "creator": {"name": "devtools", "version": "1"},
+          "entries": [{"startedDateTime": "2026-01-05T09:00:00Z", "time": 1,
+            "request": {"method": "GET", "url": "/a/x?subscription-key=very-secret-key",
+                        "httpVersion": "HTTP/1.1", "cookies": [], "queryString": [], "headers": [],
+                        "headersSize": -1, "bodySize": 0},
+            "response": {"status": 200, "statusText": "", "httpVersion": "HTTP/1.1", "cookies": [],
+                         "headers": [], "content": {"size": 0}, "redirectURL": "",
+                         "headersSize": -1, "bodySize": -1},
+            "cache": {}, "timings": {"send": 0, "wait": 0, "receive": 0}}]}}"#,
+    )
+    .unwrap();
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--trace",
+        har.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("expected an absolute URL, not /a/x (query left out)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("very-secret-key"), "{stderr}");
+}

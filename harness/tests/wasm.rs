@@ -337,3 +337,39 @@ fn bench_reports_both_sides_and_their_ratio() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Expressions at the load-time limits (256 operators; `!` and parentheses 32 deep) run in the
+/// `.wasm` for every request, on every worker, and give the same answers as natively.
+#[test]
+fn expressions_at_the_limits_run_in_the_wasm_on_every_request() {
+    let wasm = filter_wasm();
+    let dir = std::env::temp_dir().join(format!("apim-edge-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("limits.jsonl");
+    let expect = format!(
+        r#"{{"method": "GET", "url": "/limits/x", "expect": {{"status": 200, "outcome": "allowed", "upstream": {{"headers": {{"x-chain": "{}", "x-nest": "True"}}}}}}}}"#,
+        "a".repeat(257)
+    );
+    std::fs::write(&trace, vec![expect; 40].join("\n")).unwrap();
+    for mode in ["--check", "--diff"] {
+        let out = apim_edge(&[
+            "replay",
+            "--snapshot",
+            "tests/catalog/at-limits.json",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--workers",
+            "4",
+            mode,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("40 requests, 0 mismatched")
+                || stderr.contains("40 requests, 0 differ"),
+            "{mode}: {stderr}"
+        );
+    }
+}

@@ -549,15 +549,22 @@ fn text(el: &Element, what: &str, value: &str, ty: Ty) -> Compiled<Text> {
         return Ok(Text::Literal(value.to_string()));
     }
     let (e, t) = expr::compile(value).map_err(|why| {
-        let message = format!(
-            "expression \"{}\" in {what} of <{}> is not supported at the edge: {why}",
-            quoted(value),
-            el.name
-        );
-        if why.starts_with(expr::OVER_LIMIT) {
-            Fault::Invalid(el.pos, message)
-        } else {
-            Fault::Unsupported(el.pos, message)
+        let quoted = quoted(value);
+        match why.strip_prefix(expr::OVER_LIMIT) {
+            Some(limit) => Fault::Invalid(
+                el.pos,
+                format!(
+                    "expression \"{quoted}\" in {what} of <{}> is too large: {limit}",
+                    el.name
+                ),
+            ),
+            None => Fault::Unsupported(
+                el.pos,
+                format!(
+                    "expression \"{quoted}\" in {what} of <{}> is not supported at the edge: {why}",
+                    el.name
+                ),
+            ),
         }
     })?;
     if t != ty && !(ty == Ty::Str) {

@@ -756,3 +756,42 @@ fn a_configuration_update_reloads_the_snapshot_and_keeps_counters() {
     );
     assert_eq!(status_with(port, "k2"), 200);
 }
+
+/// Expressions at the load-time limits run in V8 for every request on every worker, and one
+/// just past a limit is refused with the reason: Envoy never starts on a configuration that
+/// would trap or overflow its stack.
+#[test]
+fn expressions_at_the_limits_run_and_past_them_are_refused() {
+    let upstream = start_upstream();
+    let at_limits: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/catalog/at-limits.json")).unwrap(),
+    )
+    .unwrap();
+    let envoy = start_envoy(&upstream, &json!({"snapshot": at_limits})).unwrap();
+    for _ in 0..40 {
+        let r = request(envoy.port, "GET", "/limits/x", &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let seen: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(seen["headers"]["x-chain"], "a".repeat(257));
+        assert_eq!(seen["headers"]["x-nest"], "True");
+    }
+    assert!(!envoy.log_text().contains("panicked"));
+    drop(envoy);
+    let mut past = at_limits.clone();
+    let deep = format!("@({}1{})", "(".repeat(500), ")".repeat(500));
+    past["apis"][0]["policy"] = json!(format!(
+        r#"<policies><inbound><set-header name="x-deep" exists-action="override"><value>{deep}</value></set-header></inbound></policies>"#
+    ));
+    let log = match start_envoy(&upstream, &json!({"snapshot": past})) {
+        Ok(e) => panic!(
+            "Envoy took an expression past the limits:\n{}",
+            e.log_text()
+        ),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("apim-edge: configuration refused")
+            && log.contains("nested more than 32 deep"),
+        "{log}"
+    );
+}
