@@ -105,6 +105,13 @@ struct Loaded {
     metrics: Rc<Metrics>,
 }
 
+/// How often a VM with a snapshot in force checks for a newer one.
+const LOADED_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a VM without one (its `snapshotSource` not fetched yet) tries: calls fail until
+/// then.
+const UNLOADED_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+
 #[derive(Default)]
 struct Root {
     loaded: Option<Rc<Loaded>>,
@@ -116,6 +123,10 @@ struct Root {
 }
 
 impl Root {
+    fn has_catalog(&self) -> bool {
+        self.loaded.as_ref().is_some_and(|l| l.catalog.is_some())
+    }
+
     /// Loads a snapshot; on success it replaces the catalog in force (counters live in shared
     /// data under stable names, so they carry over). A snapshot that fails leaves all as it was
     /// and gives the reason; the caller logs it.
@@ -152,6 +163,9 @@ impl Root {
                     log(LogLevel::Warn, &format!("apim-edge: {w}"));
                 }
                 Metrics::bump(loaded.metrics.snapshot_loads);
+                if loaded.config.snapshot_source.is_some() {
+                    self.set_tick_period(LOADED_TICK);
+                }
                 self.loaded = Some(Rc::new(Loaded {
                     config: loaded.config.clone(),
                     catalog: Some(catalog),
@@ -271,8 +285,13 @@ impl RootContext for Root {
             }
         }
         if let Some(source) = &config.snapshot_source {
-            // Check for a newer shared snapshot every second; fetch every refreshSeconds.
-            self.set_tick_period(std::time::Duration::from_secs(1));
+            // Check for a newer shared snapshot every second (more often until one is in
+            // force); fetch every refreshSeconds.
+            self.set_tick_period(if self.has_catalog() {
+                LOADED_TICK
+            } else {
+                UNLOADED_TICK
+            });
             log(
                 LogLevel::Info,
                 &format!(
@@ -313,7 +332,12 @@ impl RootContext for Root {
         if self.fetching.is_some() {
             return;
         }
-        let refresh = (source.refresh_seconds as Millis).saturating_mul(1000);
+        // Until a snapshot is in force, a fetch is tried on every tick, not once a period:
+        // calls are failing meanwhile.
+        let refresh = match loaded.catalog {
+            Some(_) => (source.refresh_seconds as Millis).saturating_mul(1000),
+            None => UNLOADED_TICK.as_millis() as Millis,
+        };
         match snapshots::take_lease(&HostSharedData::default(), now_millis(), refresh) {
             Ok(true) => {}
             Ok(false) => return,
@@ -344,6 +368,9 @@ impl RootContext for Root {
         ) {
             Ok(token) => self.fetching = Some(token),
             Err(e) => {
+                // The next tick tries again (the proxy may not have its clusters yet, as
+                // while Envoy starts).
+                let _ = snapshots::release_lease(&HostSharedData::default());
                 log(
                     LogLevel::Error,
                     &format!("apim-edge: cannot call cluster {}: {e:?}", source.cluster),

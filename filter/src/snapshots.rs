@@ -78,6 +78,12 @@ pub fn take_lease(
     shared.set(LEASE_KEY, &now.to_le_bytes(), cas)
 }
 
+/// Gives the fetch lease back (a fetch that could not be made): the next tick of any VM
+/// takes it.
+pub fn release_lease(shared: &dyn SharedData) -> Result<bool, StoreError> {
+    shared.set(LEASE_KEY, &Millis::MIN.to_le_bytes(), None)
+}
+
 /// Publishes a snapshot that loaded, as the next version. `None` when another VM published
 /// first (its version is then picked up on the next tick).
 pub fn publish(
@@ -112,6 +118,10 @@ mod tests {
         assert!(!take_lease(&shared, 1, 10_000)?);
         assert!(!take_lease(&shared, 9_999, 10_000)?);
         assert!(take_lease(&shared, 10_000, 10_000)?);
+        // A fetch that could not be made gives the lease back: the next tick takes it.
+        assert!(release_lease(&shared)?);
+        assert!(take_lease(&shared, 10_001, 10_000)?);
+        assert!(!take_lease(&shared, 10_002, 10_000)?);
         Ok(())
     }
 

@@ -795,3 +795,67 @@ fn expressions_at_the_limits_run_and_past_them_are_refused() {
         "{log}"
     );
 }
+
+/// With only a `snapshotSource`, the first fetch is made as soon as Envoy can make it, not a
+/// whole `refreshSeconds` later: calls fail (`failureMode`) only for that moment. Here the
+/// period is 30 s, so a first fetch that waited for it would leave 30 s of 500s.
+#[test]
+fn the_first_snapshot_is_fetched_at_start_not_a_period_later() {
+    let upstream = start_upstream();
+    let source = ConfigServer::start(&reload_catalog(&[("s1", "k1")]));
+    let config = json!({"snapshotSource": {"cluster": "apim-config", "authority": "config", "path": "/snapshot.json", "refreshSeconds": 30}});
+    let envoy = start_envoy_with(&upstream, &config, Some(&source)).unwrap();
+    let ready = std::time::Instant::now();
+    // A request every 50 ms, each on its own connection and thread (a 500 ends when Envoy closes
+    // its connection, which it may delay): (when it was sent, its status).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let port = envoy.port;
+    let mut first_200 = None;
+    while first_200.is_none() && ready.elapsed().as_secs() < 10 {
+        let tx = tx.clone();
+        let sent = ready.elapsed();
+        std::thread::spawn(move || {
+            let key = ("Ocp-Apim-Subscription-Key".to_string(), "k1".to_string());
+            let s = request(port, "GET", "/a/x", &[key]).status;
+            let _ = tx.send((sent, s));
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        first_200 = rx
+            .try_iter()
+            .filter(|(_, s)| *s == 200)
+            .map(|(t, _)| t)
+            .min();
+    }
+    drop(tx);
+    let gap = first_200.expect("no snapshot 10 s after Envoy was ready");
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    let answers: Vec<(std::time::Duration, u16)> = rx.try_iter().collect();
+    // Before it: internal errors only (failureMode closed).
+    assert!(
+        answers
+            .iter()
+            .all(|(t, s)| *s == 200 || (*s == 500 && *t < gap)),
+        "{answers:?}"
+    );
+    let last_500 = answers
+        .iter()
+        .filter(|(_, s)| *s == 500)
+        .map(|(t, _)| *t)
+        .max();
+    eprintln!(
+        "first snapshot: the last 500 was sent {last_500:?} and the first 200 {gap:?} after Envoy was ready"
+    );
+    assert!(gap.as_secs() < 5, "{} ms", gap.as_millis());
+    // Every worker has it soon after (each picks it up on its next tick).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for _ in 0..8 {
+        let s = request(
+            envoy.port,
+            "GET",
+            "/a/x",
+            &[("Ocp-Apim-Subscription-Key".to_string(), "nope".to_string())],
+        )
+        .status;
+        assert_eq!(s, 401);
+    }
+}
