@@ -28,9 +28,13 @@ mod xml;
 
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
 pub use clock::{format_timespan, parse_rfc3339, Millis};
+pub use counters::op::{CounterOp, OpResult, OwnedOp};
+pub use counters::own::{OwnLimits, OwnVerdicts};
 pub use counters::{
     counter_expiry, Change, CounterName, CounterStore, MemoryStore, State, StoreError, MAX_ATTEMPTS,
 };
+pub use counters::{FixedWindows, Verdict};
+pub use decide::shared::{apply_plan, CounterPlan};
 pub use decide::{
     CallContext, Completion, Decision, EngineError, HeaderEdit, HeaderEdits, KeyLocation, Outcome,
     Request,

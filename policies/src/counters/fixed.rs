@@ -51,7 +51,7 @@ pub(crate) fn window_bytes(w: &Window, period: Millis) -> [u8; WINDOW] {
 
 /// Fixed windows of `period` from `origin`, allowing `calls` and/or `bandwidth_kb`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct FixedWindows {
+pub struct FixedWindows {
     pub origin: Millis,
     pub period: Millis,
     pub calls: Option<u64>,

@@ -22,10 +22,12 @@
 use crate::clock::Millis;
 
 mod fixed;
+pub(crate) mod op;
 pub(crate) mod own;
 mod sliding;
 mod store;
 
+pub use fixed::FixedWindows;
 pub(crate) use fixed::*;
 pub(crate) use sliding::*;
 pub(crate) use store::{update, KeptName};
@@ -33,7 +35,7 @@ pub use store::{Change, CounterName, CounterStore, MemoryStore, State, StoreErro
 
 /// What a limit says of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub enum Verdict {
     /// Admitted; this many calls remain in the window.
     Admitted { remaining: u64 },
     /// Denied; the wait until a call would be admitted.

@@ -23,7 +23,7 @@ const OWN_HEAD: usize = HEAD + 1;
 
 /// The own limits of one document that one update counts a call in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct OwnLimits {
+pub struct OwnLimits {
     /// The rate limit's calls and period.
     pub rate: Option<(u64, Millis)>,
     pub quota: Option<FixedWindows>,
@@ -34,7 +34,7 @@ pub(crate) struct OwnLimits {
 /// What the limits of an [`OwnLimits`] said of a call. The first to deny ends the update: the
 /// limit after it has no verdict, and nothing is counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct OwnVerdicts {
+pub struct OwnVerdicts {
     pub rate: Option<Verdict>,
     /// The quota's verdict and the start of the window it counted in.
     pub quota: Option<(Verdict, Millis)>,

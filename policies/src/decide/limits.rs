@@ -6,8 +6,8 @@
 use super::*;
 use crate::catalog::Catalog;
 use crate::clock::Millis;
-use crate::counters::own::{self, OwnLimits, OwnVerdicts};
-use crate::counters::{self, CounterName, CounterStore, FixedWindows, KeptName, Verdict};
+use crate::counters::own::{OwnLimits, OwnVerdicts};
+use crate::counters::{CounterName, FixedWindows, KeptName, Verdict};
 use crate::expr::{Facts, Value};
 use crate::policy::{KeyedLimit, Nested, Step, SubscriptionLimit, Text};
 use crate::response::{self, LocalResponse};
@@ -148,7 +148,9 @@ pub(crate) fn limit_denial(
 /// One run of a request program.
 pub(crate) struct Run<'a, 's> {
     pub(crate) catalog: &'a Catalog,
-    pub(crate) store: &'s dyn CounterStore,
+    /// Where the call's counter operations go: a local store, or the passes of a decision on
+    /// counters a fleet shares ([`crate::counters::op`]).
+    pub(crate) counting: &'s dyn Counting,
     pub(crate) now: Millis,
     pub(crate) reservations: SmallVec<[Reservation<'a>; 2]>,
     /// The step being run must reserve what it counts ([`crate::catalog::StepPlan`]).
@@ -179,21 +181,36 @@ impl<'a> Run<'a, '_> {
                     document,
                     rate_at,
                     quota,
-                } => own::release(
-                    self.store,
-                    &CounterName::new(OWN_KIND, owner, document),
-                    rate_at,
-                    quota,
+                } => self.counting.count(
+                    CounterOp::OwnRelease {
+                        key: CounterName::new(OWN_KIND, owner, document),
+                        rate_at,
+                        quota,
+                    },
+                    self.now,
                 ),
-                Reservation::Sliding { counter, at, n } => {
-                    counters::sliding_release(self.store, &counter.name(), at, n)
-                }
+                Reservation::Sliding { counter, at, n } => self.counting.count(
+                    CounterOp::SlidingRelease {
+                        key: counter.name(),
+                        at,
+                        n,
+                    },
+                    self.now,
+                ),
                 Reservation::Fixed {
                     counter,
                     windows,
                     start,
                     n,
-                } => windows.release(self.store, &counter.name(), start, n),
+                } => self.counting.count(
+                    CounterOp::FixedRelease {
+                        key: counter.name(),
+                        windows,
+                        start,
+                        n,
+                    },
+                    self.now,
+                ),
             };
         }
     }
@@ -275,7 +292,13 @@ impl<'a> Run<'a, '_> {
         verdicts: &mut OwnVerdicts,
     ) -> Result<(), EngineError> {
         let key = &CounterName::new(OWN_KIND, owner, document);
-        own.admit(self.store, key, self.now, verdicts)?;
+        *verdicts = own_verdicts(self.counting.count(
+            CounterOp::OwnAdmit {
+                key: *key,
+                limits: *own,
+            },
+            self.now,
+        )?)?;
         let admitted = |v: Option<Verdict>| v.is_none_or(|v| matches!(v, Verdict::Admitted { .. }));
         if admitted(verdicts.rate) && admitted(verdicts.quota.map(|(v, _)| v)) {
             if let Some(windows) = own.quota.filter(|w| w.bandwidth_kb.is_some()) {
@@ -416,7 +439,10 @@ impl<'a> Run<'a, '_> {
                 None => self.admit_fixed(counter, windows, n, call)?,
                 Some(_) => {
                     let key = &counter.name();
-                    let v = windows.check(self.store, key, self.now)?;
+                    let v = verdict(
+                        self.counting
+                            .count(CounterOp::FixedCheck { key: *key, windows }, self.now)?,
+                    )?;
                     call.pend(Pending::FixedIf {
                         key: KeptName::of(key),
                         windows,
@@ -439,7 +465,12 @@ impl<'a> Run<'a, '_> {
                 None => self.admit_sliding(counter, calls, a.period, n)?,
                 Some(_) => {
                     let key = &counter.name();
-                    let v = counters::sliding_check(self.store, key, calls, a.period, self.now)?;
+                    let check = CounterOp::SlidingCheck {
+                        key: *key,
+                        calls,
+                        period: a.period,
+                    };
+                    let v = verdict(self.counting.count(check, self.now)?)?;
                     call.pend(Pending::SlidingIf {
                         key: KeptName::of(key),
                         period: a.period,
@@ -497,19 +528,18 @@ impl<'a> Run<'a, '_> {
                 calls,
                 bandwidth_kb: a.bandwidth_kb,
             };
-            windows.check(
-                self.store,
-                &CounterName::new("qk", &limit.window, &value),
-                self.now,
+            let key = CounterName::new("qk", &limit.window, &value);
+            verdict(
+                self.counting
+                    .count(CounterOp::FixedCheck { key, windows }, self.now)?,
             )?
         } else {
-            counters::sliding_check(
-                self.store,
-                &CounterName::new("rlk", &limit.window, &value),
-                calls.unwrap_or(u64::MAX),
-                a.period,
-                self.now,
-            )?
+            let check = CounterOp::SlidingCheck {
+                key: CounterName::new("rlk", &limit.window, &value),
+                calls: calls.unwrap_or(u64::MAX),
+                period: a.period,
+            };
+            verdict(self.counting.count(check, self.now)?)?
         };
         if let Some(denial) = limit_denial(verdict, || limit.retry_after_header.clone()) {
             return Ok(Some(denial));
@@ -536,7 +566,15 @@ impl<'a> Run<'a, '_> {
         call: &mut CallContext,
     ) -> Result<Verdict, EngineError> {
         let key = &counter.name();
-        let (v, start) = windows.admit(self.store, key, self.now, n)?;
+        let admit = CounterOp::FixedAdmit {
+            key: *key,
+            windows,
+            n,
+        };
+        let (v, start) = match self.counting.count(admit, self.now)? {
+            OpResult::Fixed(v, start) => (v, start),
+            other => return Err(mismatch(other).into()),
+        };
         if matches!(v, Verdict::Admitted { .. }) {
             if windows.bandwidth_kb.is_some() {
                 call.pend(Pending::Bandwidth {
@@ -563,7 +601,13 @@ impl<'a> Run<'a, '_> {
         n: u32,
     ) -> Result<Verdict, EngineError> {
         let key = &counter.name();
-        let v = counters::sliding_admit(self.store, key, calls, period, self.now, n)?;
+        let admit = CounterOp::SlidingAdmit {
+            key: *key,
+            calls,
+            period,
+            n,
+        };
+        let v = verdict(self.counting.count(admit, self.now)?)?;
         if matches!(v, Verdict::Admitted { .. }) {
             self.reservations.push(Reservation::Sliding {
                 counter,
@@ -624,6 +668,27 @@ impl Catalog {
             _ => return None,
         };
         if h.total { total } else { remaining }.as_deref()
+    }
+}
+
+/// A counter's answer that is not of the operation's kind (a counter service's bad answer).
+pub(crate) fn mismatch(got: OpResult) -> StoreError {
+    StoreError::Unavailable(format!(
+        "a counter answered {got:?} to an operation of another kind"
+    ))
+}
+
+pub(crate) fn verdict(r: OpResult) -> Result<Verdict, StoreError> {
+    match r {
+        OpResult::Verdict(v) => Ok(v),
+        other => Err(mismatch(other)),
+    }
+}
+
+fn own_verdicts(r: OpResult) -> Result<OwnVerdicts, StoreError> {
+    match r {
+        OpResult::Own(v) => Ok(v),
+        other => Err(mismatch(other)),
     }
 }
 

@@ -10,11 +10,12 @@
 mod facts;
 mod limits;
 mod request;
+pub(crate) mod shared;
 
 use crate::catalog::{Catalog, Program};
 use crate::clock::Millis;
-use crate::counters::own::{self};
-use crate::counters::{self, CounterStore, StoreError};
+use crate::counters::op::{CounterOp, Counting, Local, OpResult};
+use crate::counters::{CounterStore, StoreError};
 use crate::expr::NullReference;
 use crate::keys::key_digest;
 use crate::policy::{ip_number, Step};
@@ -219,6 +220,16 @@ impl Catalog {
         now: Millis,
         store: &dyn CounterStore,
     ) -> Result<Decision<'c>, EngineError> {
+        self.decide_counting(req, now, &Local(store))
+    }
+
+    /// [`Catalog::decide`] with the call's counter operations going to `counting`.
+    pub(crate) fn decide_counting<'c>(
+        &'c self,
+        req: &Request,
+        now: Millis,
+        counting: &dyn Counting,
+    ) -> Result<Decision<'c>, EngineError> {
         let Some((api_ix, below)) = self.route(req) else {
             return Ok(Decision::deny(
                 Outcome::ApiNotFound,
@@ -316,7 +327,7 @@ impl Catalog {
         let program: &Program = &self.programs[call.program as usize];
         let mut run = Run {
             catalog: self,
-            store,
+            counting,
             now,
             reservations: SmallVec::new(),
             reserve: true,
@@ -545,6 +556,17 @@ impl Catalog {
         now: Millis,
         store: &dyn CounterStore,
     ) -> Result<(), EngineError> {
+        self.complete_counting(call, done, now, &Local(store))
+    }
+
+    /// [`Catalog::complete`] with the counter operations going to `counting`.
+    pub(crate) fn complete_counting(
+        &self,
+        call: &CallContext,
+        done: Completion,
+        now: Millis,
+        counting: &dyn Counting,
+    ) -> Result<(), EngineError> {
         let empty: [(String, String); 0] = [];
         let request = match call.saved() {
             Some(s) => s.request(),
@@ -574,21 +596,31 @@ impl Catalog {
             }
         };
         for p in call.pending() {
-            match p {
-                Pending::Bandwidth { key, windows } => {
-                    windows.add(store, &key.name(), now, 0, bytes)?
-                }
-                Pending::OwnBandwidth { key, windows } => {
-                    own::add_bytes(store, &key.name(), windows, now, bytes)?
-                }
+            let op = match p {
+                Pending::Bandwidth { key, windows } => CounterOp::FixedAdd {
+                    key: key.name(),
+                    windows: *windows,
+                    calls: 0,
+                    bytes,
+                },
+                Pending::OwnBandwidth { key, windows } => CounterOp::OwnAddBytes {
+                    key: key.name(),
+                    windows: *windows,
+                    bytes,
+                },
                 Pending::SlidingIf {
                     key,
                     period,
                     n,
                     condition: step,
                 } => {
-                    if condition(*step)? {
-                        counters::sliding_add(store, &key.name(), *period, now, *n)?;
+                    if !condition(*step)? {
+                        continue;
+                    }
+                    CounterOp::SlidingAdd {
+                        key: key.name(),
+                        period: *period,
+                        n: *n,
                     }
                 }
                 Pending::FixedIf {
@@ -598,17 +630,18 @@ impl Catalog {
                     condition: step,
                     bandwidth,
                 } => {
-                    if condition(*step)? {
-                        windows.add(
-                            store,
-                            &key.name(),
-                            now,
-                            *n,
-                            if *bandwidth { bytes } else { 0 },
-                        )?;
+                    if !condition(*step)? {
+                        continue;
+                    }
+                    CounterOp::FixedAdd {
+                        key: key.name(),
+                        windows: *windows,
+                        calls: *n,
+                        bytes: if *bandwidth { bytes } else { 0 },
                     }
                 }
-            }
+            };
+            counting.count(op, now)?;
         }
         Ok(())
     }
