@@ -146,11 +146,11 @@ pub(crate) fn limit_denial(
 }
 
 /// One run of a request program.
-pub(crate) struct Run<'a, 's> {
+pub(crate) struct Run<'a, 's, C: Counting + ?Sized> {
     pub(crate) catalog: &'a Catalog,
     /// Where the call's counter operations go: a local store, or the passes of a decision on
     /// counters a fleet shares ([`crate::counters::op`]).
-    pub(crate) counting: &'s dyn Counting,
+    pub(crate) counting: &'s C,
     pub(crate) now: Millis,
     pub(crate) reservations: SmallVec<[Reservation<'a>; 2]>,
     /// The step being run must reserve what it counts ([`crate::catalog::StepPlan`]).
@@ -171,7 +171,7 @@ pub(crate) struct KeyedCount<'a> {
     pub(crate) counted: u64,
 }
 
-impl<'a> Run<'a, '_> {
+impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
     pub(crate) fn release_all(&mut self) {
         for r in self.reservations.drain(..).rev() {
             // Best effort: a failed release under-admits, never over-admits.
@@ -506,7 +506,7 @@ impl<'a> Run<'a, '_> {
     }
 }
 
-impl<'a> Run<'a, '_> {
+impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
     /// A by-key limit whose counter an earlier policy of this call has met: the counter
     /// already holds `already` of this call's weight, so the limit admits when what it holds
     /// without them is under the limit. Nothing is counted or left to count.

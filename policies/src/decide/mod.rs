@@ -224,11 +224,11 @@ impl Catalog {
     }
 
     /// [`Catalog::decide`] with the call's counter operations going to `counting`.
-    pub(crate) fn decide_counting<'c>(
+    pub(crate) fn decide_counting<'c, C: Counting + ?Sized>(
         &'c self,
         req: &Request,
         now: Millis,
-        counting: &dyn Counting,
+        counting: &C,
     ) -> Result<Decision<'c>, EngineError> {
         let Some((api_ix, below)) = self.route(req) else {
             return Ok(Decision::deny(
@@ -367,12 +367,12 @@ impl Catalog {
         }
     }
 
-    fn run_request<'c>(
+    fn run_request<'c, C: Counting + ?Sized>(
         &'c self,
         program: &Program,
         req: &Request,
         call: &mut CallContext,
-        run: &mut Run<'c, '_>,
+        run: &mut Run<'c, '_, C>,
         upstream: &mut HeaderEdits<'c>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         // What expressions see, made only for a step that evaluates one (who the call is does
