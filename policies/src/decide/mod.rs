@@ -152,6 +152,22 @@ impl CallContext {
     fn saved(&self) -> Option<&SavedRequest> {
         self.later.as_deref().and_then(|l| l.saved.as_ref())
     }
+
+    /// The request as later phases see it: the saved copy, or an empty request when the
+    /// program reads none after the inbound phase.
+    fn later_request(&self) -> Request<'_> {
+        match self.saved() {
+            Some(s) => s.request(),
+            None => Request {
+                method: "",
+                host: "",
+                path: "",
+                query: "",
+                headers: &[],
+                client_ip: None,
+            },
+        }
+    }
 }
 
 /// The decision on a call.
@@ -513,18 +529,7 @@ impl Catalog {
     ) -> Result<HeaderEdits<'c>, EngineError> {
         let program = &self.programs[call.program as usize];
         let mut edits = HeaderEdits::new();
-        let empty: [(String, String); 0] = [];
-        let request = match call.saved() {
-            Some(s) => s.request(),
-            None => Request {
-                method: "",
-                host: "",
-                path: "",
-                query: "",
-                headers: &empty,
-                client_ip: None,
-            },
-        };
+        let request = call.later_request();
         let facts = CallFacts {
             catalog: self,
             id: call.id,
@@ -567,18 +572,7 @@ impl Catalog {
         now: Millis,
         counting: &dyn Counting,
     ) -> Result<(), EngineError> {
-        let empty: [(String, String); 0] = [];
-        let request = match call.saved() {
-            Some(s) => s.request(),
-            None => Request {
-                method: "",
-                host: "",
-                path: "",
-                query: "",
-                headers: &empty,
-                client_ip: None,
-            },
-        };
+        let request = call.later_request();
         let facts = CallFacts {
             catalog: self,
             id: call.id,

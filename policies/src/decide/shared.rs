@@ -117,6 +117,17 @@ mod tests {
         Catalog::load(&doc, LoadOptions::default()).unwrap()
     }
 
+    fn request<'r>(path: &'r str, headers: &'r [(String, String)]) -> Request<'r> {
+        Request {
+            method: "GET",
+            host: "h",
+            path,
+            query: "",
+            headers,
+            client_ip: None,
+        }
+    }
+
     /// One call of the random sequences: when, whose key, which tenant, whether it fails the
     /// header check, and the upstream's status.
     type Call = (u16, bool, bool, bool, bool);
@@ -136,14 +147,7 @@ mod tests {
             ("x-tenant".into(), if tenant_b { "b" } else { "a" }.into()),
             ("x-deny".into(), if deny { "yes" } else { "no" }.into()),
         ];
-        let req = Request {
-            method: "GET",
-            host: "h",
-            path: "/a/x",
-            query: "",
-            headers: &h,
-            client_ip: None,
-        };
+        let req = request("/a/x", &h);
         let done = Completion {
             status: if fails { 500 } else { 200 },
             request_bytes: 0,
@@ -196,14 +200,7 @@ mod tests {
     fn a_call_that_meets_no_counter_has_an_empty_plan() {
         let c = catalog();
         let h: Vec<(String, String)> = vec![];
-        let req = Request {
-            method: "GET",
-            host: "h",
-            path: "/nowhere",
-            query: "",
-            headers: &h,
-            client_ip: None,
-        };
+        let req = request("/nowhere", &h);
         let (d, plan) = c.plan(&req, 0);
         assert_eq!(d.unwrap().outcome, Outcome::ApiNotFound);
         assert!(plan.ops.is_empty());
@@ -217,14 +214,7 @@ mod tests {
             ("ocp-apim-subscription-key".into(), "k1".into()),
             ("x-deny".into(), "yes".into()),
         ];
-        let req = Request {
-            method: "GET",
-            host: "h",
-            path: "/a/x",
-            query: "",
-            headers: &h,
-            client_ip: None,
-        };
+        let req = request("/a/x", &h);
         let (d, plan) = c.plan(&req, 0);
         assert_eq!(d.unwrap().outcome, Outcome::HeaderCheckFailed);
         assert!(plan.then_release && !plan.ops.is_empty());
