@@ -349,3 +349,43 @@ fn replay_input_out_of_range_is_exit_2_naming_the_line() {
     );
     assert!(!stderr.contains("very-secret-key"), "{stderr}");
 }
+
+/// Bad input to the command line: each is exit 2 with a message that names the place, without
+/// a stack overflow, in bounded time and memory.
+#[test]
+fn bad_snapshots_exit_2_naming_the_place() {
+    let nested_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bomb = r#"<?xml version="1.0"?><!DOCTYPE p [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><policies><inbound><set-header name="x" exists-action="override"><value>&c;</value></set-header></inbound></policies>"#;
+    let big_attr = format!(
+        r#"<policies><inbound><set-header name="{}" exists-action="override" /></inbound></policies>"#,
+        "x".repeat(20 * 1024 * 1024)
+    );
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated.json", br#"{"apis": [{"name": "a", "#.to_vec(), "not valid JSON"),
+        ("nested.json", nested_json.into_bytes(), "recursion limit exceeded"),
+        ("utf8.json", b"{\"apis\": [{\"name\": \"\xff\xfe\"}]}".to_vec(), "cannot read"),
+        (
+            "bomb.json",
+            serde_json::json!({"apis": [{"name": "a", "properties": {"path": "a"}, "policy": bomb}]})
+                .to_string()
+                .into_bytes(),
+            "unrecognized entity `c`",
+        ),
+        (
+            "attr.json",
+            serde_json::json!({"apis": [{"name": "a", "properties": {"path": "a"}, "policy": big_attr}]})
+                .to_string()
+                .into_bytes(),
+            "a policy document may have at most 262144",
+        ),
+    ];
+    for (name, bytes, message) in cases {
+        let p = scratch(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = apim_edge(&["check", p.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(message), "{name}: {stderr}");
+        assert!(stderr.len() < 2_000, "{name}: {stderr}");
+    }
+}
