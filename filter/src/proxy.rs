@@ -589,6 +589,19 @@ impl HttpContext for Call {
         self.status = headers::map_value(Map, ":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        // A return-response in outbound replaces the upstream's response.
+        match catalog.outbound_response(call, self.status) {
+            Ok(Some(r)) => {
+                set_property("apim_edge.outcome", Outcome::Returned.as_str().as_bytes());
+                if let Some(loaded) = &self.loaded {
+                    loaded.metrics.outcome(Outcome::Returned);
+                }
+                Self::answer(r.status, &r.headers, &r.body);
+                return Action::Pause;
+            }
+            Ok(None) => {}
+            Err(e) => log(LogLevel::Error, &format!("apim-edge: outbound: {e}")),
+        }
         // Asked only where an outbound set-header with exists-action="skip" needs to know.
         let exists = |name: &str| headers::map_value(Map, name).is_some();
         match catalog.respond(call, self.status, &exists) {

@@ -142,8 +142,20 @@ pub fn replay_one(
         }
         (None, Some(call)) => {
             let mut outcome = decision.outcome;
-            match catalog.respond(call, e.upstream_status, &|_| false) {
-                Ok(edits) => apply(&mut headers, &edits),
+            let mut answer = (e.upstream_status, String::new());
+            match catalog.outbound_response(call, e.upstream_status) {
+                // A return-response in outbound replaces the upstream's response.
+                Ok(Some(r)) => {
+                    outcome = Outcome::Returned;
+                    for (n, v) in &r.headers {
+                        headers.insert(n.to_string(), v.to_string());
+                    }
+                    answer = (r.status, r.body);
+                }
+                Ok(None) => match catalog.respond(call, e.upstream_status, &|_| false) {
+                    Ok(edits) => apply(&mut headers, &edits),
+                    Err(_) => outcome = Outcome::InternalError,
+                },
                 Err(_) => outcome = Outcome::InternalError,
             }
             let done = Completion {
@@ -154,7 +166,7 @@ pub fn replay_one(
             if catalog.complete(call, done, e.at, store).is_err() {
                 outcome = Outcome::InternalError;
             }
-            (e.upstream_status, String::new(), outcome)
+            (answer.0, answer.1, outcome)
         }
         (None, None) => (e.upstream_status, String::new(), decision.outcome),
     };

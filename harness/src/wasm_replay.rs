@@ -102,24 +102,33 @@ pub fn replay_one(
                 1,
                 i32::from(e.response_bytes == 0),
             )?;
-            if e.response_bytes > 0 {
-                vm.call3r(
-                    "proxy_on_response_body",
-                    context,
-                    e.response_bytes as i32,
-                    1,
-                )?;
+            // A local reply sent while the response headers were decided replaces them.
+            if let Some(r) = vm.store.data().stream.local_reply.clone() {
+                (
+                    r.status,
+                    collect(&r.headers),
+                    String::from_utf8_lossy(&r.body).into_owned(),
+                )
+            } else {
+                if e.response_bytes > 0 {
+                    vm.call3r(
+                        "proxy_on_response_body",
+                        context,
+                        e.response_bytes as i32,
+                        1,
+                    )?;
+                }
+                let set: Vec<(String, String)> = vm
+                    .store
+                    .data()
+                    .stream
+                    .response_headers
+                    .iter()
+                    .filter(|(n, _)| n != ":status")
+                    .cloned()
+                    .collect();
+                (e.upstream_status, collect(&set), String::new())
             }
-            let set: Vec<(String, String)> = vm
-                .store
-                .data()
-                .stream
-                .response_headers
-                .iter()
-                .filter(|(n, _)| n != ":status")
-                .cloned()
-                .collect();
-            (e.upstream_status, collect(&set), String::new())
         }
     };
     vm.call1("proxy_on_log", context)?;

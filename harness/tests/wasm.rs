@@ -373,3 +373,47 @@ fn expressions_at_the_limits_run_in_the_wasm_on_every_request() {
         );
     }
 }
+
+/// A `return-response` or `mock-response` in outbound replaces the upstream's response: the
+/// same status, headers, body and outcome natively and from the `.wasm` on 4 workers.
+#[test]
+fn an_outbound_response_replaces_the_upstream_in_the_wasm_as_natively() {
+    let wasm = filter_wasm();
+    let dir = std::env::temp_dir().join(format!("apim-edge-outbound-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snapshot = dir.join("outbound.json");
+    let doc = serde_json::json!({
+        "apis": [
+            {"name": "a", "properties": {"path": "a", "subscriptionRequired": false},
+             "policy": r#"<policies><inbound><base /></inbound><outbound><base /><return-response><set-status code="418" reason="teapot" /><set-header name="x-replaced" exists-action="override"><value>@(context.Api.Id)</value></set-header><set-body>{"replaced": true}</set-body></return-response></outbound></policies>"#},
+            {"name": "m", "properties": {"path": "m", "subscriptionRequired": false},
+             "policy": r#"<policies><outbound><mock-response status-code="202" content-type="text/plain" /></outbound></policies>"#}]
+    });
+    std::fs::write(&snapshot, doc.to_string()).unwrap();
+    let trace = dir.join("outbound.jsonl");
+    let a = r#"{"method": "GET", "url": "/a/x", "upstreamStatus": 503, "expect": {"status": 418, "outcome": "returned", "headers": {"x-replaced": "a"}, "body": "{\"replaced\": true}"}}"#;
+    let m = r#"{"method": "GET", "url": "/m/x", "expect": {"status": 202, "outcome": "returned", "headers": {"content-type": "text/plain"}, "body": ""}}"#;
+    std::fs::write(&trace, [a, m, a, m].join("\n")).unwrap();
+    for wasm_args in [
+        vec![],
+        vec!["--wasm", wasm.to_str().unwrap(), "--workers", "4"],
+    ] {
+        for mode in ["--check", "--diff"] {
+            if mode == "--diff" && wasm_args.is_empty() {
+                continue;
+            }
+            let mut args = vec![
+                "replay",
+                "--snapshot",
+                snapshot.to_str().unwrap(),
+                "--trace",
+                trace.to_str().unwrap(),
+                mode,
+            ];
+            args.extend(wasm_args.iter().copied());
+            let out = apim_edge(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{args:?}: {stderr}");
+        }
+    }
+}

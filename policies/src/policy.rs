@@ -50,6 +50,7 @@ const ONCE_PER_DOCUMENT: [&str; 2] = ["rate-limit", "quota"];
 pub(crate) const INBOUND: usize = 0;
 pub(crate) const BACKEND: usize = 1;
 pub(crate) const OUTBOUND: usize = 2;
+pub(crate) const ON_ERROR: usize = 3;
 
 /// One entry of a compiled section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,7 +427,9 @@ impl Compiler<'_> {
             // The backend section runs after inbound, before the upstream: a response there
             // answers instead of the upstream, as one in inbound does.
             "return-response" if section == BACKEND => return_response(el)?,
-            "return-response" | "mock-response" if section != INBOUND => {
+            // In outbound, a response replaces the upstream's.
+            "return-response" if section == OUTBOUND => return_response(el)?,
+            "return-response" | "mock-response" if section == ON_ERROR => {
                 return Err(Fault::Unsupported(
                     el.pos,
                     format!(

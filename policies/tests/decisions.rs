@@ -514,3 +514,32 @@ fn a_return_response_in_the_backend_section_answers_the_call() {
     let d = c.decide(&request(&h, ""), 1_000, &store).unwrap();
     assert_eq!(d.outcome, Outcome::RateLimited);
 }
+
+/// `return-response` in outbound replaces the upstream's response (APIM allows it there);
+/// in on-error it is not supported at the edge yet and refused under `reject`.
+#[test]
+fn an_outbound_return_response_is_the_answer_and_on_error_is_refused() {
+    let c = catalog(
+        "<policies><inbound><base /></inbound></policies>",
+        r#"<policies><inbound><base /></inbound><outbound><set-header name="x-lost" exists-action="override"><value>1</value></set-header><return-response><set-status code="502" reason="bad" /><set-body>no</set-body></return-response></outbound></policies>"#,
+    );
+    let store = MemoryStore::new();
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let d = c.decide(&request(&h, ""), 0, &store).unwrap();
+    assert_eq!(d.outcome, Outcome::Allowed);
+    let call = d.call.unwrap();
+    let r = c.outbound_response(&call, 200).unwrap().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (502, "no"));
+    let doc = json!({
+        "apis": [{"name": "orders", "properties": {"path": "orders"},
+                  "policy": "<policies><on-error><return-response><set-status code=\"500\" /></return-response></on-error></policies>"}]
+    });
+    let e = Catalog::load(&doc, LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("<return-response> in the on-error section is not supported"),
+        "{e}"
+    );
+}

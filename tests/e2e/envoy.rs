@@ -859,3 +859,25 @@ fn the_first_snapshot_is_fetched_at_start_not_a_period_later() {
         assert_eq!(s, 401);
     }
 }
+
+/// A `return-response` in the outbound section replaces the upstream's response, as APIM's
+/// does: the client gets the policy's status, headers and body, and the worker lives on.
+#[test]
+fn an_outbound_return_response_replaces_the_upstream_response() {
+    let upstream = start_upstream();
+    let snapshot = json!({
+        "apis": [{"name": "a", "properties": {"path": "a", "subscriptionRequired": false},
+                  "policy": r#"<policies><inbound><base /></inbound><outbound><base /><return-response><set-status code="418" reason="teapot" /><set-header name="x-replaced" exists-action="override"><value>@(context.Api.Id)</value></set-header><set-body>{"replaced": true}</set-body></return-response></outbound></policies>"#}]
+    });
+    let envoy = start_envoy(&upstream, &json!({"snapshot": snapshot})).unwrap();
+    for _ in 0..8 {
+        let r = request(envoy.port, "GET", "/a/x", &[]);
+        assert_eq!((r.status, r.body.as_str()), (418, r#"{"replaced": true}"#));
+        assert_eq!(r.header("x-replaced").as_deref(), Some("a"));
+    }
+    assert!(
+        !envoy.log_text().contains("panicked"),
+        "{}",
+        envoy.log_text()
+    );
+}

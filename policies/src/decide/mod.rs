@@ -18,7 +18,7 @@ use crate::counters::op::{CounterOp, Counting, Local, OpResult};
 use crate::counters::{CounterStore, StoreError};
 use crate::expr::NullReference;
 use crate::keys::key_digest;
-use crate::policy::{ip_number, Step};
+use crate::policy::{ip_number, SetHeader, Step};
 use crate::response::{self, LocalResponse};
 use crate::snapshot::SubscriptionScope;
 use facts::*;
@@ -478,41 +478,41 @@ impl Catalog {
                     status,
                     headers,
                     body,
-                } => {
-                    let mut edits = HeaderEdits::new();
-                    let facts = facts(call.id);
-                    for h in headers {
-                        set_header(h, &facts, &|_| false, &mut edits)?;
-                    }
-                    let mut out: Vec<(Cow<'static, str>, Cow<'static, str>)> = Vec::new();
-                    for e in edits {
-                        match e {
-                            HeaderEdit::Set(n, v) => {
-                                let n = n.to_ascii_lowercase();
-                                out.retain(|(o, _)| *o != n);
-                                out.push((Cow::Owned(n), Cow::Owned(v.into_owned())));
-                            }
-                            HeaderEdit::Append(n, v) => out.push((
-                                Cow::Owned(n.to_ascii_lowercase()),
-                                Cow::Owned(v.into_owned()),
-                            )),
-                            HeaderEdit::Remove(n) => {
-                                out.retain(|(o, _)| !o.eq_ignore_ascii_case(&n))
-                            }
-                        }
-                    }
-                    Some((
-                        Outcome::Returned,
-                        LocalResponse {
-                            status: *status,
-                            headers: out,
-                            body: body.clone(),
-                        },
-                    ))
-                }
+                } => Some((
+                    Outcome::Returned,
+                    local_response(*status, headers, body, &facts(call.id))?,
+                )),
             };
             if denial.is_some() {
                 return Ok(denial);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The response that replaces the upstream's, when the call's outbound program returns one
+    /// (`return-response` or `mock-response` in `outbound`): the first it reaches. Outbound
+    /// header changes and remaining-calls headers then do not apply.
+    pub fn outbound_response(
+        &self,
+        call: &CallContext,
+        status: u16,
+    ) -> Result<Option<LocalResponse>, EngineError> {
+        let program = &self.programs[call.program as usize];
+        for &ix in program.response.iter() {
+            if let Step::Respond {
+                status: s,
+                headers,
+                body,
+            } = &self.steps[ix as usize]
+            {
+                let facts = CallFacts {
+                    catalog: self,
+                    id: call.id,
+                    request: call.later_request(),
+                    status: Some(status),
+                };
+                return Ok(Some(local_response(*s, headers, body, &facts)?));
             }
         }
         Ok(None)
@@ -662,6 +662,40 @@ impl Catalog {
             KeySource::Query => KeyLocation::Query(api.query_name.clone()),
         })
     }
+}
+
+/// A `return-response` or `mock-response`: its status, its headers as its `set-header`
+/// elements make them (names lower-case), its body.
+fn local_response(
+    status: u16,
+    headers: &[SetHeader],
+    body: &str,
+    facts: &CallFacts<'_, '_>,
+) -> Result<LocalResponse, EngineError> {
+    let mut edits = HeaderEdits::new();
+    for h in headers {
+        set_header(h, facts, &|_| false, &mut edits)?;
+    }
+    let mut out: Vec<(Cow<'static, str>, Cow<'static, str>)> = Vec::new();
+    for e in edits {
+        match e {
+            HeaderEdit::Set(n, v) => {
+                let n = n.to_ascii_lowercase();
+                out.retain(|(o, _)| *o != n);
+                out.push((Cow::Owned(n), Cow::Owned(v.into_owned())));
+            }
+            HeaderEdit::Append(n, v) => out.push((
+                Cow::Owned(n.to_ascii_lowercase()),
+                Cow::Owned(v.into_owned()),
+            )),
+            HeaderEdit::Remove(n) => out.retain(|(o, _)| !o.eq_ignore_ascii_case(&n)),
+        }
+    }
+    Ok(LocalResponse {
+        status,
+        headers: out,
+        body: body.to_string(),
+    })
 }
 
 #[cfg(test)]
