@@ -356,13 +356,16 @@ impl Catalog {
                 if program.keeps_request {
                     call.later.get_or_insert_default().saved = Some(SavedRequest::of(req));
                 }
-                let (_, _, product, subscription) = self.names(&call);
-                self.edge.upstream_edits(
-                    req,
-                    self.key_names(api_ix),
-                    [product, subscription],
-                    &mut upstream,
-                );
+                // Who the call is, named only when identity headers are asked for.
+                let identity = match self.edge.identity_headers {
+                    true => {
+                        let (_, _, product, subscription) = self.names(&call);
+                        [product, subscription]
+                    }
+                    false => [None, None],
+                };
+                self.edge
+                    .upstream_edits(req, self.key_names(api_ix), identity, &mut upstream);
                 Ok(Decision {
                     outcome: Outcome::Allowed,
                     response: None,
