@@ -11,6 +11,7 @@
 //!   UTF-8;
 //! - [`slots`]: the engine's counters on proxy-wasm shared data, with memory bounded;
 //! - [`snapshots`]: fetched snapshots shared between worker VMs, one fetch at a time;
+//! - [`fleet`]: counters a fleet shares, through the counter service (SPEC §7);
 //! - the root context (one per worker VM): loads the snapshot, creates the counter slots,
 //!   defines the metrics;
 //! - the HTTP context (one per call): the request, the upstream's response, completion.
@@ -24,6 +25,7 @@
 #[global_allocator]
 static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
 
+pub mod fleet;
 pub mod headers;
 pub mod slots;
 pub mod snapshots;

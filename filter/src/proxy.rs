@@ -1,11 +1,12 @@
 //! The proxy-wasm contexts: the root context of each worker VM, and one HTTP context per call.
 
+use crate::fleet::{self, CounterService, DEADLINE_EXCEEDED};
 use crate::headers;
 use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
-    CallContext, Catalog, Completion, Decision, FilterConfig, HeaderEdit, Millis, Outcome, Request,
-    StoreError,
+    CallContext, Catalog, Completion, CounterPlan, Decision, FilterConfig, HeaderEdit, Millis,
+    OnUnavailable, Outcome, Request, StoreError,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -18,7 +19,12 @@ use std::time::UNIX_EPOCH;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            id,
+            ..Root::default()
+        })
+    });
 }}
 
 /// Shared data through the host; counts the compare-and-swap conflicts it meets.
@@ -59,6 +65,12 @@ struct Metrics {
     snapshot_failures: Option<u32>,
     store_failures: Option<u32>,
     cas_conflicts: Option<u32>,
+    /// Calls decided without the counter service, as `onUnavailable` says.
+    counters_unavailable: Option<u32>,
+    /// ... of which the service did not answer in time.
+    counters_timeouts: Option<u32>,
+    /// ... of which this proxy's own counters decided (`onUnavailable: local`).
+    counters_fallbacks: Option<u32>,
 }
 
 impl Metrics {
@@ -73,6 +85,9 @@ impl Metrics {
             snapshot_failures: counter("apim_edge.snapshot.failures"),
             store_failures: counter("apim_edge.counters.failures"),
             cas_conflicts: counter("apim_edge.counters.cas_conflicts"),
+            counters_unavailable: counter("apim_edge.counters.unavailable"),
+            counters_timeouts: counter("apim_edge.counters.timeouts"),
+            counters_fallbacks: counter("apim_edge.counters.fallbacks"),
         }
     }
 
@@ -103,6 +118,10 @@ struct Loaded {
     config: Rc<FilterConfig>,
     catalog: Option<Catalog>,
     metrics: Rc<Metrics>,
+    /// The counter service, when the fleet shares counters.
+    counters: Option<Rc<CounterService>>,
+    /// The root context: completions are sent from it, so that they outlive their call.
+    root_id: u32,
 }
 
 /// How often a VM with a snapshot in force checks for a newer one.
@@ -114,6 +133,7 @@ const UNLOADED_TICK: std::time::Duration = std::time::Duration::from_millis(200)
 
 #[derive(Default)]
 struct Root {
+    id: u32,
     loaded: Option<Rc<Loaded>>,
     /// The version of the published snapshot in force here (0: the inline one, or none).
     version: u64,
@@ -170,6 +190,8 @@ impl Root {
                     config: loaded.config.clone(),
                     catalog: Some(catalog),
                     metrics: loaded.metrics.clone(),
+                    counters: loaded.counters.clone(),
+                    root_id: self.id,
                 }));
                 Ok(())
             }
@@ -273,6 +295,11 @@ impl RootContext for Root {
             config: config.clone(),
             catalog: None,
             metrics: metrics.clone(),
+            counters: config
+                .counters
+                .as_ref()
+                .map(|c| Rc::new(CounterService::new(c))),
+            root_id: self.id,
         }));
         if let Some(inline) = &inline {
             if let Err(why) = self.install_document(inline, "the configuration") {
@@ -380,8 +407,10 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Call {
+            id: context_id,
+            pending: None,
             loaded: self.loaded.clone(),
             call: None,
             status: 0,
@@ -401,6 +430,9 @@ fn log(level: LogLevel, message: &str) {
 
 /// One call.
 struct Call {
+    id: u32,
+    /// Paused for the counter service: the call's time, with which it is decided again.
+    pending: Option<Millis>,
     loaded: Option<Rc<Loaded>>,
     call: Option<CallContext>,
     status: u16,
@@ -408,7 +440,34 @@ struct Call {
     response_bytes: u64,
 }
 
-impl Context for Call {}
+impl Context for Call {
+    fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        let (Some(now), Some(loaded)) = (self.pending.take(), self.loaded.clone()) else {
+            return;
+        };
+        let Some(catalog) = loaded.catalog.as_ref() else {
+            return;
+        };
+        let answers = match status {
+            0 => fleet::answers(size),
+            DEADLINE_EXCEEDED => {
+                Metrics::bump(loaded.metrics.counters_timeouts);
+                Err("no answer in time".to_string())
+            }
+            other => Err(format!("gRPC status {other}")),
+        };
+        let action = with_request(|req| {
+            let decided = match &answers {
+                Ok(answers) => catalog.decide_answered(req, now, answers),
+                Err(why) => self.unavailable(&loaded, catalog, req, now, why),
+            };
+            self.finish(&loaded, catalog, req, decided)
+        });
+        if action == Action::Continue {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
 
 /// The client's address from `source.address` (`1.2.3.4:5678`, `[::1]:5678`).
 fn client_ip() -> Option<IpAddr> {
@@ -443,7 +502,98 @@ fn set_property(name: &str, value: &[u8]) {
     let _ = unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
 }
 
+/// The request as the host holds it, read into strings this VM keeps (given back when `f`
+/// returns): one host call for every header, the pseudo-headers among them.
+fn with_request<R>(f: impl FnOnce(&Request) -> R) -> R {
+    let mut kept = KeptRequestHeaders(REQUEST_HEADERS.take());
+    headers::map_pairs_into(MapType::HttpRequestHeaders, &mut kept.0);
+    let headers = kept.0.pairs();
+    let pseudo = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let method = pseudo(":method").unwrap_or_default();
+    let full_path = pseudo(":path").unwrap_or("/");
+    let authority = pseudo(":authority").unwrap_or_default();
+    let (path, query) = full_path.split_once('?').unwrap_or((full_path, ""));
+    let host = authority.split(':').next().unwrap_or("");
+    let req = Request {
+        method,
+        host,
+        path,
+        query,
+        headers,
+        client_ip: client_ip(),
+    };
+    f(&req)
+}
+
 impl Call {
+    /// A call decided: an internal failure becomes what `failureMode` says; a denial is
+    /// answered here ([`Action::Pause`]); an admitted call gets its upstream edits
+    /// ([`Action::Continue`]).
+    fn finish<'c>(
+        &mut self,
+        loaded: &Loaded,
+        catalog: &'c Catalog,
+        req: &Request,
+        decided: Result<Decision<'c>, apim_edge_policies::EngineError>,
+    ) -> Action {
+        let mut decided = decided;
+        let mut failed;
+        let decision = match &mut decided {
+            Ok(d) => d,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apim-edge: {e}"));
+                Metrics::bump(loaded.metrics.store_failures);
+                failed = catalog.failed(req);
+                &mut failed
+            }
+        };
+        loaded.metrics.outcome(decision.outcome);
+        self.expose(catalog, decision);
+        if let Some(r) = &decision.response {
+            Self::answer(r.status, &r.headers, &r.body);
+            return Action::Pause;
+        }
+        // The policies' edits, then the edge's own (the key stripped, identity headers).
+        Self::apply(&decision.upstream);
+        self.call = decision.call.take();
+        Action::Continue
+    }
+
+    /// A call whose counter service could not answer, decided as `onUnavailable` says.
+    fn unavailable<'c>(
+        &self,
+        loaded: &Loaded,
+        catalog: &'c Catalog,
+        req: &Request,
+        now: Millis,
+        why: &str,
+    ) -> Result<Decision<'c>, apim_edge_policies::EngineError> {
+        let on_unavailable = loaded
+            .counters
+            .as_ref()
+            .map(|c| c.on_unavailable)
+            .unwrap_or_default();
+        log(
+            LogLevel::Warn,
+            &format!(
+                "apim-edge: counter service unavailable ({why}); deciding as onUnavailable {:?}",
+                on_unavailable
+            ),
+        );
+        Metrics::bump(loaded.metrics.counters_unavailable);
+        if on_unavailable == OnUnavailable::Local {
+            Metrics::bump(loaded.metrics.counters_fallbacks);
+        }
+        let shared = HostSharedData::default();
+        let store = SlotStore::new(&shared, now);
+        catalog.decide_unavailable(req, now, on_unavailable, &store)
+    }
+
     fn expose(&self, catalog: &Catalog, decision: &Decision) {
         let set = |name: &str, value: &str| set_property(name, value.as_bytes());
         set("apim_edge.outcome", decision.outcome.as_str());
@@ -504,73 +654,49 @@ impl HttpContext for Call {
             );
             return Action::Pause;
         };
-        // One host call for every header, the pseudo-headers among them, into strings this VM
-        // keeps (given back when the call is decided, however it ends).
-        let mut kept = KeptRequestHeaders(REQUEST_HEADERS.take());
-        headers::map_pairs_into(MapType::HttpRequestHeaders, &mut kept.0);
-        let headers = kept.0.pairs();
-        let pseudo = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        };
-        let method = pseudo(":method").unwrap_or_default();
-        let full_path = pseudo(":path").unwrap_or("/");
-        let authority = pseudo(":authority").unwrap_or_default();
-        let (path, query) = full_path.split_once('?').unwrap_or((full_path, ""));
-        let host = authority.split(':').next().unwrap_or("");
-        let req = Request {
-            method,
-            host,
-            path,
-            query,
-            headers,
-            client_ip: client_ip(),
-        };
-        let Some(catalog) = loaded.catalog.as_ref() else {
-            // No snapshot has loaded yet (it is still being fetched): what the engine says a
-            // failure does under this configuration.
-            let decision = loaded.config.edge().unloaded(&req);
-            loaded.metrics.outcome(decision.outcome);
-            return match &decision.response {
-                Some(r) => {
-                    Self::answer(r.status, &r.headers, &r.body);
+        with_request(|req| {
+            let Some(catalog) = loaded.catalog.as_ref() else {
+                // No snapshot has loaded yet (it is still being fetched): what the engine says a
+                // failure does under this configuration.
+                let decision = loaded.config.edge().unloaded(req);
+                loaded.metrics.outcome(decision.outcome);
+                return match &decision.response {
+                    Some(r) => {
+                        Self::answer(r.status, &r.headers, &r.body);
+                        Action::Pause
+                    }
+                    None => {
+                        Self::apply(&decision.upstream);
+                        Action::Continue
+                    }
+                };
+            };
+            let now = now_millis();
+            let Some(service) = &loaded.counters else {
+                let shared = HostSharedData::default();
+                let store = SlotStore::new(&shared, now);
+                let decided = catalog.decide(req, now, &store);
+                loaded.metrics.conflicts(&shared);
+                return self.finish(&loaded, catalog, req, decided);
+            };
+            // Counters the fleet shares: the call's plan goes to the counter service, and the
+            // call waits for its answers (`on_grpc_call_response`).
+            let (decided, plan) = catalog.plan(req, now);
+            if plan.ops.is_empty() {
+                return self.finish(&loaded, catalog, req, decided);
+            }
+            match service.send(&plan, now) {
+                Ok(_) => {
+                    self.pending = Some(now);
                     Action::Pause
                 }
-                None => {
-                    Self::apply(&decision.upstream);
-                    Action::Continue
+                Err(status) => {
+                    let why = format!("cannot call the counter service: {status:?}");
+                    let decided = self.unavailable(&loaded, catalog, req, now, &why);
+                    self.finish(&loaded, catalog, req, decided)
                 }
-            };
-        };
-        let now = now_millis();
-        let shared = HostSharedData::default();
-        let store = SlotStore::new(&shared, now);
-        // Read where it lies: moved out of the result, the decision's bytes would be copied just
-        // after they were written.
-        let mut decided = catalog.decide(&req, now, &store);
-        loaded.metrics.conflicts(&shared);
-        let mut failed;
-        let decision = match &mut decided {
-            Ok(d) => d,
-            Err(e) => {
-                log(LogLevel::Error, &format!("apim-edge: {e}"));
-                Metrics::bump(loaded.metrics.store_failures);
-                failed = catalog.failed(&req);
-                &mut failed
             }
-        };
-        loaded.metrics.outcome(decision.outcome);
-        self.expose(catalog, decision);
-        if let Some(r) = &decision.response {
-            Self::answer(r.status, &r.headers, &r.body);
-            return Action::Pause;
-        }
-        // The policies' edits, then the edge's own (the key stripped, identity headers).
-        Self::apply(&decision.upstream);
-        self.call = decision.call.take();
-        Action::Continue
+        })
     }
 
     fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
@@ -637,6 +763,32 @@ impl HttpContext for Call {
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
         };
+        if let Some(service) = &loaded.counters {
+            // Sent from the root context, without waiting: a call's own callouts end with it.
+            let ops = match catalog.completion_ops(call, done, now) {
+                Ok(ops) if ops.is_empty() => return,
+                Ok(ops) => ops,
+                Err(e) => {
+                    log(LogLevel::Error, &format!("apim-edge: completion: {e}"));
+                    return;
+                }
+            };
+            let plan = CounterPlan {
+                ops,
+                then_release: false,
+            };
+            let _ = hostcalls::set_effective_context(loaded.root_id);
+            let sent = service.send(&plan, now);
+            let _ = hostcalls::set_effective_context(self.id);
+            if let Err(status) = sent {
+                Metrics::bump(loaded.metrics.counters_unavailable);
+                log(
+                    LogLevel::Warn,
+                    &format!("apim-edge: completion not counted: counter service: {status:?}"),
+                );
+            }
+            return;
+        }
         let shared = HostSharedData::default();
         let completed = catalog.complete(call, done, now, &SlotStore::new(&shared, now));
         loaded.metrics.conflicts(&shared);

@@ -37,7 +37,13 @@ pub struct Bootstrap {
     pub vm_id: String,
     /// A cluster `apim-config` at this host and port, for `snapshotSource`.
     pub config_server: Option<(String, u16)>,
+    /// A cluster `apim-counters` (HTTP/2) at this host and port: the counter service of a
+    /// fleet (SPEC §7), named by the filter configuration's `counters`.
+    pub counters: Option<(String, u16)>,
 }
+
+/// The cluster name `envoy-config --counters` writes and its filter configuration names.
+pub const COUNTERS_CLUSTER: &str = "apim-counters";
 
 fn cluster(name: &str, (host, port): &(String, u16)) -> Value {
     json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
@@ -60,6 +66,15 @@ impl Bootstrap {
         let mut clusters = vec![cluster("upstream", &self.upstream)];
         if let Some(c) = &self.config_server {
             clusters.push(cluster("apim-config", c));
+        }
+        if let Some(c) = &self.counters {
+            let mut counters = cluster(COUNTERS_CLUSTER, c);
+            // gRPC: HTTP/2 to the service.
+            counters["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}});
+            clusters.push(counters);
         }
         json!({
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin}}},

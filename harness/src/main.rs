@@ -2,6 +2,7 @@
 //! generate synthetic catalogs. Exit codes: 0 fine, 1 a `--check` mismatch, 2 unusable input.
 
 use anyhow::{anyhow, Context};
+use apim_edge_harness::envoy::COUNTERS_CLUSTER;
 use apim_edge_harness::host::{Answer, Callout, CalloutKind};
 use apim_edge_harness::replay::{mismatches, replay_one};
 use apim_edge_harness::{bench, synth, trace, wasm_replay};
@@ -109,6 +110,11 @@ enum Command {
         /// A file for the access log (default: standard output).
         #[arg(long)]
         access_log: Option<PathBuf>,
+        /// IP:PORT of the counter service (apim-edge-counters), so that a fleet shares its
+        /// counters: writes the cluster apim-counters (HTTP/2) and the filter's `counters`
+        /// (onUnavailable, timeoutMs from --config when it sets them).
+        #[arg(long)]
+        counters: Option<String>,
         /// More filter settings (JSON): failureMode, unsupportedPolicies, stripSubscriptionKey
         /// (true unless this file sets it), identityHeaders.
         #[arg(long)]
@@ -533,6 +539,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             vm_id,
             wasm,
             access_log,
+            counters,
             config,
             out,
         } => {
@@ -567,6 +574,21 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 }
                 None => None,
             };
+            let counters = match &counters {
+                Some(s) => {
+                    let set = filter_config
+                        .get("counters")
+                        .cloned()
+                        .filter(serde_json::Value::is_object)
+                        .unwrap_or_else(|| serde_json::json!({}));
+                    let mut c = set;
+                    c["cluster"] = COUNTERS_CLUSTER.into();
+                    c["authority"] = COUNTERS_CLUSTER.into();
+                    filter_config["counters"] = c;
+                    Some(host_port(s, "--counters")?)
+                }
+                None => None,
+            };
             let cfg = parse_config(&filter_config.to_string(), config.as_deref())?;
             if let (Some(doc), Some(path)) = (&doc, &snapshot) {
                 Catalog::load(doc, cfg.load_options()).map_err(|e| {
@@ -586,6 +608,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 access_log,
                 vm_id,
                 config_server,
+                counters,
             };
             let text = serde_json::to_string_pretty(&boot.to_json())
                 .map_err(|e| Unusable(e.into()))?

@@ -31,7 +31,8 @@ pub use clock::{format_timespan, parse_rfc3339, Millis};
 pub use counters::op::{CounterOp, OpResult, OwnedOp};
 pub use counters::own::{OwnLimits, OwnVerdicts};
 pub use counters::{
-    counter_expiry, Change, CounterName, CounterStore, MemoryStore, State, StoreError, MAX_ATTEMPTS,
+    counter_expiry, Change, CounterName, CounterStore, MemoryStore, State, StoreError,
+    BY_KEY_QUOTA, BY_KEY_RATE, MAX_ATTEMPTS,
 };
 pub use counters::{FixedWindows, Verdict};
 pub use decide::shared::{apply_plan, CounterPlan};
@@ -39,7 +40,10 @@ pub use decide::{
     CallContext, Completion, Decision, EngineError, HeaderEdit, HeaderEdits, KeyLocation, Outcome,
     Request,
 };
-pub use edge::config::{ConfigError, EdgeOptions, FailureMode, FilterConfig, SnapshotSource};
+pub use edge::config::{
+    ConfigError, EdgeOptions, FailureMode, FilterConfig, OnUnavailable, SharedCounters,
+    SnapshotSource,
+};
 pub use edge::IDENTITY_HEADERS;
 pub use error::{LoadError, LoadErrors};
 pub use keys::{digest_hex, key_digest};

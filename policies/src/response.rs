@@ -186,12 +186,21 @@ pub(crate) fn internal_error() -> LocalResponse {
     plain(500, "Internal server error", None)
 }
 
+/// Shared counters could not be reached, under `onUnavailable: "deny"` (SPEC §7).
+pub(crate) fn counters_unavailable() -> LocalResponse {
+    plain(503, "Service Unavailable", None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn body_is_exact() {
+        assert_eq!(
+            counters_unavailable().body,
+            r#"{"statusCode": 503, "message": "Service Unavailable"}"#
+        );
         assert_eq!(
             not_found().body,
             r#"{"statusCode": 404, "message": "Resource not found"}"#

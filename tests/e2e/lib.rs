@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use apim_edge_harness::build::{filter_wasm, workspace_root as root};
+pub use apim_edge_harness::build::{counters_bin, filter_wasm, workspace_root as root};
+
+pub mod fleet;
 
 /// The Envoy binary: `ENVOY_BIN`, else the project venv's (installed by `tests/run.sh`).
 pub fn envoy_bin() -> PathBuf {
@@ -256,6 +258,18 @@ pub fn start_envoy_with(
     filter_config: &Value,
     config_server: Option<&ConfigServer>,
 ) -> Result<Envoy, String> {
+    start_envoy_in_fleet(upstream, filter_config, config_server, None, 4)
+}
+
+/// [`start_envoy_with`], with a cluster `apim-counters` to a counter service at
+/// `counters` (a port on loopback), and `concurrency` workers.
+pub fn start_envoy_in_fleet(
+    upstream: &Upstream,
+    filter_config: &Value,
+    config_server: Option<&ConfigServer>,
+    counters: Option<u16>,
+    concurrency: usize,
+) -> Result<Envoy, String> {
     let (port, admin) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -270,27 +284,29 @@ pub fn start_envoy_with(
         access_log: Some(access_log.clone()),
         vm_id: "apim-edge".into(),
         config_server: config_server.map(|c| ("127.0.0.1".to_string(), c.port)),
+        counters: counters.map(|p| ("127.0.0.1".to_string(), p)),
     }
     .to_json();
     std::fs::write(&config, boot.to_string()).unwrap();
-    launch(&config, &dir, port, admin)
+    launch(&config, &dir, port, admin, concurrency)
 }
 
 /// Starts Envoy with a bootstrap and waits until it is ready on `port`.
-fn launch(config: &Path, dir: &Path, port: u16, admin: u16) -> Result<Envoy, String> {
+fn launch(
+    config: &Path,
+    dir: &Path,
+    port: u16,
+    admin: u16,
+    concurrency: usize,
+) -> Result<Envoy, String> {
     let access_log = dir.join("access.log");
     let log = dir.join("envoy.log");
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(envoy_bin())
         .arg("-c")
         .arg(config)
-        .args([
-            "--concurrency",
-            "4",
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-        ])
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(["--use-dynamic-base-id", "-l", "warning"])
         // Access logs reach their file within 100 ms (Envoy's default is 10 s).
         .args(["--file-flush-interval-msec", "100"])
         .stdout(Stdio::from(out.try_clone().unwrap()))
@@ -472,6 +488,7 @@ pub fn start_envoy_lds(upstream: &Upstream, filter_config: &Value) -> Result<Lds
         access_log: Some(dir.join("access.log")),
         vm_id: "apim-edge".into(),
         config_server: None,
+        counters: None,
     }
     .to_json();
     let mut listener = boot["static_resources"]["listeners"][0].take();
@@ -488,7 +505,7 @@ pub fn start_envoy_lds(upstream: &Upstream, filter_config: &Value) -> Result<Lds
         "path_config_source": {"path": lds, "watched_directory": {"path": dir}}}});
     let config = dir.join("envoy.json");
     std::fs::write(&config, boot.to_string()).unwrap();
-    let envoy = launch(&config, &dir, port, admin)?;
+    let envoy = launch(&config, &dir, port, admin, 4)?;
     Ok(LdsEnvoy {
         envoy,
         lds,

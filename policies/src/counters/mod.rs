@@ -31,7 +31,10 @@ pub use fixed::FixedWindows;
 pub(crate) use fixed::*;
 pub(crate) use sliding::*;
 pub(crate) use store::{update, KeptName};
-pub use store::{Change, CounterName, CounterStore, MemoryStore, State, StoreError, MAX_ATTEMPTS};
+pub use store::{
+    Change, CounterName, CounterStore, MemoryStore, State, StoreError, BY_KEY_QUOTA, BY_KEY_RATE,
+    MAX_ATTEMPTS,
+};
 
 /// What a limit says of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -239,14 +239,16 @@ impl<'a> CounterOp<'a> {
     }
 
     /// The operation with its counter's name owned, to keep or send.
-    pub(crate) fn to_owned(self) -> OwnedOp {
+    /// The operation with its counter's name owned, to keep or to send.
+    pub fn into_owned(self) -> OwnedOp {
         OwnedOp {
             key: KeptName::of(&self.key()),
             op: self.with_key(CounterName::new("", "", "")),
         }
     }
 
-    fn key(&self) -> CounterName<'a> {
+    /// The counter the operation is on.
+    pub fn key(&self) -> CounterName<'a> {
         match *self {
             CounterOp::SlidingAdmit { key, .. }
             | CounterOp::SlidingCheck { key, .. }
@@ -358,7 +360,7 @@ impl Counting for Recording {
         if op.is_release() {
             return Ok(OpResult::Done);
         }
-        self.ops.borrow_mut().push(op.to_owned());
+        self.ops.borrow_mut().push(op.into_owned());
         Ok(op.assumed(now))
     }
 }

@@ -74,6 +74,11 @@ impl<'a> State<'a> {
     }
 }
 
+/// The kind of a `rate-limit-by-key` counter: its owner is the limit, its name the key value.
+pub const BY_KEY_RATE: &str = "rlk";
+/// The kind of a `quota-by-key` counter.
+pub const BY_KEY_QUOTA: &str = "qk";
+
 /// A counter's name, `kind|owner|name` (`sl|sub-1|product:starter`), in the three parts a limit
 /// knows it by. A store is handed the parts, so that no call joins them: the memory store
 /// hashes and compares them where they lie, and the filter's slots hash them as one text.
@@ -87,6 +92,18 @@ impl<'a> CounterName<'a> {
         CounterName {
             parts: [kind, owner, name],
         }
+    }
+
+    /// The name's parts: kind, owner, name.
+    pub fn parts(&self) -> [&'a str; 3] {
+        self.parts
+    }
+
+    /// Whether the name's last part is a value taken from a request (a by-key limit's
+    /// `counter-key`), which may be a secret (a subscription key, a token): a store outside
+    /// the proxy keeps such a name only as a digest.
+    pub fn holds_request_value(&self) -> bool {
+        matches!(self.parts[0], BY_KEY_RATE | BY_KEY_QUOTA)
     }
 
     /// The name's bytes in order, the separators included: what a store that keeps it as one

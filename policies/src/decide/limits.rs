@@ -7,7 +7,7 @@ use super::*;
 use crate::catalog::Catalog;
 use crate::clock::Millis;
 use crate::counters::own::{OwnLimits, OwnVerdicts};
-use crate::counters::{CounterName, FixedWindows, KeptName, Verdict};
+use crate::counters::{CounterName, FixedWindows, KeptName, Verdict, BY_KEY_QUOTA, BY_KEY_RATE};
 use crate::expr::{Facts, Value};
 use crate::policy::{KeyedLimit, Nested, Step, SubscriptionLimit, Text};
 use crate::response::{self, LocalResponse};
@@ -402,7 +402,7 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
             },
         };
         let a = limit.allowance;
-        let kind = if quota { "qk" } else { "rlk" };
+        let kind = if quota { BY_KEY_QUOTA } else { BY_KEY_RATE };
         if let Some(met) = self
             .keyed
             .iter()
@@ -425,7 +425,7 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
         });
         let verdict = if quota {
             let counter = Counter {
-                kind: "qk",
+                kind: BY_KEY_QUOTA,
                 owner: &limit.window,
                 name: value,
             };
@@ -455,7 +455,7 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
             }
         } else {
             let counter = Counter {
-                kind: "rlk",
+                kind: BY_KEY_RATE,
                 owner: &limit.window,
                 name: value,
             };
@@ -528,14 +528,14 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
                 calls,
                 bandwidth_kb: a.bandwidth_kb,
             };
-            let key = CounterName::new("qk", &limit.window, &value);
+            let key = CounterName::new(BY_KEY_QUOTA, &limit.window, &value);
             verdict(
                 self.counting
                     .count(CounterOp::FixedCheck { key, windows }, self.now)?,
             )?
         } else {
             let check = CounterOp::SlidingCheck {
-                key: CounterName::new("rlk", &limit.window, &value),
+                key: CounterName::new(BY_KEY_RATE, &limit.window, &value),
                 calls: calls.unwrap_or(u64::MAX),
                 period: a.period,
             };
@@ -619,7 +619,9 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
     }
 
     /// Records the remaining-calls and total-calls headers of limit `step` (those it names); a
-    /// later limit's header of the same name replaces an earlier one.
+    /// later limit's header of the same name replaces an earlier one. A count above the limit
+    /// is one nobody counted (shared counters unreachable under `onUnavailable: "allow"`): no
+    /// remaining-calls header is made of it.
     pub(crate) fn limit_headers(
         &self,
         call: &mut CallContext,
@@ -628,7 +630,7 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
         left: u64,
         calls: u64,
     ) {
-        if let Some(name) = remaining {
+        if let (Some(name), true) = (remaining, left <= calls) {
             self.limit_header(call, step, false, name, left);
         }
         if let Some(name) = total {

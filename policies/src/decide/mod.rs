@@ -43,10 +43,12 @@ pub enum Outcome {
     IpForbidden,
     HeaderCheckFailed,
     InternalError,
+    /// Shared counters unreachable, under `onUnavailable: "deny"` (SPEC §7).
+    CountersUnavailable,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Allowed,
         Outcome::Returned,
         Outcome::ApiNotFound,
@@ -59,6 +61,7 @@ impl Outcome {
         Outcome::IpForbidden,
         Outcome::HeaderCheckFailed,
         Outcome::InternalError,
+        Outcome::CountersUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Outcome {
             Outcome::IpForbidden => "ip_forbidden",
             Outcome::HeaderCheckFailed => "header_check_failed",
             Outcome::InternalError => "internal_error",
+            Outcome::CountersUnavailable => "counters_unavailable",
         }
     }
 }

@@ -13,6 +13,8 @@ use crate::counters::op::{
     apply_all_or_nothing, Answered, CounterOp, OpResult, OwnedOp, Recording,
 };
 use crate::counters::{CounterStore, StoreError};
+use crate::edge::config::OnUnavailable;
+use crate::response;
 
 /// The counter operations of one call, for a counter service to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,27 @@ impl Catalog {
             next: std::cell::Cell::new(0),
         };
         self.decide_counting(req, now, &answered)
+    }
+
+    /// The decision for a call whose shared counters could not be reached (the service or its
+    /// Redis down, a timeout, an answer that cannot be read), as `onUnavailable` says: with
+    /// this proxy's own counters in `local`, with every limit admitting, or APIM-shaped 503.
+    pub fn decide_unavailable<'c>(
+        &'c self,
+        req: &Request,
+        now: Millis,
+        on_unavailable: OnUnavailable,
+        local: &dyn CounterStore,
+    ) -> Result<Decision<'c>, EngineError> {
+        match on_unavailable {
+            OnUnavailable::Local => self.decide(req, now, local),
+            OnUnavailable::Allow => self.plan(req, now).0,
+            OnUnavailable::Deny => Ok(Decision::deny(
+                Outcome::CountersUnavailable,
+                response::counters_unavailable(),
+                None,
+            )),
+        }
     }
 
     /// The counter operations of an allowed call's completion (bandwidth, by-key limits whose
@@ -237,6 +260,50 @@ mod tests {
         assert_eq!(
             c.decide_answered(&req, 1, &answers).unwrap().outcome,
             Outcome::Allowed
+        );
+    }
+
+    #[test]
+    fn unreachable_counters_decide_as_on_unavailable_says() {
+        let c = catalog();
+        let h: Vec<(String, String)> = vec![
+            ("ocp-apim-subscription-key".into(), "k1".into()),
+            ("x-deny".into(), "no".into()),
+        ];
+        let req = request("/a/x", &h);
+        let local = MemoryStore::new();
+        // deny: SPEC §4's 503, counting nothing.
+        let d = c
+            .decide_unavailable(&req, 0, OnUnavailable::Deny, &local)
+            .unwrap();
+        assert_eq!(d.outcome, Outcome::CountersUnavailable);
+        let r = d.response.unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            r.body,
+            r#"{"statusCode": 503, "message": "Service Unavailable"}"#
+        );
+        // allow: every limit admits, past all of them (the tightest admits 2); nobody counted, so
+        // no remaining-calls header is made up.
+        for _ in 0..6 {
+            let d = c
+                .decide_unavailable(&req, 0, OnUnavailable::Allow, &local)
+                .unwrap();
+            assert_eq!(d.outcome, Outcome::Allowed);
+            let call = d.call.unwrap();
+            assert!(c.respond(&call, 200, &|_| false).unwrap().is_empty());
+        }
+        // local: this proxy's own counters, the API's by-key rate limit of 2 enforced.
+        let outcomes: Vec<Outcome> = (0..3)
+            .map(|_| {
+                c.decide_unavailable(&req, 0, OnUnavailable::Local, &local)
+                    .unwrap()
+                    .outcome
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Allowed, Outcome::Allowed, Outcome::RateLimited]
         );
     }
 }

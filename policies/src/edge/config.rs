@@ -45,6 +45,36 @@ pub struct SnapshotSource {
     pub refresh_seconds: u64,
 }
 
+/// What a call meets when the counter service (or its Redis) cannot answer: a failed
+/// exchange, a timeout, an answer that cannot be read (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Decide with this proxy's own counters (the default), and count the fallback.
+    #[default]
+    Local,
+    /// Let every limit admit the call.
+    Allow,
+    /// Answer 503 `Service Unavailable` (outcome `counters_unavailable`).
+    Deny,
+}
+
+/// Counters shared by a fleet, through the counter service (SPEC §7).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedCounters {
+    /// The proxy's cluster (HTTP/2) of the counter service.
+    pub cluster: String,
+    /// Default: the cluster's name.
+    #[serde(default, deserialize_with = "or_default")]
+    pub authority: String,
+    /// How long a call waits for the service before `onUnavailable` decides it.
+    #[serde(default = "default_timeout", deserialize_with = "timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default, deserialize_with = "or_default")]
+    pub on_unavailable: OnUnavailable,
+}
+
 /// The plugin configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(
@@ -65,6 +95,9 @@ pub struct FilterConfig {
     pub strip_subscription_key: bool,
     #[serde(default, deserialize_with = "or_default")]
     pub identity_headers: bool,
+    /// Absent: counters are this proxy's own (shared data).
+    #[serde(default)]
+    pub counters: Option<SharedCounters>,
 }
 
 /// Why a configuration cannot be used: the JSON path of the fault, and what is wrong there.
@@ -104,6 +137,20 @@ fn refresh_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+fn default_timeout() -> u64 {
+    50
+}
+
+fn timeout_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match Option::<u64>::deserialize(d) {
+        Ok(None) => Ok(default_timeout()),
+        Ok(Some(ms)) if (1..=60_000).contains(&ms) => Ok(ms),
+        _ => Err(serde::de::Error::custom(
+            "expected a whole number of milliseconds, from 1 to 60000",
+        )),
+    }
+}
+
 fn snapshot<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     match Option::<Value>::deserialize(d)? {
         None | Some(Value::Null) => Ok(None),
@@ -134,6 +181,14 @@ impl FilterConfig {
             }
             if source.authority.is_empty() {
                 source.authority = source.cluster.clone();
+            }
+        }
+        if let Some(counters) = &mut config.counters {
+            if counters.cluster.is_empty() {
+                return Err(fault("counters.cluster", "expected a non-empty string"));
+            }
+            if counters.authority.is_empty() {
+                counters.authority = counters.cluster.clone();
             }
         }
         if config.snapshot.is_none() && config.snapshot_source.is_none() {
@@ -219,6 +274,46 @@ mod tests {
         assert_eq!(c.failure_mode, FailureMode::Closed);
         assert_eq!(c.unsupported_policies, UnsupportedPolicies::Skip);
         assert!(c.identity_headers);
+        Ok(())
+    }
+
+    #[test]
+    fn shared_counters_with_defaults_and_faults() -> R {
+        let c =
+            FilterConfig::parse(br#"{"snapshot": {}, "counters": {"cluster": "apim-counters"}}"#)?;
+        assert_eq!(
+            c.counters,
+            Some(SharedCounters {
+                cluster: "apim-counters".into(),
+                authority: "apim-counters".into(),
+                timeout_ms: 50,
+                on_unavailable: OnUnavailable::Local,
+            })
+        );
+        let c = FilterConfig::parse(
+            br#"{"snapshot": {}, "counters": {"cluster": "c", "authority": "a", "timeoutMs": 200, "onUnavailable": "deny"}}"#,
+        )?;
+        let counters = c.counters.ok_or("counters")?;
+        assert_eq!(
+            (counters.timeout_ms, counters.on_unavailable),
+            (200, OnUnavailable::Deny)
+        );
+        assert_eq!(counters.authority, "a");
+        assert!(FilterConfig::parse(br#"{"snapshot": {}}"#)?
+            .counters
+            .is_none());
+        assert_eq!(
+            err(r#"{"snapshot": {}, "counters": {"cluster": "c", "onUnavailable": "maybe"}}"#),
+            "counters.onUnavailable: unknown variant `maybe`, expected one of `local`, `allow`, `deny`"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "counters": {"cluster": "c", "timeoutMs": 0}}"#),
+            "counters.timeoutMs: expected a whole number of milliseconds, from 1 to 60000"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "counters": {"cluster": ""}}"#),
+            "counters.cluster: expected a non-empty string"
+        );
         Ok(())
     }
 

@@ -1,0 +1,246 @@
+//! A fleet of real Envoys sharing counters through the counter service and real Redis
+//! (SPEC §7): exact limits across proxies, a Redis Cluster, and what each `onUnavailable` does
+//! when Redis or the service goes away.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use apim_edge_e2e::fleet::{self, CounterService, Redis, RedisCluster};
+use apim_edge_e2e::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Fleet tests share two cores: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn catalog(product_policy: &str, api_policy: &str) -> Value {
+    let api_policy = (!api_policy.is_empty()).then_some(api_policy);
+    json!({
+        "apis": [{"name": "load", "path": "load", "policy": api_policy,
+                  "operations": [
+                      {"name": "get-item", "method": "GET", "urlTemplate": "/items/{id}"},
+                      {"name": "put-item", "method": "PUT", "urlTemplate": "/items/{id}",
+                       "policy": "<policies><inbound><base /><rate-limit calls=\"1\" renewal-period=\"300\" /></inbound></policies>"}]}],
+        "products": [{"name": "bulk", "apis": ["load"], "policy": product_policy}],
+        "subscriptions": [
+            {"name": "bulk-sub", "properties": {"scope": "/products/bulk", "primaryKey": "bulk-key"}},
+            {"name": "other-sub", "properties": {"scope": "/products/bulk", "primaryKey": "other-key"}}]
+    })
+}
+
+/// Three Envoys of two workers each, sharing counters through `service`.
+fn fleet(
+    upstream: &Upstream,
+    snapshot: &Value,
+    counters: Value,
+    service: &CounterService,
+) -> Vec<Envoy> {
+    let config = json!({"snapshot": snapshot, "counters": counters});
+    (0..3)
+        .map(|_| start_envoy_in_fleet(upstream, &config, None, Some(service.port), 2).unwrap())
+        .collect()
+}
+
+fn shared(timeout_ms: u64, on_unavailable: &str) -> Value {
+    json!({"cluster": "apim-counters", "timeoutMs": timeout_ms, "onUnavailable": on_unavailable})
+}
+
+/// `total` calls of `method path` with `key`, from 36 concurrent connections spread over the
+/// fleet's proxies; the statuses seen, counted.
+fn hammer(
+    ports: &[u16],
+    total: usize,
+    method: &str,
+    path: &str,
+    key: &str,
+) -> BTreeMap<u16, usize> {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let threads: Vec<_> = (0..36)
+        .map(|i| {
+            let port = ports[i % ports.len()];
+            let (sent, seen) = (sent.clone(), seen.clone());
+            let (method, path, key) = (method.to_string(), path.to_string(), key.to_string());
+            std::thread::spawn(move || {
+                while sent.fetch_add(1, Ordering::SeqCst) < total {
+                    let r = request(
+                        port,
+                        &method,
+                        &path,
+                        &[("Ocp-Apim-Subscription-Key".into(), key.clone())],
+                    );
+                    *seen.lock().unwrap().entry(r.status).or_insert(0) += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    Arc::try_unwrap(seen).unwrap().into_inner().unwrap()
+}
+
+fn ports(envoys: &[Envoy]) -> Vec<u16> {
+    envoys.iter().map(|e| e.port).collect()
+}
+
+/// A stat of the filter's, summed over the fleet.
+fn stat(envoys: &[Envoy], name: &str) -> u64 {
+    envoys
+        .iter()
+        .flat_map(|e| e.stats(name))
+        .filter(|(n, _)| n.ends_with(name))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_quota_of_300_admits_exactly_300_across_three_envoys() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let snapshot = catalog(
+        r#"<policies><inbound><quota calls="300" renewal-period="86400" /><base /></inbound></policies>"#,
+        "",
+    );
+    for round in 0..3 {
+        let redis = Redis::start();
+        let service = CounterService::start(&redis.url());
+        let envoys = fleet(&upstream, &snapshot, shared(5_000, "deny"), &service);
+        let seen = hammer(&ports(&envoys), 400, "GET", "/load/items/1", "bulk-key");
+        assert_eq!(seen.get(&200), Some(&300), "round {round}: {seen:?}");
+        assert_eq!(seen.get(&403), Some(&100), "round {round}: {seen:?}");
+        assert_eq!(stat(&envoys, "apim_edge.counters.unavailable"), 0);
+        assert_eq!(service.metric("apim_edge_counters_calls_total"), 400);
+    }
+}
+
+#[test]
+fn a_rate_limit_of_50_per_300_seconds_admits_exactly_50_across_three_envoys() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let snapshot = catalog(
+        r#"<policies><inbound><rate-limit calls="50" renewal-period="300" /><base /></inbound></policies>"#,
+        "",
+    );
+    for round in 0..3 {
+        let redis = Redis::start();
+        let service = CounterService::start(&redis.url());
+        let envoys = fleet(&upstream, &snapshot, shared(5_000, "deny"), &service);
+        let seen = hammer(&ports(&envoys), 150, "GET", "/load/items/1", "bulk-key");
+        assert_eq!(seen.get(&200), Some(&50), "round {round}: {seen:?}");
+        assert_eq!(seen.get(&429), Some(&100), "round {round}: {seen:?}");
+    }
+}
+
+#[test]
+fn an_operation_limit_that_denies_gives_back_the_products_count() {
+    let _one = serial();
+    let upstream = start_upstream();
+    // The product's quota of 10 counts first; the operation's rate limit of 1 then denies every
+    // PUT but one, and what the quota counted for them is given back.
+    let snapshot = catalog(
+        r#"<policies><inbound><quota calls="10" renewal-period="86400" /><base /></inbound></policies>"#,
+        "",
+    );
+    for round in 0..3 {
+        let redis = Redis::start();
+        let service = CounterService::start(&redis.url());
+        let envoys = fleet(&upstream, &snapshot, shared(5_000, "deny"), &service);
+        let puts = hammer(&ports(&envoys), 40, "PUT", "/load/items/1", "bulk-key");
+        assert_eq!(puts.get(&200), Some(&1), "round {round}: {puts:?}");
+        assert_eq!(puts.get(&429), Some(&39), "round {round}: {puts:?}");
+        let gets = hammer(&ports(&envoys), 40, "GET", "/load/items/1", "bulk-key");
+        assert_eq!(gets.get(&200), Some(&9), "round {round}: {gets:?}");
+        assert_eq!(gets.get(&403), Some(&31), "round {round}: {gets:?}");
+    }
+}
+
+/// Two subscription names whose counters the cluster keeps on different shards.
+fn names_on_different_shards(cluster: &RedisCluster) -> (String, String) {
+    let port = cluster.nodes[0].port;
+    let node_of = |name: &str| {
+        let slot: u16 = fleet::redis_cli(port, &["cluster", "keyslot", &format!("{{{name}}}")])
+            .trim()
+            .parse()
+            .unwrap();
+        // `--cluster create` gives three masters equal ranges of the 16384 slots.
+        slot / 5462
+    };
+    let first = "sub-0".to_string();
+    let second = (1..100)
+        .map(|i| format!("sub-{i}"))
+        .find(|n| node_of(n) != node_of(&first))
+        .unwrap();
+    (first, second)
+}
+
+#[test]
+fn a_quota_over_a_three_shard_redis_cluster_is_exact() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let cluster = RedisCluster::start(3);
+    let (a, b) = names_on_different_shards(&cluster);
+    let snapshot = json!({
+        "apis": [{"name": "load", "path": "load"}],
+        "products": [{"name": "bulk", "apis": ["load"],
+                      "policy": r#"<policies><inbound><quota calls="100" renewal-period="86400" /></inbound></policies>"#}],
+        "subscriptions": [
+            {"name": a, "properties": {"scope": "/products/bulk", "primaryKey": "key-a"}},
+            {"name": b, "properties": {"scope": "/products/bulk", "primaryKey": "key-b"}}]
+    });
+    let service = CounterService::start_with(&["--redis-cluster", &cluster.urls()]);
+    let envoys = fleet(&upstream, &snapshot, shared(5_000, "deny"), &service);
+    for key in ["key-a", "key-b"] {
+        let seen = hammer(&ports(&envoys), 130, "GET", "/load/x", key);
+        assert_eq!(seen.get(&200), Some(&100), "{key}: {seen:?}");
+        assert_eq!(seen.get(&403), Some(&30), "{key}: {seen:?}");
+    }
+    // Each subscription's counter lives on one shard, the two on different ones.
+    let holders = |name: &str| -> Vec<usize> {
+        cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.keys().iter().any(|k| k.contains(&format!("{{{name}}}"))))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let (on_a, on_b) = (holders(&a), holders(&b));
+    assert_eq!((on_a.len(), on_b.len()), (1, 1), "{on_a:?} {on_b:?}");
+    assert_ne!(on_a, on_b);
+}
+
+#[test]
+fn redis_keys_hold_no_subscription_key_and_expire_with_their_windows() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let snapshot = catalog(
+        r#"<policies><inbound><rate-limit calls="50" renewal-period="300" /><quota calls="100" renewal-period="3600" /><base /></inbound></policies>"#,
+        r#"<policies><inbound><base /><rate-limit-by-key calls="5" renewal-period="60" counter-key="@(context.Request.Headers.GetValueOrDefault(&quot;Ocp-Apim-Subscription-Key&quot;, &quot;&quot;))" /></inbound></policies>"#,
+    );
+    let redis = Redis::start();
+    let service = CounterService::start(&redis.url());
+    let envoys = fleet(&upstream, &snapshot, shared(5_000, "deny"), &service);
+    let seen = hammer(&ports(&envoys), 8, "GET", "/load/items/1", "bulk-key");
+    assert_eq!(seen.get(&200), Some(&5), "{seen:?}");
+    let keys = redis.keys();
+    assert!(keys.len() >= 2, "{keys:?}");
+    for k in &keys {
+        assert!(
+            !k.contains("bulk-key"),
+            "a key names the subscription key: {k}"
+        );
+        let ttl: i64 = fleet::redis_cli(redis.port, &["pttl", k])
+            .trim()
+            .parse()
+            .unwrap();
+        // Every key expires, no later than its longest window (an hour) and the clock skew
+        // allowance.
+        assert!(ttl > 0 && ttl <= 3_600_000 + 2_000, "{k}: pttl {ttl}");
+    }
+}
