@@ -448,13 +448,22 @@ impl Context for Call {
         let Some(catalog) = loaded.catalog.as_ref() else {
             return;
         };
+        // Envoy ends a call past its timeout as UNAVAILABLE (its local 504), so a failure is a
+        // timeout by its time, too (within a tenth: the timer and the clock differ by a few ms).
+        let late = loaded.counters.as_ref().is_some_and(|c| {
+            let timeout = c.timeout.as_millis() as Millis;
+            now_millis() - now >= timeout - timeout / 10
+        });
         let answers = match status {
             0 => fleet::answers(size),
-            DEADLINE_EXCEEDED => {
+            other if other == DEADLINE_EXCEEDED || late => {
                 Metrics::bump(loaded.metrics.counters_timeouts);
-                Err("no answer in time".to_string())
+                Err(format!("no answer in time (gRPC status {other})"))
             }
-            other => Err(format!("gRPC status {other}")),
+            other => Err(format!(
+                "gRPC status {other} after {} ms",
+                now_millis() - now
+            )),
         };
         let action = with_request(|req| {
             let decided = match &answers {

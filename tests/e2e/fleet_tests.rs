@@ -244,3 +244,126 @@ fn redis_keys_hold_no_subscription_key_and_expire_with_their_windows() {
         assert!(ttl > 0 && ttl <= 3_600_000 + 2_000, "{k}: pttl {ttl}");
     }
 }
+
+fn get(envoy: &Envoy) -> Response {
+    request(
+        envoy.port,
+        "GET",
+        "/load/items/1",
+        &[("Ocp-Apim-Subscription-Key".into(), "bulk-key".into())],
+    )
+}
+
+const UNAVAILABLE_BODY: &str = r#"{"statusCode": 503, "message": "Service Unavailable"}"#;
+
+/// What a proxy of each `onUnavailable` answers now: (deny, local, allow).
+fn answers(envoys: &[Envoy]) -> (Response, Response, Response) {
+    (get(&envoys[0]), get(&envoys[1]), get(&envoys[2]))
+}
+
+fn assert_all_admit(envoys: &[Envoy], when: &str) {
+    for (e, mode) in envoys.iter().zip(["deny", "local", "allow"]) {
+        let r = get(e);
+        assert_eq!(r.status, 200, "{when}: {mode}: {r:?}\n{}", e.log_text());
+    }
+}
+
+fn assert_unavailable_answers(envoys: &[Envoy], when: &str) {
+    let (deny, local, allow) = answers(envoys);
+    assert_eq!(deny.status, 503, "{when}: deny: {deny:?}");
+    assert_eq!(deny.body, UNAVAILABLE_BODY, "{when}");
+    assert_eq!(local.status, 200, "{when}: local: {local:?}");
+    assert_eq!(allow.status, 200, "{when}: allow: {allow:?}");
+}
+
+#[test]
+fn redis_or_the_service_gone_each_on_unavailable_answers_and_counting_resumes() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let snapshot = catalog(
+        r#"<policies><inbound><quota calls="1000" renewal-period="86400" /><base /></inbound></policies>"#,
+        "",
+    );
+    let mut redis = Redis::start();
+    let mut service = CounterService::start(&redis.url());
+    let envoys: Vec<Envoy> = ["deny", "local", "allow"]
+        .iter()
+        .map(|mode| {
+            let config = json!({"snapshot": snapshot, "counters": shared(5_000, mode)});
+            start_envoy_in_fleet(&upstream, &config, None, Some(service.port), 2).unwrap()
+        })
+        .collect();
+    assert_all_admit(&envoys, "with Redis");
+
+    redis.stop();
+    assert_unavailable_answers(&envoys, "Redis stopped");
+    assert!(stat(&envoys[1..2], "apim_edge.counters.fallbacks") >= 1);
+    assert_eq!(stat(&envoys[0..1], "apim_edge.counters.fallbacks"), 0);
+    assert!(service.metric("apim_edge_counters_errors_total") >= 3);
+
+    redis.restart();
+    let before = service.metric("apim_edge_counters_calls_total");
+    let unavailable = stat(&envoys, "apim_edge.counters.unavailable");
+    assert_all_admit(&envoys, "Redis back");
+    assert_eq!(service.metric("apim_edge_counters_calls_total"), before + 3);
+    assert_eq!(stat(&envoys, "apim_edge.counters.unavailable"), unavailable);
+    assert!(!redis.keys().is_empty(), "counting resumed in Redis");
+
+    service.kill();
+    assert_unavailable_answers(&envoys, "the service killed");
+    service.restart();
+    assert_all_admit(&envoys, "the service back");
+    for e in &envoys {
+        assert!(!e.log_text().contains("panicked"), "{}", e.log_text());
+    }
+}
+
+#[test]
+fn a_slow_redis_takes_the_timeout_path() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let snapshot = catalog(
+        r#"<policies><inbound><quota calls="1000" renewal-period="86400" /><base /></inbound></policies>"#,
+        "",
+    );
+    let redis = Redis::start();
+    let service = CounterService::start(&redis.url());
+    let config = json!({"snapshot": snapshot, "counters": shared(200, "deny")});
+    let envoy = start_envoy_in_fleet(&upstream, &config, None, Some(service.port), 2).unwrap();
+    assert_eq!(get(&envoy).status, 200);
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || fleet::redis_cli(port, &["debug", "sleep", "2"]));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let r = get(&envoy);
+    assert_eq!(r.status, 503, "after {:?}: {r:?}", started.elapsed());
+    assert_eq!(r.body, UNAVAILABLE_BODY);
+    assert!(
+        stat(std::slice::from_ref(&envoy), "apim_edge.counters.timeouts") >= 1,
+        "{:?}\n{}",
+        envoy.stats("apim_edge"),
+        envoy.log_text()
+    );
+    // Answered at the filter's timeout, not at Redis' pace.
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1_700),
+        "{:?}",
+        started.elapsed()
+    );
+    sleeper.join().unwrap();
+    assert_eq!(get(&envoy).status, 200);
+}
+
+#[test]
+fn the_service_drains_and_exits_0_on_sigterm() {
+    let _one = serial();
+    let redis = Redis::start();
+    let mut service = CounterService::start(&redis.url());
+    let status = service.terminate().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", service.log_text());
+    assert!(
+        service.log_text().contains("stopping"),
+        "{}",
+        service.log_text()
+    );
+}
