@@ -2,7 +2,12 @@
 //! of counter decide the same, applied as one transaction per call and counter by counter.
 //! A real `redis-server` (from Debian's packages; `tests/run.sh` installs it) on a free port.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::zombie_processes)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::zombie_processes
+)]
 
 use apim_edge_counters::metrics::Metrics;
 use apim_edge_counters::store::{ApplyMode, Redis, SharedStore};

@@ -63,6 +63,26 @@ pub fn counters_bin() -> PathBuf {
         .clone()
 }
 
+/// Builds the command line (once per process) and returns the path of its binary.
+///
+/// # Panics
+/// When it does not build: for tests and tools, where that is the failure.
+pub fn cli_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "apim-edge-harness", "--bin", "apim-edge"])
+                .current_dir(&root)
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "the command line does not build");
+            root.join("target/debug/apim-edge")
+        })
+        .clone()
+}
+
 /// A conformance trace of `tests/traces`, and the filter configuration it is replayed with:
 /// `NAME.config.json` beside `NAME.jsonl`, when there is one.
 pub struct ConformanceTrace {

@@ -138,6 +138,8 @@ pub struct Stream {
     pub properties: HashMap<String, Vec<u8>>,
     /// `source.address` as Envoy gives it (`ip:port`).
     pub source_address: Option<String>,
+    /// The guest resumed the paused request (`proxy_continue_stream`).
+    pub request_resumed: bool,
 }
 
 type CalloutResponse = (Vec<(String, String)>, Vec<u8>);
@@ -211,6 +213,9 @@ pub struct VmState {
     /// When the next tick is due on the virtual clock, while a tick period is set.
     pub next_tick_ns: Option<u64>,
     pub callouts: Vec<Callout>,
+    /// The context the guest acts for (the one called, or the one it set as effective): its
+    /// callouts are answered to it.
+    pub effective: u32,
     /// The answer to the callout being handled: headers and body.
     callout_response: Option<CalloutResponse>,
     /// The status `proxy_get_status` reports: the last gRPC call closed.
@@ -352,6 +357,7 @@ fn blank_state() -> VmState {
         callouts: Vec::new(),
         callout_response: None,
         grpc_status: 0,
+        effective: ROOT as u32,
         next_token: 0,
         random: 0x9e37_79b9_7f4a_7c15,
         metric_ids: HashMap::new(),
@@ -495,6 +501,7 @@ impl Vm {
     /// Hands one answer to the guest as Envoy does.
     fn deliver(&mut self, c: &Callout, answer: Option<Answer>) -> Result<()> {
         let (context, token) = (c.context as i32, c.token as i32);
+        self.store.data_mut().effective = c.context;
         match (&c.kind, answer) {
             (CalloutKind::Http, Some(a)) => {
                 let mut all = vec![(":status".to_string(), a.status.to_string())];
@@ -542,6 +549,7 @@ impl Vm {
             }
             s.now_ns = at;
             s.next_tick_ns = Some(at.saturating_add(period.max(1)));
+            s.effective = ROOT as u32;
             self.call1("proxy_on_tick", ROOT)?;
             ran += 1;
             self.answer_callouts(responder)?;
@@ -738,6 +746,32 @@ fn property<'s>(s: &'s VmState, path: &str) -> Option<&'s [u8]> {
     }
 }
 
+/// The cluster a gRPC callout names: Envoy takes a serialized `GrpcService` (its `envoy_grpc`
+/// message's `cluster_name`) or, when the bytes are not one, a cluster's name.
+fn grpc_cluster(upstream: &str) -> String {
+    fn field(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = bytes.split_first()?;
+        let (mut len, mut at) = (0usize, 0);
+        loop {
+            let b = *rest.get(at)?;
+            len |= usize::from(b & 0x7f) << (7 * at);
+            at += 1;
+            if b & 0x80 == 0 || at > 4 {
+                break;
+            }
+        }
+        let rest = rest.get(at..)?;
+        Some((tag, rest.get(..len)?, rest.get(len..)?))
+    }
+    // Field 1 (length-delimited, tag 0x0a), then its field 1: the cluster's name.
+    let parsed = field(upstream.as_bytes())
+        .filter(|(tag, _, _)| *tag == 0x0a)
+        .and_then(|(_, envoy_grpc, _)| field(envoy_grpc))
+        .filter(|(tag, name, _)| *tag == 0x0a && !name.is_empty())
+        .and_then(|(_, name, _)| std::str::from_utf8(name).ok());
+    parsed.map_or_else(|| upstream.to_string(), str::to_string)
+}
+
 /// Queues a callout for the responder and writes its token where the guest asked.
 fn dispatch(
     c: &mut C,
@@ -752,7 +786,7 @@ fn dispatch(
     let token = s.next_token;
     s.callouts.push(Callout {
         token,
-        context: ROOT as u32,
+        context: s.effective,
         kind,
         cluster,
         headers,
@@ -1083,7 +1117,11 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
             }
         },
     )?;
-    l.func_wrap(env, "proxy_continue_stream", |_: C, _kind: i32| -> i32 {
+    l.func_wrap(env, "proxy_continue_stream", |mut c: C, kind: i32| -> i32 {
+        // 0: the request (ABI 0.2.1's stream types).
+        if kind == 0 {
+            c.data_mut().stream.request_resumed = true;
+        }
         OK
     })?;
     l.func_wrap(env, "proxy_close_stream", |_: C, _kind: i32| -> i32 { OK })?;
@@ -1171,6 +1209,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 Ok(h) => h,
                 Err(status) => return status,
             };
+            let cluster = grpc_cluster(&cluster);
             dispatch(
                 &mut c,
                 CalloutKind::Grpc { service, method },
@@ -1229,7 +1268,10 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
     l.func_wrap(
         env,
         "proxy_set_effective_context",
-        |_: C, _id: i32| -> i32 { OK },
+        |mut c: C, id: i32| -> i32 {
+            c.data_mut().effective = id as u32;
+            OK
+        },
     )?;
     l.func_wrap(env, "proxy_done", |_: C| -> i32 { OK })?;
     // Foreign functions: none here, as in an Envoy without them registered.

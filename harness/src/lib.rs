@@ -4,10 +4,12 @@
 //! ([`trace`]), replaying it through the engine ([`replay`]), generating synthetic catalogs
 //! for benchmarks ([`synth`]), Envoy bootstraps for the filter ([`envoy`]), and the wasmtime
 //! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]), and the
-//! latency benchmark of both ([`bench`]).
+//! latency benchmark of both ([`bench`]); replays can share counters through a real counter
+//! service ([`counters`]).
 
 pub mod bench;
 pub mod build;
+pub mod counters;
 pub mod envoy;
 pub mod host;
 pub mod replay;

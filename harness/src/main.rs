@@ -2,6 +2,7 @@
 //! generate synthetic catalogs. Exit codes: 0 fine, 1 a `--check` mismatch, 2 unusable input.
 
 use anyhow::{anyhow, Context};
+use apim_edge_harness::counters::CounterForwarder;
 use apim_edge_harness::envoy::COUNTERS_CLUSTER;
 use apim_edge_harness::host::{Answer, Callout, CalloutKind};
 use apim_edge_harness::replay::{mismatches, replay_one};
@@ -54,6 +55,11 @@ enum Command {
         /// (repeatable). Callouts to other clusters fail, as to an unreachable upstream.
         #[arg(long, value_name = "CLUSTER=FILE")]
         callout: Vec<String>,
+        /// With --wasm: the filter's counter-service callouts go to apim-edge-counters at
+        /// HOST:PORT (SPEC §7), so that replays in several processes share one Redis. Adds
+        /// `counters` (cluster apim-counters) to the configuration when it has none.
+        #[arg(long, value_name = "HOST:PORT")]
+        counters: Option<String>,
         /// `json` (one object per request, SPEC §6) or `table` (for people).
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
@@ -274,6 +280,32 @@ impl apim_edge_harness::host::Responder for CalloutRules {
     }
 }
 
+/// The rules, and the counter service when `--counters` names one.
+struct Responders {
+    rules: CalloutRules,
+    counters: Option<CounterForwarder>,
+}
+
+impl apim_edge_harness::host::Responder for Responders {
+    fn answer(&self, c: &Callout) -> Option<Answer> {
+        if let Some(answer) = self.counters.as_ref().and_then(|f| f.forward(c)) {
+            return answer;
+        }
+        self.rules.answer(c)
+    }
+}
+
+/// The filter configuration with `counters` (cluster apim-counters) when it has none.
+fn with_shared_counters(plugin: &str) -> Result<String, Unusable> {
+    let mut doc: serde_json::Value = serde_json::from_str(plugin)
+        .context("the filter configuration")
+        .map_err(Unusable)?;
+    if doc.get("counters").is_none_or(serde_json::Value::is_null) {
+        doc["counters"] = serde_json::json!({"cluster": COUNTERS_CLUSTER});
+    }
+    Ok(doc.to_string())
+}
+
 fn callout_rules(rules: &[String]) -> Result<CalloutRules, Unusable> {
     rules
         .iter()
@@ -320,19 +352,32 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             diff,
             expect_recorded,
             callout,
+            counters,
         } => {
-            if wasm.is_none() && (workers != 1 || parallel || diff || !callout.is_empty()) {
+            if wasm.is_none()
+                && (workers != 1 || parallel || diff || !callout.is_empty() || counters.is_some())
+            {
                 return Err(Unusable(anyhow!(
-                    "--workers, --parallel, --diff and --callout need --wasm"
+                    "--workers, --parallel, --diff, --callout and --counters need --wasm"
                 )));
             }
             let check = check || expect_recorded;
-            let rules = callout_rules(&callout)?;
+            let rules = Responders {
+                rules: callout_rules(&callout)?,
+                counters: counters
+                    .as_deref()
+                    .map(CounterForwarder::new)
+                    .transpose()
+                    .map_err(Unusable)?,
+            };
             let Loaded {
-                plugin,
+                mut plugin,
                 catalog,
                 entries,
             } = traffic.load(expect_recorded)?;
+            if counters.is_some() {
+                plugin = with_shared_counters(&plugin)?;
+            }
             let store = MemoryStore::new();
             let runs = if wasm.is_some() && diff { 2 } else { 1 };
             let progress = progress_bar(entries.len() * runs);

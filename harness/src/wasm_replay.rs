@@ -64,9 +64,22 @@ pub fn replay_one(
     s.stream.request_body = vec![0; e.request_bytes as usize];
     let n_headers = s.stream.request_headers.len() as i32;
 
+    s.effective = context as u32;
     vm.call2("proxy_on_context_create", context, ROOT)?;
     let no_body = i32::from(e.request_bytes == 0);
-    vm.call3r("proxy_on_request_headers", context, n_headers, no_body)?;
+    let action = vm.call3r("proxy_on_request_headers", context, n_headers, no_body)?;
+    if action != 0 && vm.store.data().stream.local_reply.is_none() {
+        // Paused on its callouts (the counter service): their answers resume or answer it,
+        // as in Envoy's event loop.
+        vm.answer_callouts(responder)?;
+        let s = vm.store.data_mut();
+        if s.stream.local_reply.is_none() && !s.stream.request_resumed {
+            anyhow::bail!(
+                "request {index}: the filter paused it and neither resumed nor answered it (Envoy would hold it until the client gives up)"
+            );
+        }
+        s.effective = context as u32;
+    }
     if vm.store.data().stream.local_reply.is_none() && e.request_bytes > 0 {
         vm.call3r("proxy_on_request_body", context, e.request_bytes as i32, 1)?;
     }
@@ -134,6 +147,8 @@ pub fn replay_one(
     vm.call1("proxy_on_log", context)?;
     vm.call1r("proxy_on_done", context)?;
     vm.call1("proxy_on_delete", context)?;
+    // What the call sent at completion (shared counters) lands before the next call.
+    vm.answer_callouts(responder)?;
 
     let props = &vm.store.data().stream.properties;
     let prop = |name: &str| {

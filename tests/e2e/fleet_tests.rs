@@ -367,3 +367,155 @@ fn the_service_drains_and_exits_0_on_sigterm() {
         service.log_text()
     );
 }
+
+/// `apim-edge replay --wasm` of `trace` in a process of its own, through the counter service.
+fn replay_in_host(
+    service: &CounterService,
+    snapshot: &std::path::Path,
+    trace: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(cli_bin())
+        .args(["replay", "--check", "--workers", "2", "--counters"])
+        .arg(format!("127.0.0.1:{}", service.port))
+        .arg("--snapshot")
+        .arg(snapshot)
+        .arg("--trace")
+        .arg(trace)
+        .arg("--wasm")
+        .arg(filter_wasm())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("apim-edge-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn replays_in_three_host_processes_share_one_redis_exactly() {
+    let _one = serial();
+    let redis = Redis::start();
+    let service = CounterService::start(&redis.url());
+    let snapshot = scratch("quota.json");
+    std::fs::write(
+        &snapshot,
+        catalog(
+            r#"<policies><inbound><quota calls="30" renewal-period="86400" /><base /></inbound></policies>"#,
+            "",
+        )
+        .to_string(),
+    )
+    .unwrap();
+    // Three processes, 20 calls each, at interleaved times of one day.
+    let children: Vec<_> = (0..3)
+        .map(|p| {
+            let lines: Vec<String> = (0..20)
+                .map(|i| {
+                    json!({"t": (i * 3 + p) as f64, "method": "GET", "url": "/load/items/1",
+                           "headers": {"Ocp-Apim-Subscription-Key": "bulk-key"}})
+                    .to_string()
+                })
+                .collect();
+            let trace = scratch(&format!("part-{p}.jsonl"));
+            std::fs::write(&trace, lines.join("\n")).unwrap();
+            replay_in_host(&service, &snapshot, &trace)
+        })
+        .collect();
+    let mut statuses = BTreeMap::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            *statuses.entry(v["status"].as_u64().unwrap()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(statuses.get(&200), Some(&30), "{statuses:?}");
+    assert_eq!(statuses.get(&403), Some(&30), "{statuses:?}");
+}
+
+#[test]
+fn apim_windows_hold_across_processes_on_the_virtual_clock() {
+    let _one = serial();
+    let redis = Redis::start();
+    let service = CounterService::start(&redis.url());
+    // A quota of 2 an hour, its windows aligned to the subscription's start (10:30); a
+    // quota-by-key of 3 an hour on the client address, from its first-period-start (10:15).
+    let snapshot = scratch("windows.json");
+    std::fs::write(
+        &snapshot,
+        json!({
+            "apis": [{"name": "load", "path": "load",
+                      "policy": "<policies><inbound><base /><quota-by-key calls=\"3\" renewal-period=\"3600\" counter-key=\"@(context.Request.IpAddress)\" first-period-start=\"2026-01-05T10:15:00Z\" /></inbound></policies>"}],
+            "products": [{"name": "bulk", "apis": ["load"],
+                          "policy": "<policies><inbound><quota calls=\"2\" renewal-period=\"3600\" /><base /></inbound></policies>"}],
+            "subscriptions": [
+                {"name": "a", "properties": {"scope": "/products/bulk", "primaryKey": "key-a", "startDate": "2026-01-05T10:30:00Z"}},
+                {"name": "b", "properties": {"scope": "/products/bulk", "primaryKey": "key-b", "startDate": "2026-01-05T10:30:00Z"}}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let call = |at: &str, key: &str, status: u16, retry: Option<&str>| {
+        let mut expect = json!({"status": status});
+        if let Some(r) = retry {
+            expect["headers"] = json!({"retry-after": r});
+        }
+        json!({"at": at, "method": "GET", "url": "/load/x", "clientIp": "203.0.113.9",
+               "headers": {"Ocp-Apim-Subscription-Key": key}, "expect": expect})
+        .to_string()
+    };
+    // The first process: two calls of a fill its 10:30 window, and count twice for the
+    // address in its 11:15 window.
+    let first = scratch("first.jsonl");
+    std::fs::write(
+        &first,
+        [
+            call("2026-01-05T11:16:00Z", "key-a", 200, None),
+            call("2026-01-05T11:17:00Z", "key-a", 200, None),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = replay_in_host(&service, &snapshot, &first)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The second process sees them: a's window is full until 11:30 (5 minutes at 11:25, and
+    // the denied call counts nowhere); b's first call is the address's third in its 11:15
+    // window, its second is refused until 12:15 (48 minutes). At 12:15 both of a's windows
+    // are new.
+    let second = scratch("second.jsonl");
+    std::fs::write(
+        &second,
+        [
+            call("2026-01-05T11:25:00Z", "key-a", 403, Some("300")),
+            call("2026-01-05T11:26:00Z", "key-b", 200, None),
+            call("2026-01-05T11:27:00Z", "key-b", 403, Some("2880")),
+            call("2026-01-05T12:15:00Z", "key-a", 200, None),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = replay_in_host(&service, &snapshot, &second)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

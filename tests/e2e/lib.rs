@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use apim_edge_harness::build::{counters_bin, filter_wasm, workspace_root as root};
+pub use apim_edge_harness::build::{cli_bin, counters_bin, filter_wasm, workspace_root as root};
 
 pub mod fleet;
 

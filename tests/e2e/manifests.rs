@@ -66,6 +66,15 @@ fn generated_bootstraps_are_valid_envoy_configuration() {
             vec!["--snapshot", "tests/catalog/sample.json"],
         ),
         ("source.json", vec!["--snapshot-source", "127.0.0.1:9000"]),
+        (
+            "counters.json",
+            vec![
+                "--snapshot",
+                "tests/catalog/sample.json",
+                "--counters",
+                "127.0.0.1:9090",
+            ],
+        ),
     ] {
         let path = dir.join(name);
         let boot = generate(&args);
@@ -81,6 +90,24 @@ fn generated_bootstraps_are_valid_envoy_configuration() {
             "{name}: keys are stripped by default"
         );
     }
+    // --counters: the filter's counters name an HTTP/2 cluster at the service.
+    let boot: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("counters.json")).unwrap()).unwrap();
+    let config = boot.pointer(FILTER).unwrap()["configuration"]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let counters = FilterConfig::parse(config.as_bytes())
+        .unwrap()
+        .counters
+        .unwrap();
+    let cluster = boot["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == counters.cluster.as_str())
+        .unwrap();
+    assert!(cluster.pointer("/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/explicit_http_config/http2_protocol_options").is_some());
     // Unless the configuration says otherwise.
     let keep = dir.join("keep-keys.json");
     std::fs::write(&keep, r#"{"stripSubscriptionKey": false}"#).unwrap();
@@ -149,4 +176,5 @@ fn the_envoy_gateway_policy_carries_a_configuration_the_filter_accepts() {
     assert_eq!(wasm["failOpen"], false);
     let config = FilterConfig::parse(wasm["config"].to_string().as_bytes()).unwrap();
     assert!(config.strip_subscription_key && config.identity_headers);
+    assert!(config.counters.is_some());
 }
