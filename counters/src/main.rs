@@ -98,7 +98,8 @@ async fn main() -> Result<()> {
 fn tokio_stream_listener(
     listener: tokio::net::TcpListener,
 ) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
+    // Every answer goes out at once: a call waits on it.
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// SIGTERM or Ctrl-C.

@@ -27,6 +27,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,13 +37,15 @@ pub const MAX_ATTEMPTS: u32 = 64;
 
 /// Writes a call's counters when none changed since they were read. `KEYS`: the counters;
 /// `ARGV`, three per key: the state read (`''` for none: no state is empty), the state to
-/// write, and its TTL in milliseconds (`-1`: leave it, `0`: delete it).
+/// write, and its TTL in milliseconds (`-1`: leave it, `0`: delete it). Answers 1, or, when
+/// one changed, every state as it is now (`''` for none), to be tried again from.
 const COMPARE_AND_SET: &str = r"
+local held, changed = {}, false
 for i = 1, #KEYS do
-  local held = redis.call('GET', KEYS[i])
-  if held == false then held = '' end
-  if held ~= ARGV[3 * i - 2] then return 0 end
+  held[i] = redis.call('GET', KEYS[i]) or ''
+  if held[i] ~= ARGV[3 * i - 2] then changed = true end
 end
+if changed then return held end
 for i = 1, #KEYS do
   local ttl = tonumber(ARGV[3 * i])
   if ttl == 0 then
@@ -138,11 +141,18 @@ pub struct SharedStore {
     mode: ApplyMode,
     timeout: Duration,
     metrics: Arc<Metrics>,
-    /// Calls of one tag are applied one at a time by this service (striped by the tag's hash):
+    /// Calls of one tag are applied one at a time by this service (striped by the tags' hashes):
     /// they would only conflict in Redis otherwise. Calls of other replicas may still conflict,
     /// and are tried again.
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// The states this replica last read or wrote, by key: a call is decided from them and
+    /// written in one round trip, the script checking they are still Redis' (one read more
+    /// when they are not). Bounded: emptied when it reaches [`CACHED_STATES`].
+    cache: std::sync::Mutex<HashMap<String, Option<Vec<u8>>>>,
 }
+
+/// How many counter states a replica keeps between calls.
+pub const CACHED_STATES: usize = 100_000;
 
 const STRIPES: usize = 1024;
 
@@ -155,6 +165,7 @@ impl SharedStore {
             timeout,
             metrics,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            cache: std::sync::Mutex::default(),
         }
     }
 
@@ -172,9 +183,17 @@ impl SharedStore {
         // One server holds every key; a cluster, those of one tag in one slot.
         let one_slot =
             matches!(self.redis, Redis::Single(_)) || keys.iter().all(|k| tag(k) == tag(&keys[0]));
+        // This replica applies calls of one tag one at a time: they would only conflict in
+        // Redis otherwise. Stripes are taken in order, so that two calls never wait on each
+        // other.
+        let mut stripes: Vec<usize> = keys.iter().map(|k| stripe(tag(k))).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut turns = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            turns.push(self.stripes[s].lock().await);
+        }
         if one_slot && self.mode == ApplyMode::Transaction {
-            let stripe = stripe(tag(&keys[0]));
-            let _turn = self.stripes[stripe].lock().await;
             return self.transact(&plan, &keys, now).await;
         }
         // Counter by counter: the engine's all-or-nothing over a store whose every read and
@@ -200,13 +219,21 @@ impl SharedStore {
         keys: &[String],
         now: Millis,
     ) -> Result<Vec<OpResult>, StoreError> {
+        let mut read = self.cached(keys);
+        let mut fresh = read.is_none();
         for _ in 0..MAX_ATTEMPTS {
-            let read = self.read(keys).await?;
+            let held = match read.take() {
+                Some(held) => held,
+                None => {
+                    fresh = true;
+                    self.read(keys).await?
+                }
+            };
             let overlay = Overlay {
                 counters: RefCell::new(
                     plan_names(plan)
                         .into_iter()
-                        .zip(read)
+                        .zip(held)
                         .map(|(name, held)| Held {
                             name,
                             now: held.clone(),
@@ -218,7 +245,12 @@ impl SharedStore {
             let answers = apply_plan(plan, &overlay, now)?;
             let counters = overlay.counters.into_inner();
             if counters.iter().all(|c| c.now == c.read) {
-                return Ok(answers);
+                // Decided on what was read: from Redis, or read again.
+                if fresh {
+                    self.remember(keys, counters.into_iter().map(|c| c.read));
+                    return Ok(answers);
+                }
+                continue;
             }
             let mut invocation = self.script.prepare_invoke();
             for (key, c) in keys.iter().zip(&counters) {
@@ -231,15 +263,43 @@ impl SharedStore {
                     _ => invocation.arg("").arg(-1),
                 };
             }
-            let written: i64 = self
+            let written: redis::Value = self
                 .timed(on_redis!(self.redis, c => invocation.invoke_async(&mut c)))
                 .await?;
-            if written == 1 {
+            if let redis::Value::Int(1) = written {
+                self.remember(keys, counters.into_iter().map(|c| c.now));
                 return Ok(answers);
             }
-            self.metrics.conflicts.inc();
+            // Changed meanwhile (or not what this replica remembered): again, from the states
+            // the script answered.
+            if fresh {
+                self.metrics.conflicts.inc();
+            }
+            read = states(&written, keys.len());
+            if let Some(held) = &read {
+                self.remember(keys, held.iter().cloned());
+            }
+            fresh = true;
         }
         Err(StoreError::Contended(keys.join(", ")))
+    }
+
+    /// The states of `keys` as this replica last saw them, when it has them all.
+    fn cached(&self, keys: &[String]) -> Option<Vec<Option<Vec<u8>>>> {
+        let cache = self.cache.lock().ok()?;
+        keys.iter().map(|k| cache.get(k).cloned()).collect()
+    }
+
+    fn remember(&self, keys: &[String], states: impl Iterator<Item = Option<Vec<u8>>>) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        if cache.len() + keys.len() > CACHED_STATES {
+            cache.clear();
+        }
+        for (k, state) in keys.iter().zip(states) {
+            cache.insert(k.clone(), state);
+        }
     }
 
     async fn read(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
@@ -276,6 +336,23 @@ impl SharedStore {
             }
         }
     }
+}
+
+/// The states a compare-and-set script answered when they had changed (`''`: none).
+fn states(answer: &redis::Value, n: usize) -> Option<Vec<Option<Vec<u8>>>> {
+    let redis::Value::Array(items) = answer else {
+        return None;
+    };
+    let states: Option<Vec<Option<Vec<u8>>>> = items
+        .iter()
+        .map(|v| match v {
+            redis::Value::BulkString(b) if b.is_empty() => Some(None),
+            redis::Value::BulkString(b) => Some(Some(b.clone())),
+            redis::Value::Nil => Some(None),
+            _ => None,
+        })
+        .collect();
+    states.filter(|s| s.len() == n)
 }
 
 /// The TTL of a state written at `now`: to the end of its windows (at least 1 ms).
@@ -398,14 +475,15 @@ impl CounterStore for PerCounter<'_> {
             .arg(read.as_deref().unwrap_or_default())
             .arg(value)
             .arg(ttl(value, self.now));
-        let written: i64 = self.handle.block_on(
+        let written: redis::Value = self.handle.block_on(
             self.store
                 .timed(on_redis!(self.store.redis, c => invocation.invoke_async(&mut c))),
         )?;
-        if written != 1 {
+        let done = matches!(written, redis::Value::Int(1));
+        if !done {
             self.store.metrics.conflicts.inc();
         }
-        Ok(written == 1)
+        Ok(done)
     }
 }
 

@@ -90,22 +90,27 @@ type Call = (u16, bool, bool, bool, bool, bool);
 fn run(mode: ApplyMode, calls: &[Call], rt: &tokio::runtime::Runtime, port: u16) {
     let c = catalog();
     let local = MemoryStore::new();
-    let store = rt.block_on(async {
+    // Two replicas of the service on one Redis, taking calls in turn: what one remembers of a
+    // counter the other has changed since is found out and read again.
+    let replica = || {
         let redis =
             Redis::single(&format!("redis://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
         Arc::new(SharedStore::new(
             redis,
             mode,
             Duration::from_secs(2),
             Arc::new(Metrics::new()),
         ))
+    };
+    rt.block_on(async {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     });
+    let replicas = rt.block_on(async { [replica(), replica()] });
     let mut now: Millis = 1_000_000;
     for (i, &(dt, second, tenant_b, put, deny, fails)) in calls.iter().enumerate() {
         now += Millis::from(dt);
@@ -134,6 +139,7 @@ fn run(mode: ApplyMode, calls: &[Call], rt: &tokio::runtime::Runtime, port: u16)
         if let (Outcome::Allowed, Some(call)) = (d.outcome, &d.call) {
             c.complete(call, done, now, &local).unwrap();
         }
+        let store = &replicas[i % 2];
         let (first, plan) = c.plan(&req, now);
         let shared = if plan.ops.is_empty() {
             first.unwrap().outcome
