@@ -1,5 +1,5 @@
-//! Building the filter's `.wasm` from the current source, so that tests never run a stale
-//! artifact: `cargo build --release --target wasm32-wasip1 -p apim-edge-filter`, once per process.
+//! Building from the current source, so that tests never run a stale artifact: the filter's
+//! `.wasm`, the counter service and the command line, each once per process.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,77 +10,63 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Runs `cargo build ARGS` in the workspace once per process (per `once`), and returns
+/// `output` under the workspace.
+///
+/// # Panics
+/// When the build fails: for tests and tools, where that is the failure.
+fn built(once: &'static OnceLock<PathBuf>, args: &[&str], output: &str) -> PathBuf {
+    once.get_or_init(|| {
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .arg("build")
+            .args(args)
+            .current_dir(&root)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build {} failed", args.join(" "));
+        root.join(output)
+    })
+    .clone()
+}
+
 /// Builds the filter (once per process) and returns the path of its `.wasm`.
 ///
 /// # Panics
 /// When the filter does not build: this is for tests and tools, where that is the failure.
 pub fn filter_wasm() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip1",
-                    "-p",
-                    "apim-edge-filter",
-                ])
-                .current_dir(&root)
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "the filter does not build");
-            root.join("target/wasm32-wasip1/release/apim_edge_filter.wasm")
-        })
-        .clone()
+    built(
+        &BUILT,
+        &[
+            "--release",
+            "--target",
+            "wasm32-wasip1",
+            "-p",
+            "apim-edge-filter",
+        ],
+        "target/wasm32-wasip1/release/apim_edge_filter.wasm",
+    )
 }
 
 /// Builds the counter service (once per process) and returns the path of its binary.
-///
-/// # Panics
-/// When it does not build: for tests and tools, where that is the failure.
 pub fn counters_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-p",
-                    "apim-edge-counters",
-                    "--bin",
-                    "apim-edge-counters",
-                ])
-                .current_dir(&root)
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "the counter service does not build");
-            root.join("target/debug/apim-edge-counters")
-        })
-        .clone()
+    built(
+        &BUILT,
+        &["-p", "apim-edge-counters", "--bin", "apim-edge-counters"],
+        "target/debug/apim-edge-counters",
+    )
 }
 
 /// Builds the command line (once per process) and returns the path of its binary.
-///
-/// # Panics
-/// When it does not build: for tests and tools, where that is the failure.
 pub fn cli_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "apim-edge-harness", "--bin", "apim-edge"])
-                .current_dir(&root)
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "the command line does not build");
-            root.join("target/debug/apim-edge")
-        })
-        .clone()
+    built(
+        &BUILT,
+        &["-p", "apim-edge-harness", "--bin", "apim-edge"],
+        "target/debug/apim-edge",
+    )
 }
 
 /// A conformance trace of `tests/traces`, and the filter configuration it is replayed with:
