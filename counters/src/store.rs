@@ -176,7 +176,7 @@ impl SharedStore {
         plan: CounterPlan,
         now: Millis,
     ) -> Result<Vec<OpResult>, StoreError> {
-        let keys = plan_keys(&plan);
+        let (names, keys) = plan_counters(&plan);
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -194,7 +194,7 @@ impl SharedStore {
             turns.push(self.stripes[s].lock().await);
         }
         if one_slot && self.mode == ApplyMode::Transaction {
-            return self.transact(&plan, &keys, now).await;
+            return self.transact(&plan, names, &keys, now).await;
         }
         // Counter by counter: the engine's all-or-nothing over a store whose every read and
         // write is a call to Redis, on a thread that may wait for them.
@@ -216,6 +216,7 @@ impl SharedStore {
     async fn transact(
         &self,
         plan: &CounterPlan,
+        names: Vec<String>,
         keys: &[String],
         now: Millis,
     ) -> Result<Vec<OpResult>, StoreError> {
@@ -231,8 +232,9 @@ impl SharedStore {
             };
             let overlay = Overlay {
                 counters: RefCell::new(
-                    plan_names(plan)
-                        .into_iter()
+                    names
+                        .iter()
+                        .cloned()
                         .zip(held)
                         .map(|(name, held)| Held {
                             name,
@@ -371,30 +373,19 @@ fn stripe(tag: &str) -> usize {
     (h.finish() as usize) % STRIPES
 }
 
-/// The distinct counters a plan meets, by name text, in the order it meets them.
-fn plan_names(plan: &CounterPlan) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for op in &plan.ops {
-        let name = op.op().key().to_string();
-        if !names.contains(&name) {
-            names.push(name);
-        }
-    }
-    names
-}
-
-fn plan_keys(plan: &CounterPlan) -> Vec<String> {
-    let mut seen: Vec<String> = Vec::new();
-    let mut keys = Vec::new();
+/// The distinct counters a plan meets, in the order it meets them: their names (as text) and
+/// their Redis keys.
+fn plan_counters(plan: &CounterPlan) -> (Vec<String>, Vec<String>) {
+    let (mut names, mut keys) = (Vec::new(), Vec::new());
     for op in &plan.ops {
         let key = op.op().key();
         let name = key.to_string();
-        if !seen.contains(&name) {
-            seen.push(name);
+        if !names.contains(&name) {
+            names.push(name);
             keys.push(redis_key(&key));
         }
     }
-    keys
+    (names, keys)
 }
 
 /// A counter of a transaction: its state as read, and as the plan leaves it.

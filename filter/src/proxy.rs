@@ -587,13 +587,17 @@ impl Call {
             .as_ref()
             .map(|c| c.on_unavailable)
             .unwrap_or_default();
-        log(
-            LogLevel::Warn,
-            &format!(
-                "apim-edge: counter service unavailable ({why}); deciding as onUnavailable {:?}",
-                on_unavailable
-            ),
-        );
+        // Once a second at most: in an outage every call comes here.
+        let now_ms = now_millis();
+        if LAST_UNAVAILABLE_LOG.get() + 1_000 <= now_ms {
+            LAST_UNAVAILABLE_LOG.set(now_ms);
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "apim-edge: counter service unavailable ({why}); deciding as onUnavailable {on_unavailable:?} (counted in apim_edge.counters.unavailable)"
+                ),
+            );
+        }
         Metrics::bump(loaded.metrics.counters_unavailable);
         if on_unavailable == OnUnavailable::Local {
             Metrics::bump(loaded.metrics.counters_fallbacks);
@@ -639,6 +643,8 @@ impl Call {
 }
 
 thread_local! {
+    /// When this VM last logged that the counter service was unavailable.
+    static LAST_UNAVAILABLE_LOG: std::cell::Cell<Millis> = const { std::cell::Cell::new(0) };
     /// The strings the request headers are read into, kept from call to call (a VM is one
     /// thread).
     static REQUEST_HEADERS: RefCell<headers::KeptPairs> = RefCell::default();

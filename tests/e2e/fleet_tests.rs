@@ -268,6 +268,18 @@ fn assert_all_admit(envoys: &[Envoy], when: &str) {
     }
 }
 
+/// Waits (10 s at most) until the `deny` proxy admits a call again.
+fn admits_again(envoy: &Envoy, when: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(envoy).status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{when}: still refused after 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn assert_unavailable_answers(envoys: &[Envoy], when: &str) {
     let (deny, local, allow) = answers(envoys);
     assert_eq!(deny.status, 503, "{when}: deny: {deny:?}");
@@ -297,11 +309,21 @@ fn redis_or_the_service_gone_each_on_unavailable_answers_and_counting_resumes() 
 
     redis.stop();
     assert_unavailable_answers(&envoys, "Redis stopped");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        envoys[0]
+            .access_log_text()
+            .contains("outcome=counters_unavailable"),
+        "{}",
+        envoys[0].access_log_text()
+    );
     assert!(stat(&envoys[1..2], "apim_edge.counters.fallbacks") >= 1);
     assert_eq!(stat(&envoys[0..1], "apim_edge.counters.fallbacks"), 0);
     assert!(service.metric("apim_edge_counters_errors_total") >= 3);
 
     redis.restart();
+    // The service reconnects by itself: within seconds, without a restart of anything.
+    admits_again(&envoys[0], "Redis back");
     let before = service.metric("apim_edge_counters_calls_total");
     let unavailable = stat(&envoys, "apim_edge.counters.unavailable");
     assert_all_admit(&envoys, "Redis back");
@@ -312,6 +334,7 @@ fn redis_or_the_service_gone_each_on_unavailable_answers_and_counting_resumes() 
     service.kill();
     assert_unavailable_answers(&envoys, "the service killed");
     service.restart();
+    admits_again(&envoys[0], "the service back");
     assert_all_admit(&envoys, "the service back");
     for e in &envoys {
         assert!(!e.log_text().contains("panicked"), "{}", e.log_text());
