@@ -5,8 +5,8 @@ use crate::headers;
 use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
-    CallContext, Catalog, Completion, CounterPlan, Decision, FilterConfig, HeaderEdit, Millis,
-    OnUnavailable, Outcome, Request, StoreError,
+    CallContext, Catalog, Completion, CounterPlan, Decision, EngineError, FilterConfig, HeaderEdit,
+    Millis, OnUnavailable, Outcome, Request, StoreError,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -466,8 +466,16 @@ impl Context for Call {
             )),
         };
         let action = with_request(|req| {
+            // An answer that does not fit the call's plan is a bad answer, which
+            // `onUnavailable` decides as a failed exchange; a policy's own failure still
+            // follows `failureMode`.
             let decided = match &answers {
-                Ok(answers) => catalog.decide_answered(req, now, answers),
+                Ok(answers) => match catalog.decide_answered(req, now, answers) {
+                    Err(EngineError::Store(e)) => {
+                        self.unavailable(&loaded, catalog, req, now, &format!("bad answer: {e}"))
+                    }
+                    decided => decided,
+                },
                 Err(why) => self.unavailable(&loaded, catalog, req, now, why),
             };
             self.finish(&loaded, catalog, req, decided)
@@ -548,7 +556,7 @@ impl Call {
         loaded: &Loaded,
         catalog: &'c Catalog,
         req: &Request,
-        decided: Result<Decision<'c>, apim_edge_policies::EngineError>,
+        decided: Result<Decision<'c>, EngineError>,
     ) -> Action {
         let mut decided = decided;
         let mut failed;
@@ -581,7 +589,7 @@ impl Call {
         req: &Request,
         now: Millis,
         why: &str,
-    ) -> Result<Decision<'c>, apim_edge_policies::EngineError> {
+    ) -> Result<Decision<'c>, EngineError> {
         let on_unavailable = loaded
             .counters
             .as_ref()
