@@ -5,8 +5,8 @@
 
 use crate::pb;
 use apim_edge_policies::{
-    CounterName, CounterOp, CounterPlan, FixedWindows, Millis, OpResult, OwnLimits, OwnVerdicts,
-    OwnedOp, Verdict,
+    CounterName, CounterOp, CounterPlan, FixedWindows, Leasable, Millis, OpResult, OwnLimits,
+    OwnVerdicts, OwnedOp, Verdict,
 };
 use pb::op::Kind as K;
 use prost::Message;
@@ -127,18 +127,33 @@ fn op_message(op: &CounterOp<'_>) -> pb::Op {
             n,
         }),
         CounterOp::OwnAdmit { limits, .. } => K::OwnAdmit(pb::OwnAdmit {
-            limits: Some(pb::OwnLimits {
-                rate: limits
-                    .rate
-                    .map(|(calls, period_ms)| pb::RateAllowance { calls, period_ms }),
-                quota: limits.quota.as_ref().and_then(windows),
-                quota_first: limits.quota_first,
-            }),
+            limits: Some(own_limits(&limits)),
         }),
-        CounterOp::OwnRelease { rate_at, quota, .. } => K::OwnRelease(pb::OwnRelease {
+        CounterOp::OwnRelease {
+            rate_at, quota, n, ..
+        } => K::OwnRelease(pb::OwnRelease {
             rate_at_ms: rate_at,
             quota_period_ms: quota.map(|q| q.0),
             quota_start_ms: quota.map(|q| q.1),
+            n,
+        }),
+        CounterOp::Lease { admit, calls, .. } => K::Lease(pb::Lease {
+            calls,
+            admit: Some(match admit {
+                Leasable::Sliding { calls, period } => {
+                    pb::lease::Admit::Sliding(pb::RateAllowance {
+                        calls,
+                        period_ms: period,
+                    })
+                }
+                Leasable::Fixed(w) => pb::lease::Admit::Fixed(pb::Windows {
+                    origin_ms: w.origin,
+                    period_ms: w.period,
+                    calls: w.calls,
+                    bandwidth_kb: w.bandwidth_kb,
+                }),
+                Leasable::Own(limits) => pb::lease::Admit::Own(own_limits(&limits)),
+            }),
         }),
         CounterOp::OwnAddBytes {
             windows: w, bytes, ..
@@ -151,6 +166,35 @@ fn op_message(op: &CounterOp<'_>) -> pb::Op {
         counter: counter(&op.key()),
         kind: Some(kind),
     }
+}
+
+fn own_limits(limits: &OwnLimits) -> pb::OwnLimits {
+    pb::OwnLimits {
+        rate: limits
+            .rate
+            .map(|(calls, period_ms)| pb::RateAllowance { calls, period_ms }),
+        quota: limits.quota.as_ref().and_then(windows),
+        quota_first: limits.quota_first,
+    }
+}
+
+fn own_limits_of(
+    l: &pb::OwnLimits,
+    [rate_field, quota_field]: [&'static str; 2],
+) -> Result<OwnLimits, WireError> {
+    let rate = match &l.rate {
+        Some(r) => Some((r.calls, period(rate_field, r.period_ms)?)),
+        None => None,
+    };
+    let quota = match &l.quota {
+        Some(q) => Some(windows_of(Some(q), quota_field)?),
+        None => None,
+    };
+    Ok(OwnLimits {
+        rate,
+        quota,
+        quota_first: l.quota_first,
+    })
 }
 
 /// A period must be positive: the window rules divide by it.
@@ -223,21 +267,9 @@ fn op_of(m: &pb::Op) -> Result<OwnedOp, WireError> {
                 .limits
                 .as_ref()
                 .ok_or(WireError::Missing("own_admit.limits"))?;
-            let rate = match &l.rate {
-                Some(r) => Some((r.calls, period("own_admit.rate.period_ms", r.period_ms)?)),
-                None => None,
-            };
-            let quota = match &l.quota {
-                Some(q) => Some(windows_of(Some(q), "own_admit.quota")?),
-                None => None,
-            };
             CounterOp::OwnAdmit {
                 key,
-                limits: OwnLimits {
-                    rate,
-                    quota,
-                    quota_first: l.quota_first,
-                },
+                limits: own_limits_of(l, ["own_admit.rate.period_ms", "own_admit.quota"])?,
             }
         }
         K::OwnRelease(o) => CounterOp::OwnRelease {
@@ -248,7 +280,33 @@ fn op_of(m: &pb::Op) -> Result<OwnedOp, WireError> {
                 (None, None) => None,
                 _ => return Err(WireError::Missing("own_release.quota_start_ms")),
             },
+            n: o.n,
         },
+        K::Lease(o) => {
+            use pb::lease::Admit;
+            if o.calls == 0 {
+                return Err(WireError::Range {
+                    field: "lease.calls",
+                    value: 0,
+                });
+            }
+            let admit = match o.admit.as_ref().ok_or(WireError::Missing("lease.admit"))? {
+                Admit::Sliding(r) => Leasable::Sliding {
+                    calls: r.calls,
+                    period: period("lease.sliding.period_ms", r.period_ms)?,
+                },
+                Admit::Fixed(w) => Leasable::Fixed(windows_of(Some(w), "lease.fixed")?),
+                Admit::Own(l) => Leasable::Own(own_limits_of(
+                    l,
+                    ["lease.own.rate.period_ms", "lease.own.quota"],
+                )?),
+            };
+            CounterOp::Lease {
+                key,
+                admit,
+                calls: o.calls,
+            }
+        }
         K::OwnAddBytes(o) => CounterOp::OwnAddBytes {
             key,
             windows: windows_of(o.windows.as_ref(), "own_add_bytes.windows")?,
@@ -395,11 +453,35 @@ mod tests {
                 key,
                 rate_at: Some(5),
                 quota: Some((3_600_000, 1_000)),
+                n: 1,
             },
             CounterOp::OwnRelease {
                 key,
                 rate_at: None,
                 quota: None,
+                n: 7,
+            },
+            CounterOp::Lease {
+                key,
+                admit: Leasable::Sliding {
+                    calls: 1_000,
+                    period: 61_000,
+                },
+                calls: 16,
+            },
+            CounterOp::Lease {
+                key,
+                admit: Leasable::Fixed(w),
+                calls: 2,
+            },
+            CounterOp::Lease {
+                key,
+                admit: Leasable::Own(OwnLimits {
+                    rate: Some((10, 1_000)),
+                    quota: Some(w),
+                    quota_first: false,
+                }),
+                calls: 64,
             },
             CounterOp::OwnAddBytes {
                 key,
@@ -478,5 +560,30 @@ mod tests {
             request_plan(&req).unwrap_err().to_string(),
             "op.counter is missing"
         );
+        let lease = |calls, admit| pb::ApplyRequest {
+            now_ms: 0,
+            ops: vec![pb::Op {
+                counter: Some(pb::Counter::default()),
+                kind: Some(K::Lease(pb::Lease { calls, admit })),
+            }],
+            then_release: false,
+        };
+        let rate = |period_ms| {
+            Some(pb::lease::Admit::Sliding(pb::RateAllowance {
+                calls: 5,
+                period_ms,
+            }))
+        };
+        let faults = [
+            (lease(0, rate(1_000)), "lease.calls is out of range: 0"),
+            (lease(4, None), "lease.admit is missing"),
+            (
+                lease(4, rate(-1)),
+                "lease.sliding.period_ms is out of range: -1",
+            ),
+        ];
+        for (req, fault) in faults {
+            assert_eq!(request_plan(&req).unwrap_err().to_string(), fault);
+        }
     }
 }

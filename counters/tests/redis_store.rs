@@ -1,5 +1,6 @@
 //! The Redis store against the engine's in-memory one: random call sequences over every kind
-//! of counter decide the same, applied as one transaction per call and counter by counter.
+//! of counter decide the same, applied as one transaction per call and counter by counter;
+//! and leases (a share of a limit counted at once) answer the same.
 //! A real `redis-server` (from Debian's packages; `tests/run.sh` installs it) on a free port.
 
 #![allow(
@@ -11,7 +12,10 @@
 
 use apim_edge_counters::metrics::Metrics;
 use apim_edge_counters::store::{ApplyMode, Redis, SharedStore};
-use apim_edge_policies::{Catalog, Completion, LoadOptions, MemoryStore, Millis, Outcome, Request};
+use apim_edge_policies::{
+    apply_plan, Catalog, Completion, CounterName, CounterOp, CounterPlan, FixedWindows, Leasable,
+    LoadOptions, MemoryStore, Millis, Outcome, OwnLimits, Request,
+};
 use proptest::prelude::*;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -83,6 +87,19 @@ fn catalog() -> Catalog {
     Catalog::load(&doc, LoadOptions::default()).unwrap()
 }
 
+/// The service's store over the Redis at `port` (made on a runtime: its connection manager
+/// starts there).
+fn shared_store(mode: ApplyMode, port: u16) -> Arc<SharedStore> {
+    let redis =
+        Redis::single(&format!("redis://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
+    Arc::new(SharedStore::new(
+        redis,
+        mode,
+        Duration::from_secs(2),
+        Arc::new(Metrics::new()),
+    ))
+}
+
 /// When (ms after the last call), whose key, which tenant, PUT or GET, whether it fails the
 /// header check, whether the upstream fails.
 type Call = (u16, bool, bool, bool, bool, bool);
@@ -92,16 +109,7 @@ fn run(mode: ApplyMode, calls: &[Call], rt: &tokio::runtime::Runtime, port: u16)
     let local = MemoryStore::new();
     // Two replicas of the service on one Redis, taking calls in turn: what one remembers of a
     // counter the other has changed since is found out and read again.
-    let replica = || {
-        let redis =
-            Redis::single(&format!("redis://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
-        Arc::new(SharedStore::new(
-            redis,
-            mode,
-            Duration::from_secs(2),
-            Arc::new(Metrics::new()),
-        ))
-    };
+    let replica = || shared_store(mode, port);
     rt.block_on(async {
         let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .unwrap()
@@ -175,5 +183,74 @@ proptest! {
         let rt = tokio::runtime::Runtime::new().unwrap();
         run(ApplyMode::Transaction, &calls, &rt, server.1);
         run(ApplyMode::PerCounter, &calls, &rt, server.1);
+    }
+}
+
+/// One lease at a time, `(ms after the last, which counter, its size, taken back after)`, on
+/// each kind of leasable counter, through Redis and in memory.
+fn leases(mode: ApplyMode, asks: &[(u16, u8, u8, bool)], rt: &tokio::runtime::Runtime, port: u16) {
+    // The client's connection manager starts on the runtime.
+    let store = rt.block_on(async { shared_store(mode, port) });
+    let memory = MemoryStore::new();
+    let quota = FixedWindows {
+        origin: 0,
+        period: 10_000,
+        calls: Some(20),
+        bandwidth_kb: None,
+    };
+    let mut now: Millis = 1_000_000;
+    for (i, &(dt, kind, calls, then_release)) in asks.iter().enumerate() {
+        now += Millis::from(dt);
+        let admit = match kind % 3 {
+            0 => Leasable::Sliding {
+                calls: 15,
+                period: 5_000,
+            },
+            1 => Leasable::Fixed(quota),
+            _ => Leasable::Own(OwnLimits {
+                rate: Some((15, 5_000)),
+                quota: Some(quota),
+                quota_first: kind % 2 == 0,
+            }),
+        };
+        let key = CounterName::new("lease-test", "s", ["r", "q", "o"][usize::from(kind % 3)]);
+        let plan = CounterPlan {
+            ops: vec![CounterOp::Lease {
+                key,
+                admit,
+                calls: u64::from(calls) + 1,
+            }
+            .into_owned()],
+            then_release,
+        };
+        let expected = apply_plan(&plan, &memory, now).unwrap();
+        let answers = rt.block_on(store.apply(plan, now)).unwrap();
+        assert_eq!(answers, expected, "{mode:?}: lease {i} at {now}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn leases_through_redis_answer_as_in_memory(
+        asks in proptest::collection::vec(
+            (0u16..800, 0u8..6, 0u8..8, proptest::bool::weighted(0.1)),
+            1..60,
+        )
+    ) {
+        let server = redis_server();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for mode in [ApplyMode::Transaction, ApplyMode::PerCounter] {
+            rt.block_on(async {
+                let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", server.1))
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+            });
+            leases(mode, &asks, &rt, server.1);
+        }
     }
 }

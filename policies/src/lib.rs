@@ -28,7 +28,8 @@ mod xml;
 
 pub use catalog::{Catalog, LoadOptions, Summary, UnsupportedPolicies};
 pub use clock::{format_timespan, parse_rfc3339, Millis};
-pub use counters::op::{CounterOp, OpResult, OwnedOp};
+pub use counters::lease::LeasedPlan;
+pub use counters::op::{CounterOp, Leasable, OpResult, OwnedOp};
 pub use counters::own::{OwnLimits, OwnVerdicts};
 pub use counters::{
     counter_expiry, Change, CounterName, CounterStore, MemoryStore, State, StoreError,
@@ -41,7 +42,7 @@ pub use decide::{
     Request,
 };
 pub use edge::config::{
-    ConfigError, EdgeOptions, FailureMode, FilterConfig, OnUnavailable, SharedCounters,
+    ConfigError, EdgeOptions, FailureMode, FilterConfig, Leases, OnUnavailable, SharedCounters,
     SnapshotSource,
 };
 pub use edge::IDENTITY_HEADERS;

@@ -11,6 +11,13 @@ pub(crate) struct Window {
     bytes: u64,
 }
 
+impl Window {
+    /// Counts `n` more calls in the window (the rest of a lease, beyond its first call).
+    pub(crate) fn count_more(&mut self, n: u64) {
+        self.calls = self.calls.saturating_add(n);
+    }
+}
+
 /// A fixed window's state (the [`HEAD`], then start, calls and bytes); `None` when never
 /// written (or written in another layout).
 pub(crate) fn decode_window(bytes: &[u8]) -> Option<Window> {

@@ -16,12 +16,15 @@
 //! holding one of each ([`own`]), so that a call under both is one update.
 //!
 //! Its rooms: [`store`] (the store trait and the in-memory store), [`sliding`] and [`fixed`]
-//! (the two kinds of window), [`own`] (a subscription's own limits of a document as one state).
+//! (the two kinds of window), [`own`] (a subscription's own limits of a document as one state),
+//! [`op`] (counter operations as data) and [`lease`] (shares of large limits a proxy spends
+//! locally, for counters a fleet shares).
 //! Here: what every state starts with (its expiry and its layout's version) and the verdicts.
 
 use crate::clock::Millis;
 
 mod fixed;
+pub(crate) mod lease;
 pub(crate) mod op;
 pub(crate) mod own;
 mod sliding;

@@ -11,6 +11,7 @@
 //! denial, so the second decides exactly as a local decision on the shared store would.
 
 use super::own::{self, OwnLimits, OwnVerdicts};
+use super::{admit_weighed, encode_window, update};
 use super::{sliding_add, sliding_admit, sliding_check, sliding_release, FixedWindows};
 use super::{CounterName, CounterStore, KeptName, StoreError, Verdict};
 use crate::clock::{window_start, Millis};
@@ -71,16 +72,75 @@ pub enum CounterOp<'a> {
         key: CounterName<'a>,
         limits: OwnLimits,
     },
+    /// Take back `n` calls counted by an `OwnAdmit` (1) or leased by a `Lease` of one.
     OwnRelease {
         key: CounterName<'a>,
         rate_at: Option<Millis>,
         quota: Option<(Millis, Millis)>,
+        n: u64,
     },
     OwnAddBytes {
         key: CounterName<'a>,
         windows: FixedWindows,
         bytes: u64,
     },
+    /// Admit a call as `admit` would, answering what remains after it alone, and count as many
+    /// more as the counter leaves, up to `calls` in all: a lease that the proxy which asked
+    /// spends on its next calls without asking again ([`super::lease`]).
+    Lease {
+        key: CounterName<'a>,
+        admit: Leasable,
+        calls: u64,
+    },
+}
+
+/// The admissions a proxy may lease: a call of weight 1 under a sliding window, fixed windows
+/// of calls, or a subscription's own limits of a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leasable {
+    Sliding { calls: u64, period: Millis },
+    Fixed(FixedWindows),
+    Own(OwnLimits),
+}
+
+impl Leasable {
+    /// How many calls a lease of up to `calls` counted, from its answer: the call itself and
+    /// as many more as remained, up to `calls`; none when it was denied.
+    pub fn granted(&self, answer: &OpResult, calls: u64) -> u64 {
+        if answer.denies() {
+            return 0;
+        }
+        let room = |v: &Verdict| match v {
+            Verdict::Admitted { remaining } => remaining.saturating_add(1),
+            _ => 0,
+        };
+        let room = match answer {
+            OpResult::Verdict(v) | OpResult::Fixed(v, _) => room(v),
+            OpResult::Own(o) => o
+                .rate
+                .iter()
+                .chain(o.quota.iter().map(|(v, _)| v))
+                .map(room)
+                .min()
+                .unwrap_or(u64::MAX),
+            OpResult::Done => 0,
+        };
+        calls.min(room).max(1)
+    }
+
+    /// The plain admission of one call this lease stands for.
+    pub fn admit<'a>(&self, key: CounterName<'a>) -> CounterOp<'a> {
+        match *self {
+            Leasable::Sliding { calls, period } => CounterOp::SlidingAdmit {
+                key,
+                calls,
+                period,
+                n: 1,
+            },
+            Leasable::Fixed(windows) => CounterOp::FixedAdmit { key, windows, n: 1 },
+            Leasable::Own(limits) => CounterOp::OwnAdmit { key, limits },
+        }
+    }
 }
 
 /// What an operation answers.
@@ -164,8 +224,9 @@ impl<'a> CounterOp<'a> {
                 key,
                 rate_at,
                 quota,
+                n,
             } => {
-                own::release(store, &key, rate_at, quota)?;
+                own::release(store, &key, rate_at, quota, n)?;
                 OpResult::Done
             }
             CounterOp::OwnAddBytes {
@@ -176,6 +237,7 @@ impl<'a> CounterOp<'a> {
                 own::add_bytes(store, &key, &windows, now, bytes)?;
                 OpResult::Done
             }
+            CounterOp::Lease { key, admit, calls } => lease(store, &key, admit, calls, now)?,
         })
     }
 
@@ -196,11 +258,29 @@ impl<'a> CounterOp<'a> {
                 })
             }
             (CounterOp::OwnAdmit { key, limits }, OpResult::Own(o)) if !result.denies() => {
-                Some(CounterOp::OwnRelease {
-                    key,
-                    rate_at: limits.rate.map(|_| now),
-                    quota: limits.quota.zip(o.quota).map(|(w, (_, s))| (w.period, s)),
-                })
+                Some(own_release(key, &limits, o, now, 1))
+            }
+            (CounterOp::Lease { key, admit, calls }, _) if !result.denies() => {
+                let n = admit.granted(result, calls);
+                match (admit, result) {
+                    (Leasable::Sliding { .. }, _) => Some(CounterOp::SlidingRelease {
+                        key,
+                        at: now,
+                        n: u32::try_from(n).unwrap_or(u32::MAX),
+                    }),
+                    (Leasable::Fixed(windows), OpResult::Fixed(_, start)) => {
+                        Some(CounterOp::FixedRelease {
+                            key,
+                            windows,
+                            start: *start,
+                            n,
+                        })
+                    }
+                    (Leasable::Own(limits), OpResult::Own(o)) => {
+                        Some(own_release(key, &limits, o, now, n))
+                    }
+                    _ => None,
+                }
             }
             _ => None,
         }
@@ -228,12 +308,24 @@ impl<'a> CounterOp<'a> {
             CounterOp::FixedAdmit { windows, .. } => {
                 OpResult::Fixed(admitted, window_start(windows.origin, windows.period, now))
             }
-            CounterOp::OwnAdmit { limits, .. } => OpResult::Own(OwnVerdicts {
+            CounterOp::OwnAdmit { limits, .. }
+            | CounterOp::Lease {
+                admit: Leasable::Own(limits),
+                ..
+            } => OpResult::Own(OwnVerdicts {
                 rate: limits.rate.map(|_| admitted),
                 quota: limits
                     .quota
                     .map(|w| (admitted, window_start(w.origin, w.period, now))),
             }),
+            CounterOp::Lease {
+                admit: Leasable::Sliding { .. },
+                ..
+            } => OpResult::Verdict(admitted),
+            CounterOp::Lease {
+                admit: Leasable::Fixed(windows),
+                ..
+            } => OpResult::Fixed(admitted, window_start(windows.origin, windows.period, now)),
             _ => OpResult::Done,
         }
     }
@@ -260,7 +352,8 @@ impl<'a> CounterOp<'a> {
             | CounterOp::FixedRelease { key, .. }
             | CounterOp::OwnAdmit { key, .. }
             | CounterOp::OwnRelease { key, .. }
-            | CounterOp::OwnAddBytes { key, .. } => key,
+            | CounterOp::OwnAddBytes { key, .. }
+            | CounterOp::Lease { key, .. } => key,
         }
     }
 
@@ -302,18 +395,90 @@ impl<'a> CounterOp<'a> {
                 n,
             },
             CounterOp::OwnAdmit { limits, .. } => CounterOp::OwnAdmit { key, limits },
-            CounterOp::OwnRelease { rate_at, quota, .. } => CounterOp::OwnRelease {
+            CounterOp::OwnRelease {
+                rate_at, quota, n, ..
+            } => CounterOp::OwnRelease {
                 key,
                 rate_at,
                 quota,
+                n,
             },
             CounterOp::OwnAddBytes { windows, bytes, .. } => CounterOp::OwnAddBytes {
                 key,
                 windows,
                 bytes,
             },
+            CounterOp::Lease { admit, calls, .. } => CounterOp::Lease { key, admit, calls },
         }
     }
+}
+
+/// Takes back `n` calls an own-limits admission counted.
+fn own_release<'a>(
+    key: CounterName<'a>,
+    limits: &OwnLimits,
+    o: &OwnVerdicts,
+    now: Millis,
+    n: u64,
+) -> CounterOp<'a> {
+    CounterOp::OwnRelease {
+        key,
+        rate_at: limits.rate.map(|_| now),
+        quota: limits.quota.zip(o.quota).map(|(w, (_, s))| (w.period, s)),
+        n,
+    }
+}
+
+/// A lease's admission, in one update of its counter: the call, then as many more as the
+/// counter leaves, up to `calls`. Answered as the plain admission of the call alone.
+fn lease(
+    store: &dyn CounterStore,
+    key: &CounterName<'_>,
+    admit: Leasable,
+    calls: u64,
+    now: Millis,
+) -> Result<OpResult, StoreError> {
+    Ok(match admit {
+        Leasable::Sliding {
+            calls: limit,
+            period,
+        } => OpResult::Verdict(update(store, key, |state| {
+            let most = |room: u64| u32::try_from(calls.min(room).max(1)).unwrap_or(u32::MAX);
+            match admit_weighed(state, limit, period, now, most) {
+                // Answered as the call alone: what remains after it.
+                (write, Verdict::Admitted { remaining }, n) => (
+                    write,
+                    Verdict::Admitted {
+                        remaining: remaining + u64::from(n) - 1,
+                    },
+                ),
+                (write, denied, _) => (write, denied),
+            }
+        })?),
+        Leasable::Fixed(windows) => {
+            let (v, start) = update(store, key, |state| {
+                let (counted, verdict) = windows.admit_in(state.bytes(), now, 1);
+                match counted {
+                    Some(mut w) => {
+                        let room = match verdict.0 {
+                            Verdict::Admitted { remaining } => remaining.saturating_add(1),
+                            _ => 1,
+                        };
+                        w.count_more(calls.min(room).max(1) - 1);
+                        encode_window(&w, windows.period, state);
+                        (true, verdict)
+                    }
+                    None => (false, verdict),
+                }
+            })?;
+            OpResult::Fixed(v, start)
+        }
+        Leasable::Own(limits) => {
+            let mut verdicts = OwnVerdicts::default();
+            limits.admit_up_to(store, key, now, calls, &mut verdicts)?;
+            OpResult::Own(verdicts)
+        }
+    })
 }
 
 fn denied(v: &Verdict) -> bool {

@@ -99,6 +99,20 @@ impl OwnLimits {
         now: Millis,
         verdicts: &mut OwnVerdicts,
     ) -> Result<(), StoreError> {
+        self.admit_up_to(store, key, now, 1, verdicts)
+    }
+
+    /// [`admit`](Self::admit), counting not one call but as many as both limits leave, up to
+    /// `most` (a lease, [`super::lease`]). The verdicts are those of the one call: what remains
+    /// after it alone.
+    pub(crate) fn admit_up_to(
+        &self,
+        store: &dyn CounterStore,
+        key: &CounterName<'_>,
+        now: Millis,
+        most: u64,
+        verdicts: &mut OwnVerdicts,
+    ) -> Result<(), StoreError> {
         store.update(key, &mut |state| {
             *verdicts = OwnVerdicts::default();
             let mut write = into_own_layout(state);
@@ -128,13 +142,24 @@ impl OwnLimits {
                     return write;
                 }
             }
+            // The calls counted: one, or as many as both limits leave, up to `most`.
+            let room = |v: Option<Verdict>, after: u64| match v {
+                Some(Verdict::Admitted { remaining }) => remaining.saturating_add(after),
+                _ => u64::MAX,
+            };
+            let n = most
+                .min(room(verdicts.rate, 0))
+                .min(room(verdicts.quota.map(|(v, _)| v), 1))
+                .max(1);
             if let Some((_, period)) = self.rate {
-                count_admission(&mut state.tail(OWN_HEAD + q), period, now, 1);
+                let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+                count_admission(&mut state.tail(OWN_HEAD + q), period, now, n32);
                 if let Some(Verdict::Admitted { remaining }) = &mut verdicts.rate {
                     *remaining = remaining.saturating_sub(1);
                 }
             }
-            if let (Some(windows), Some(w)) = (&self.quota, quota_window) {
+            if let (Some(windows), Some(mut w)) = (&self.quota, quota_window) {
+                w.count_more(n - 1);
                 set_quota(state, &w, windows.period);
             }
             refresh_expiry(state);
@@ -143,14 +168,16 @@ impl OwnLimits {
     }
 }
 
-/// Takes back a call counted by [`OwnLimits::admit`] (a later step denied it): the rate limit's
-/// admission at `rate_at`, and the quota's in the window starting at `quota.1` (of period
-/// `quota.0`). The admissions left are the same or older: the expiry stands.
+/// Takes back `n` calls counted by [`OwnLimits::admit`] (a later step denied the call) or
+/// leased by [`OwnLimits::admit_up_to`]: the rate limit's admissions at `rate_at`, and the
+/// quota's in the window starting at `quota.1` (of period `quota.0`). The admissions left are
+/// the same or older: the expiry stands.
 pub(crate) fn release(
     store: &dyn CounterStore,
     key: &CounterName<'_>,
     rate_at: Option<Millis>,
     quota: Option<(Millis, Millis)>,
+    n: u64,
 ) -> Result<(), StoreError> {
     update(store, key, |state| {
         if !in_own_layout(state.bytes()) {
@@ -159,13 +186,14 @@ pub(crate) fn release(
         let q = quota_len(state.bytes());
         let mut write = false;
         if let Some((period, start)) = quota {
-            if let Some(w) = release_window(&state.bytes()[OWN_HEAD..OWN_HEAD + q], start, 1) {
+            if let Some(w) = release_window(&state.bytes()[OWN_HEAD..OWN_HEAD + q], start, n) {
                 set_quota(state, &w, period);
                 write = true;
             }
         }
         if let Some(at) = rate_at {
-            write |= release_in(&mut state.tail(OWN_HEAD + q), at, 1);
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            write |= release_in(&mut state.tail(OWN_HEAD + q), at, n);
         }
         (write, ())
     })
@@ -311,7 +339,7 @@ mod tests {
         let s = MemoryStore::new();
         let l = limits(1, 1, false);
         let first = admit(&s, &l, 5);
-        release(&s, &name("sl"), Some(5), Some((60_000, 0))).unwrap();
+        release(&s, &name("sl"), Some(5), Some((60_000, 0)), 1).unwrap();
         assert_eq!(admit(&s, &l, 6), first);
     }
 
@@ -412,7 +440,7 @@ mod tests {
                 let all = said(v.rate, v.quota.map(|(v, _)| v), quota_first).starts_with("Some");
                 if taken_back && all {
                     let start = v.quota.map(|(_, s)| s).unwrap();
-                    release(&one, &name("sl"), Some(now), Some((60_000, start))).unwrap();
+                    release(&one, &name("sl"), Some(now), Some((60_000, start)), 1).unwrap();
                     sliding_release(&apart, &name("rl"), now, 1).unwrap();
                     windows.release(&apart, &name("q"), start, 1).unwrap();
                 }

@@ -227,14 +227,29 @@ pub(crate) fn admit_in(
     now: Millis,
     n: u32,
 ) -> (bool, Verdict) {
+    let (write, verdict, _) = admit_weighed(state, calls, period, now, |_| n);
+    (write, verdict)
+}
+
+/// [`admit_in`] with the weight chosen from the calls the window has room for (a lease takes
+/// as many as it may): whether to write, the verdict (what remains after the weight), and the
+/// weight counted.
+pub(crate) fn admit_weighed(
+    state: &mut State<'_>,
+    calls: u64,
+    period: Millis,
+    now: Millis,
+    weight: impl FnOnce(u64) -> u32,
+) -> (bool, Verdict, u32) {
     let rewritten = forget_other_layout(state);
     match sliding_verdict(Admissions::of(state.bytes()), calls, period, now) {
         Verdict::Admitted { remaining } => {
+            let n = weight(remaining);
             count_admission(state, period, now, n);
             let remaining = remaining.saturating_sub(u64::from(n));
-            (true, Verdict::Admitted { remaining })
+            (true, Verdict::Admitted { remaining }, n)
         }
-        denied => (rewritten, denied),
+        denied => (rewritten, denied, 0),
     }
 }
 

@@ -186,6 +186,7 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
                         key: CounterName::new(OWN_KIND, owner, document),
                         rate_at,
                         quota,
+                        n: 1,
                     },
                     self.now,
                 ),

@@ -73,6 +73,28 @@ pub struct SharedCounters {
     pub timeout_ms: u64,
     #[serde(default, deserialize_with = "or_default")]
     pub on_unavailable: OnUnavailable,
+    /// Absent: every limit is decided by the service, call by call (exact).
+    #[serde(default)]
+    pub lease: Option<Leases>,
+}
+
+/// Leases of large limits (not in the SPEC; `docs/design.md`): a proxy takes a share of such a
+/// limit from the shared store in one exchange and admits from it locally until it is spent.
+/// The fleet never admits more than the limit, and may admit less: at most the unspent
+/// leases, `calls` per proxy and counter. Every proxy of a fleet must lease alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Leases {
+    /// The most calls one lease takes.
+    #[serde(deserialize_with = "lease_calls")]
+    pub calls: u64,
+    /// Limits of fewer calls than this stay exact, call by call.
+    #[serde(default = "default_min_limit")]
+    pub min_limit: u64,
+    /// How long a share of a rate limit may be spent (for a limit with a period of less than
+    /// ten times this, a tenth of the period). A quota's share lasts until its window ends.
+    #[serde(default = "default_hold", deserialize_with = "hold_ms")]
+    pub hold_ms: u64,
 }
 
 /// The plugin configuration.
@@ -139,6 +161,32 @@ fn refresh_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 fn default_timeout() -> u64 {
     50
+}
+
+fn default_min_limit() -> u64 {
+    1_000
+}
+
+fn default_hold() -> u64 {
+    1_000
+}
+
+fn lease_calls<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match u64::deserialize(d) {
+        Ok(n) if (2..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(serde::de::Error::custom(
+            "expected a whole number of calls, from 2 to 1000000",
+        )),
+    }
+}
+
+fn hold_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match u64::deserialize(d) {
+        Ok(ms) if (1..=3_600_000).contains(&ms) => Ok(ms),
+        _ => Err(serde::de::Error::custom(
+            "expected a whole number of milliseconds, from 1 to 3600000",
+        )),
+    }
 }
 
 fn timeout_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -288,7 +336,36 @@ mod tests {
                 authority: "apim-counters".into(),
                 timeout_ms: 50,
                 on_unavailable: OnUnavailable::Local,
+                lease: None,
             })
+        );
+        let c = FilterConfig::parse(
+            br#"{"snapshot": {}, "counters": {"cluster": "c", "lease": {"calls": 64}}}"#,
+        )?;
+        assert_eq!(
+            c.counters.and_then(|c| c.lease),
+            Some(Leases {
+                calls: 64,
+                min_limit: 1_000,
+                hold_ms: 1_000
+            })
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "counters": {"cluster": "c", "lease": {"calls": 1}}}"#),
+            "counters.lease.calls: expected a whole number of calls, from 2 to 1000000"
+        );
+        assert_eq!(
+            err(
+                r#"{"snapshot": {}, "counters": {"cluster": "c", "lease": {"calls": 8, "holdMs": 0}}}"#
+            ),
+            "counters.lease.holdMs: expected a whole number of milliseconds, from 1 to 3600000"
+        );
+        let unknown = err(
+            r#"{"snapshot": {}, "counters": {"cluster": "c", "lease": {"calls": 8, "size": 2}}}"#,
+        );
+        assert!(
+            unknown.starts_with("counters.lease.size: unknown field `size`"),
+            "{unknown}"
         );
         let c = FilterConfig::parse(
             br#"{"snapshot": {}, "counters": {"cluster": "c", "authority": "a", "timeoutMs": 200, "onUnavailable": "deny"}}"#,
