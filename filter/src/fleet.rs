@@ -4,7 +4,10 @@
 //! ([`apim_edge_policies::Catalog::plan`], `decide_answered`, `decide_unavailable`).
 
 use apim_edge_counters::{wire, APPLY, SERVICE};
-use apim_edge_policies::{CounterPlan, Millis, OnUnavailable, OpResult, SharedCounters};
+use apim_edge_policies::{
+    CounterPlan, CounterStore, LeasedPlan, Leases, Millis, OnUnavailable, OpResult, SharedCounters,
+    StoreError,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, Status};
 use std::time::Duration;
@@ -16,6 +19,8 @@ pub struct CounterService {
     upstream: String,
     pub timeout: Duration,
     pub on_unavailable: OnUnavailable,
+    /// Leases of large limits, spent from this proxy's shared data.
+    lease: Option<Leases>,
 }
 
 /// The gRPC status of a call that ran out of time.
@@ -53,6 +58,44 @@ impl CounterService {
             upstream,
             timeout: Duration::from_millis(config.timeout_ms),
             on_unavailable: config.on_unavailable,
+            lease: config.lease,
+        }
+    }
+
+    /// With leases, a call's plan divided between this proxy's leases (in `store`) and the
+    /// service; `None` without leases.
+    pub fn split(
+        &self,
+        plan: &CounterPlan,
+        store: &dyn CounterStore,
+        now: Millis,
+    ) -> Result<Option<LeasedPlan>, StoreError> {
+        let Some(leases) = &self.lease else {
+            return Ok(None);
+        };
+        let asking_for = self.timeout.as_millis() as Millis;
+        leases.split(plan, store, now, asking_for).map(Some)
+    }
+
+    /// The answers to a divided plan's every operation, from the service's `answers` to what
+    /// was sent and the leases' (see [`Leases::settle`]); a failed exchange gives back what the
+    /// call spent from the leases.
+    pub fn settle(
+        &self,
+        leased: &LeasedPlan,
+        answers: Result<Vec<OpResult>, String>,
+        store: &dyn CounterStore,
+        now: Millis,
+    ) -> Result<Vec<OpResult>, String> {
+        let Some(leases) = &self.lease else {
+            return answers;
+        };
+        match answers {
+            Ok(answers) => Ok(leases.settle(leased, &answers, store, now)),
+            Err(why) => {
+                leases.abandon(leased, store, now);
+                Err(why)
+            }
         }
     }
 

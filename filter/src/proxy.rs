@@ -6,7 +6,7 @@ use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
     CallContext, Catalog, Completion, CounterPlan, Decision, EngineError, FilterConfig, HeaderEdit,
-    Millis, OnUnavailable, Outcome, Request, StoreError,
+    LeasedPlan, Millis, OnUnavailable, Outcome, Request, StoreError,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -71,6 +71,8 @@ struct Metrics {
     counters_timeouts: Option<u32>,
     /// ... of which this proxy's own counters decided (`onUnavailable: local`).
     counters_fallbacks: Option<u32>,
+    /// Calls whose limits were all answered from this proxy's leases, without the service.
+    counters_leased: Option<u32>,
 }
 
 impl Metrics {
@@ -88,6 +90,7 @@ impl Metrics {
             counters_unavailable: counter("apim_edge.counters.unavailable"),
             counters_timeouts: counter("apim_edge.counters.timeouts"),
             counters_fallbacks: counter("apim_edge.counters.fallbacks"),
+            counters_leased: counter("apim_edge.counters.leased"),
         }
     }
 
@@ -411,6 +414,7 @@ impl RootContext for Root {
         Some(Box::new(Call {
             id: context_id,
             pending: None,
+            leased: None,
             loaded: self.loaded.clone(),
             call: None,
             status: 0,
@@ -433,6 +437,8 @@ struct Call {
     id: u32,
     /// Paused for the counter service: the call's time, with which it is decided again.
     pending: Option<Millis>,
+    /// With leases: what this proxy's leases answered of the paused call's plan.
+    leased: Option<LeasedPlan>,
     loaded: Option<Rc<Loaded>>,
     call: Option<CallContext>,
     status: u16,
@@ -464,6 +470,21 @@ impl Context for Call {
                 "gRPC status {other} after {} ms",
                 now_millis() - now
             )),
+        };
+        // With leases, the service answered only what the leases could not.
+        let answers = match (self.leased.take(), loaded.counters.as_deref()) {
+            (Some(leased), Some(service)) => {
+                let shared = HostSharedData::default();
+                let settled = service.settle(
+                    &leased,
+                    answers,
+                    &SlotStore::new(&shared, now_millis()),
+                    now,
+                );
+                loaded.metrics.conflicts(&shared);
+                settled
+            }
+            (_, _) => answers,
         };
         let action = with_request(|req| {
             // An answer that does not fit the call's plan is a bad answer, which
@@ -703,17 +724,40 @@ impl HttpContext for Call {
                 return self.finish(&loaded, catalog, req, decided);
             };
             // Counters the fleet shares: the call's plan goes to the counter service, and the
-            // call waits for its answers (`on_grpc_call_response`).
+            // call waits for its answers (`on_grpc_call_response`). With leases, what this
+            // proxy's leases answer does not go.
             let (decided, plan) = catalog.plan(req, now);
             if plan.ops.is_empty() {
                 return self.finish(&loaded, catalog, req, decided);
             }
-            match service.send(&plan, now) {
+            let shared = HostSharedData::default();
+            let store = SlotStore::new(&shared, now);
+            let leased = service.split(&plan, &store, now).unwrap_or_else(|e| {
+                // Without this proxy's leases, the service decides the call exactly.
+                Metrics::bump(loaded.metrics.store_failures);
+                log(LogLevel::Error, &format!("apim-edge: leases: {e}"));
+                None
+            });
+            loaded.metrics.conflicts(&shared);
+            if let Some(leased) = leased.as_ref().filter(|l| l.sent.ops.is_empty()) {
+                Metrics::bump(loaded.metrics.counters_leased);
+                let answers = service.settle(leased, Ok(Vec::new()), &store, now);
+                let decided = match answers {
+                    Ok(answers) => catalog.decide_answered(req, now, &answers),
+                    Err(why) => self.unavailable(&loaded, catalog, req, now, &why),
+                };
+                return self.finish(&loaded, catalog, req, decided);
+            }
+            match service.send(leased.as_ref().map_or(&plan, |l| &l.sent), now) {
                 Ok(_) => {
                     self.pending = Some(now);
+                    self.leased = leased;
                     Action::Pause
                 }
                 Err(status) => {
+                    if let Some(leased) = &leased {
+                        let _ = service.settle(leased, Err(String::new()), &store, now);
+                    }
                     let why = format!("cannot call the counter service: {status:?}");
                     let decided = self.unavailable(&loaded, catalog, req, now, &why);
                     self.finish(&loaded, catalog, req, decided)

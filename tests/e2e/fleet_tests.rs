@@ -119,6 +119,47 @@ fn a_quota_of_300_admits_exactly_300_across_three_envoys() {
     }
 }
 
+/// Leases (not in the SPEC; `docs/design.md`): each proxy admits from shares of the product's
+/// limits it took from Redis, asking the service about at most half the calls it admits. The fleet never admits more
+/// than the quota, and less by at most the shares left unspent: 31 calls per proxy.
+#[test]
+fn leased_shares_of_a_quota_never_over_admit_and_spare_the_service_half_the_calls() {
+    let _one = serial();
+    let upstream = start_upstream();
+    let snapshot = catalog(
+        r#"<policies><inbound><rate-limit calls="5000" renewal-period="300" /><quota calls="1000" renewal-period="86400" /><base /></inbound></policies>"#,
+        "",
+    );
+    let mut counters = shared(5_000, "deny");
+    counters["lease"] = json!({"calls": 32, "minLimit": 100, "holdMs": 1000});
+    for round in 0..2 {
+        let redis = Redis::start();
+        let service = CounterService::start(&redis.url());
+        let envoys = fleet(&upstream, &snapshot, counters.clone(), &service);
+        let seen = hammer(&ports(&envoys), 1400, "GET", "/load/items/1", "bulk-key");
+        let admitted = seen.get(&200).copied().unwrap_or(0);
+        assert!(admitted <= 1000, "round {round}: over-admitted: {seen:?}");
+        assert!(admitted >= 1000 - 3 * 31, "round {round}: {seen:?}");
+        assert_eq!(
+            seen.get(&403),
+            Some(&(1400 - admitted)),
+            "round {round}: {seen:?}"
+        );
+        assert_eq!(stat(&envoys, "apim_edge.counters.unavailable"), 0);
+        let asked = service.metric("apim_edge_counters_calls_total");
+        let leased = stat(&envoys, "apim_edge.counters.leased");
+        eprintln!(
+            "round {round}: {seen:?}, the service asked {asked} times, {leased} calls leased"
+        );
+        // Calls past the quota are denied by the service (no share is left to spend); of the
+        // calls admitted, at least half were decided from shares, without waiting.
+        assert!(
+            leased >= 500,
+            "round {round}: {leased} calls decided from leases"
+        );
+    }
+}
+
 #[test]
 fn a_rate_limit_of_50_per_300_seconds_admits_exactly_50_across_three_envoys() {
     let _one = serial();
