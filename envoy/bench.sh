@@ -7,6 +7,8 @@
 #   d  Envoy's native api_key_auth (the same 10,000 keys) + local_ratelimit (never trips)
 #   e  c with counters the fleet shares (SPEC §7): apim-edge-counters and redis-server on this
 #      machine, every call's counters applied in Redis
+#   f  e with leases (docs/design.md): each proxy spends shares of the product's limits it took
+#      from Redis, sized by its use, held 6 s (a tenth of the rate limit's 60 s)
 # Each serves the same route; the upstream is a second Envoy answering 200 directly. All run at
 # once; wrk drives each for DURATION with CONNECTIONS connections, in ROUNDS interleaved rounds
 # (a b c d, a b c d, ...) so that the machine's drift hits all alike. Prints the median
@@ -96,6 +98,10 @@ configs = {
         "snapshot": catalog, "counters": {"cluster": "apim-counters", "timeoutMs": 1000, "onUnavailable": "deny"}}))]),
 }
 configs["e"]["static_resources"]["clusters"].append(counters_cluster())
+configs["f"] = boot(18106, 19106, [wasm(f"{root}/target/wasm32-wasip1/release/apim_edge_filter.wasm", json.dumps({
+    "snapshot": catalog, "counters": {"cluster": "apim-counters", "timeoutMs": 1000, "onUnavailable": "deny",
+                                      "lease": {"calls": 64, "minLimit": 1000, "holdMs": 6000}}}))])
+configs["f"]["static_resources"]["clusters"].append(counters_cluster())
 for name, b in configs.items():
     json.dump(b, open(f"{work}/{name}.json", "w"))
 PY
@@ -122,8 +128,8 @@ target/release/apim-edge-counters --listen 127.0.0.1:18190 --admin 127.0.0.1:181
 pids+=($!)
 for _ in $(seq 1 40); do curl -sf http://127.0.0.1:18192/ready >/dev/null 2>&1 && break; sleep 0.25; done
 
-declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104 [e]=18105)
-for n in a b c d e; do
+declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104 [e]=18105 [f]=18106)
+for n in a b c d e f; do
   start "$n" "$((19100 + ${ports[$n]} - 18100))"
   # Every request must be admitted: a check before measuring.
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Ocp-Apim-Subscription-Key: synth-key-00000001' "http://127.0.0.1:${ports[$n]}/svc/api-2/items/42")
@@ -131,7 +137,7 @@ for n in a b c d e; do
   wrk -t1 -c"$CONNECTIONS" -d3s -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" >/dev/null   # warm-up
 done
 for round in $(seq 1 "$ROUNDS"); do
-  for n in a b c d e; do
+  for n in a b c d e f; do
     out="$work/$n.$round.wrk"
     wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" > "$out"
     non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
@@ -143,7 +149,7 @@ done
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}'; }
 declare -A rps p50 p99
-for n in a b c d e; do
+for n in a b c d e f; do
   rps[$n]=$(cat "$work"/$n.*.wrk | awk '/Requests\/sec/ {print $2}' | median)
   p50[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "50%" {print $2}' | ms | median)
   p99[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "99%" {print $2}' | ms | median)
@@ -152,11 +158,12 @@ done
 echo "envoy/bench.sh $(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), Envoy 1.40 --concurrency $WORKERS, wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved rounds of $DURATION, medians"
 printf '| %-42s | %10s | %8s | %8s |\n' "configuration" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "--------------------------------------------" "------------" "----------" "----------"
-for n in a b c d e; do
+for n in a b c d e f; do
   case $n in
     a) label="a: bare Envoy";; b) label="b: no-op proxy-wasm filter";;
     c) label="c: apim-edge (10,000 subscriptions)";; d) label="d: api_key_auth + local_ratelimit";;
     e) label="e: c with shared counters (service + Redis)";;
+    f) label="f: e with leases";;
   esac
   printf '| %-42s | %10s | %8s | %8s |\n' "$label" "${rps[$n]}" "${p50[$n]}" "${p99[$n]}"
 done
@@ -164,4 +171,8 @@ ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
 echo
 echo "c/a = $(ratio "${rps[c]}" "${rps[a]}"), c/b = $(ratio "${rps[c]}" "${rps[b]}") (goal >= 0.85), c/d = $(ratio "${rps[c]}" "${rps[d]}") (goal >= 0.80)"
 echo "e/c = $(ratio "${rps[e]}" "${rps[c]}") (goal >= 0.6); added latency e-c: p50 $(python3 -c "print(f'{${p50[e]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[e]} - ${p99[c]}:.2f}')") ms (goal p99 <= 1 ms)"
+echo "f/c = $(ratio "${rps[f]}" "${rps[c]}"); added latency f-c: p50 $(python3 -c "print(f'{${p50[f]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[f]} - ${p99[c]}:.2f}')") ms"
+for n in e f; do
+  echo "$n: calls leased $(curl -s "http://127.0.0.1:$((19100 + ${ports[$n]} - 18100))/stats" | awk -F': ' '/apim_edge.counters.leased/ {print $2}')"
+done
 echo "counter service: $(curl -s http://127.0.0.1:18192/metrics | grep -E '^apim_edge_counters_(calls|errors|conflicts)_total' | tr '\n' ' ')"
