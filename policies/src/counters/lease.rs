@@ -427,7 +427,7 @@ fn give_back(store: &dyn CounterStore, share: &KeptName, now: Millis) {
         if s.deadline <= now {
             return (false, ());
         }
-        s.left += 1;
+        s.left = s.left.saturating_add(1);
         s.rate_left = s.rate_left.saturating_add(1);
         s.quota_left = s.quota_left.saturating_add(1);
         s.write(state);
@@ -441,19 +441,23 @@ fn keep_share(store: &dyn CounterStore, asked: &Asked, answer: Option<&OpResult>
     let _ = update(store, &asked.share.name(), |state| {
         let mut s = Share::of(state.bytes());
         s.asking = Millis::MIN;
-        if let Some(answer) = answer.filter(|a| !a.denies()) {
+        // An answer of another kind than the lease (a bad answer, decided as the service
+        // unreachable) keeps nothing.
+        let seen = answer
+            .filter(|a| !a.denies())
+            .and_then(|a| Some((a, seen(&asked.admit, a)?)));
+        if let Some((answer, (rate_left, quota_left, start, window_end))) = seen {
             let granted = asked.admit.granted(answer, asked.calls);
-            let (rate_left, quota_left, start, window_end) = seen(&asked.admit, answer);
             let deadline = match (asked.hold_until, window_end) {
                 (Some(h), Some(w)) => h.min(w),
                 (Some(d), None) | (None, Some(d)) => d,
                 (None, None) => now,
             };
             // The call that asked spent the first of its share.
-            let spare = granted - 1;
+            let spare = granted.saturating_sub(1);
             if s.deadline > now {
-                s.left += spare;
-                s.granted += granted;
+                s.left = s.left.saturating_add(spare);
+                s.granted = s.granted.saturating_add(granted);
                 s.deadline = s.deadline.min(deadline);
             } else {
                 s.left = spare;
@@ -469,13 +473,14 @@ fn keep_share(store: &dyn CounterStore, asked: &Asked, answer: Option<&OpResult>
 }
 
 /// What a lease's answer says of its counter: the rate limit's and the quota's remaining calls
-/// after the call, the quota window's start, and when that window ends.
-fn seen(admit: &Leasable, answer: &OpResult) -> (u64, u64, Millis, Option<Millis>) {
+/// after the call, the quota window's start, and when that window ends; `None` for an answer
+/// of another kind.
+fn seen(admit: &Leasable, answer: &OpResult) -> Option<(u64, u64, Millis, Option<Millis>)> {
     let left = |v: &Verdict| match v {
         Verdict::Admitted { remaining } => *remaining,
         _ => 0,
     };
-    match (admit, answer) {
+    Some(match (admit, answer) {
         (Leasable::Sliding { .. }, OpResult::Verdict(v)) => (left(v), 0, 0, None),
         (Leasable::Fixed(w), OpResult::Fixed(v, start)) => {
             (0, left(v), *start, Some(start.saturating_add(w.period)))
@@ -488,8 +493,8 @@ fn seen(admit: &Leasable, answer: &OpResult) -> (u64, u64, Millis, Option<Millis
                 .map(|(w, (_, s))| s.saturating_add(w.period));
             (o.rate.as_ref().map_or(0, left), quota_left, start, end)
         }
-        _ => (0, 0, 0, None),
-    }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -655,6 +660,36 @@ mod tests {
             (true, false)
         );
         assert_eq!(left(500), RATE - 6 - 6);
+    }
+
+    #[test]
+    fn an_answer_of_another_kind_keeps_no_share() {
+        let (local, shared) = (MemoryStore::new(), MemoryStore::new());
+        let l = leases(8);
+        let op = admission(0);
+        let plan = CounterPlan {
+            ops: vec![op.into_owned()],
+            then_release: false,
+        };
+        // Two calls, so that the second asks for a share of 2.
+        for now in 0..2 {
+            call(&l, op, &local, &shared, now, false, false);
+        }
+        let leased = l.split(&plan, &local, 2, 50).unwrap();
+        assert!(
+            leased.sent.ops.is_empty(),
+            "the share of 2 serves the third call"
+        );
+        let leased = l.split(&plan, &local, 3, 50).unwrap();
+        assert_eq!(leased.sent.ops.len(), 1, "spent: the fourth asks");
+        let wrong = OpResult::Verdict(Verdict::Admitted { remaining: 30 });
+        l.settle(&leased, &[wrong], &local, 3);
+        let again = l.split(&plan, &local, 4, 50).unwrap();
+        assert_eq!(
+            again.sent.ops.len(),
+            1,
+            "no share was kept of the bad answer"
+        );
     }
 
     #[test]

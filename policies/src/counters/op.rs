@@ -449,7 +449,7 @@ fn lease(
                 (write, Verdict::Admitted { remaining }, n) => (
                     write,
                     Verdict::Admitted {
-                        remaining: remaining + u64::from(n) - 1,
+                        remaining: (remaining + u64::from(n)).saturating_sub(1),
                     },
                 ),
                 (write, denied, _) => (write, denied),
