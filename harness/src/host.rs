@@ -9,7 +9,7 @@
 //! interrupted (wasmtime epochs), and a trap is an error that says where, never a hang.
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -213,6 +213,8 @@ pub struct VmState {
     /// When the next tick is due on the virtual clock, while a tick period is set.
     pub next_tick_ns: Option<u64>,
     pub callouts: Vec<Callout>,
+    /// The proxy's clusters, when known ([`Host::with_clusters`]).
+    clusters: Option<Arc<HashSet<String>>>,
     /// The context the guest acts for (the one called, or the one it set as effective): its
     /// callouts are answered to it.
     pub effective: u32,
@@ -235,6 +237,9 @@ pub struct Host {
     engine: Engine,
     module: Module,
     pub shared: Arc<Shared>,
+    /// The proxy's clusters, when the host was told them: a callout to another fails at
+    /// dispatch (`None`: every callout is dispatched, for the responder to answer).
+    clusters: Option<Arc<HashSet<String>>>,
 }
 
 fn ticker(engine: &Engine) {
@@ -294,7 +299,15 @@ impl Host {
             engine,
             module,
             shared: Arc::new(Shared::default()),
+            clusters: None,
         })
+    }
+
+    /// The proxy's clusters: as in Envoy, a callout to a cluster not among them fails at
+    /// dispatch with `BadArgument`, and nothing is sent.
+    pub fn with_clusters(mut self, clusters: impl IntoIterator<Item = String>) -> Host {
+        self.clusters = Some(Arc::new(clusters.into_iter().collect()));
+        self
     }
 
     /// A new VM (a worker): instantiated, started and configured with `plugin_config`, its
@@ -309,6 +322,7 @@ impl Host {
         state.now_ns = now_ns;
         state.shared = self.shared.clone();
         state.plugin_config = plugin_config.to_vec();
+        state.clusters = self.clusters.clone();
         let mut store = Store::new(&self.engine, state);
         store.set_epoch_deadline(deadline_ticks());
         let linker = linker(&self.engine)?;
@@ -355,6 +369,7 @@ fn blank_state() -> VmState {
         tick_period_ms: 0,
         next_tick_ns: None,
         callouts: Vec::new(),
+        clusters: None,
         callout_response: None,
         grpc_status: 0,
         effective: ROOT as u32,
@@ -782,6 +797,12 @@ fn dispatch(
     ret: i32,
 ) -> i32 {
     let s = c.data_mut();
+    if s.clusters
+        .as_ref()
+        .is_some_and(|known| !known.contains(&cluster))
+    {
+        return BAD_ARGUMENT;
+    }
     s.next_token += 1;
     let token = s.next_token;
     s.callouts.push(Callout {

@@ -52,7 +52,8 @@ enum Command {
         #[arg(long)]
         expect_recorded: bool,
         /// With --wasm: answer the filter's HTTP callouts to CLUSTER with 200 and FILE's bytes
-        /// (repeatable). Callouts to other clusters fail, as to an unreachable upstream.
+        /// (repeatable). A callout to a cluster neither this nor --counters names fails at
+        /// dispatch (BadArgument), as to a cluster Envoy does not have.
         #[arg(long, value_name = "CLUSTER=FILE")]
         callout: Vec<String>,
         /// With --wasm: the filter's counter-service callouts go to apim-edge-counters at
@@ -63,6 +64,10 @@ enum Command {
         /// `json` (one object per request, SPEC §6) or `table` (for people).
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
+        /// With --wasm: print the filter's log lines of this level and above on standard
+        /// error, each with the request it came from.
+        #[arg(long, value_enum)]
+        log_level: Option<LogLevel>,
     },
     /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
     /// one worker each, over a trace replayed in a loop; and their ratio.
@@ -198,6 +203,17 @@ enum Format {
     Table,
 }
 
+/// proxy-wasm's log levels, in their order.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Critical,
+}
+
 /// Input that cannot be used: exit 2.
 struct Unusable(anyhow::Error);
 
@@ -306,6 +322,24 @@ fn with_shared_counters(plugin: &str) -> Result<String, Unusable> {
     Ok(doc.to_string())
 }
 
+/// The clusters a replay's proxy has, as Envoy would: those `--callout` answers, and the
+/// configuration's counter service when `--counters` reaches one. A callout to another fails
+/// at dispatch.
+fn clusters(rules: &[String], counters: bool, plugin: &str) -> Vec<String> {
+    let mut clusters: Vec<String> = rules
+        .iter()
+        .filter_map(|r| r.split_once('=').map(|(c, _)| c.to_string()))
+        .collect();
+    if counters {
+        let config: serde_json::Value = serde_json::from_str(plugin).unwrap_or_default();
+        let cluster = config["counters"]["cluster"]
+            .as_str()
+            .unwrap_or(COUNTERS_CLUSTER);
+        clusters.push(cluster.to_string());
+    }
+    clusters
+}
+
 fn callout_rules(rules: &[String]) -> Result<CalloutRules, Unusable> {
     rules
         .iter()
@@ -353,12 +387,18 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             expect_recorded,
             callout,
             counters,
+            log_level,
         } => {
             if wasm.is_none()
-                && (workers != 1 || parallel || diff || !callout.is_empty() || counters.is_some())
+                && (workers != 1
+                    || parallel
+                    || diff
+                    || !callout.is_empty()
+                    || counters.is_some()
+                    || log_level.is_some())
             {
                 return Err(Unusable(anyhow!(
-                    "--workers, --parallel, --diff, --callout and --counters need --wasm"
+                    "--workers, --parallel, --diff, --callout, --counters and --log-level need --wasm"
                 )));
             }
             let check = check || expect_recorded;
@@ -392,12 +432,15 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             let records = match &wasm {
                 None => native.clone(),
                 Some(path) => {
-                    let host = apim_edge_harness::host::Host::load(path).map_err(Unusable)?;
+                    let host = apim_edge_harness::host::Host::load(path)
+                        .map_err(Unusable)?
+                        .with_clusters(clusters(&callout, counters.is_some(), &plugin));
                     let options = wasm_replay::Options {
                         workers,
                         parallel,
                         responder: &rules,
                         progress: &progress,
+                        log_level: log_level.map(|l| l as i32),
                     };
                     wasm_replay::replay(&host, plugin.as_bytes(), &entries, &options)
                         .map_err(Unusable)?

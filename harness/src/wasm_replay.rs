@@ -24,6 +24,26 @@ pub struct Options<'a> {
     pub responder: &'a dyn Responder,
     /// Advanced once per request.
     pub progress: &'a ProgressBar,
+    /// Print the filter's log lines of at least this level (proxy-wasm's: 0 trace to 5
+    /// critical) on standard error, each with its request; `None`: none.
+    pub log_level: Option<i32>,
+}
+
+/// The proxy-wasm log levels by number.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "critical"];
+
+/// Takes the VM's log lines since the last call, printing those of at least `level` with what
+/// they came from (`request N`, or the VM's start).
+fn print_logs(vm: &mut Vm, level: Option<i32>, what: &str) {
+    let logs = std::mem::take(&mut vm.store.data_mut().logs);
+    let Some(level) = level else { return };
+    for (l, line) in logs.iter().filter(|(l, _)| *l >= level) {
+        let name = usize::try_from(*l)
+            .ok()
+            .and_then(|l| LEVELS.get(l))
+            .unwrap_or(&"?");
+        eprintln!("{what}: [{name}] {line}");
+    }
 }
 
 /// A trace time (ms) on the host's clock (ns).
@@ -227,14 +247,21 @@ pub fn replay(
     let (responder, progress) = (options.responder, options.progress);
     if !options.parallel {
         let mut vms = (0..workers)
-            .map(|_| worker(host, plugin_config, entries, responder))
+            .map(|w| {
+                let mut vm = worker(host, plugin_config, entries, responder)?;
+                print_logs(&mut vm, options.log_level, &format!("worker {w} start"));
+                Ok(vm)
+            })
             .collect::<Result<Vec<_>>>()?;
         return entries
             .iter()
             .enumerate()
             .map(|(i, e)| {
                 progress.inc(1);
-                replay_one(&mut vms[i % workers], 2 + i as i32, i, e, responder)
+                let vm = &mut vms[i % workers];
+                let r = replay_one(vm, 2 + i as i32, i, e, responder);
+                print_logs(vm, options.log_level, &format!("request {i}"));
+                r
             })
             .collect();
     }
@@ -246,6 +273,7 @@ pub fn replay(
             .map(|_| {
                 scope.spawn(|| -> Result<()> {
                     let mut vm = worker(host, plugin_config, entries, responder)?;
+                    print_logs(&mut vm, options.log_level, "worker start");
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         if i >= entries.len() {
@@ -253,6 +281,7 @@ pub fn replay(
                         }
                         progress.inc(1);
                         let r = replay_one(&mut vm, 2 + i as i32, i, &entries[i], responder);
+                        print_logs(&mut vm, options.log_level, &format!("request {i}"));
                         results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                     }
                 })

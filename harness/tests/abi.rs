@@ -183,6 +183,22 @@ fn http_callouts_are_answered_by_the_responder() -> Result<()> {
 }
 
 #[test]
+fn a_callout_to_a_cluster_the_proxy_lacks_fails_at_dispatch() -> Result<()> {
+    // The guest calls cluster "upstream": a proxy without it refuses, as Envoy does, and
+    // nothing is queued for an answer.
+    let host = guest()?.with_clusters(["apim-counters".to_string()]);
+    let mut vm = host.vm_at(b"", T0)?;
+    assert_eq!(vm.call1r("grpc", 24)?, BAD_ARGUMENT);
+    assert!(vm.store.data().callouts.is_empty());
+    // With it, the call goes out.
+    let host = guest()?.with_clusters(["upstream".to_string()]);
+    let mut vm = host.vm_at(b"", T0)?;
+    assert_eq!(vm.call1r("grpc", 24)?, OK);
+    assert_eq!(vm.store.data().callouts.len(), 1);
+    Ok(())
+}
+
+#[test]
 fn grpc_calls_are_answered_by_the_responder() -> Result<()> {
     let host = guest()?;
     let mut vm = host.vm_at(b"", T0)?;

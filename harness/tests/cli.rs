@@ -389,3 +389,54 @@ fn bad_snapshots_exit_2_naming_the_place() {
         assert!(stderr.len() < 2_000, "{name}: {stderr}");
     }
 }
+
+/// With `--wasm`, `--log-level` shows the filter's log lines with where they came from; and a
+/// callout to a cluster the replay's proxy lacks (no `--callout` names it) fails at dispatch,
+/// as in Envoy, which the filter logs.
+#[test]
+fn replay_shows_the_filters_logs_and_refuses_unknown_clusters() {
+    let snapshot = one_api_catalog("logs.json", "<policies />");
+    let config = scratch("logs.config.json");
+    std::fs::write(
+        &config,
+        r#"{"snapshotSource": {"cluster": "apim-config", "refreshSeconds": 30}}"#,
+    )
+    .unwrap();
+    let trace = scratch("logs.jsonl");
+    std::fs::write(&trace, r#"{"method": "GET", "url": "/open/x"}"#).unwrap();
+    let filter = apim_edge_harness::build::filter_wasm();
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--wasm",
+        filter.to_str().unwrap(),
+        "--log-level",
+        "info",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("worker 0 start: [info] apim-edge: snapshot from the configuration loaded"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[error] apim-edge: cannot call cluster apim-config: BadArgument"),
+        "{stderr}"
+    );
+    // Without --log-level, nothing of the filter's.
+    let quiet = apim_edge(&[
+        "replay",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--wasm",
+        filter.to_str().unwrap(),
+    ]);
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("apim-edge: snapshot from"));
+}
