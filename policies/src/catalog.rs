@@ -6,6 +6,7 @@ use crate::clock::Millis;
 use crate::counters::{own::OwnLimits, FixedWindows};
 use crate::edge::config::EdgeOptions;
 use crate::error::{LoadError, LoadErrors};
+use crate::ids::{ApiId, OperationId, ProductId, SubscriptionId};
 use crate::keys::KeyIndex;
 pub use crate::policy::UnsupportedPolicies;
 use crate::policy::{
@@ -45,7 +46,7 @@ pub(crate) struct Api {
     pub query_name: String,
     pub operations: Vec<Operation>,
     /// The product without subscriptions that runs keyless calls, if any.
-    pub open_product: Option<u32>,
+    pub open_product: Option<ProductId>,
     /// The program of the API's first operation outside any product; the operations' follow in
     /// order (one program when it lists none).
     pub program: u32,
@@ -55,7 +56,7 @@ pub(crate) struct Product {
     pub name: String,
     pub display_name: String,
     /// Sorted, without repeats.
-    pub apis: Vec<u32>,
+    pub apis: Vec<ApiId>,
     /// For each of `apis`, the program of its first operation in this product, as
     /// [`Api::program`]. The scope check's search finds it too.
     pub programs: Vec<u32>,
@@ -246,8 +247,8 @@ fn keeps_request(steps: &[Step], request: &[u32], response: &[u32]) -> bool {
 /// one API bound to none, found without looking at the host or at the API.
 #[derive(Debug, Default)]
 pub(crate) struct PathApis {
-    pub bound: Vec<u32>,
-    pub open: Option<u32>,
+    pub bound: Vec<ApiId>,
+    pub open: Option<ApiId>,
 }
 
 /// A loaded, compiled snapshot. Immutable; a reload builds a new one.
@@ -312,12 +313,13 @@ impl Catalog {
         let mut subscriptions = Vec::with_capacity(snap.subscriptions.len());
         for (i, s) in snap.subscriptions.iter().enumerate() {
             for d in &s.keys {
-                if let Some(other) = keys.insert(*d, i as u32) {
+                if let Some(other) = keys.insert(*d, SubscriptionId(i as u32)) {
                     errors.push(LoadError::Snapshot {
                         path: format!("subscriptions[{i}]"),
                         message: format!(
                             "a key of subscription '{}' is also a key of subscription '{}'",
-                            s.name, snap.subscriptions[other as usize].name
+                            s.name,
+                            snap.subscriptions[other.index()].name
                         ),
                     });
                 }
@@ -439,7 +441,7 @@ impl Catalog {
         for (pi, p) in snap.products.iter().enumerate() {
             if !p.subscription_required {
                 for a in &p.apis {
-                    apis[*a as usize].open_product = Some(pi as u32);
+                    apis[a.index()].open_product = Some(ProductId(pi as u32));
                 }
             }
         }
@@ -449,9 +451,9 @@ impl Catalog {
         for (i, a) in apis.iter().enumerate() {
             let at = paths.entry(a.path.clone()).or_default();
             if !a.hostnames.is_empty() {
-                at.bound.push(i as u32);
+                at.bound.push(ApiId(i as u32));
             } else if at.open.is_none() {
-                at.open = Some(i as u32);
+                at.open = Some(ApiId(i as u32));
             }
         }
 
@@ -459,7 +461,7 @@ impl Catalog {
         let mut contexts: Vec<Vec<u32>> = vec![vec![NO_PRODUCT]; apis.len()];
         for (pi, p) in products.iter().enumerate() {
             for a in &p.apis {
-                contexts[*a as usize].push(pi as u32);
+                contexts[a.index()].push(pi as u32);
             }
         }
         let mut programs = Vec::new();
@@ -471,7 +473,7 @@ impl Catalog {
                     apis[ai].program = first;
                 } else {
                     let p = &mut products[pc as usize];
-                    if let Ok(i) = p.apis.binary_search(&(ai as u32)) {
+                    if let Ok(i) = p.apis.binary_search(&ApiId(ai as u32)) {
                         p.programs[i] = first;
                     }
                 }
@@ -560,19 +562,24 @@ impl Catalog {
     }
 
     /// The program of `api`'s first operation in `product`, if the product holds the API.
-    pub(crate) fn product_program(&self, product: u32, api: u32) -> Option<u32> {
-        let p = &self.products[product as usize];
+    pub(crate) fn product_program(&self, product: ProductId, api: ApiId) -> Option<u32> {
+        let p = &self.products[product.index()];
         let i = p.apis.binary_search(&api).ok()?;
         p.programs.get(i).copied()
     }
 
     /// The program of a call of `api` (and `operation`) in `product` (or none).
-    pub(crate) fn program(&self, product: Option<u32>, api: u32, operation: Option<u32>) -> u32 {
+    pub(crate) fn program(
+        &self,
+        product: Option<ProductId>,
+        api: ApiId,
+        operation: Option<OperationId>,
+    ) -> u32 {
         let first = match product {
-            None => self.apis[api as usize].program,
+            None => self.apis[api.index()].program,
             Some(p) => self.product_program(p, api).unwrap_or(0),
         };
-        first + operation.unwrap_or(0)
+        first + operation.map_or(0, |o| o.0)
     }
 }
 
@@ -583,7 +590,7 @@ mod tests {
     /// The steps of a program that are counted with the one after them, by step name.
     fn paired(c: &Catalog, product: &str) -> Vec<&'static str> {
         let p = c.products.iter().position(|p| p.name == product).unwrap() as u32;
-        let program = &c.programs[c.program(Some(p), 0, None) as usize];
+        let program = &c.programs[c.program(Some(ProductId(p)), ApiId(0), None) as usize];
         let name = |ix: u32| match &c.steps[ix as usize] {
             Step::RateLimit(_) => "rate-limit",
             Step::Quota(_) => "quota",
@@ -611,7 +618,7 @@ mod tests {
 
     /// The step plans of the product's program in a catalog of [`with_inbound`].
     fn product_plans(c: &Catalog) -> &[StepPlan] {
-        &c.programs[c.program(Some(0), 0, None) as usize].plans
+        &c.programs[c.program(Some(ProductId(0)), ApiId(0), None) as usize].plans
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Subscription keys: SHA-256 digests made at load time, and a lookup that never compares a
 //! whole digest in variable time. The catalog never holds a plain key.
 
+use crate::ids::SubscriptionId;
 use hashbrown::HashMap;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
@@ -36,8 +37,8 @@ pub(crate) fn parse_digest_hex(text: &str) -> Option<Digest> {
 /// digests sharing a prefix (about one chance in 2^64 per pair) go to a short overflow list.
 #[derive(Default)]
 pub(crate) struct KeyIndex {
-    entries: HashMap<u64, (Digest, u32)>,
-    overflow: Vec<(Digest, u32)>,
+    entries: HashMap<u64, (Digest, SubscriptionId)>,
+    overflow: Vec<(Digest, SubscriptionId)>,
 }
 
 /// Compares two digests in constant time.
@@ -53,7 +54,7 @@ fn prefix(d: &Digest) -> u64 {
 
 impl KeyIndex {
     /// Adds a key; returns the subscription that already holds it, if any.
-    pub fn insert(&mut self, d: Digest, subscription: u32) -> Option<u32> {
+    pub fn insert(&mut self, d: Digest, subscription: SubscriptionId) -> Option<SubscriptionId> {
         if let Some(existing) = self.find(&d) {
             return Some(existing);
         }
@@ -72,7 +73,7 @@ impl KeyIndex {
     }
 
     /// The subscription holding the key with this digest.
-    pub fn find(&self, d: &Digest) -> Option<u32> {
+    pub fn find(&self, d: &Digest) -> Option<SubscriptionId> {
         let (candidate, sub) = self.entries.get(&prefix(d))?;
         if same_digest(candidate, d) {
             return Some(*sub);
@@ -126,9 +127,9 @@ mod tests {
         let d = key_digest("k1");
         assert_eq!(parse_digest_hex(&digest_hex(&d)), Some(d));
         let mut idx = KeyIndex::default();
-        assert_eq!(idx.insert(d, 7), None);
-        assert_eq!(idx.insert(d, 8), Some(7));
-        assert_eq!(idx.find(&key_digest("k1")), Some(7));
+        assert_eq!(idx.insert(d, SubscriptionId(7)), None);
+        assert_eq!(idx.insert(d, SubscriptionId(8)), Some(SubscriptionId(7)));
+        assert_eq!(idx.find(&key_digest("k1")), Some(SubscriptionId(7)));
         assert_eq!(idx.find(&key_digest("k2")), None);
         // A digest sent as if it were the key is just another key.
         assert_eq!(idx.find(&key_digest(&digest_hex(&d))), None);
@@ -140,12 +141,12 @@ mod tests {
         let a = [1u8; 32];
         let mut b = [1u8; 32];
         b[31] = 2;
-        assert_eq!(idx.insert(a, 1), None);
-        assert_eq!(idx.insert(b, 2), None);
-        assert_eq!(idx.insert(b, 3), Some(2));
+        assert_eq!(idx.insert(a, SubscriptionId(1)), None);
+        assert_eq!(idx.insert(b, SubscriptionId(2)), None);
+        assert_eq!(idx.insert(b, SubscriptionId(3)), Some(SubscriptionId(2)));
         assert_eq!(
             (idx.find(&a), idx.find(&b), idx.len()),
-            (Some(1), Some(2), 2)
+            (Some(SubscriptionId(1)), Some(SubscriptionId(2)), 2)
         );
         let mut c = [1u8; 32];
         c[31] = 3;

@@ -18,6 +18,7 @@ mod decide;
 pub mod edge;
 mod error;
 mod expr;
+mod ids;
 mod json;
 mod keys;
 mod policy;
@@ -47,6 +48,7 @@ pub use edge::config::{
 };
 pub use edge::IDENTITY_HEADERS;
 pub use error::{LoadError, LoadErrors};
+pub use ids::{ApiId, OperationId, ProductId, SubscriptionId};
 pub use keys::{digest_hex, key_digest};
 pub use response::LocalResponse;
 pub use snapshot::seal;

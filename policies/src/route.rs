@@ -4,6 +4,7 @@
 
 use crate::catalog::{Catalog, PathApis};
 use crate::decide::{host_of, trim_slashes, Request};
+use crate::ids::{ApiId, OperationId};
 
 /// The non-empty `/`-separated segments of a path.
 pub(crate) fn segments(path: &str) -> Segments<'_> {
@@ -349,7 +350,7 @@ impl hashbrown::Equivalent<String> for PathText<'_> {
 impl Catalog {
     /// The API of a request, and the part of its path below the API's (when the path is as it
     /// came, else found again by the operation).
-    pub(crate) fn route<'r>(&self, req: &Request<'r>) -> Option<(u32, Option<Below<'r>>)> {
+    pub(crate) fn route<'r>(&self, req: &Request<'r>) -> Option<(ApiId, Option<Below<'r>>)> {
         // Nearly every path is its own normal form: its segments, lower case, joined by single
         // slashes (outer slashes aside). Then it is routed as it is, without a copy, and what is
         // below the API's path has the segments the API's path has not.
@@ -364,7 +365,7 @@ impl Catalog {
             shape.slashes + 1
         };
         self.longest_api(trimmed, req.host).map(|(a, end)| {
-            let depth = self.apis[a as usize].depth;
+            let depth = self.apis[a.index()].depth;
             (
                 a,
                 Some(Below::normal(
@@ -377,7 +378,7 @@ impl Catalog {
 
     /// [`Self::route`] for a path with upper case or doubled slashes: routed in its normal form.
     #[cold]
-    pub(crate) fn route_normalised(&self, req: &Request) -> Option<u32> {
+    pub(crate) fn route_normalised(&self, req: &Request) -> Option<ApiId> {
         let mut joined = String::with_capacity(req.path.len());
         for seg in segments(req.path) {
             if !joined.is_empty() {
@@ -391,7 +392,7 @@ impl Catalog {
     /// The API for `host` whose path is the longest segment-aligned prefix of `path` (a normal
     /// form, without outer slashes), and that prefix's length. Prefixes are tried longest first,
     /// from the first `deepest` segments (no API path is longer), down to the empty path.
-    pub(crate) fn longest_api(&self, path: &str, host: &str) -> Option<(u32, usize)> {
+    pub(crate) fn longest_api(&self, path: &str, host: &str) -> Option<(ApiId, usize)> {
         let mut end = first_segments(path, self.deepest);
         loop {
             if let Some(a) = self
@@ -414,13 +415,13 @@ impl Catalog {
 
     /// Of the APIs at one path, the one bound to `host`, else the one bound to none. The host
     /// is looked at only when an API there is bound to some.
-    pub(crate) fn api_for_host(&self, apis: &PathApis, host: &str) -> Option<u32> {
+    pub(crate) fn api_for_host(&self, apis: &PathApis, host: &str) -> Option<ApiId> {
         if apis.bound.is_empty() {
             return apis.open;
         }
         let host = host_of(host);
         let bound = apis.bound.iter().find(|&&a| {
-            self.apis[a as usize]
+            self.apis[a.index()]
                 .hostnames
                 .iter()
                 .any(|h| h.eq_ignore_ascii_case(host))
@@ -430,10 +431,15 @@ impl Catalog {
 
     /// The operation of `api` whose method and template match: the most specific (the most
     /// literal characters), the first listed of equals.
-    pub(crate) fn operation(&self, api: u32, req: &Request, below: Option<Below>) -> Option<u32> {
-        let a = &self.apis[api as usize];
+    pub(crate) fn operation(
+        &self,
+        api: ApiId,
+        req: &Request,
+        below: Option<Below>,
+    ) -> Option<OperationId> {
+        let a = &self.apis[api.index()];
         let below = below.unwrap_or_else(|| Below::new(crate::route::below(req.path, a.depth)));
-        let mut best: Option<(usize, u32)> = None;
+        let mut best: Option<(usize, OperationId)> = None;
         for (i, o) in a.operations.iter().enumerate() {
             // A request's method is nearly always written as its operation's.
             let method = o.method == req.method
@@ -441,14 +447,14 @@ impl Catalog {
                 || o.method.eq_ignore_ascii_case(req.method);
             let specificity = o.template.specificity;
             if method && best.is_none_or(|(s, _)| specificity > s) && o.template.matches(&below) {
-                best = Some((specificity, i as u32));
+                best = Some((specificity, OperationId(i as u32)));
             }
         }
         best.map(|(_, i)| i)
     }
 
     /// The API a request routes to, if any.
-    pub(crate) fn route_api(&self, req: &Request) -> Option<u32> {
+    pub(crate) fn route_api(&self, req: &Request) -> Option<ApiId> {
         self.route(req).map(|(api, _)| api)
     }
 }

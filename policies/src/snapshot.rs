@@ -4,6 +4,7 @@
 
 use crate::clock::{parse_rfc3339, Millis};
 use crate::error::LoadError;
+use crate::ids::{ApiId, ProductId};
 use crate::json::{Node, Result};
 use crate::keys::{key_digest, parse_digest_hex, Digest};
 use crate::route::{segments, UrlTemplate};
@@ -38,15 +39,15 @@ pub(crate) struct ProductDef {
     pub name: String,
     pub display_name: String,
     pub subscription_required: bool,
-    /// Sorted API indices.
-    pub apis: Vec<u32>,
+    /// Sorted.
+    pub apis: Vec<ApiId>,
     pub policy: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SubscriptionScope {
-    Product(u32),
-    Api(u32),
+    Product(ProductId),
+    Api(ApiId),
     AllApis,
     Service,
 }
@@ -264,7 +265,7 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
                     };
                     let id = reference(text, "apis");
                     match api_ids.get(&id.to_ascii_lowercase()) {
-                        Some(&ix) => members.push(ix),
+                        Some(&ix) => members.push(ApiId(ix)),
                         None => errors.push(a.error(format!("API '{id}' does not exist"))),
                     }
                 }
@@ -291,7 +292,7 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
     }
 
     // An API may be in at most one open product.
-    let mut open: HashMap<u32, usize> = HashMap::new();
+    let mut open: HashMap<ApiId, usize> = HashMap::new();
     for (pi, p) in products.iter().enumerate() {
         if p.subscription_required {
             continue;
@@ -302,7 +303,7 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
                     path: format!("products[{pi}].apis"),
                     message: format!(
                         "API '{}' is already in the open product '{}'; an API can be in at most one product without subscriptions",
-                        apis[*a as usize].name, products[other].name
+                        apis[a.index()].name, products[other].name
                     ),
                 });
             }
@@ -328,14 +329,14 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
                 Some(("service", _)) => SubscriptionScope::Service,
                 Some(("apis", _)) => SubscriptionScope::AllApis,
                 Some(("api", a)) => match api_ids.get(&a.to_ascii_lowercase()) {
-                    Some(&ix) => SubscriptionScope::Api(ix),
+                    Some(&ix) => SubscriptionScope::Api(ApiId(ix)),
                     None => {
                         errors.push(scope_node.error(format!("API '{a}' does not exist")));
                         continue;
                     }
                 },
                 Some((_, prod)) => match product_ids.get(&prod.to_ascii_lowercase()) {
-                    Some(&ix) => SubscriptionScope::Product(ix),
+                    Some(&ix) => SubscriptionScope::Product(ProductId(ix)),
                     None => {
                         errors.push(scope_node.error(format!("product '{prod}' does not exist")));
                         continue;
@@ -559,8 +560,11 @@ mod tests {
         let s = read(&doc).unwrap();
         assert_eq!(s.apis[0].path, "echo");
         assert_eq!(s.products[0].name, "gold");
-        assert_eq!(s.products[0].apis, vec![0]);
-        assert_eq!(s.subscriptions[0].scope, SubscriptionScope::Product(0));
+        assert_eq!(s.products[0].apis, vec![ApiId(0)]);
+        assert_eq!(
+            s.subscriptions[0].scope,
+            SubscriptionScope::Product(ProductId(0))
+        );
         assert_eq!(s.subscriptions[1].scope, SubscriptionScope::AllApis);
         assert_eq!(s.subscriptions[1].keys, vec![key_digest("k2")]);
         assert_eq!(s.subscriptions[2].scope, SubscriptionScope::Service);

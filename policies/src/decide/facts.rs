@@ -20,10 +20,10 @@ impl<'c> CallFacts<'c, '_> {
     /// `Some(None)` when it is null for this call, `None` when the member is not catalog text.
     pub(crate) fn catalog_member(&self, m: Member) -> Option<Option<&'c str>> {
         let c = self.catalog;
-        let api = &c.apis[self.id.api as usize];
-        let op = self.id.operation.map(|o| &api.operations[o as usize]);
-        let product = self.id.product.map(|p| &c.products[p as usize]);
-        let sub = self.id.subscription.map(|s| &c.subscriptions[s as usize]);
+        let api = &c.apis[self.id.api.index()];
+        let op = self.id.operation.map(|o| &api.operations[o.index()]);
+        let product = self.id.product.map(|p| &c.products[p.index()]);
+        let sub = self.id.subscription.map(|s| &c.subscriptions[s.index()]);
         Some(match m {
             Member::SubscriptionId => sub.map(|s| s.name.as_str()),
             Member::SubscriptionName => sub.map(|s| s.display_name.as_str()),
@@ -44,7 +44,7 @@ impl Facts for CallFacts<'_, '_> {
         if let Some(text) = self.catalog_member(m) {
             return text.map(str::to_string);
         }
-        let api = &self.catalog.apis[self.id.api as usize];
+        let api = &self.catalog.apis[self.id.api.index()];
         Some(match m {
             Member::SubscriptionKey => {
                 self.id.subscription?;

@@ -228,7 +228,7 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
         let Some(sub) = call.id.subscription else {
             return Ok(None); // counted per subscription: keyless calls are not limited
         };
-        let subscription = &self.catalog.subscriptions[sub as usize];
+        let subscription = &self.catalog.subscriptions[sub.index()];
         // Each limit's headline: the remaining and total calls of its first counter with calls.
         let mut headlines: [Option<(u64, u64)>; 2] = [None; 2];
         if let Some(&(mut own)) = own {
@@ -341,9 +341,9 @@ impl<'a, C: Counting + ?Sized> Run<'a, '_, C> {
             return Ok(None);
         };
         let c = self.catalog;
-        let subscription = &c.subscriptions[sub as usize];
-        let api = &c.apis[call.id.api as usize];
-        let op = call.id.operation.map(|o| &api.operations[o as usize]);
+        let subscription = &c.subscriptions[sub.index()];
+        let api = &c.apis[call.id.api.index()];
+        let op = call.id.operation.map(|o| &api.operations[o.index()]);
         let mut counters: SmallVec<[(&str, crate::policy::Allowance); 4]> = SmallVec::new();
         for n in &limit.nested {
             if nested_matches(n, &api.name, &api.display_name) {

@@ -17,6 +17,7 @@ use crate::clock::Millis;
 use crate::counters::op::{CounterOp, Counting, Local, OpResult};
 use crate::counters::{CounterStore, StoreError};
 use crate::expr::NullReference;
+use crate::ids::{ApiId, OperationId, ProductId, SubscriptionId};
 use crate::keys::key_digest;
 use crate::policy::{ip_number, SetHeader, Step};
 use crate::response::{self, LocalResponse};
@@ -113,10 +114,10 @@ pub(crate) enum KeySource {
 /// Who a call is: API, operation, product context, subscription, and where its key was.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Identity {
-    pub api: u32,
-    pub operation: Option<u32>,
-    pub product: Option<u32>,
-    pub subscription: Option<u32>,
+    pub api: ApiId,
+    pub operation: Option<OperationId>,
+    pub product: Option<ProductId>,
+    pub subscription: Option<SubscriptionId>,
     pub key: Option<KeySource>,
 }
 
@@ -257,7 +258,7 @@ impl Catalog {
                 None,
             ));
         };
-        let api = &self.apis[api_ix as usize];
+        let api = &self.apis[api_ix.index()];
         let mut call = CallContext {
             id: Identity {
                 api: api_ix,
@@ -302,7 +303,7 @@ impl Catalog {
         match key {
             Some(digest) => {
                 let sub = self.keys.find(&digest).filter(|&s| {
-                    let s = &self.subscriptions[s as usize];
+                    let s = &self.subscriptions[s.index()];
                     s.active
                         && match s.scope {
                             // The search that finds the API in the product finds its program.
@@ -322,7 +323,7 @@ impl Catalog {
                     ));
                 };
                 call.id.subscription = Some(sub);
-                if let SubscriptionScope::Product(p) = self.subscriptions[sub as usize].scope {
+                if let SubscriptionScope::Product(p) = self.subscriptions[sub.index()].scope {
                     call.id.product = Some(p);
                 }
             }
@@ -341,7 +342,7 @@ impl Catalog {
         }
 
         call.program = match first_program {
-            Some(first) => first + call.id.operation.unwrap_or(0),
+            Some(first) => first + call.id.operation.map_or(0, |o| o.0),
             None => self.program(call.id.product, api_ix, call.id.operation),
         };
         let program: &Program = &self.programs[call.program as usize];
@@ -650,20 +651,20 @@ impl Catalog {
     /// The names a call is known by in logs: API, operation, product, subscription.
     pub fn names(&self, call: &CallContext) -> (&str, Option<&str>, Option<&str>, Option<&str>) {
         let id = &call.id;
-        let api = &self.apis[id.api as usize];
+        let api = &self.apis[id.api.index()];
         (
             &api.name,
             id.operation
-                .map(|o| api.operations[o as usize].name.as_str()),
-            id.product.map(|p| self.products[p as usize].name.as_str()),
+                .map(|o| api.operations[o.index()].name.as_str()),
+            id.product.map(|p| self.products[p.index()].name.as_str()),
             id.subscription
-                .map(|s| self.subscriptions[s as usize].name.as_str()),
+                .map(|s| self.subscriptions[s.index()].name.as_str()),
         )
     }
 
     /// Where the call's key was found (to strip it before the upstream).
     pub fn key_location(&self, call: &CallContext) -> Option<KeyLocation> {
-        let api = &self.apis[call.id.api as usize];
+        let api = &self.apis[call.id.api.index()];
         call.id.key.map(|k| match k {
             KeySource::Header => KeyLocation::Header(api.header_name.clone()),
             KeySource::Query => KeyLocation::Query(api.query_name.clone()),

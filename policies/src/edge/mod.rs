@@ -10,6 +10,7 @@ use crate::catalog::Catalog;
 use crate::decide::{
     decode_component, header, Decision, HeaderEdit, HeaderEdits, Outcome, Request,
 };
+use crate::ids::ApiId;
 use config::{EdgeOptions, FailureMode};
 use std::borrow::Cow;
 
@@ -125,8 +126,8 @@ impl Catalog {
     }
 
     /// Where API `api` reads its key.
-    pub(crate) fn key_names(&self, api: u32) -> KeyNames<'_> {
-        let api = &self.apis[api as usize];
+    pub(crate) fn key_names(&self, api: ApiId) -> KeyNames<'_> {
+        let api = &self.apis[api.index()];
         KeyNames {
             header_lower: &api.header_lower,
             query: &api.query_name,
