@@ -154,7 +154,7 @@ impl Share {
 }
 
 /// A call's plan divided between this proxy's shares and the counter service.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LeasedPlan {
     parts: Vec<Part>,
     /// What goes to the service (nothing: the shares answered every operation).

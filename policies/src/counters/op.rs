@@ -127,20 +127,6 @@ impl Leasable {
         };
         calls.min(room).max(1)
     }
-
-    /// The plain admission of one call this lease stands for.
-    pub fn admit<'a>(&self, key: CounterName<'a>) -> CounterOp<'a> {
-        match *self {
-            Leasable::Sliding { calls, period } => CounterOp::SlidingAdmit {
-                key,
-                calls,
-                period,
-                n: 1,
-            },
-            Leasable::Fixed(windows) => CounterOp::FixedAdmit { key, windows, n: 1 },
-            Leasable::Own(limits) => CounterOp::OwnAdmit { key, limits },
-        }
-    }
 }
 
 /// What an operation answers.

@@ -17,7 +17,7 @@ use crate::edge::config::OnUnavailable;
 use crate::response;
 
 /// The counter operations of one call, for a counter service to apply.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterPlan {
     pub ops: Vec<OwnedOp>,
     /// The call is denied after its limits by a step that counts nothing (a header check, an
