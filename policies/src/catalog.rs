@@ -111,6 +111,8 @@ pub(crate) struct Program {
     pub response: Box<[u32]>,
     /// A later phase evaluates an expression that may read the request: keep a copy.
     pub keeps_request: bool,
+    /// A later phase may read variables the inbound phase set: keep them.
+    pub keeps_variables: bool,
 }
 
 /// How a step of a program runs, found at load from the steps around it.
@@ -155,9 +157,40 @@ fn may_deny_or_fail(step: &Step) -> bool {
     };
     match step {
         Step::SetHeader(h) => !literal(h),
-        Step::Respond { headers, .. } => !headers.iter().all(literal),
+        Step::Respond { headers, body, .. } => {
+            !headers.iter().all(literal) || matches!(body, policy::Text::Expr(_))
+        }
+        Step::SetVariable { value, .. } => matches!(value, policy::Text::Expr(_)),
+        Step::Skip(_) => false,
         _ => true,
     }
+}
+
+/// The expressions a step evaluates, for what a program must keep for its later phases.
+fn expressions(step: &Step) -> Vec<&crate::expr::Expr> {
+    fn texts(t: &policy::Text) -> Option<&crate::expr::Expr> {
+        match t {
+            policy::Text::Expr(e) => Some(e),
+            policy::Text::Literal(_) => None,
+        }
+    }
+    let mut out: Vec<&crate::expr::Expr> = Vec::new();
+    match step {
+        Step::SetHeader(h) => out.extend(h.values.iter().filter_map(texts)),
+        Step::Respond { headers, body, .. } => {
+            out.extend(
+                headers
+                    .iter()
+                    .flat_map(|h| h.values.iter().filter_map(texts)),
+            );
+            out.extend(texts(body));
+        }
+        Step::SetVariable { value, .. } => out.extend(texts(value)),
+        Step::Unless { condition, .. } => out.push(condition),
+        Step::RateLimitByKey(k) | Step::QuotaByKey(k) => out.extend(k.increment_condition.as_ref()),
+        _ => {}
+    }
+    out
 }
 
 /// The plan of each step of a program's request phase.
@@ -229,18 +262,36 @@ pub(crate) fn counted_together(first: &Step, second: &Step) -> bool {
     }
 }
 
+/// The expressions a program evaluates after its inbound phase: its outbound steps', and the
+/// `increment-condition`s of its by-key limits (evaluated when the exchange completes).
+fn later_expressions<'s>(
+    steps: &'s [Step],
+    request: &[u32],
+    response: &[u32],
+) -> Vec<&'s crate::expr::Expr> {
+    let deferred = request.iter().filter_map(|&i| match &steps[i as usize] {
+        Step::RateLimitByKey(k) | Step::QuotaByKey(k) => k.increment_condition.as_ref(),
+        _ => None,
+    });
+    let outbound = response
+        .iter()
+        .flat_map(|&i| expressions(&steps[i as usize]));
+    deferred.chain(outbound).collect()
+}
+
 /// Does a program evaluate, after the inbound phase, an expression that may read the request?
 fn keeps_request(steps: &[Step], request: &[u32], response: &[u32]) -> bool {
-    let deferred = |s: &Step| match s {
-        Step::RateLimitByKey(k) | Step::QuotaByKey(k) => k.increment_condition.is_some(),
-        _ => false,
-    };
-    let expression = |s: &Step| match s {
-        Step::SetHeader(h) => h.values.iter().any(|v| matches!(v, policy::Text::Expr(_))),
-        _ => false,
-    };
-    request.iter().any(|&i| deferred(&steps[i as usize]))
-        || response.iter().any(|&i| expression(&steps[i as usize]))
+    !later_expressions(steps, request, response).is_empty()
+}
+
+/// Does a program set variables in its inbound phase that a later phase may read?
+fn keeps_variables(steps: &[Step], request: &[u32], response: &[u32]) -> bool {
+    request
+        .iter()
+        .any(|&i| matches!(steps[i as usize], Step::SetVariable { .. }))
+        && later_expressions(steps, request, response)
+            .iter()
+            .any(|e| e.reads_variables())
 }
 
 /// The APIs at one path: those bound to hostnames, and the first bound to none. Most paths have
@@ -340,6 +391,7 @@ impl Catalog {
             unsupported: options.unsupported,
             warnings: &mut warnings,
             errors: &mut errors,
+            steering: String::new(),
         };
         let mut compile = |text: &Option<(String, String)>, scope: Scope| -> Option<ScopePolicy> {
             let (src, _) = text.as_ref()?;
@@ -496,6 +548,7 @@ impl Catalog {
                     let response = policy::inline(&chain, OUTBOUND);
                     programs.push(Program {
                         keeps_request: keeps_request(&steps, &request, &response),
+                        keeps_variables: keeps_variables(&steps, &request, &response),
                         plans: plans(&steps, &request, &mut own_limits),
                         request: request.into_boxed_slice(),
                         response: response.into_boxed_slice(),

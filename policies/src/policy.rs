@@ -181,8 +181,22 @@ pub(crate) enum Step {
     Respond {
         status: u16,
         headers: Vec<SetHeader>,
-        body: String,
+        body: Text,
     },
+    /// `set-variable`: a literal value is a string.
+    SetVariable {
+        name: String,
+        value: Text,
+    },
+    /// A `<when>` of a `<choose>`: when the condition is false, the next `skip` steps of the
+    /// program (the branch, and the jump after it) are passed over.
+    Unless {
+        condition: Expr,
+        skip: u32,
+    },
+    /// The end of a `<when>` branch that ran: the next `n` steps (the other branches) are
+    /// passed over.
+    Skip(u32),
 }
 
 /// Why an element could not be compiled.
@@ -202,6 +216,8 @@ pub(crate) struct Compiler<'a> {
     pub unsupported: UnsupportedPolicies,
     pub warnings: &'a mut Vec<String>,
     pub errors: &'a mut Vec<LoadError>,
+    /// The steering texts of the document being compiled ([`steering`]).
+    pub steering: String,
 }
 
 /// Is this a possible named-value name (letters, digits, `.`, `-`, `_`)?
@@ -284,6 +300,8 @@ impl Compiler<'_> {
             return None;
         }
         let before = self.errors.len();
+        self.steering.clear();
+        steering(&root, &mut self.steering);
         let mut policy = ScopePolicy::default();
         let mut once: Vec<(String, Pos)> = Vec::new();
         for section in &root.children {
@@ -304,43 +322,190 @@ impl Compiler<'_> {
                 continue;
             }
             let mut nodes = Vec::new();
-            for el in &section.children {
-                if ONCE_PER_DOCUMENT.contains(&el.name.as_str()) {
-                    if let Some(first) = once.iter().find(|(n, _)| *n == el.name) {
-                        let (line, column) = (first.1.line, first.1.column);
-                        self.error(
-                            scope,
-                            el.pos,
-                            format!(
-                                "<{}> may appear only once in a policy document (the first is at line {line}, column {column})",
-                                el.name
-                            ),
-                        );
-                        continue;
-                    }
-                    once.push((el.name.clone(), el.pos));
-                }
-                match self.element(el, scope, index) {
-                    Ok(Some(node)) => nodes.push(node),
-                    Ok(None) => {}
-                    Err(Fault::Invalid(pos, m)) => self.error(scope, pos, m),
-                    Err(Fault::Unsupported(pos, m)) => match self.unsupported {
-                        UnsupportedPolicies::Reject => self.error(scope, pos, m),
-                        UnsupportedPolicies::Skip => {
-                            let w = format!(
-                                "{} policy, line {}, column {}: skipped: {m}",
-                                scope.label, pos.line, pos.column
-                            );
-                            if !self.warnings.contains(&w) {
-                                self.warnings.push(w);
-                            }
-                        }
-                    },
-                }
-            }
+            self.nodes(
+                &section.children,
+                scope,
+                index,
+                &mut once,
+                false,
+                &mut nodes,
+            );
             policy.sections[index] = Some(nodes);
         }
         (self.errors.len() == before).then_some(policy)
+    }
+
+    /// Compiles a list of elements (a section, or a branch of a `<choose>`) into `out`.
+    fn nodes(
+        &mut self,
+        children: &[Element],
+        scope: &Scope,
+        section: usize,
+        once: &mut Vec<(String, Pos)>,
+        in_branch: bool,
+        out: &mut Vec<Node>,
+    ) {
+        for el in children {
+            if ONCE_PER_DOCUMENT.contains(&el.name.as_str()) {
+                if let Some(first) = once.iter().find(|(n, _)| *n == el.name) {
+                    let (line, column) = (first.1.line, first.1.column);
+                    self.error(
+                        scope,
+                        el.pos,
+                        format!(
+                            "<{}> may appear only once in a policy document (the first is at line {line}, column {column})",
+                            el.name
+                        ),
+                    );
+                    continue;
+                }
+                once.push((el.name.clone(), el.pos));
+            }
+            if el.name == "choose" {
+                match self.choose(el, scope, section, once) {
+                    Ok(nodes) => out.extend(nodes),
+                    Err(f) => self.fault(scope, el, f),
+                }
+                continue;
+            }
+            match self.element(el, scope, section) {
+                // A branch's steps are counted by the jumps around them: a scope inlined
+                // there would move them.
+                Ok(Some(Node::Base)) if in_branch => self.fault(
+                    scope,
+                    el,
+                    Fault::Unsupported(
+                        el.pos,
+                        format!(
+                            "<base /> inside <choose> is not supported at the edge ({})",
+                            scope.label
+                        ),
+                    ),
+                ),
+                Ok(Some(node)) => out.push(node),
+                Ok(None) => {}
+                Err(f) => self.fault(scope, el, f),
+            }
+        }
+    }
+
+    /// An element that could not be compiled: an error, or under `skip` a warning for an
+    /// element outside the subset that can neither deny, limit nor authenticate.
+    fn fault(&mut self, scope: &Scope, el: &Element, fault: Fault) {
+        match fault {
+            Fault::Invalid(pos, m) => self.error(scope, pos, m),
+            Fault::Unsupported(pos, m) => match self.unsupported {
+                UnsupportedPolicies::Reject => self.error(scope, pos, m),
+                UnsupportedPolicies::Skip => match self.guard(el) {
+                    Some(why) => self.error(scope, pos, format!("{m}; it is not skipped: {why}")),
+                    None => {
+                        let w = format!(
+                            "{} policy, line {}, column {}: skipped: {m}",
+                            scope.label, pos.line, pos.column
+                        );
+                        if !self.warnings.contains(&w) {
+                            self.warnings.push(w);
+                        }
+                    }
+                },
+            },
+        }
+    }
+
+    /// Why an element must not be skipped, if it must not.
+    fn guard(&self, el: &Element) -> Option<String> {
+        if let Some(guard) = guard_within(el) {
+            return Some(if guard == el.name {
+                format!("<{guard}> can deny, limit or authenticate calls")
+            } else {
+                format!(
+                    "<{}> holds <{guard}>, which can deny, limit or authenticate calls",
+                    el.name
+                )
+            });
+        }
+        let name = el.attr("name").filter(|_| el.name == "set-variable")?;
+        self.steering
+            .contains(&format!("\"{name}\""))
+            .then(|| format!("variable '{name}' steers a <choose> or a limit of this document"))
+    }
+
+    /// `<choose>`: each `<when>` becomes a conditional jump over its branch, and each branch
+    /// but the last ends with a jump over the rest; `<otherwise>` is the last branch.
+    fn choose(
+        &mut self,
+        el: &Element,
+        scope: &Scope,
+        section: usize,
+        once: &mut Vec<(String, Pos)>,
+    ) -> Compiled<Vec<Node>> {
+        let mut branches: Vec<(Option<Expr>, Vec<Node>)> = Vec::new();
+        let mut otherwise = false;
+        for c in &el.children {
+            if otherwise {
+                return Err(Fault::Invalid(
+                    c.pos,
+                    "<otherwise> must be the last element of <choose>".into(),
+                ));
+            }
+            let condition =
+                match c.name.as_str() {
+                    "when" => {
+                        let v = c.attr("condition").ok_or_else(|| missing(c, "condition"))?;
+                        Some(match text(c, "'condition'", v, Ty::Bool)? {
+                            Text::Expr(e) => e,
+                            Text::Literal(l) => match l.trim().to_ascii_lowercase().as_str() {
+                                "true" => Expr::Bool(true),
+                                "false" => Expr::Bool(false),
+                                _ => return Err(Fault::Invalid(
+                                    c.pos,
+                                    format!(
+                                        "'condition' of <when> must be an expression, not \"{l}\""
+                                    ),
+                                )),
+                            },
+                        })
+                    }
+                    "otherwise" => {
+                        otherwise = true;
+                        None
+                    }
+                    other => {
+                        return Err(Fault::Invalid(
+                            c.pos,
+                            format!("<{other}> is not allowed inside <choose>"),
+                        ))
+                    }
+                };
+            let mut body = Vec::new();
+            self.nodes(&c.children, scope, section, once, true, &mut body);
+            branches.push((condition, body));
+        }
+        // From the last branch back: what follows a branch is known when it is laid out.
+        let mut tail: Vec<Node> = Vec::new();
+        for (condition, body) in branches.into_iter().rev() {
+            let mut block = Vec::with_capacity(body.len() + 2);
+            let jump = !tail.is_empty();
+            if let Some(condition) = condition {
+                let skip = body.len() + usize::from(jump);
+                block.push(self.push(Step::Unless {
+                    condition,
+                    skip: skip as u32,
+                }));
+            }
+            block.extend(body);
+            if jump {
+                block.push(self.push(Step::Skip(tail.len() as u32)));
+            }
+            block.extend(tail);
+            tail = block;
+        }
+        Ok(tail)
+    }
+
+    fn push(&mut self, step: Step) -> Node {
+        self.steps.push(step);
+        Node::Step(self.steps.len() as u32 - 1)
     }
 
     fn element(&mut self, el: &Element, scope: &Scope, section: usize) -> Compiled<Option<Node>> {
@@ -417,6 +582,14 @@ impl Compiler<'_> {
                 ip_filter(el)?
             }
             "set-header" => Step::SetHeader(set_header(el)?),
+            "set-variable" => {
+                let name = required(el, "name")?;
+                let value = el.attr("value").ok_or_else(|| missing(el, "value"))?;
+                Step::SetVariable {
+                    name: name.to_string(),
+                    value: typed_text(el, "'value'", value)?,
+                }
+            }
             // APIM places mock-response in inbound, outbound and on-error only.
             "mock-response" if section == BACKEND => {
                 return Err(Fault::Invalid(
@@ -452,7 +625,7 @@ impl Compiler<'_> {
                 Step::Respond {
                     status: status_code(el, status)?,
                     headers,
-                    body: String::new(),
+                    body: Text::Literal(String::new()),
                 }
             }
             other => {
@@ -467,6 +640,50 @@ impl Compiler<'_> {
         };
         self.steps.push(step);
         Ok(Some(Node::Step(self.steps.len() as u32 - 1)))
+    }
+}
+
+/// Can this element deny a call, limit it or authenticate it? Such an element is never skipped
+/// (SPEC §3a): skipping it would open a door its policy closes.
+fn can_deny(name: &str) -> bool {
+    name.starts_with("validate-")
+        || name.starts_with("check-")
+        || name.ends_with("-token-limit")
+        || matches!(
+            name,
+            "rate-limit"
+                | "rate-limit-by-key"
+                | "quota"
+                | "quota-by-key"
+                | "ip-filter"
+                | "limit-concurrency"
+                | "return-response"
+                | "mock-response"
+        )
+}
+
+/// The first element within `el` (itself included) that can deny, limit or authenticate.
+fn guard_within(el: &Element) -> Option<&str> {
+    if can_deny(&el.name) {
+        return Some(&el.name);
+    }
+    el.children.iter().find_map(guard_within)
+}
+
+/// The texts that steer what a document denies or limits: the conditions of its `<when>`s and
+/// the attributes of its limits and checks. A `set-variable` whose name they quote is not
+/// skipped either: a variable that picks a branch or a counter key guards as they do.
+fn steering(el: &Element, out: &mut String) {
+    if el.name == "when" || can_deny(&el.name) {
+        for (_, v) in &el.attrs {
+            out.push_str(v);
+            out.push('\n');
+        }
+        out.push_str(&el.text);
+        out.push('\n');
+    }
+    for c in &el.children {
+        steering(c, out);
     }
 }
 
@@ -581,6 +798,11 @@ fn text(el: &Element, what: &str, value: &str, ty: Ty) -> Compiled<Text> {
         ));
     }
     Ok(Text::Expr(e))
+}
+
+/// A value of any type: a literal (a string), or an expression whatever it gives.
+fn typed_text(el: &Element, what: &str, value: &str) -> Compiled<Text> {
+    text(el, what, value, Ty::Str)
 }
 
 fn allowance(
@@ -862,7 +1084,7 @@ fn return_response(el: &Element) -> Compiled<Step> {
     }
     let mut status = 200;
     let mut headers = Vec::new();
-    let mut body = String::new();
+    let mut body = Text::Literal(String::new());
     for c in &el.children {
         match c.name.as_str() {
             "set-status" => status = status_code(c, int_attr(c, "code")?.unwrap_or(200))?,
@@ -874,7 +1096,7 @@ fn return_response(el: &Element) -> Compiled<Step> {
                         "templated <set-body> is not supported at the edge".into(),
                     ));
                 }
-                body = literal(c, "set-body", &c.text)?.to_string();
+                body = text(c, "the body", &c.text, Ty::Str)?;
             }
             other => {
                 return Err(Fault::Unsupported(
@@ -936,6 +1158,7 @@ mod tests {
             unsupported: mode,
             warnings: &mut warnings,
             errors: &mut errors,
+            steering: String::new(),
         }
         .document(doc, &scope);
         let r = r.ok_or(errors);
@@ -1009,7 +1232,7 @@ mod tests {
             r#"<policies><inbound><base /></inbound><backend><return-response><set-status code="503" reason="down" /><set-body>maintenance</set-body></return-response></backend></policies>"#,
         );
         assert!(
-            matches!(&steps[..], [Step::Respond { status: 503, body, .. }] if body == "maintenance"),
+            matches!(&steps[..], [Step::Respond { status: 503, body: Text::Literal(body), .. }] if body == "maintenance"),
             "{steps:?}"
         );
         assert!(err(
@@ -1046,11 +1269,8 @@ mod tests {
             ScopeKind::Product,
         );
         assert_eq!(e, "product 'starter' policy, line 3, column 5: <cors> is not supported at the edge (product 'starter', inbound section)");
-        let e = err("<policies><inbound><set-header name=\"a\"><value>@(context.Variables[\"x\"])</value></set-header></inbound></policies>", ScopeKind::Product);
-        assert!(
-            e.contains("expression \"@(context.Variables[\"x\"])\""),
-            "{e}"
-        );
+        let e = err("<policies><inbound><set-header name=\"a\"><value>@(context.User.Email)</value></set-header></inbound></policies>", ScopeKind::Product);
+        assert!(e.contains("expression \"@(context.User.Email)\""), "{e}");
     }
 
     #[test]

@@ -193,6 +193,13 @@ fn policies_trace_through_envoy() {
     replay_through_envoy("policies.jsonl");
 }
 
+/// Tiers by `set-variable` and `choose`: a limit per branch, a blocked tier answered by
+/// `return-response` with a computed body, an outbound header from the inbound variable.
+#[test]
+fn choose_trace_through_envoy() {
+    replay_through_envoy("choose.jsonl");
+}
+
 /// A request (method, path, headers) and the status and body Envoy must answer with.
 type LocalReplyCase = (
     &'static str,

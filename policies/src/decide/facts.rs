@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::catalog::Catalog;
-use crate::expr::{Expr, Facts, Member, NullReference, Value};
+use crate::expr::{EvalError, Expr, Facts, Member, Value, Variables};
 use crate::policy::{ExistsAction, SetHeader, Text};
 use std::borrow::Cow;
 
@@ -13,6 +13,26 @@ pub(crate) struct CallFacts<'c, 'r> {
     pub(crate) id: Identity,
     pub(crate) request: Request<'r>,
     pub(crate) status: Option<u16>,
+    /// The call's variables as `set-variable` has left them so far.
+    pub(crate) variables: &'r [(String, Value)],
+}
+
+impl<'c, 'r> CallFacts<'c, 'r> {
+    /// What an inbound step's expressions see: no response yet.
+    pub(crate) fn inbound(
+        catalog: &'c Catalog,
+        id: Identity,
+        request: Request<'r>,
+        variables: &'r [(String, Value)],
+    ) -> Self {
+        CallFacts {
+            catalog,
+            id,
+            request,
+            status: None,
+            variables,
+        }
+    }
 }
 
 impl<'c> CallFacts<'c, '_> {
@@ -61,6 +81,7 @@ impl Facts for CallFacts<'_, '_> {
             Member::RequestIpAddress => self.request.client_ip?.to_string(),
             Member::RequestMethod => self.request.method.to_string(),
             Member::RequestUrlPath => self.request.path.to_string(),
+            Member::RequestUrlHost => host_of(self.request.host).to_string(),
             Member::ResponseStatusCode => self.status?.to_string(),
             // Catalog text, answered above.
             Member::SubscriptionId
@@ -82,9 +103,15 @@ impl Facts for CallFacts<'_, '_> {
     fn query(&self, name: &str) -> Option<String> {
         query_param(self.request.query, name)
     }
+    fn variable(&self, name: &str) -> Option<&Value> {
+        self.variables
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    }
 }
 
-pub(crate) fn eval_text<'t>(t: &'t Text, facts: &dyn Facts) -> Result<Cow<'t, str>, NullReference> {
+pub(crate) fn eval_text<'t>(t: &'t Text, facts: &dyn Facts) -> Result<Cow<'t, str>, EvalError> {
     match t {
         Text::Literal(s) => Ok(Cow::Borrowed(s)),
         Text::Expr(e) => Ok(Cow::Owned(e.eval(facts)?.into_text())),
@@ -96,16 +123,16 @@ pub(crate) fn eval_text<'t>(t: &'t Text, facts: &dyn Facts) -> Result<Cow<'t, st
 pub(crate) fn eval_value<'c>(
     t: &'c Text,
     facts: &CallFacts<'c, '_>,
-) -> Result<Cow<'c, str>, NullReference> {
+) -> Result<Cow<'c, str>, EvalError> {
     if let Text::Expr(Expr::Member(m)) = t {
         if let Some(text) = facts.catalog_member(*m) {
-            return text.map(Cow::Borrowed).ok_or(NullReference(m.owner()));
+            return text.map(Cow::Borrowed).ok_or(EvalError::Null(m.owner()));
         }
     }
     eval_text(t, facts)
 }
 
-pub(crate) fn eval_condition(e: &Expr, facts: &dyn Facts) -> Result<bool, NullReference> {
+pub(crate) fn eval_condition(e: &Expr, facts: &dyn Facts) -> Result<bool, EvalError> {
     Ok(e.eval(facts)? == Value::Bool(true))
 }
 
@@ -115,7 +142,7 @@ pub(crate) fn set_header<'c>(
     facts: &CallFacts<'c, '_>,
     exists: &dyn Fn(&str) -> bool,
     edits: &mut HeaderEdits<'c>,
-) -> Result<(), NullReference> {
+) -> Result<(), EvalError> {
     // The latest edit of this header decides; without one, the header map as it came.
     let present = || {
         edits
@@ -147,4 +174,20 @@ pub(crate) fn set_header<'c>(
         }
     }
     Ok(())
+}
+
+/// The value `set-variable` stores: a literal is a string; an expression keeps its type.
+pub(crate) fn variable_value(value: &Text, facts: &dyn Facts) -> Result<Value, EvalError> {
+    match value {
+        Text::Literal(s) => Ok(Value::Str(s.clone())),
+        Text::Expr(e) => e.eval(facts),
+    }
+}
+
+/// Sets a variable, replacing an earlier value of the same name.
+pub(crate) fn set_variable(variables: &mut Variables, name: &str, value: Value) {
+    match variables.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => *v = value,
+        None => variables.push((name.to_string(), value)),
+    }
 }

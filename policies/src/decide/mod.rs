@@ -16,10 +16,10 @@ use crate::catalog::{Catalog, Program};
 use crate::clock::Millis;
 use crate::counters::op::{CounterOp, Counting, Local, OpResult};
 use crate::counters::{CounterStore, StoreError};
-use crate::expr::NullReference;
+use crate::expr::{EvalError, Value, Variables};
 use crate::ids::{ApiId, OperationId, ProductId, SubscriptionId};
 use crate::keys::key_digest;
-use crate::policy::{ip_number, SetHeader, Step};
+use crate::policy::{ip_number, SetHeader, Step, Text};
 use crate::response::{self, LocalResponse};
 use crate::snapshot::SubscriptionScope;
 use facts::*;
@@ -142,6 +142,8 @@ struct Later {
     pending: SmallVec<[Pending; 1]>,
     /// The request, kept only when a later phase evaluates an expression that may read it.
     saved: Option<SavedRequest>,
+    /// The variables the inbound phase set, kept only when a later phase may read them.
+    variables: Variables,
 }
 
 impl CallContext {
@@ -152,6 +154,10 @@ impl CallContext {
 
     fn pending(&self) -> &[Pending] {
         self.later.as_deref().map_or(&[], |l| &l.pending)
+    }
+
+    fn variables(&self) -> &[(String, Value)] {
+        self.later.as_deref().map_or(&[], |l| &l.variables)
     }
 
     fn saved(&self) -> Option<&SavedRequest> {
@@ -200,13 +206,14 @@ pub struct Completion {
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("policy expression failed: {0} is null")]
-    Expression(&'static str),
+    /// An expression threw, as APIM's would: what was null, or what went wrong.
+    #[error("policy expression failed: {0}")]
+    Expression(String),
 }
 
-impl From<NullReference> for EngineError {
-    fn from(n: NullReference) -> Self {
-        EngineError::Expression(n.0)
+impl From<EvalError> for EngineError {
+    fn from(e: EvalError) -> Self {
+        EngineError::Expression(e.to_string())
     }
 }
 
@@ -399,43 +406,52 @@ impl Catalog {
         run: &mut Run<'c, '_, C>,
         upstream: &mut HeaderEdits<'c>,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
-        // What expressions see, made only for a step that evaluates one (who the call is does
-        // not change while its program runs).
-        let facts = |id: Identity| CallFacts {
-            catalog: self,
-            id,
-            request: *req,
-            status: None,
-        };
-        let mut steps = program.request.iter().zip(program.plans.iter()).peekable();
-        while let Some((&ix, plan)) = steps.next() {
+        // What expressions see is made only for a step that evaluates one.
+        let mut variables: Variables = Vec::new();
+        let request = &program.request;
+        let mut i = 0;
+        while i < request.len() {
+            let (ix, plan) = (request[i], program.plans[i]);
+            i += 1;
             let step = &self.steps[ix as usize];
             run.reserve = plan.reserve;
+            // Expressions of this step see the variables set so far.
+            let vars: &[(String, Value)] = &variables;
             let denial = match step {
                 Step::RateLimit(l) | Step::Quota(l) => {
                     let quota = matches!(step, Step::Quota(_));
                     // A rate limit and a quota of one document side by side, found at load
                     // (`counted_together`), are counted in one update.
-                    let partner =
-                        steps
-                            .peek()
-                            .filter(|_| plan.with_next)
-                            .and_then(|&(&next, _)| match &self.steps[next as usize] {
-                                Step::RateLimit(n) => Some((next, n, false)),
-                                Step::Quota(n) => Some((next, n, true)),
-                                _ => None,
-                            });
+                    let partner = request.get(i).filter(|_| plan.with_next).and_then(|&next| {
+                        match &self.steps[next as usize] {
+                            Step::RateLimit(n) => Some((next, n, false)),
+                            Step::Quota(n) => Some((next, n, true)),
+                            _ => None,
+                        }
+                    });
                     let own = plan.own.map(|o| &self.own_limits[o as usize]);
                     match partner {
                         Some(partner) => {
-                            steps.next();
+                            i += 1;
                             run.subscription_limits(&[(ix, l, quota), partner], own, call)?
                         }
                         None => run.subscription_limits(&[(ix, l, quota)], own, call)?,
                     }
                 }
-                Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts(call.id))?,
-                Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts(call.id))?,
+                Step::RateLimitByKey(l) => run.keyed_limit(
+                    ix,
+                    l,
+                    false,
+                    call,
+                    &CallFacts::inbound(self, call.id, *req, vars),
+                )?,
+                Step::QuotaByKey(l) => run.keyed_limit(
+                    ix,
+                    l,
+                    true,
+                    call,
+                    &CallFacts::inbound(self, call.id, *req, vars),
+                )?,
                 Step::CheckHeader {
                     name,
                     status,
@@ -479,7 +495,12 @@ impl Catalog {
                 }
                 Step::SetHeader(h) => {
                     let exists = |name: &str| header(req.headers, name).is_some();
-                    set_header(h, &facts(call.id), &exists, upstream)?;
+                    set_header(
+                        h,
+                        &CallFacts::inbound(self, call.id, *req, vars),
+                        &exists,
+                        upstream,
+                    )?;
                     None
                 }
                 Step::Respond {
@@ -488,12 +509,35 @@ impl Catalog {
                     body,
                 } => Some((
                     Outcome::Returned,
-                    local_response(*status, headers, body, &facts(call.id))?,
+                    local_response(
+                        *status,
+                        headers,
+                        body,
+                        &CallFacts::inbound(self, call.id, *req, vars),
+                    )?,
                 )),
+                Step::SetVariable { name, value } => {
+                    let v = variable_value(value, &CallFacts::inbound(self, call.id, *req, vars))?;
+                    set_variable(&mut variables, name, v);
+                    None
+                }
+                Step::Unless { condition, skip } => {
+                    if !eval_condition(condition, &CallFacts::inbound(self, call.id, *req, vars))? {
+                        i += *skip as usize;
+                    }
+                    None
+                }
+                Step::Skip(n) => {
+                    i += *n as usize;
+                    None
+                }
             };
             if denial.is_some() {
                 return Ok(denial);
             }
+        }
+        if program.keeps_variables && !variables.is_empty() {
+            call.later.get_or_insert_default().variables = variables;
         }
         Ok(None)
     }
@@ -506,24 +550,64 @@ impl Catalog {
         call: &CallContext,
         status: u16,
     ) -> Result<Option<LocalResponse>, EngineError> {
-        let program = &self.programs[call.program as usize];
-        for &ix in program.response.iter() {
+        let mut found = None;
+        self.run_response(call, status, &mut |step, facts| {
             if let Step::Respond {
                 status: s,
                 headers,
                 body,
-            } = &self.steps[ix as usize]
+            } = step
             {
-                let facts = CallFacts {
-                    catalog: self,
-                    id: call.id,
-                    request: call.later_request(),
-                    status: Some(status),
-                };
-                return Ok(Some(local_response(*s, headers, body, &facts)?));
+                found = Some(local_response(*s, headers, body, facts)?);
+                return Ok(true);
+            }
+            Ok(false)
+        })?;
+        Ok(found)
+    }
+
+    /// Runs an allowed call's outbound program at its response: `choose` and `set-variable`
+    /// here, every other step that runs handed to `visit`, until it answers `true`.
+    fn run_response<'c>(
+        &'c self,
+        call: &'c CallContext,
+        status: u16,
+        visit: &mut dyn FnMut(&'c Step, &CallFacts<'c, '_>) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        let program = &self.programs[call.program as usize];
+        let request = call.later_request();
+        let mut variables: Variables = call.variables().to_vec();
+        let steps = &program.response;
+        let mut i = 0;
+        while i < steps.len() {
+            let step = &self.steps[steps[i] as usize];
+            i += 1;
+            let facts = CallFacts {
+                catalog: self,
+                id: call.id,
+                request,
+                status: Some(status),
+                variables: &variables,
+            };
+            match step {
+                Step::Unless { condition, skip } => {
+                    if !eval_condition(condition, &facts)? {
+                        i += *skip as usize;
+                    }
+                }
+                Step::Skip(n) => i += *n as usize,
+                Step::SetVariable { name, value } => {
+                    let v = variable_value(value, &facts)?;
+                    set_variable(&mut variables, name, v);
+                }
+                _ => {
+                    if visit(step, &facts)? {
+                        break;
+                    }
+                }
             }
         }
-        Ok(None)
+        Ok(())
     }
 
     /// The changes to the upstream's response headers of an allowed call: the outbound
@@ -535,20 +619,13 @@ impl Catalog {
         status: u16,
         response_header_exists: &dyn Fn(&str) -> bool,
     ) -> Result<HeaderEdits<'c>, EngineError> {
-        let program = &self.programs[call.program as usize];
         let mut edits = HeaderEdits::new();
-        let request = call.later_request();
-        let facts = CallFacts {
-            catalog: self,
-            id: call.id,
-            request,
-            status: Some(status),
-        };
-        for &ix in program.response.iter() {
-            if let Step::SetHeader(h) = &self.steps[ix as usize] {
-                set_header(h, &facts, response_header_exists, &mut edits)?;
+        self.run_response(call, status, &mut |step, facts| {
+            if let Step::SetHeader(h) = step {
+                set_header(h, facts, response_header_exists, &mut edits)?;
             }
-        }
+            Ok(false)
+        })?;
         for h in &call.limit_headers {
             if let Some(name) = self.limit_header_name(h) {
                 edits.push(HeaderEdit::Set(
@@ -586,6 +663,7 @@ impl Catalog {
             id: call.id,
             request,
             status: Some(done.status),
+            variables: call.variables(),
         };
         let bytes = done.request_bytes.saturating_add(done.response_bytes);
         let condition = |step: u32| -> Result<bool, EngineError> {
@@ -677,7 +755,7 @@ impl Catalog {
 fn local_response(
     status: u16,
     headers: &[SetHeader],
-    body: &str,
+    body: &Text,
     facts: &CallFacts<'_, '_>,
 ) -> Result<LocalResponse, EngineError> {
     let mut edits = HeaderEdits::new();
@@ -702,7 +780,7 @@ fn local_response(
     Ok(LocalResponse {
         status,
         headers: out,
-        body: body.to_string(),
+        body: eval_text(body, facts)?.into_owned(),
     })
 }
 
