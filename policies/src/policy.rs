@@ -448,35 +448,36 @@ impl Compiler<'_> {
                     "<otherwise> must be the last element of <choose>".into(),
                 ));
             }
-            let condition =
-                match c.name.as_str() {
-                    "when" => {
-                        let v = c.attr("condition").ok_or_else(|| missing(c, "condition"))?;
-                        Some(match text(c, "'condition'", v, Ty::Bool)? {
-                            Text::Expr(e) => e,
-                            Text::Literal(l) => match l.trim().to_ascii_lowercase().as_str() {
-                                "true" => Expr::Bool(true),
-                                "false" => Expr::Bool(false),
-                                _ => return Err(Fault::Invalid(
+            let condition = match c.name.as_str() {
+                "when" => {
+                    let v = c.attr("condition").ok_or_else(|| missing(c, "condition"))?;
+                    Some(match text(c, "'condition'", v, Ty::Bool)? {
+                        Text::Expr(e) => e,
+                        Text::Literal(l) => match l.trim().to_ascii_lowercase().as_str() {
+                            "true" => Expr::Bool(true),
+                            "false" => Expr::Bool(false),
+                            _ => {
+                                return Err(Fault::Invalid(
                                     c.pos,
                                     format!(
                                         "'condition' of <when> must be an expression, not \"{l}\""
                                     ),
-                                )),
-                            },
-                        })
-                    }
-                    "otherwise" => {
-                        otherwise = true;
-                        None
-                    }
-                    other => {
-                        return Err(Fault::Invalid(
-                            c.pos,
-                            format!("<{other}> is not allowed inside <choose>"),
-                        ))
-                    }
-                };
+                                ))
+                            }
+                        },
+                    })
+                }
+                "otherwise" => {
+                    otherwise = true;
+                    None
+                }
+                other => {
+                    return Err(Fault::Invalid(
+                        c.pos,
+                        format!("<{other}> is not allowed inside <choose>"),
+                    ))
+                }
+            };
             let mut body = Vec::new();
             self.nodes(&c.children, scope, section, once, true, &mut body);
             branches.push((condition, body));
