@@ -388,10 +388,12 @@ impl Catalog {
         let mut compiler = Compiler {
             steps: &mut steps,
             named_values: &snap.named_values,
+            fragments: &snap.policy_fragments,
             unsupported: options.unsupported,
             warnings: &mut warnings,
             errors: &mut errors,
             steering: String::new(),
+            including: Vec::new(),
         };
         let mut compile = |text: &Option<(String, String)>, scope: Scope| -> Option<ScopePolicy> {
             let (src, _) = text.as_ref()?;

@@ -213,12 +213,19 @@ type Compiled<T> = Result<T, Fault>;
 pub(crate) struct Compiler<'a> {
     pub steps: &'a mut Vec<Step>,
     pub named_values: &'a HashMap<String, String>,
+    /// The snapshot's policy fragments, by name.
+    pub fragments: &'a HashMap<String, String>,
     pub unsupported: UnsupportedPolicies,
     pub warnings: &'a mut Vec<String>,
     pub errors: &'a mut Vec<LoadError>,
     /// The steering texts of the document being compiled ([`steering`]).
     pub steering: String,
+    /// The fragments being included, innermost last: a fragment that includes itself is refused.
+    pub including: Vec<String>,
 }
+
+/// The deepest fragments may include fragments.
+const MAX_FRAGMENT_DEPTH: usize = 8;
 
 /// Is this a possible named-value name (letters, digits, `.`, `-`, `_`)?
 pub(crate) fn is_named_value_name(name: &str) -> bool {
@@ -302,6 +309,14 @@ impl Compiler<'_> {
         let before = self.errors.len();
         self.steering.clear();
         steering(&root, &mut self.steering);
+        // What included fragments hold steers too: their whole text, to be safe.
+        let mut ids = Vec::new();
+        fragment_ids(&root, &mut ids);
+        for id in ids {
+            if let Some(f) = self.fragments.get(id) {
+                self.steering.push_str(f);
+            }
+        }
         let mut policy = ScopePolicy::default();
         let mut once: Vec<(String, Pos)> = Vec::new();
         for section in &root.children {
@@ -361,6 +376,13 @@ impl Compiler<'_> {
                 }
                 once.push((el.name.clone(), el.pos));
             }
+            if el.name == "include-fragment" {
+                match self.fragment(el, scope, section, once) {
+                    Ok(nodes) => out.extend(nodes),
+                    Err(f) => self.fault(scope, el, f),
+                }
+                continue;
+            }
             if el.name == "choose" {
                 match self.choose(el, scope, section, once) {
                     Ok(nodes) => out.extend(nodes),
@@ -377,7 +399,7 @@ impl Compiler<'_> {
                     Fault::Unsupported(
                         el.pos,
                         format!(
-                            "<base /> inside <choose> is not supported at the edge ({})",
+                            "<base /> inside <choose> or a fragment is not supported at the edge ({})",
                             scope.label
                         ),
                     ),
@@ -428,6 +450,68 @@ impl Compiler<'_> {
         self.steering
             .contains(&format!("\"{name}\""))
             .then(|| format!("variable '{name}' steers a <choose> or a limit of this document"))
+    }
+
+    /// `<include-fragment>`: the fragment's elements compiled in its place (a fragment holds no
+    /// `<base />`). Faults inside it are named by the fragment and their place in it.
+    fn fragment(
+        &mut self,
+        el: &Element,
+        scope: &Scope,
+        section: usize,
+        once: &mut Vec<(String, Pos)>,
+    ) -> Compiled<Vec<Node>> {
+        let id = required(el, "fragment-id")?;
+        let Some((name, source)) = self.fragments.get_key_value(id).or_else(|| {
+            self.fragments
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(id))
+        }) else {
+            return Err(Fault::Invalid(
+                el.pos,
+                format!("fragment '{id}' is not in the snapshot's policyFragments"),
+            ));
+        };
+        if self.including.iter().any(|f| f == name) || self.including.len() >= MAX_FRAGMENT_DEPTH {
+            return Err(Fault::Invalid(
+                el.pos,
+                format!(
+                    "fragment '{id}' includes itself, or fragments nest more than {MAX_FRAGMENT_DEPTH} deep"
+                ),
+            ));
+        }
+        let inner = Scope {
+            kind: scope.kind,
+            label: format!("fragment '{name}' (included by {})", scope.label),
+            id: scope.id.clone(),
+        };
+        let text = match substitute_named_values(source, self.named_values) {
+            Ok(t) => t,
+            Err((offset, message)) => {
+                self.error(&inner, xml::position_of(source, offset), message);
+                return Ok(Vec::new());
+            }
+        };
+        let root = match xml::parse_document(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(&inner, e.pos, e.message);
+                return Ok(Vec::new());
+            }
+        };
+        if root.name != "fragment" {
+            self.error(
+                &inner,
+                root.pos,
+                format!("the root element is <{}>, expected <fragment>", root.name),
+            );
+            return Ok(Vec::new());
+        }
+        self.including.push(name.clone());
+        let mut out = Vec::new();
+        self.nodes(&root.children, &inner, section, once, true, &mut out);
+        self.including.pop();
+        Ok(out)
     }
 
     /// `<choose>`: each `<when>` becomes a conditional jump over its branch, and each branch
@@ -523,6 +607,11 @@ impl Compiler<'_> {
         };
         let step = match el.name.as_str() {
             "base" => return Ok(Some(Node::Base)),
+            // Tracing is for APIM's own debugging tools: accepted, nothing to do at the edge.
+            "trace" => {
+                required(el, "source")?;
+                return Ok(None);
+            }
             "forward-request" => {
                 only(&[BACKEND])?;
                 // The proxy's router forwards the call; nothing to do at the edge.
@@ -685,6 +774,16 @@ fn steering(el: &Element, out: &mut String) {
     }
     for c in &el.children {
         steering(c, out);
+    }
+}
+
+/// The fragments a document includes, by the names it gives.
+fn fragment_ids<'e>(el: &'e Element, out: &mut Vec<&'e str>) {
+    if el.name == "include-fragment" {
+        out.extend(el.attr("fragment-id"));
+    }
+    for c in &el.children {
+        fragment_ids(c, out);
     }
 }
 
@@ -1156,10 +1255,12 @@ mod tests {
         let r = Compiler {
             steps: &mut steps,
             named_values: &named,
+            fragments: &HashMap::new(),
             unsupported: mode,
             warnings: &mut warnings,
             errors: &mut errors,
             steering: String::new(),
+            including: Vec::new(),
         }
         .document(doc, &scope);
         let r = r.ok_or(errors);

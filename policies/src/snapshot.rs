@@ -66,6 +66,8 @@ pub(crate) struct Snapshot {
     pub service: String,
     pub global_policy: Option<(String, String)>,
     pub named_values: HashMap<String, String>,
+    /// Policy fragments by name (`include-fragment`): each a `<fragment>` document.
+    pub policy_fragments: HashMap<String, String>,
     pub apis: Vec<ApiDef>,
     pub products: Vec<ProductDef>,
     pub subscriptions: Vec<SubscriptionDef>,
@@ -234,6 +236,24 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
         }
     }
 
+    // Fragments: `{"name": "<fragment>...</fragment>"}`, or the ARM list whose items carry
+    // `properties.value`.
+    let mut policy_fragments = HashMap::new();
+    if let Some(pf) = root.field("policyFragments") {
+        if pf.value.is_array() {
+            for item in pf.items()? {
+                let p = item.properties();
+                let name = name_of(&item, &p)?;
+                let value = p.req_str("value")?;
+                policy_fragments.insert(name, value.to_string());
+            }
+        } else {
+            for (k, v) in pf.members()? {
+                policy_fragments.insert(k.to_string(), v.as_str()?.to_string());
+            }
+        }
+    }
+
     let mut apis = Vec::new();
     let mut api_ids: HashMap<String, u32> = HashMap::new();
     if let Some(list) = root.field("apis") {
@@ -392,6 +412,7 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
         service,
         global_policy,
         named_values,
+        policy_fragments,
         apis,
         products,
         subscriptions,

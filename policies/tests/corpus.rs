@@ -1,8 +1,9 @@
 //! The outside corpus (`tests/corpus/apim-policies`, 118 real APIM policy documents): every
 //! document is read without a panic; under `reject` each one compiles or is refused with an
 //! error that names the first unsupported element or expression with its line and column; under
-//! `skip` every document loads. Each document is loaded as a product's policy, with a
-//! placeholder for every named value it references.
+//! `skip` every document loads unless skipping would open a door. Each document is loaded as a
+//! product's policy, with a placeholder for every named value it references, and the corpus's
+//! fragments (an empty placeholder for one it does not hold).
 
 // Test helpers may unwrap: a failure here is the test failing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -60,9 +61,30 @@ fn as_policy(doc: &str) -> String {
     }
 }
 
+/// The corpus's fragments by file name (as `include-fragment` names them), and an empty
+/// placeholder for each fragment a document includes that the corpus does not hold.
+fn fragments(doc: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for path in corpus() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains("<fragment>") {
+            let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+            out.insert(stem, text);
+        }
+    }
+    for piece in doc.split("fragment-id=\"").skip(1) {
+        if let Some((id, _)) = piece.split_once('"') {
+            out.entry(id.to_string())
+                .or_insert_with(|| "<fragment />".to_string());
+        }
+    }
+    out
+}
+
 fn load(doc: &str, mode: UnsupportedPolicies) -> Result<Catalog, Vec<LoadError>> {
     let doc = &as_policy(doc);
     let snapshot = json!({
+        "policyFragments": fragments(doc),
         "namedValues": named_values(doc),
         "apis": [{"name": "api", "path": "api"}],
         "products": [{"name": "product", "apis": ["api"], "policy": doc}]
