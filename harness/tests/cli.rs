@@ -29,7 +29,7 @@ fn check_prints_a_summary() {
     let out = apim_edge(&["check", &sample()]);
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
-    assert!(s.contains("apis           12 (6 operations)"), "{s}");
+    assert!(s.contains("apis           14 (6 operations)"), "{s}");
     assert!(s.contains("subscriptions  19 (14 active, 20 keys)"), "{s}");
 }
 

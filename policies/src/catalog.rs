@@ -389,6 +389,7 @@ impl Catalog {
             steps: &mut steps,
             named_values: &snap.named_values,
             fragments: &snap.policy_fragments,
+            jwks: &snap.jwks,
             unsupported: options.unsupported,
             warnings: &mut warnings,
             errors: &mut errors,

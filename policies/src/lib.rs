@@ -20,6 +20,7 @@ mod error;
 mod expr;
 mod ids;
 mod json;
+mod jwt;
 mod keys;
 mod policy;
 mod response;

@@ -8,6 +8,7 @@
 use crate::clock::{parse_rfc3339, Millis, YEAR_ONE};
 use crate::error::LoadError;
 use crate::expr::{self, Expr, Ty};
+use crate::jwt::{self, JwtCheck, JwtFault, TokenSource};
 use crate::xml::{self, Element, Pos};
 use hashbrown::HashMap;
 use std::borrow::Cow;
@@ -197,6 +198,7 @@ pub(crate) enum Step {
     /// The end of a `<when>` branch that ran: the next `n` steps (the other branches) are
     /// passed over.
     Skip(u32),
+    ValidateJwt(Box<JwtCheck>),
 }
 
 /// Why an element could not be compiled.
@@ -215,6 +217,8 @@ pub(crate) struct Compiler<'a> {
     pub named_values: &'a HashMap<String, String>,
     /// The snapshot's policy fragments, by name.
     pub fragments: &'a HashMap<String, String>,
+    /// The snapshot's JWK sets, by `openid-config` URL.
+    pub jwks: &'a HashMap<String, serde_json::Value>,
     pub unsupported: UnsupportedPolicies,
     pub warnings: &'a mut Vec<String>,
     pub errors: &'a mut Vec<LoadError>,
@@ -671,6 +675,10 @@ impl Compiler<'_> {
                 only(&[INBOUND])?;
                 ip_filter(el)?
             }
+            "validate-jwt" => {
+                only(&[INBOUND])?;
+                Step::ValidateJwt(Box::new(validate_jwt(el, self.jwks)?))
+            }
             "set-header" => Step::SetHeader(set_header(el)?),
             "set-variable" => {
                 let name = required(el, "name")?;
@@ -1103,6 +1111,61 @@ fn keyed_limit(el: &Element, quota: bool) -> Compiled<KeyedLimit> {
     })
 }
 
+fn validate_jwt(el: &Element, jwks: &HashMap<String, serde_json::Value>) -> Compiled<JwtCheck> {
+    let sources = [
+        el.attr("header-name")
+            .map(|h| TokenSource::Header(h.to_ascii_lowercase())),
+        el.attr("query-parameter-name")
+            .map(|q| TokenSource::Query(q.to_string())),
+        el.attr("token-value")
+            .map(|v| text(el, "'token-value'", v, Ty::Str).map(TokenSource::Value))
+            .transpose()?,
+    ];
+    let mut given = sources.into_iter().flatten();
+    let (Some(source), None) = (given.next(), given.next()) else {
+        return Err(Fault::Invalid(
+            el.pos,
+            "<validate-jwt> needs exactly one of 'header-name', 'query-parameter-name' and 'token-value'"
+                .into(),
+        ));
+    };
+    if bool_attr(el, "require-signed-tokens")? == Some(false) {
+        return Err(Fault::Unsupported(
+            el.pos,
+            "unsigned tokens (require-signed-tokens=\"false\") are not accepted at the edge".into(),
+        ));
+    }
+    let status = int_attr(el, "failed-validation-httpcode")?.unwrap_or(401);
+    let (keys, audiences, issuers, claims) = jwt::children(el, jwks).map_err(|f| match f {
+        JwtFault::Unsupported(m) => Fault::Unsupported(el.pos, m),
+        JwtFault::Invalid(m) => Fault::Invalid(el.pos, m),
+    })?;
+    Ok(JwtCheck {
+        source,
+        status: status_code(el, status)?,
+        message: el
+            .attr("failed-validation-error-message")
+            .map(|m| literal(el, "failed-validation-error-message", m).map(str::to_string))
+            .transpose()?,
+        require_expiration: bool_attr(el, "require-expiration-time")?.unwrap_or(true),
+        require_scheme: el
+            .attr("require-scheme")
+            .map(|m| literal(el, "require-scheme", m).map(|s| s.trim().to_string()))
+            .transpose()?,
+        clock_skew: int_attr(el, "clock-skew")?
+            .unwrap_or(0)
+            .min(i64::MAX as u64) as i64,
+        keys,
+        audiences,
+        issuers,
+        claims,
+        output_variable: el
+            .attr("output-token-variable-name")
+            .map(|m| literal(el, "output-token-variable-name", m).map(str::to_string))
+            .transpose()?,
+    })
+}
+
 fn parse_ip(el: &Element, text: &str) -> Compiled<u128> {
     text.trim()
         .parse::<IpAddr>()
@@ -1256,6 +1319,7 @@ mod tests {
             steps: &mut steps,
             named_values: &named,
             fragments: &HashMap::new(),
+            jwks: &HashMap::new(),
             unsupported: mode,
             warnings: &mut warnings,
             errors: &mut errors,

@@ -182,6 +182,11 @@ pub(crate) fn header_check_failed(status: u16, message: &str) -> LocalResponse {
     )
 }
 
+/// `validate-jwt` refused the call: the policy's status and message.
+pub(crate) fn jwt_invalid(status: u16, message: &str) -> LocalResponse {
+    header_check_failed(status, message)
+}
+
 pub(crate) fn internal_error() -> LocalResponse {
     plain(500, "Internal server error", None)
 }

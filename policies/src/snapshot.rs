@@ -68,6 +68,8 @@ pub(crate) struct Snapshot {
     pub named_values: HashMap<String, String>,
     /// Policy fragments by name (`include-fragment`): each a `<fragment>` document.
     pub policy_fragments: HashMap<String, String>,
+    /// JWK sets by `openid-config` URL (`validate-jwt`), as the URL's `jwks_uri` serves them.
+    pub jwks: HashMap<String, serde_json::Value>,
     pub apis: Vec<ApiDef>,
     pub products: Vec<ProductDef>,
     pub subscriptions: Vec<SubscriptionDef>,
@@ -254,6 +256,14 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
         }
     }
 
+    let mut jwks = HashMap::new();
+    if let Some(j) = root.field("jwks") {
+        for (url, set) in j.members()? {
+            set.expect_object()?;
+            jwks.insert(url.to_string(), set.value.clone());
+        }
+    }
+
     let mut apis = Vec::new();
     let mut api_ids: HashMap<String, u32> = HashMap::new();
     if let Some(list) = root.field("apis") {
@@ -413,6 +423,7 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
         global_policy,
         named_values,
         policy_fragments,
+        jwks,
         apis,
         products,
         subscriptions,

@@ -29,7 +29,7 @@ fn corpus() -> Vec<PathBuf> {
 }
 
 /// A placeholder for every `{{name}}` the document references. "1" serves where a number is
-/// expected as well as where text is.
+/// expected as well as where text is; a signing key gets base64.
 fn named_values(doc: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for piece in doc.split("{{").skip(1) {
@@ -39,7 +39,13 @@ fn named_values(doc: &str) -> BTreeMap<String, String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             {
-                out.insert(name.to_string(), "1".to_string());
+                // A signing key of validate-jwt is base64.
+                let value = if doc.contains(&format!("<key>{{{{{name}}}}}</key>")) {
+                    "c2VjcmV0"
+                } else {
+                    "1"
+                };
+                out.insert(name.to_string(), value.to_string());
             }
         }
     }

@@ -200,6 +200,13 @@ fn choose_trace_through_envoy() {
     replay_through_envoy("choose.jsonl");
 }
 
+/// validate-jwt with RS256, ES256 and HS256 keys: valid tokens pass; expired, wrongly signed,
+/// wrong audience or issuer, no scheme, garbage, absent and unscoped tokens get the policy's 401.
+#[test]
+fn jwt_trace_through_envoy() {
+    replay_through_envoy("jwt.jsonl");
+}
+
 /// A request (method, path, headers) and the status and body Envoy must answer with.
 type LocalReplyCase = (
     &'static str,

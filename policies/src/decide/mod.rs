@@ -18,6 +18,7 @@ use crate::counters::op::{CounterOp, Counting, Local, OpResult};
 use crate::counters::{CounterStore, StoreError};
 use crate::expr::{EvalError, Value, Variables};
 use crate::ids::{ApiId, OperationId, ProductId, SubscriptionId};
+use crate::jwt::{self, TokenSource};
 use crate::keys::key_digest;
 use crate::policy::{ip_number, SetHeader, Step, Text};
 use crate::response::{self, LocalResponse};
@@ -43,13 +44,15 @@ pub enum Outcome {
     BandwidthExceeded,
     IpForbidden,
     HeaderCheckFailed,
+    /// `validate-jwt` refused the token (or found none).
+    JwtInvalid,
     InternalError,
     /// Shared counters unreachable, under `onUnavailable: "deny"` (SPEC §7).
     CountersUnavailable,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Allowed,
         Outcome::Returned,
         Outcome::ApiNotFound,
@@ -61,6 +64,7 @@ impl Outcome {
         Outcome::BandwidthExceeded,
         Outcome::IpForbidden,
         Outcome::HeaderCheckFailed,
+        Outcome::JwtInvalid,
         Outcome::InternalError,
         Outcome::CountersUnavailable,
     ];
@@ -78,6 +82,7 @@ impl Outcome {
             Outcome::BandwidthExceeded => "bandwidth_exceeded",
             Outcome::IpForbidden => "ip_forbidden",
             Outcome::HeaderCheckFailed => "header_check_failed",
+            Outcome::JwtInvalid => "jwt_invalid",
             Outcome::InternalError => "internal_error",
             Outcome::CountersUnavailable => "counters_unavailable",
         }
@@ -530,6 +535,35 @@ impl Catalog {
                 Step::Skip(n) => {
                     i += *n as usize;
                     None
+                }
+                Step::ValidateJwt(j) => {
+                    let raw = match &j.source {
+                        TokenSource::Header(n) => header(req.headers, n).map(Cow::Borrowed),
+                        TokenSource::Query(n) => query_param(req.query, n).map(Cow::Owned),
+                        TokenSource::Value(t) => Some(eval_text(
+                            t,
+                            &CallFacts::inbound(self, call.id, *req, vars),
+                        )?),
+                    };
+                    let checked = j
+                        .token(raw.as_deref())
+                        .and_then(|t| j.verify(t, run.now).map(|()| t));
+                    match checked {
+                        Ok(token) => {
+                            if let Some(name) = &j.output_variable {
+                                let v = jwt::token_variable(token);
+                                set_variable(&mut variables, name, v);
+                            }
+                            None
+                        }
+                        Err(refusal) => Some((
+                            Outcome::JwtInvalid,
+                            response::jwt_invalid(
+                                j.status,
+                                j.message.as_deref().unwrap_or(refusal.default_message()),
+                            ),
+                        )),
+                    }
                 }
             };
             if denial.is_some() {
