@@ -6,6 +6,9 @@
 //! quota (APIM's Starter product), an API and an operation without policies, and one
 //! subscriber calling once a second; the decision by itself, and the whole call.
 //!
+//! Then [`tiers`]: a by-key limit alone, and the same limit picked by `choose` after a
+//! `set-variable`.
+//!
 //! Beside them, two parts that every keyed call pays whatever the design around them: the
 //! SHA-256 of the key (the catalog holds only digests), and one counter found in the memory
 //! store and handed to a change (a lock, the name hashed and compared).
@@ -190,5 +193,63 @@ fn starter(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, starter, parts);
+/// The product of the tiers case: one subscriber, and either a by-key limit on its name, or the
+/// same limit picked by a `choose` of two branches (the second taken) after a `set-variable`.
+fn tier_catalog(policy: &str) -> Catalog {
+    let doc = serde_json::json!({
+        "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+        "products": [{"name": "tiered", "apis": ["orders"], "policy": policy}],
+        "subscriptions": [{"name": "s", "properties": {"scope": "/products/tiered", "displayName": "Free app", "primaryKey": "tier-key"}}]
+    });
+    Catalog::load(&doc, LoadOptions::default()).unwrap()
+}
+
+/// `choose` with two branches and a by-key limit against the plain by-key limit (#20's goal:
+/// at most twice its cost).
+fn tiers(c: &mut Criterion) {
+    const LIMIT: &str = r#"<rate-limit-by-key calls="1000000" renewal-period="60" counter-key="@(context.Subscription.Id)" />"#;
+    let plain = tier_catalog(&format!("<policies><inbound>{LIMIT}</inbound></policies>"));
+    let chosen = tier_catalog(&format!(
+        r#"<policies><inbound>
+            <set-variable name="tier" value="@(context.Subscription.Name.StartsWith(&quot;Gold&quot;) ? &quot;gold&quot; : &quot;free&quot;)" />
+            <choose>
+              <when condition="@((string)context.Variables[&quot;tier&quot;] == &quot;gold&quot;)">
+                <rate-limit-by-key calls="2000000" renewal-period="60" counter-key="@(context.Subscription.Id)" />
+              </when>
+              <otherwise>{LIMIT}</otherwise>
+            </choose>
+        </inbound></policies>"#
+    ));
+    let headers = vec![(
+        "Ocp-Apim-Subscription-Key".to_string(),
+        "tier-key".to_string(),
+    )];
+    let req = Request {
+        method: "GET",
+        host: "api.contoso.com",
+        path: "/orders/1",
+        query: "",
+        headers: &headers,
+        client_ip: None,
+    };
+    for (name, catalog) in [
+        ("tiers/by-key limit", &plain),
+        (
+            "tiers/choose of two branches + set-variable + by-key limit",
+            &chosen,
+        ),
+    ] {
+        let (store, mut now) = (MemoryStore::new(), 1_767_225_600_000i64);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let decided = catalog.decide(black_box(&req), now, &store);
+                assert_eq!(decided.as_ref().unwrap().outcome, Outcome::Allowed);
+                black_box(&decided);
+                now += 1_000;
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench, starter, tiers, parts);
 criterion_main!(benches);
