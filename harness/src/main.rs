@@ -585,6 +585,9 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 "  policies       {} documents, {} steps, {} effective programs",
                 s.policy_documents, s.steps, s.programs
             );
+            for (scope, elements) in catalog.policy_usage() {
+                println!("    {scope}: {}", elements.join(", "));
+            }
             println!("  warnings       {}", catalog.warnings().len());
             for w in catalog.warnings() {
                 println!("    {w}");

@@ -31,6 +31,15 @@ fn check_prints_a_summary() {
     let s = String::from_utf8(out.stdout).unwrap();
     assert!(s.contains("apis           14 (6 operations)"), "{s}");
     assert!(s.contains("subscriptions  19 (14 active, 20 keys)"), "{s}");
+    // Which scope uses what: the tiered product's choose, and what its branches hold.
+    assert!(
+        s.contains("    product 'tiered': base, choose, include-fragment, rate-limit-by-key, return-response, set-header, set-variable\n"),
+        "{s}"
+    );
+    assert!(
+        s.contains("    API 'secure-api': base, validate-jwt\n"),
+        "{s}"
+    );
 }
 
 #[test]

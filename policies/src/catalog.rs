@@ -321,6 +321,8 @@ pub struct Catalog {
     pub(crate) edge: EdgeOptions,
     warnings: Vec<String>,
     policy_documents: usize,
+    /// Each policy document's scope and the elements it uses.
+    usage: Vec<(String, Vec<String>)>,
 }
 
 pub(crate) const NO_PRODUCT: u32 = u32::MAX;
@@ -395,6 +397,7 @@ impl Catalog {
             errors: &mut errors,
             steering: String::new(),
             including: Vec::new(),
+            usage: Vec::new(),
         };
         let mut compile = |text: &Option<(String, String)>, scope: Scope| -> Option<ScopePolicy> {
             let (src, _) = text.as_ref()?;
@@ -451,6 +454,7 @@ impl Catalog {
                     .collect::<Vec<_>>(),
             );
         }
+        let usage = std::mem::take(&mut compiler.usage);
         if !errors.is_empty() {
             return Err(LoadErrors(errors));
         }
@@ -583,7 +587,14 @@ impl Catalog {
                 w
             },
             policy_documents: documents,
+            usage,
         })
+    }
+
+    /// Each policy document's scope and the policy elements it uses (those of its `choose`
+    /// branches too), in load order: what `apim-edge check` shows of a real export.
+    pub fn policy_usage(&self) -> &[(String, Vec<String>)] {
+        &self.usage
     }
 
     /// Warnings of the load: skipped policy elements, and the like.

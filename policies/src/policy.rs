@@ -226,6 +226,8 @@ pub(crate) struct Compiler<'a> {
     pub steering: String,
     /// The fragments being included, innermost last: a fragment that includes itself is refused.
     pub including: Vec<String>,
+    /// For each document compiled: its scope and the policy elements it uses, for `check`.
+    pub usage: Vec<(String, Vec<String>)>,
 }
 
 /// The deepest fragments may include fragments.
@@ -311,6 +313,14 @@ impl Compiler<'_> {
             return None;
         }
         let before = self.errors.len();
+        let mut used = std::collections::BTreeSet::new();
+        for section in &root.children {
+            policy_elements(&section.children, &mut used);
+        }
+        self.usage.push((
+            scope.label.clone(),
+            used.into_iter().map(str::to_string).collect(),
+        ));
         self.steering.clear();
         steering(&root, &mut self.steering);
         // What included fragments hold steers too: their whole text, to be safe.
@@ -782,6 +792,18 @@ fn steering(el: &Element, out: &mut String) {
     }
     for c in &el.children {
         steering(c, out);
+    }
+}
+
+/// The names of the policy elements in a list, and in the branches of its `choose`s.
+fn policy_elements<'e>(list: &'e [Element], out: &mut std::collections::BTreeSet<&'e str>) {
+    for el in list {
+        out.insert(&el.name);
+        if el.name == "choose" {
+            for branch in &el.children {
+                policy_elements(&branch.children, out);
+            }
+        }
     }
 }
 
@@ -1325,6 +1347,7 @@ mod tests {
             errors: &mut errors,
             steering: String::new(),
             including: Vec::new(),
+            usage: Vec::new(),
         }
         .document(doc, &scope);
         let r = r.ok_or(errors);
