@@ -30,33 +30,65 @@ impl Drop for Server {
     }
 }
 
-fn redis_server() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (tests/run.sh installs it)");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Server(child, port);
+/// The process id of the Redis answering on `port`, when one answers (`INFO server`).
+fn redis_pid(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    panic!("redis-server did not start");
+    let at = text.find("process_id:")? + "process_id:".len();
+    text[at..].lines().next()?.trim().parse().ok()
+}
+
+/// A Redis of this test's own on a free port. The port is found by binding and letting go, so
+/// a test running beside this one may pick the same: a server that answers with another
+/// process id is not ours, and another port is tried.
+fn redis_server() -> Server {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (tests/run.sh installs it)");
+        for _ in 0..200 {
+            if let Some(pid) = redis_pid(port) {
+                if pid == child.id() {
+                    return Server(child, port);
+                }
+                break;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("redis-server did not start on a port of its own");
 }
 
 /// Every kind of counter: a rate limit and a quota side by side (a subscription's own), by-key
