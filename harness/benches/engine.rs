@@ -9,6 +9,8 @@
 //! Then [`tiers`]: a by-key limit alone, and the same limit picked by `choose` after a
 //! `set-variable`.
 //!
+//! And [`jwt`]: a decision under `validate-jwt` with an RS256 token.
+//!
 //! Beside them, two parts that every keyed call pays whatever the design around them: the
 //! SHA-256 of the key (the catalog holds only digests), and one counter found in the memory
 //! store and handed to a change (a lock, the name hashed and compared).
@@ -251,5 +253,38 @@ fn tiers(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, starter, tiers, parts);
+/// `validate-jwt` on the sample catalog's `secure-api`: a valid RS256 token, the first of
+/// `tests/traces/jwt.jsonl` (signature, then claims, on every call).
+fn jwt(c: &mut Criterion) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sample = std::fs::read_to_string(root.join("tests/catalog/sample.json")).unwrap();
+    let catalog = Catalog::load_str(&sample, LoadOptions::default()).unwrap();
+    let trace = std::fs::read_to_string(root.join("tests/traces/jwt.jsonl")).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(trace.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    let auth = first["headers"]["Authorization"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let headers = vec![("Authorization".to_string(), auth)];
+    let req = Request {
+        method: "GET",
+        host: "api.contoso.com",
+        path: "/secure/orders",
+        query: "",
+        headers: &headers,
+        client_ip: None,
+    };
+    let store = MemoryStore::new();
+    let now = 1_767_225_600_000i64;
+    c.bench_function("jwt/decision with a valid RS256 token", |b| {
+        b.iter(|| {
+            let decided = catalog.decide(black_box(&req), now, &store);
+            assert_eq!(decided.as_ref().unwrap().outcome, Outcome::Allowed);
+            black_box(&decided);
+        })
+    });
+}
+
+criterion_group!(benches, bench, starter, tiers, jwt, parts);
 criterion_main!(benches);

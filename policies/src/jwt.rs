@@ -49,16 +49,17 @@ impl KeyMaterial {
                 })
             };
         }
+        // PKCS#1 v1.5 on the key as loaded: nothing of the key is copied per call.
         fn rsa<D>(key: &RsaPublicKey, message: &[u8], signature: &[u8]) -> bool
         where
             D: sha2::Digest + rsa::pkcs8::AssociatedOid,
         {
-            let Ok(signature) = rsa::pkcs1v15::Signature::try_from(signature) else {
-                return false;
-            };
-            rsa::pkcs1v15::VerifyingKey::<D>::new(key.clone())
-                .verify(message, &signature)
-                .is_ok()
+            key.verify(
+                rsa::Pkcs1v15Sign::new::<D>(),
+                &D::digest(message),
+                signature,
+            )
+            .is_ok()
         }
         match (self, alg) {
             (KeyMaterial::Hmac(k), "HS256") => hmac!(sha2::Sha256, k),

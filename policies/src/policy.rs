@@ -695,7 +695,8 @@ impl Compiler<'_> {
                 let value = el.attr("value").ok_or_else(|| missing(el, "value"))?;
                 Step::SetVariable {
                     name: name.to_string(),
-                    value: typed_text(el, "'value'", value)?,
+                    // A literal is a string; an expression keeps whatever type it gives.
+                    value: text(el, "'value'", value, Ty::Str)?,
                 }
             }
             // APIM places mock-response in inbound, outbound and on-error only.
@@ -928,11 +929,6 @@ fn text(el: &Element, what: &str, value: &str, ty: Ty) -> Compiled<Text> {
         ));
     }
     Ok(Text::Expr(e))
-}
-
-/// A value of any type: a literal (a string), or an expression whatever it gives.
-fn typed_text(el: &Element, what: &str, value: &str) -> Compiled<Text> {
-    text(el, what, value, Ty::Str)
 }
 
 fn allowance(

@@ -422,6 +422,7 @@ impl Catalog {
             run.reserve = plan.reserve;
             // Expressions of this step see the variables set so far.
             let vars: &[(String, Value)] = &variables;
+            let facts = || CallFacts::inbound(self, call.id, *req, vars);
             let denial = match step {
                 Step::RateLimit(l) | Step::Quota(l) => {
                     let quota = matches!(step, Step::Quota(_));
@@ -443,20 +444,8 @@ impl Catalog {
                         None => run.subscription_limits(&[(ix, l, quota)], own, call)?,
                     }
                 }
-                Step::RateLimitByKey(l) => run.keyed_limit(
-                    ix,
-                    l,
-                    false,
-                    call,
-                    &CallFacts::inbound(self, call.id, *req, vars),
-                )?,
-                Step::QuotaByKey(l) => run.keyed_limit(
-                    ix,
-                    l,
-                    true,
-                    call,
-                    &CallFacts::inbound(self, call.id, *req, vars),
-                )?,
+                Step::RateLimitByKey(l) => run.keyed_limit(ix, l, false, call, &facts())?,
+                Step::QuotaByKey(l) => run.keyed_limit(ix, l, true, call, &facts())?,
                 Step::CheckHeader {
                     name,
                     status,
@@ -500,12 +489,7 @@ impl Catalog {
                 }
                 Step::SetHeader(h) => {
                     let exists = |name: &str| header(req.headers, name).is_some();
-                    set_header(
-                        h,
-                        &CallFacts::inbound(self, call.id, *req, vars),
-                        &exists,
-                        upstream,
-                    )?;
+                    set_header(h, &facts(), &exists, upstream)?;
                     None
                 }
                 Step::Respond {
@@ -514,20 +498,15 @@ impl Catalog {
                     body,
                 } => Some((
                     Outcome::Returned,
-                    local_response(
-                        *status,
-                        headers,
-                        body,
-                        &CallFacts::inbound(self, call.id, *req, vars),
-                    )?,
+                    local_response(*status, headers, body, &facts())?,
                 )),
                 Step::SetVariable { name, value } => {
-                    let v = variable_value(value, &CallFacts::inbound(self, call.id, *req, vars))?;
+                    let v = variable_value(value, &facts())?;
                     set_variable(&mut variables, name, v);
                     None
                 }
                 Step::Unless { condition, skip } => {
-                    if !eval_condition(condition, &CallFacts::inbound(self, call.id, *req, vars))? {
+                    if !eval_condition(condition, &facts())? {
                         i += *skip as usize;
                     }
                     None
@@ -540,10 +519,7 @@ impl Catalog {
                     let raw = match &j.source {
                         TokenSource::Header(n) => header(req.headers, n).map(Cow::Borrowed),
                         TokenSource::Query(n) => query_param(req.query, n).map(Cow::Owned),
-                        TokenSource::Value(t) => Some(eval_text(
-                            t,
-                            &CallFacts::inbound(self, call.id, *req, vars),
-                        )?),
+                        TokenSource::Value(t) => Some(eval_text(t, &facts())?),
                     };
                     let checked = j
                         .token(raw.as_deref())
