@@ -30,23 +30,28 @@ fn built(once: &'static OnceLock<PathBuf>, args: &[&str], output: &str) -> PathB
     .clone()
 }
 
+/// Builds package `package` for `wasm32-wasip1` in release (once per process, per `once`),
+/// and returns the path of `file` there.
+fn wasm(once: &'static OnceLock<PathBuf>, package: &str, file: &str) -> PathBuf {
+    let output = format!("target/wasm32-wasip1/release/{file}");
+    let args = ["--release", "--target", "wasm32-wasip1", "-p", package];
+    built(once, &args, &output)
+}
+
 /// Builds the filter (once per process) and returns the path of its `.wasm`.
 ///
 /// # Panics
 /// When the filter does not build: this is for tests and tools, where that is the failure.
 pub fn filter_wasm() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    built(
-        &BUILT,
-        &[
-            "--release",
-            "--target",
-            "wasm32-wasip1",
-            "-p",
-            "apim-edge-filter",
-        ],
-        "target/wasm32-wasip1/release/apim_edge_filter.wasm",
-    )
+    wasm(&BUILT, "apim-edge-filter", "apim_edge_filter.wasm")
+}
+
+/// Builds the test guest `tests/guest` (once per process), a proxy-wasm filter that is not
+/// apim-edge, and returns the path of its `.wasm`.
+pub fn test_guest_wasm() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    wasm(&BUILT, "apim-edge-test-guest", "apim_edge_test_guest.wasm")
 }
 
 /// Builds the counter service (once per process) and returns the path of its binary.

@@ -45,7 +45,8 @@ pub struct Bootstrap {
 /// The cluster name `envoy-config --counters` writes and its filter configuration names.
 pub const COUNTERS_CLUSTER: &str = "apim-counters";
 
-fn cluster(name: &str, (host, port): &(String, u16)) -> Value {
+/// A static cluster `name` of one endpoint.
+pub fn cluster(name: &str, (host, port): &(String, u16)) -> Value {
     json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint":
             {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]}})

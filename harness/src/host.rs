@@ -207,6 +207,8 @@ pub struct VmState {
     shared: Arc<Shared>,
     pub now_ns: u64,
     plugin_config: Vec<u8>,
+    /// The plugin's names and VM configuration, as the proxy's configuration gives them.
+    plugin: Arc<Plugin>,
     pub stream: Stream,
     pub logs: Vec<(i32, String)>,
     pub tick_period_ms: u32,
@@ -232,11 +234,42 @@ pub struct VmState {
     scratch: Vec<u8>,
 }
 
+/// What Envoy's plugin configuration gives a VM besides its plugin configuration: the names
+/// the guest reads as properties, and the VM configuration (`vm_config.configuration`).
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    /// `plugin_name` (Envoy's `name`).
+    pub name: String,
+    /// `plugin_root_id` (Envoy's `root_id`).
+    pub root_id: String,
+    /// `plugin_vm_id` (Envoy's `vm_config.vm_id`).
+    pub vm_id: String,
+    /// The bytes `proxy_on_vm_start` is told the size of.
+    pub vm_config: Vec<u8>,
+    /// Envoy's `failure_policy: FAIL_OPEN`: once the VM has failed, requests go on without
+    /// the filter instead of getting 503.
+    pub fail_open: bool,
+}
+
+impl Default for Plugin {
+    /// The names the apim-edge bootstraps give, and no VM configuration.
+    fn default() -> Self {
+        Plugin {
+            name: "apim-edge".into(),
+            root_id: "apim-edge".into(),
+            vm_id: "apim-edge".into(),
+            vm_config: Vec::new(),
+            fail_open: false,
+        }
+    }
+}
+
 /// A compiled module and the state its VMs share.
 pub struct Host {
     engine: Engine,
     module: Module,
     pub shared: Arc<Shared>,
+    plugin: Arc<Plugin>,
     /// The proxy's clusters, when the host was told them: a callout to another fails at
     /// dispatch (`None`: every callout is dispatched, for the responder to answer).
     clusters: Option<Arc<HashSet<String>>>,
@@ -299,8 +332,15 @@ impl Host {
             engine,
             module,
             shared: Arc::new(Shared::default()),
+            plugin: Arc::new(Plugin::default()),
             clusters: None,
         })
+    }
+
+    /// The plugin's names and VM configuration ([`Plugin::default`] until set).
+    pub fn with_plugin(mut self, plugin: Plugin) -> Host {
+        self.plugin = Arc::new(plugin);
+        self
     }
 
     /// The proxy's clusters: as in Envoy, a callout to a cluster not among them fails at
@@ -323,6 +363,7 @@ impl Host {
         state.shared = self.shared.clone();
         state.plugin_config = plugin_config.to_vec();
         state.clusters = self.clusters.clone();
+        state.plugin = self.plugin.clone();
         let mut store = Store::new(&self.engine, state);
         store.set_epoch_deadline(deadline_ticks());
         let linker = linker(&self.engine)?;
@@ -343,12 +384,14 @@ impl Host {
             store,
             instance,
             exports: Vec::new(),
+            failed: None,
         };
         if vm.instance.get_func(&mut vm.store, "_initialize").is_some() {
             vm.call::<(), ()>("_initialize", ())?;
         }
         vm.call2("proxy_on_context_create", ROOT, 0)?;
-        if vm.call2r("proxy_on_vm_start", ROOT, 0)? == 0 {
+        let vm_config_size = self.plugin.vm_config.len() as i32;
+        if vm.call2r("proxy_on_vm_start", ROOT, vm_config_size)? == 0 {
             bail!("proxy_on_vm_start returned false{}", vm.log_tail());
         }
         let size = plugin_config.len() as i32;
@@ -359,11 +402,19 @@ impl Host {
     }
 }
 
+impl VmState {
+    /// The plugin the VM runs as.
+    pub fn plugin(&self) -> &Plugin {
+        &self.plugin
+    }
+}
+
 fn blank_state() -> VmState {
     VmState {
         shared: Arc::new(Shared::default()),
         now_ns: 0,
         plugin_config: Vec::new(),
+        plugin: Arc::new(Plugin::default()),
         stream: Stream::default(),
         logs: Vec::new(),
         tick_period_ms: 0,
@@ -401,6 +452,9 @@ pub struct Vm {
     instance: Instance,
     /// The guest's exports, looked up and type-checked once per name and signature.
     exports: Exports,
+    /// Why the VM failed (a trap, or a call stopped at its deadline). Envoy calls a failed VM
+    /// no more, and neither does the host: every later call is an error.
+    pub failed: Option<String>,
 }
 
 impl Vm {
@@ -441,9 +495,16 @@ impl Vm {
         let Some(f) = self.exports[at].1.downcast_ref::<TypedFunc<P, R>>() else {
             bail!("{name}: cached with another signature");
         };
+        if let Some(why) = &self.failed {
+            bail!("{name}: not called, the VM failed earlier: {why}");
+        }
         self.store.set_epoch_deadline(deadline_ticks());
         let result = f.call(&mut self.store, args);
-        result.map_err(|e| self.failure(e, name))
+        result.map_err(|e| {
+            let e = self.failure(e, name);
+            self.failed = Some(format!("{e:#}"));
+            e
+        })
     }
 
     pub fn call1(&mut self, name: &str, a: i32) -> Result<()> {
@@ -756,7 +817,9 @@ fn edit_map(mut c: C, map: i32, key: (i32, i32), value: Option<(i32, i32)>, remo
 fn property<'s>(s: &'s VmState, path: &str) -> Option<&'s [u8]> {
     match path {
         "source.address" => s.stream.source_address.as_deref().map(str::as_bytes),
-        "plugin_name" | "plugin_vm_id" | "plugin_root_id" => Some(b"apim-edge"),
+        "plugin_name" => Some(s.plugin.name.as_bytes()),
+        "plugin_root_id" => Some(s.plugin.root_id.as_bytes()),
+        "plugin_vm_id" => Some(s.plugin.vm_id.as_bytes()),
         _ => s.stream.properties.get(path).map(Vec::as_slice),
     }
 }
@@ -881,7 +944,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                     None => return NOT_FOUND,
                 },
                 PLUGIN_CONFIGURATION => &s.plugin_config,
-                VM_CONFIGURATION => &[],
+                VM_CONFIGURATION => &s.plugin.vm_config,
                 _ => return NOT_FOUND,
             };
             // Sizes are unsigned in the ABI (usize::MAX arrives as -1).

@@ -5,10 +5,11 @@
 //! for benchmarks ([`synth`]), Envoy bootstraps for the filter ([`envoy`]), and the wasmtime
 //! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]), and the
 //! latency benchmark of both ([`bench`]); replays can share counters through a real counter
-//! service ([`counters`]).
+//! service ([`counters`]), and forward any callout to a real server ([`callouts`]).
 
 pub mod bench;
 pub mod build;
+pub mod callouts;
 pub mod counters;
 pub mod envoy;
 pub mod host;

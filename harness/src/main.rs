@@ -2,9 +2,10 @@
 //! generate synthetic catalogs. Exit codes: 0 fine, 1 a `--check` mismatch, 2 unusable input.
 
 use anyhow::{anyhow, Context};
+use apim_edge_harness::callouts::CalloutRules;
 use apim_edge_harness::counters::CounterForwarder;
 use apim_edge_harness::envoy::COUNTERS_CLUSTER;
-use apim_edge_harness::host::{Answer, Callout, CalloutKind};
+use apim_edge_harness::host::{Answer, Callout, Plugin};
 use apim_edge_harness::replay::{mismatches, replay_one};
 use apim_edge_harness::{bench, synth, trace, wasm_replay};
 use apim_edge_policies::{
@@ -51,11 +52,27 @@ enum Command {
         /// --check).
         #[arg(long)]
         expect_recorded: bool,
-        /// With --wasm: answer the filter's HTTP callouts to CLUSTER with 200 and FILE's bytes
-        /// (repeatable). A callout to a cluster neither this nor --counters names fails at
+        /// With --wasm: the proxy has cluster CLUSTER (repeatable). Its callouts are answered
+        /// with 200 (gRPC: OK) and FILE's bytes, or forwarded to the HTTP/1.1 or gRPC server at
+        /// HOST:PORT. A callout to a cluster neither this nor --counters names fails at
         /// dispatch (BadArgument), as to a cluster Envoy does not have.
-        #[arg(long, value_name = "CLUSTER=FILE")]
+        #[arg(long, value_name = "CLUSTER=FILE|HOST:PORT")]
         callout: Vec<String>,
+        /// With --wasm: FILE's bytes, as they are, are the plugin configuration (instead of
+        /// --config and --snapshot): for filters other than apim-edge.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "snapshot"])]
+        plugin_config: Option<PathBuf>,
+        /// With --wasm: FILE's bytes are the VM configuration (Envoy's
+        /// `vm_config.configuration`).
+        #[arg(long, value_name = "FILE")]
+        vm_config: Option<PathBuf>,
+        /// With --wasm: the plugin's root id (Envoy's `root_id`; default apim-edge).
+        #[arg(long)]
+        root_id: Option<String>,
+        /// With --wasm: after the VM fails (a trap, a panic), requests go upstream without the
+        /// filter, as with Envoy's `failure_policy: FAIL_OPEN`; without it they get 503.
+        #[arg(long)]
+        fail_open: bool,
         /// With --wasm: the filter's counter-service callouts go to apim-edge-counters at
         /// HOST:PORT (SPEC §7), so that replays in several processes share one Redis. Adds
         /// `counters` (cluster apim-counters) to the configuration when it has none.
@@ -154,8 +171,9 @@ enum Command {
 /// The catalog and the recorded traffic that `replay` and `bench` run.
 #[derive(clap::Args)]
 struct Traffic {
+    /// The catalog (SPEC §2); optional for `replay --wasm` with `--plugin-config`.
     #[arg(long)]
-    snapshot: PathBuf,
+    snapshot: Option<PathBuf>,
     #[arg(long)]
     trace: PathBuf,
     /// A filter configuration (JSON): unsupportedPolicies and failureMode here, all of it in
@@ -176,24 +194,35 @@ struct Loaded {
 }
 
 impl Traffic {
+    /// The snapshot and the trace (`--snapshot` is required here).
     fn load(&self, expect_recorded: bool) -> Result<Loaded, Unusable> {
-        let (plugin, mut cfg) = plugin_config(self.config.as_deref(), &self.snapshot)?;
+        let Some(snapshot) = &self.snapshot else {
+            return Err(Unusable(anyhow!(
+                "--snapshot is needed (without it, only `replay --wasm --plugin-config` runs)"
+            )));
+        };
+        let (plugin, mut cfg) = plugin_config(self.config.as_deref(), snapshot)?;
         let doc = cfg.snapshot.take().unwrap_or_default();
         let catalog = Catalog::load(&doc, cfg.load_options()).map_err(|e| {
             Unusable(anyhow!(
                 "{}: the snapshot does not load:\n{e}",
-                self.snapshot.display()
+                snapshot.display()
             ))
         })?;
-        let start = parse_rfc3339(&self.start)
-            .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {}", self.start)))?;
-        let entries = trace::read(&read(&self.trace)?, start, expect_recorded)
-            .map_err(|e| Unusable(anyhow!("{}: {e:#}", self.trace.display())))?;
+        let entries = self.entries(expect_recorded)?;
         Ok(Loaded {
             plugin,
             catalog,
             entries,
         })
+    }
+
+    /// The trace alone.
+    fn entries(&self, expect_recorded: bool) -> Result<Vec<trace::Entry>, Unusable> {
+        let start = parse_rfc3339(&self.start)
+            .ok_or_else(|| Unusable(anyhow!("--start: not an RFC 3339 time: {}", self.start)))?;
+        trace::read(&read(&self.trace)?, start, expect_recorded)
+            .map_err(|e| Unusable(anyhow!("{}: {e:#}", self.trace.display())))
     }
 }
 
@@ -277,25 +306,6 @@ fn load(path: &Path, unsupported: UnsupportedPolicies) -> Result<Catalog, Unusab
     })
 }
 
-/// Replay's answers to the filter's HTTP callouts: cluster name to body.
-struct CalloutRules(Vec<(String, Vec<u8>)>);
-
-impl apim_edge_harness::host::Responder for CalloutRules {
-    fn answer(&self, c: &Callout) -> Option<Answer> {
-        let body = self
-            .0
-            .iter()
-            .find(|(cluster, _)| *cluster == c.cluster && c.kind == CalloutKind::Http)?
-            .1
-            .clone();
-        Some(Answer {
-            status: 200,
-            headers: Vec::new(),
-            body,
-        })
-    }
-}
-
 /// The rules, and the counter service when `--counters` names one.
 struct Responders {
     rules: CalloutRules,
@@ -325,11 +335,8 @@ fn with_shared_counters(plugin: &str) -> Result<String, Unusable> {
 /// The clusters a replay's proxy has, as Envoy would: those `--callout` answers, and the
 /// configuration's counter service when `--counters` reaches one. A callout to another fails
 /// at dispatch.
-fn clusters(rules: &[String], counters: bool, plugin: &str) -> Vec<String> {
-    let mut clusters: Vec<String> = rules
-        .iter()
-        .filter_map(|r| r.split_once('=').map(|(c, _)| c.to_string()))
-        .collect();
+fn clusters(rules: &CalloutRules, counters: bool, plugin: &str) -> Vec<String> {
+    let mut clusters: Vec<String> = rules.clusters().map(str::to_string).collect();
     if counters {
         let config: serde_json::Value = serde_json::from_str(plugin).unwrap_or_default();
         let cluster = config["counters"]["cluster"]
@@ -338,25 +345,6 @@ fn clusters(rules: &[String], counters: bool, plugin: &str) -> Vec<String> {
         clusters.push(cluster.to_string());
     }
     clusters
-}
-
-fn callout_rules(rules: &[String]) -> Result<CalloutRules, Unusable> {
-    rules
-        .iter()
-        .map(|rule| {
-            let (cluster, file) = rule
-                .split_once('=')
-                .filter(|(c, f)| !c.is_empty() && !f.is_empty())
-                .ok_or_else(|| {
-                    Unusable(anyhow!("--callout: expected CLUSTER=FILE, not {rule:?}"))
-                })?;
-            let body = std::fs::read(file)
-                .with_context(|| format!("--callout {rule}: cannot read {file}"))
-                .map_err(Unusable)?;
-            Ok((cluster.to_string(), body))
-        })
-        .collect::<Result<_, _>>()
-        .map(CalloutRules)
 }
 
 /// A progress bar on standard error for long replays, drawn only on a terminal.
@@ -388,6 +376,10 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             callout,
             counters,
             log_level,
+            plugin_config,
+            vm_config,
+            root_id,
+            fail_open,
         } => {
             if wasm.is_none()
                 && (workers != 1
@@ -395,46 +387,87 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     || diff
                     || !callout.is_empty()
                     || counters.is_some()
-                    || log_level.is_some())
+                    || log_level.is_some()
+                    || plugin_config.is_some()
+                    || vm_config.is_some()
+                    || root_id.is_some()
+                    || fail_open)
             {
                 return Err(Unusable(anyhow!(
-                    "--workers, --parallel, --diff, --callout, --counters and --log-level need --wasm"
+                    "--workers, --parallel, --diff, --callout, --counters, --log-level, --plugin-config, --vm-config, --root-id and --fail-open need --wasm"
+                )));
+            }
+            if plugin_config.is_some() && (diff || counters.is_some()) {
+                return Err(Unusable(anyhow!(
+                    "--diff and --counters need apim-edge's configuration (--snapshot), not --plugin-config"
                 )));
             }
             let check = check || expect_recorded;
             let rules = Responders {
-                rules: callout_rules(&callout)?,
+                rules: CalloutRules::parse(&callout).map_err(Unusable)?,
                 counters: counters
                     .as_deref()
                     .map(CounterForwarder::new)
                     .transpose()
                     .map_err(Unusable)?,
             };
-            let Loaded {
-                mut plugin,
-                catalog,
-                entries,
-            } = traffic.load(expect_recorded)?;
+            // apim-edge's catalog and configuration, or another filter's raw configuration.
+            let (mut plugin, catalog, entries) = match &plugin_config {
+                None => {
+                    let Loaded {
+                        plugin,
+                        catalog,
+                        entries,
+                    } = traffic.load(expect_recorded)?;
+                    (plugin.into_bytes(), Some(catalog), entries)
+                }
+                Some(path) => {
+                    let bytes = std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))
+                        .map_err(Unusable)?;
+                    (bytes, None, traffic.entries(expect_recorded)?)
+                }
+            };
             if counters.is_some() {
-                plugin = with_shared_counters(&plugin)?;
+                plugin = with_shared_counters(&String::from_utf8_lossy(&plugin))?.into_bytes();
             }
             let store = MemoryStore::new();
             let runs = if wasm.is_some() && diff { 2 } else { 1 };
             let progress = progress_bar(entries.len() * runs);
-            let native: Vec<_> = entries
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    progress.inc(1);
-                    replay_one(&catalog, &store, i, e)
-                })
-                .collect();
+            let native: Vec<_> = match &catalog {
+                Some(catalog) => entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        progress.inc(1);
+                        replay_one(catalog, &store, i, e)
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             let records = match &wasm {
                 None => native.clone(),
                 Some(path) => {
+                    let mut identity = Plugin {
+                        fail_open,
+                        ..Plugin::default()
+                    };
+                    if let Some(id) = root_id {
+                        identity.root_id = id;
+                    }
+                    if let Some(path) = &vm_config {
+                        identity.vm_config = std::fs::read(path)
+                            .with_context(|| format!("cannot read {}", path.display()))
+                            .map_err(Unusable)?;
+                    }
                     let host = apim_edge_harness::host::Host::load(path)
                         .map_err(Unusable)?
-                        .with_clusters(clusters(&callout, counters.is_some(), &plugin));
+                        .with_plugin(identity)
+                        .with_clusters(clusters(
+                            &rules.rules,
+                            counters.is_some(),
+                            &String::from_utf8_lossy(&plugin),
+                        ));
                     let options = wasm_replay::Options {
                         workers,
                         parallel,
@@ -442,8 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                         progress: &progress,
                         log_level: log_level.map(|l| l as i32),
                     };
-                    wasm_replay::replay(&host, plugin.as_bytes(), &entries, &options)
-                        .map_err(Unusable)?
+                    wasm_replay::replay(&host, &plugin, &entries, &options).map_err(Unusable)?
                 }
             };
             progress.finish_and_clear();

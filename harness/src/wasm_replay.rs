@@ -4,7 +4,7 @@
 //! replay. Workers are VMs sharing one shared-data store: taken in turn (deterministic, for
 //! conformance) or on threads of their own (to stress compare-and-swap).
 
-use crate::host::{Host, Responder, Vm, ROOT};
+use crate::host::{Host, LocalReply, Responder, Vm, ROOT};
 use crate::replay::{DecisionRecord, UpstreamChanges};
 use crate::trace::Entry;
 use anyhow::Result;
@@ -51,9 +51,78 @@ fn nanos(at: apim_edge_policies::Millis) -> u64 {
     u64::try_from(at).unwrap_or(0).saturating_mul(1_000_000)
 }
 
+/// The outcome a replay gives a request its VM could not decide: the VM had failed (a trap,
+/// a panic, a call stopped at its deadline), earlier or on this very request. Not an engine
+/// outcome: the host's.
+pub const VM_FAILED: &str = "vm_failed";
+
+/// The outcome of a request the filter paused and neither resumed nor answered: Envoy ends it
+/// when the stream's idle timeout fires, with [`STALLED_STATUS`] `stream timeout`.
+pub const STALLED: &str = "stream_timeout";
+/// The status Envoy answers a stalled stream with.
+pub const STALLED_STATUS: u16 = 504;
+
 /// Decides one recorded request in `vm`, as stream `context`: first the VM's clock moves to the
 /// request's time, running the ticks due on the way (callouts answered by `responder`).
+///
+/// A VM that traps is failed from then on, as in Envoy: the request it trapped on gets 503 with
+/// an empty body, and every later one what Envoy's plugin `failure_policy` says
+/// ([`Plugin::fail_open`](crate::host::Plugin)): 503 again, or the upstream's answer as if the
+/// filter were not there. Their outcome is [`VM_FAILED`].
 pub fn replay_one(
+    vm: &mut Vm,
+    context: i32,
+    index: usize,
+    e: &Entry,
+    responder: &dyn Responder,
+) -> Result<DecisionRecord> {
+    if vm.failed.is_some() {
+        return Ok(failed_vm(vm, index, e, false));
+    }
+    let record = match stream(vm, context, index, e, responder) {
+        Ok(record) => record,
+        Err(_) if vm.failed.is_some() => return Ok(failed_vm(vm, index, e, true)),
+        Err(err) => return Err(err),
+    };
+    // The response has gone to the client: a trap from here on fails the VM for later requests.
+    let completed = (|| -> Result<()> {
+        vm.call1("proxy_on_log", context)?;
+        vm.call1r("proxy_on_done", context)?;
+        vm.call1("proxy_on_delete", context)?;
+        // What the call sent at completion (shared counters) lands before the next call.
+        vm.answer_callouts(responder)?;
+        Ok(())
+    })();
+    match completed {
+        Err(err) if vm.failed.is_none() => Err(err),
+        _ => Ok(record),
+    }
+}
+
+/// What a failed VM's request gets, as Envoy's failed plugin answers it; `now`: the VM failed
+/// on this very request (503 whatever the policy).
+fn failed_vm(vm: &Vm, index: usize, e: &Entry, now: bool) -> DecisionRecord {
+    let status = if vm.store.data().plugin().fail_open && !now {
+        e.upstream_status
+    } else {
+        503
+    };
+    DecisionRecord {
+        index,
+        status,
+        outcome: VM_FAILED,
+        api: None,
+        operation: None,
+        product: None,
+        subscription: None,
+        headers: BTreeMap::new(),
+        body: String::new(),
+        upstream: None,
+    }
+}
+
+/// The request and its response through the filter, up to the response reaching the client.
+fn stream(
     vm: &mut Vm,
     context: i32,
     index: usize,
@@ -88,17 +157,21 @@ pub fn replay_one(
     vm.call2("proxy_on_context_create", context, ROOT)?;
     let no_body = i32::from(e.request_bytes == 0);
     let action = vm.call3r("proxy_on_request_headers", context, n_headers, no_body)?;
+    let mut stalled = false;
     if action != 0 && vm.store.data().stream.local_reply.is_none() {
-        // Paused on its callouts (the counter service): their answers resume or answer it,
-        // as in Envoy's event loop.
+        // Paused on its callouts: their answers resume or answer it, as in Envoy's event loop.
         vm.answer_callouts(responder)?;
         let s = vm.store.data_mut();
-        if s.stream.local_reply.is_none() && !s.stream.request_resumed {
-            anyhow::bail!(
-                "request {index}: the filter paused it and neither resumed nor answered it (Envoy would hold it until the client gives up)"
-            );
-        }
+        stalled = s.stream.local_reply.is_none() && !s.stream.request_resumed;
         s.effective = context as u32;
+    }
+    if stalled {
+        // Nothing will move it: Envoy's stream idle timeout ends it with a reply of its own.
+        vm.store.data_mut().stream.local_reply = Some(LocalReply {
+            status: STALLED_STATUS,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: b"stream timeout".to_vec(),
+        });
     }
     if vm.store.data().stream.local_reply.is_none() && e.request_bytes > 0 {
         vm.call3r("proxy_on_request_body", context, e.request_bytes as i32, 1)?;
@@ -120,11 +193,37 @@ pub fn replay_one(
         }
     };
     let (status, headers, body) = match reply {
-        Some(r) => (
-            r.status,
-            collect(&r.headers),
-            String::from_utf8_lossy(&r.body).into_owned(),
-        ),
+        // Envoy encodes a reply sent while the request was decided through the filter too: its
+        // response callbacks see it, and may change it.
+        Some(r) => {
+            let s = vm.store.data_mut();
+            s.stream.response_headers = vec![(":status".into(), r.status.to_string())];
+            s.stream.response_headers.extend(r.headers);
+            s.stream.response_body = r.body;
+            let body = s.stream.response_body.len() as i32;
+            let n = s.stream.response_headers.len() as i32;
+            vm.call3r(
+                "proxy_on_response_headers",
+                context,
+                n,
+                i32::from(body == 0),
+            )?;
+            if body > 0 {
+                vm.call3r("proxy_on_response_body", context, body, 1)?;
+            }
+            let s = &vm.store.data().stream;
+            let status = s
+                .response_headers
+                .iter()
+                .find(|(n, _)| n == ":status")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(r.status);
+            (
+                status,
+                collect_regular(&s.response_headers),
+                String::from_utf8_lossy(&s.response_body).into_owned(),
+            )
+        }
         None => {
             let s = vm.store.data_mut();
             s.stream.response_headers = vec![(":status".into(), e.upstream_status.to_string())];
@@ -164,21 +263,17 @@ pub fn replay_one(
             }
         }
     };
-    vm.call1("proxy_on_log", context)?;
-    vm.call1r("proxy_on_done", context)?;
-    vm.call1("proxy_on_delete", context)?;
-    // What the call sent at completion (shared counters) lands before the next call.
-    vm.answer_callouts(responder)?;
-
     let props = &vm.store.data().stream.properties;
     let prop = |name: &str| {
         props
             .get(name)
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
-    let outcome = props
-        .get("apim_edge.outcome")
-        .map_or("unknown", |v| leak_outcome(v));
+    let outcome = match props.get("apim_edge.outcome") {
+        Some(v) => leak_outcome(v),
+        None if stalled => STALLED,
+        None => "unknown",
+    };
     Ok(DecisionRecord {
         index,
         status,

@@ -1,0 +1,196 @@
+//! Who answers a replayed filter's callouts (`apim-edge replay --wasm --callout`): for each
+//! cluster the proxy is said to have, a fixed answer read from a file, or a real server the
+//! callout is forwarded to (HTTP/1.1 for `proxy_http_call`, gRPC over HTTP/2 for
+//! `proxy_grpc_call`), as Envoy's cluster would reach it. Time stays virtual: the host waits
+//! for each answer, and the callout's answer arrives at the request's time.
+
+use crate::host::{Answer, Callout, CalloutKind, Responder};
+use anyhow::{anyhow, bail, Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a forwarded callout may take before it fails as a timed-out one does.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a cluster's callouts go.
+#[derive(Debug, Clone)]
+enum Target {
+    /// Answered with 200 (gRPC: OK) and these bytes.
+    Fixed(Vec<u8>),
+    /// Forwarded to the server at this address.
+    Server(SocketAddr),
+}
+
+/// `--callout` rules, by cluster.
+pub struct CalloutRules {
+    rules: Vec<(String, Target)>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl CalloutRules {
+    /// Reads `CLUSTER=FILE` and `CLUSTER=HOST:PORT` rules. A value that names an existing file
+    /// is a file; otherwise it must be an address.
+    pub fn parse(rules: &[String]) -> Result<Self> {
+        let rules = rules
+            .iter()
+            .map(|rule| {
+                let (cluster, value) = rule
+                    .split_once('=')
+                    .filter(|(c, v)| !c.is_empty() && !v.is_empty())
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "--callout: expected CLUSTER=FILE or CLUSTER=HOST:PORT, not {rule:?}"
+                        )
+                    })?;
+                let target = if Path::new(value).is_file() {
+                    Target::Fixed(
+                        std::fs::read(value)
+                            .with_context(|| format!("--callout {rule}: cannot read {value}"))?,
+                    )
+                } else {
+                    Target::Server(resolve(value).with_context(|| {
+                        format!("--callout {rule}: {value} is neither a file nor HOST:PORT")
+                    })?)
+                };
+                Ok((cluster.to_string(), target))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("a runtime for forwarded callouts")?;
+        Ok(CalloutRules { rules, runtime })
+    }
+
+    /// The clusters the rules name.
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|(c, _)| c.as_str())
+    }
+
+    fn target(&self, cluster: &str) -> Option<&Target> {
+        self.rules
+            .iter()
+            .find(|(c, _)| c == cluster)
+            .map(|(_, t)| t)
+    }
+}
+
+fn resolve(value: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let (_, port) = value.rsplit_once(':').ok_or_else(|| anyhow!("no port"))?;
+    port.parse::<u16>().map_err(|_| anyhow!("no port"))?;
+    value
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow!("{value} resolves to no address"))
+}
+
+impl Responder for CalloutRules {
+    fn answer(&self, c: &Callout) -> Option<Answer> {
+        match self.target(&c.cluster)? {
+            Target::Fixed(body) => Some(Answer {
+                status: if c.kind == CalloutKind::Http { 200 } else { 0 },
+                headers: Vec::new(),
+                body: body.clone(),
+            }),
+            Target::Server(addr) => {
+                let forwarded = self.runtime.block_on(async {
+                    tokio::time::timeout(FORWARD_TIMEOUT, forward(*addr, c)).await
+                });
+                // A failed or timed-out call is one without an answer, as Envoy reports it.
+                forwarded.ok()?.ok()
+            }
+        }
+    }
+}
+
+/// Sends one callout to `addr` and reads its whole answer.
+async fn forward(addr: SocketAddr, c: &Callout) -> Result<Answer> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let io = TokioIo::new(tcp);
+    let pseudo = |name: &str| {
+        c.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    match &c.kind {
+        CalloutKind::Http => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let mut request = hyper::Request::builder()
+                .method(pseudo(":method").unwrap_or("GET"))
+                .uri(pseudo(":path").unwrap_or("/"))
+                .header("host", pseudo(":authority").unwrap_or(&c.cluster));
+            for (n, v) in c.headers.iter().filter(|(n, _)| !n.starts_with(':')) {
+                request = request.header(n, v);
+            }
+            let response = sender
+                .send_request(request.body(Full::new(Bytes::from(c.body.clone())))?)
+                .await?;
+            let status = response.status().as_u16();
+            let headers = pairs(response.headers());
+            let body = response.into_body().collect().await?.to_bytes().to_vec();
+            Ok(Answer {
+                status,
+                headers,
+                body,
+            })
+        }
+        CalloutKind::Grpc { service, method } => {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            // One length-prefixed, uncompressed message.
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&u32::try_from(c.body.len())?.to_be_bytes());
+            framed.extend_from_slice(&c.body);
+            let mut request = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("http://{addr}/{service}/{method}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            for (n, v) in &c.headers {
+                request = request.header(n, v);
+            }
+            let response = sender
+                .send_request(request.body(Full::new(Bytes::from(framed)))?)
+                .await?;
+            let head = response.headers().clone();
+            let collected = response.into_body().collect().await?;
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            let body = collected.to_bytes();
+            // grpc-status in the trailers, or in the headers of a trailers-only answer.
+            let status = trailers
+                .get("grpc-status")
+                .or_else(|| head.get("grpc-status"))
+                .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+                .unwrap_or(2); // UNKNOWN
+            let message = match body.get(5..) {
+                Some(m) if body.first() == Some(&0) => m.to_vec(),
+                Some(_) => bail!("a compressed gRPC answer"),
+                None => Vec::new(),
+            };
+            Ok(Answer {
+                status,
+                headers: pairs(&head),
+                body: message,
+            })
+        }
+    }
+}
+
+fn pairs(map: &hyper::HeaderMap) -> Vec<(String, String)> {
+    map.iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
