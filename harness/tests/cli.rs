@@ -449,3 +449,65 @@ fn replay_shows_the_filters_logs_and_refuses_unknown_clusters() {
     ]);
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("apim-edge: snapshot from"));
 }
+
+/// The host for filters other than apim-edge: misuses of its options are exit 2 with a message
+/// that says what is missing or wrong.
+#[test]
+fn replay_for_any_filter_names_what_its_options_need() {
+    let trace = scratch("any-filter.jsonl");
+    std::fs::write(&trace, r#"{"method": "GET", "url": "/hello"}"#).unwrap();
+    let plugin = scratch("any-filter.plugin");
+    std::fs::write(&plugin, "auth").unwrap();
+    let guest = apim_edge_harness::build::test_guest_wasm();
+    let (trace, plugin, guest) = (
+        trace.to_str().unwrap(),
+        plugin.to_str().unwrap(),
+        guest.to_str().unwrap(),
+    );
+    // The guest run with its configuration, then what each case adds.
+    let guest_with = |more: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["replay", "--trace", trace, "--wasm", guest];
+        args.extend(["--plugin-config", plugin]);
+        args.extend(more);
+        args
+    };
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec!["replay", "--trace", trace, "--wasm", guest],
+            "--snapshot is needed (without it, only `replay --wasm --plugin-config` runs)",
+        ),
+        (
+            vec!["replay", "--trace", trace, "--plugin-config", plugin],
+            "--plugin-config, --vm-config, --root-id and --fail-open need --wasm",
+        ),
+        (
+            guest_with(&["--diff"]),
+            "--diff and --counters need apim-edge's configuration",
+        ),
+        (
+            guest_with(&["--callout", "auth=no-such-file"]),
+            "--callout auth=no-such-file: no-such-file is neither a file nor HOST:PORT",
+        ),
+        (
+            guest_with(&["--snapshot", "sample.json"]),
+            "cannot be used with",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = apim_edge(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    // And used rightly, the guest answers.
+    let out = apim_edge(&guest_with(&[]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["body"], "Hello, World!\n");
+    assert_eq!(record["headers"]["hello"], "World");
+}

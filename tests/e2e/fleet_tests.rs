@@ -459,21 +459,20 @@ fn scratch(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
+/// A catalog whose product has a quota of 30 calls a day, written to `name`.
+fn quota_of_30(name: &str) -> std::path::PathBuf {
+    let snapshot = scratch(name);
+    let policy = r#"<policies><inbound><quota calls="30" renewal-period="86400" /><base /></inbound></policies>"#;
+    std::fs::write(&snapshot, catalog(policy, "").to_string()).unwrap();
+    snapshot
+}
+
 #[test]
 fn replays_in_three_host_processes_share_one_redis_exactly() {
     let _one = serial();
     let redis = Redis::start();
     let service = CounterService::start(&redis.url());
-    let snapshot = scratch("quota.json");
-    std::fs::write(
-        &snapshot,
-        catalog(
-            r#"<policies><inbound><quota calls="30" renewal-period="86400" /><base /></inbound></policies>"#,
-            "",
-        )
-        .to_string(),
-    )
-    .unwrap();
+    let snapshot = quota_of_30("quota.json");
     // Three processes, 20 calls each, at interleaved times of one day.
     let children: Vec<_> = (0..3)
         .map(|p| {
@@ -582,4 +581,67 @@ fn apim_windows_hold_across_processes_on_the_virtual_clock() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `--callout CLUSTER=HOST:PORT` forwards the filter's gRPC callouts as they are, so a plain
+/// callout rule reaches the counter service as `--counters` does: two replays, one after the
+/// other, share one quota of 30 through Redis.
+#[test]
+fn a_callout_rule_forwards_grpc_to_the_counter_service() {
+    let _one = serial();
+    let redis = Redis::start();
+    let service = CounterService::start(&redis.url());
+    let snapshot = quota_of_30("forwarded.json");
+    let config = scratch("forwarded.config.json");
+    std::fs::write(
+        &config,
+        json!({"counters": {"cluster": "counters-by-rule"}}).to_string(),
+    )
+    .unwrap();
+    let mut admitted = Vec::new();
+    for part in 0..2 {
+        let lines: Vec<String> = (0..20)
+            .map(|i| {
+                json!({"t": (part * 20 + i) as f64, "method": "GET", "url": "/load/items/1",
+                       "headers": {"Ocp-Apim-Subscription-Key": "bulk-key"}})
+                .to_string()
+            })
+            .collect();
+        let trace = scratch(&format!("forwarded-{part}.jsonl"));
+        std::fs::write(&trace, lines.join("\n")).unwrap();
+        let out = std::process::Command::new(cli_bin())
+            .args(["replay", "--callout"])
+            .arg(format!("counters-by-rule=127.0.0.1:{}", service.port))
+            .arg("--config")
+            .arg(&config)
+            .arg("--snapshot")
+            .arg(&snapshot)
+            .arg("--trace")
+            .arg(&trace)
+            .arg("--wasm")
+            .arg(filter_wasm())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let statuses: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["status"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(statuses.len(), 20);
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 403),
+            "{statuses:?}"
+        );
+        admitted.push(statuses.iter().filter(|s| **s == 200).count());
+    }
+    // The second process saw the first one's 20 calls: only 10 of its own fit.
+    assert_eq!(admitted, [20, 10]);
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use apim_edge_harness::build::{cli_bin, counters_bin, filter_wasm, workspace_root as root};
+pub use apim_edge_harness::build::{
+    cli_bin, counters_bin, filter_wasm, test_guest_wasm, workspace_root as root,
+};
 
 pub mod fleet;
 
@@ -288,6 +290,21 @@ pub fn start_envoy_in_fleet(
     }
     .to_json();
     std::fs::write(&config, boot.to_string()).unwrap();
+    launch(&config, &dir, port, admin, concurrency)
+}
+
+/// Starts Envoy (`concurrency` workers) with a bootstrap written elsewhere, listening on
+/// `port` with its admin on `admin`, and waits until it is ready.
+pub fn start_envoy_bootstrap(
+    bootstrap: &Value,
+    port: u16,
+    admin: u16,
+    concurrency: usize,
+) -> Result<Envoy, String> {
+    let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("envoy.json");
+    std::fs::write(&config, bootstrap.to_string()).unwrap();
     launch(&config, &dir, port, admin, concurrency)
 }
 
