@@ -70,6 +70,8 @@ pub(crate) struct Subscription {
     pub scope: SubscriptionScope,
     pub active: bool,
     pub origin: Millis,
+    /// The owner's user id, kept only when some policy reads `context.User`.
+    pub user: Option<Box<str>>,
 }
 
 /// A subscription's name as its counters are keyed by. Kept inside the subscription when it
@@ -305,6 +307,8 @@ pub(crate) struct PathApis {
 /// A loaded, compiled snapshot. Immutable; a reload builds a new one.
 pub struct Catalog {
     pub(crate) service: String,
+    /// `context.Deployment.Region`: the service's `location`, or empty.
+    pub(crate) region: String,
     pub(crate) apis: Vec<Api>,
     pub(crate) products: Vec<Product>,
     pub(crate) subscriptions: Vec<Subscription>,
@@ -364,6 +368,9 @@ impl Catalog {
 
         let mut keys = KeyIndex::default();
         let mut subscriptions = Vec::with_capacity(snap.subscriptions.len());
+        // Owners are kept only for policies that read them: a million subscriptions' user ids
+        // would otherwise cost tens of megabytes for nothing.
+        let reads_user = snap.mentions("context.User");
         for (i, s) in snap.subscriptions.iter().enumerate() {
             for d in &s.keys {
                 if let Some(other) = keys.insert(*d, SubscriptionId(i as u32)) {
@@ -384,6 +391,7 @@ impl Catalog {
                 scope: s.scope,
                 active: s.state == "active",
                 origin: s.origin,
+                user: s.user.as_deref().filter(|_| reads_user).map(Box::from),
             });
         }
 
@@ -566,6 +574,7 @@ impl Catalog {
 
         Ok(Catalog {
             service: snap.service,
+            region: snap.location.clone().unwrap_or_default(),
             apis,
             products,
             subscriptions,

@@ -60,10 +60,14 @@ pub(crate) struct SubscriptionDef {
     /// Quota windows start here: `startDate`, else `createdDate`, else the epoch.
     pub origin: Millis,
     pub keys: Vec<Digest>,
+    /// The owner's user id (`context.User.Id`): the last segment of `ownerId`.
+    pub user: Option<String>,
 }
 
 pub(crate) struct Snapshot {
     pub service: String,
+    /// The service's `location` (`context.Deployment.Region`).
+    pub location: Option<String>,
     pub global_policy: Option<(String, String)>,
     pub named_values: HashMap<String, String>,
     /// Policy fragments by name (`include-fragment`): each a `<fragment>` document.
@@ -73,6 +77,23 @@ pub(crate) struct Snapshot {
     pub apis: Vec<ApiDef>,
     pub products: Vec<ProductDef>,
     pub subscriptions: Vec<SubscriptionDef>,
+}
+
+impl Snapshot {
+    /// Whether any policy text (fragments and named values included) contains `needle`: a
+    /// cheap, conservative test of what the policies may read, made before they are compiled.
+    pub(crate) fn mentions(&self, needle: &str) -> bool {
+        let policy =
+            |p: &Option<(String, String)>| p.as_ref().is_some_and(|(t, _)| t.contains(needle));
+        policy(&self.global_policy)
+            || self
+                .apis
+                .iter()
+                .any(|a| policy(&a.policy) || a.operations.iter().any(|o| policy(&o.policy)))
+            || self.products.iter().any(|p| policy(&p.policy))
+            || self.policy_fragments.values().any(|t| t.contains(needle))
+            || self.named_values.values().any(|t| t.contains(needle))
+    }
 }
 
 pub(crate) const SUBSCRIPTION_STATES: [&str; 6] = [
@@ -209,14 +230,23 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
             return Err(v.error("unsupported schemaVersion (this build reads 1)"));
         }
     }
-    let (service, global_policy) = match root.field("service") {
+    let (service, location, global_policy) = match root.field("service") {
         Some(s) => {
             s.expect_object()?;
             let p = s.properties();
             let name = s.opt_str("name")?.unwrap_or("apim").to_string();
-            (name, policy_text(s.field("policy").or(p.field("policy")))?)
+            // An ARM resource's location is beside its properties.
+            let location = match s.opt_str("location")? {
+                Some(l) => Some(l),
+                None => p.opt_str("location")?,
+            };
+            (
+                name,
+                location.map(str::to_string),
+                policy_text(s.field("policy").or(p.field("policy")))?,
+            )
         }
-        None => ("apim".to_string(), None),
+        None => ("apim".to_string(), None, None),
     };
 
     let mut named_values = HashMap::new();
@@ -406,8 +436,14 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
             .into_iter()
             .flatten()
             .collect();
+            let user = p
+                .opt_str("ownerId")?
+                .and_then(|o| o.trim_end_matches('/').rsplit('/').next())
+                .filter(|u| !u.is_empty())
+                .map(str::to_string);
             unique(&mut sub_ids, &name, i, &node, "subscription", errors);
             subscriptions.push(SubscriptionDef {
+                user,
                 display_name: p.opt_str("displayName")?.unwrap_or(&name).to_string(),
                 name,
                 scope,
@@ -420,6 +456,7 @@ fn read_into(root: &Node, errors: &mut Vec<LoadError>) -> Result<Snapshot> {
 
     Ok(Snapshot {
         service,
+        location,
         global_policy,
         named_values,
         policy_fragments,

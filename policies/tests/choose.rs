@@ -319,3 +319,67 @@ proptest! {
         }
     }
 }
+
+/// `context.User.Id` is the owner of the call's subscription (the last segment of its
+/// `ownerId`), `context.Deployment.Region` the service's `location`, and
+/// `context.Request.OriginalUrl` the URL as received (the edge rewrites none): a policy can
+/// pick a branch by user and region, as APIM's reference examples do.
+#[test]
+fn user_region_and_original_url_are_readable() {
+    let policy = r#"<policies><inbound><base />
+        <choose>
+          <when condition="@(context.User.Id == "1" &amp;&amp; "West US".Equals(context.Deployment.Region, StringComparison.OrdinalIgnoreCase))">
+            <set-header name="x-branch" exists-action="override"><value>admin-west</value></set-header>
+          </when>
+          <otherwise>
+            <set-header name="x-branch" exists-action="override"><value>other</value></set-header>
+          </otherwise>
+        </choose>
+        <set-header name="x-original" exists-action="override"><value>@(context.Request.OriginalUrl.Host + context.Request.OriginalUrl.Path)</value></set-header>
+    </inbound></policies>"#;
+    let load = |owner: &str, location: &str| {
+        let doc = json!({
+            "service": {"name": "contoso", "location": location},
+            "apis": [{"name": "orders", "properties": {"path": "orders"}}],
+            "products": [{"name": "p", "apis": ["orders"], "policy": policy}],
+            "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k",
+                "ownerId": owner}}]
+        });
+        Catalog::load(&doc, LoadOptions::default()).unwrap()
+    };
+    let h = headers(&[]);
+    for (owner, location, branch) in [
+        ("/subscriptions/x/resourceGroups/r/providers/Microsoft.ApiManagement/service/contoso/users/1", "westus", "other"),
+        ("/users/1", "West US", "admin-west"),
+        ("/users/1", "west us", "admin-west"),
+        ("/users/2", "West US", "other"),
+    ] {
+        let c = load(owner, location);
+        let d = c.decide(&request(&h), 0, &MemoryStore::new()).unwrap();
+        assert_eq!(d.outcome, Outcome::Allowed, "{owner} {location}");
+        assert_eq!(
+            set_value(&d.upstream, "x-branch").as_deref(),
+            Some(branch),
+            "{owner} {location}"
+        );
+        assert_eq!(
+            set_value(&d.upstream, "x-original").as_deref(),
+            Some("api.contoso.com/orders/1")
+        );
+    }
+}
+
+/// APIM's `context.User` is null for a subscription without an owner: reading its `Id`
+/// throws, which is an internal failure as any throwing expression is.
+#[test]
+fn the_user_of_a_subscription_without_owner_is_null() {
+    let c = catalog(
+        r#"<policies><inbound><base /><set-header name="x-user" exists-action="override"><value>@(context.User.Id)</value></set-header></inbound></policies>"#,
+    );
+    let h = headers(&[]);
+    let e = match c.decide(&request(&h), 0, &MemoryStore::new()) {
+        Ok(d) => panic!("decided {:?}", d.outcome),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("context.User is null"), "{e}");
+}

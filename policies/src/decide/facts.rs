@@ -54,6 +54,8 @@ impl<'c> CallFacts<'c, '_> {
             Member::OperationId => op.map(|o| o.name.as_str()),
             Member::OperationName => op.map(|o| o.display_name.as_str()),
             Member::OperationMethod => Some(op?.method.as_str()),
+            Member::UserId => sub.and_then(|s| s.user.as_deref()),
+            Member::DeploymentRegion => Some(c.region.as_str()),
             _ => return None,
         })
     }
@@ -91,7 +93,9 @@ impl Facts for CallFacts<'_, '_> {
             | Member::ApiId
             | Member::ApiName
             | Member::OperationId
-            | Member::OperationName => return None,
+            | Member::OperationName
+            | Member::UserId
+            | Member::DeploymentRegion => return None,
         })
     }
     fn status(&self) -> Option<u16> {

@@ -35,6 +35,9 @@ pub(crate) enum Member {
     RequestUrlPath,
     RequestUrlHost,
     ResponseStatusCode,
+    /// The subscription owner's id.
+    UserId,
+    DeploymentRegion,
 }
 
 impl Member {
@@ -56,6 +59,11 @@ impl Member {
             "context.Request.Method" => RequestMethod,
             "context.Request.Url.Path" => RequestUrlPath,
             "context.Request.Url.Host" => RequestUrlHost,
+            // The edge rewrites no URL: the original is the one received.
+            "context.Request.OriginalUrl.Path" => RequestUrlPath,
+            "context.Request.OriginalUrl.Host" => RequestUrlHost,
+            "context.User.Id" => UserId,
+            "context.Deployment.Region" => DeploymentRegion,
             "context.Response.StatusCode" => ResponseStatusCode,
             _ => return None,
         })
@@ -79,6 +87,8 @@ impl Member {
             OperationId | OperationName | OperationMethod => "context.Operation",
             RequestIpAddress | RequestMethod | RequestUrlPath | RequestUrlHost => "context.Request",
             ResponseStatusCode => "context.Response",
+            UserId => "context.User",
+            DeploymentRegion => "context.Deployment",
         }
     }
 }
