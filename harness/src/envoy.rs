@@ -91,6 +91,10 @@ impl Bootstrap {
                             // The client address (for ip-filter) from X-Forwarded-For.
                             "use_remote_address": false,
                             "xff_num_trusted_hops": 0,
+                            // The filter and the upstream see one path: dot segments resolved
+                            // and doubled slashes merged before the filter decides.
+                            "normalize_path": true,
+                            "merge_slashes": true,
                             "access_log": [access_log],
                             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                                 "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},

@@ -6,6 +6,30 @@ use crate::catalog::{Catalog, PathApis};
 use crate::decide::{host_of, trim_slashes, Request};
 use crate::ids::{ApiId, OperationId};
 
+/// Whether a path holds a dot segment (`.` or `..`, a dot written as itself or as `%2e`),
+/// which a proxy that normalises paths (RFC 3986 §5.2.4, Envoy's `normalize_path`) has
+/// removed. Such a path routes to no API: decided by its prefix, it would reach the upstream
+/// still holding the `..` the upstream resolves, outside the API it was decided for.
+pub(crate) fn has_dot_segment(path: &str) -> bool {
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
+    segments(path).any(|segment| {
+        let (mut rest, mut dots) = (segment, 0);
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('.') {
+                rest = after;
+            } else if rest.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("%2e")) {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots <= 2
+    })
+}
+
 /// The non-empty `/`-separated segments of a path.
 pub(crate) fn segments(path: &str) -> Segments<'_> {
     Segments { rest: path }
@@ -355,6 +379,9 @@ impl Catalog {
         // slashes (outer slashes aside). Then it is routed as it is, without a copy, and what is
         // below the API's path has the segments the API's path has not.
         let trimmed = trim_slashes(req.path);
+        if has_dot_segment(trimmed) {
+            return None;
+        }
         let shape = PathShape::of(trimmed);
         if shape.needs_normalising() {
             return self.route_normalised(req).map(|a| (a, None));
@@ -462,6 +489,32 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_written_plainly_or_percent_encoded_are_found() {
+        for path in [
+            "echo/../admin",
+            "echo/./x",
+            "echo/%2e%2e/admin",
+            "echo/%2E./admin",
+            "echo/.%2e",
+            "..",
+            "echo/x/..",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "echo/items/1",
+            "echo/...",
+            "echo/v1.2/x",
+            "echo/.well-known/x",
+            "echo/%2e%2e%2e",
+            "echo/a%2eb",
+            "",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 
     fn m(t: &str, p: &str) -> bool {
         UrlTemplate::parse(t).unwrap().matches(&Below::new(p))

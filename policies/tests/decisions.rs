@@ -543,3 +543,60 @@ fn an_outbound_return_response_is_the_answer_and_on_error_is_refused() {
         "{e}"
     );
 }
+
+/// A key given twice (two header fields, or the parameter repeated) is read as HTTP and .NET
+/// read a repeated field, its values joined with `,`: no subscription's key, even when both are
+/// the same valid key (docs/choices.md).
+#[test]
+fn a_key_given_twice_is_no_key() {
+    let c = catalog("<policies />", "<policies />");
+    let once = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let d = c
+        .decide(&request(&once, ""), 0, &MemoryStore::new())
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Allowed);
+    for (h, query) in [
+        (
+            headers(&[
+                ("Ocp-Apim-Subscription-Key", "k"),
+                ("ocp-apim-subscription-key", "k"),
+            ]),
+            "",
+        ),
+        (
+            headers(&[
+                ("Ocp-Apim-Subscription-Key", "k"),
+                ("Ocp-Apim-Subscription-Key", "x"),
+            ]),
+            "",
+        ),
+        (headers(&[]), "subscription-key=k&subscription-key=k"),
+    ] {
+        let d = c
+            .decide(&request(&h, query), 0, &MemoryStore::new())
+            .unwrap();
+        assert_eq!(d.outcome, Outcome::InvalidKey, "{h:?} {query}");
+        assert_eq!(d.response.unwrap().status, 401);
+    }
+}
+
+/// A path holding a dot segment (`..`, `.`, plain or percent-encoded) routes to no API: a
+/// proxy that normalises paths has removed them, and one that did not would hand the upstream
+/// a path that leaves the API it was decided for.
+#[test]
+fn a_path_with_dot_segments_routes_to_no_api() {
+    let c = catalog("<policies />", "<policies />");
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    for path in [
+        "/orders/../admin",
+        "/orders/%2e%2e/admin",
+        "/orders/./1",
+        "/orders/1/..",
+    ] {
+        let mut r = request(&h, "");
+        r.path = path;
+        let d = c.decide(&r, 0, &MemoryStore::new()).unwrap();
+        assert_eq!(d.outcome, Outcome::ApiNotFound, "{path}");
+        assert_eq!(d.response.unwrap().status, 404, "{path}");
+    }
+}
