@@ -72,9 +72,9 @@ impl Facts for CallFacts<'_, '_> {
                 self.id.subscription?;
                 match self.id.key? {
                     KeySource::Header => {
-                        header(self.request.headers, &api.header_lower)?.to_string()
+                        key_header(self.request.headers, &api.header_lower)?.into_owned()
                     }
-                    KeySource::Query => query_param(self.request.query, &api.query_name)?,
+                    KeySource::Query => key_param(self.request.query, &api.query_name)?,
                 }
             }
             Member::ApiPath => format!("/{}", api.path_text),

@@ -297,14 +297,14 @@ impl Catalog {
         }
 
         // The key: the header, else (only when the header is absent) the query parameter.
-        // An empty value counts as absent.
+        // An empty value counts as absent; a repeated one is its values joined (no key).
         // Only the key's digest is kept.
-        let key = match header(req.headers, &api.header_lower).filter(|k| !k.is_empty()) {
+        let key = match key_header(req.headers, &api.header_lower).filter(|k| !k.is_empty()) {
             Some(k) => {
                 call.id.key = Some(KeySource::Header);
-                Some(key_digest(k))
+                Some(key_digest(&k))
             }
-            None => query_param(req.query, &api.query_name)
+            None => key_param(req.query, &api.query_name)
                 .filter(|k| !k.is_empty())
                 .map(|k| {
                     call.id.key = Some(KeySource::Query);

@@ -80,6 +80,46 @@ pub(crate) fn header<'r>(headers: &'r [(String, String)], lower: &str) -> Option
         .map(|(_, v)| v.as_str())
 }
 
+/// A header's value as a subscription key is read from it. A header given more than once is
+/// one value, its values joined with `,`, as HTTP (RFC 9110 §5.3) and .NET present a repeated
+/// field: two keys in one request are no key of any subscription.
+pub(crate) fn key_header<'r>(
+    headers: &'r [(String, String)],
+    lower: &str,
+) -> Option<std::borrow::Cow<'r, str>> {
+    let mut values = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(lower))
+        .map(|(_, v)| v.as_str());
+    let first = values.next()?;
+    match values.next() {
+        None => Some(std::borrow::Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = format!("{first},{second}");
+            for v in values {
+                joined.push(',');
+                joined.push_str(v);
+            }
+            Some(std::borrow::Cow::Owned(joined))
+        }
+    }
+}
+
+/// A query parameter's value as a subscription key is read from it: repeated, its values
+/// joined with `,` (as .NET reads a repeated parameter), which no key equals.
+pub(crate) fn key_param(query: &str, name: &str) -> Option<String> {
+    let mut values = query.split('&').filter_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode_component(k) == name).then(|| decode_component(v))
+    });
+    let mut key = values.next()?;
+    for v in values {
+        key.push(',');
+        key.push_str(&v);
+    }
+    Some(key)
+}
+
 pub(crate) fn hex_value(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
