@@ -17,6 +17,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `println!` that stops quietly when standard output is gone (`apim-edge check | head`)
+/// instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that stops quietly when standard output is gone.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "apim-edge",
@@ -484,7 +499,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 for (n, w) in native.iter().zip(&records) {
                     if n != w {
                         differ += 1;
-                        println!(
+                        outln!(
                             "request {}:\n  native {}\n  wasm   {}",
                             n.index,
                             serde_json::to_string(n).unwrap_or_default(),
@@ -588,7 +603,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     )
                 }
             };
-            print!("{}", bench::report(&native, measured_wasm.as_ref()));
+            out!("{}", bench::report(&native, measured_wasm.as_ref()));
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {
@@ -602,27 +617,32 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             };
             let catalog = load(&snapshot, mode)?;
             let s = catalog.summary();
-            println!("snapshot {}: loads", snapshot.display());
-            println!("  service        {}", s.service);
-            println!("  apis           {} ({} operations)", s.apis, s.operations);
-            println!(
+            outln!("snapshot {}: loads", snapshot.display());
+            outln!("  service        {}", s.service);
+            outln!("  apis           {} ({} operations)", s.apis, s.operations);
+            outln!(
                 "  products       {} ({} without subscriptions)",
-                s.products, s.open_products
+                s.products,
+                s.open_products
             );
-            println!(
+            outln!(
                 "  subscriptions  {} ({} active, {} keys)",
-                s.subscriptions, s.active_subscriptions, s.keys
+                s.subscriptions,
+                s.active_subscriptions,
+                s.keys
             );
-            println!(
+            outln!(
                 "  policies       {} documents, {} steps, {} effective programs",
-                s.policy_documents, s.steps, s.programs
+                s.policy_documents,
+                s.steps,
+                s.programs
             );
             for (scope, elements) in catalog.policy_usage() {
-                println!("    {scope}: {}", elements.join(", "));
+                outln!("    {scope}: {}", elements.join(", "));
             }
-            println!("  warnings       {}", catalog.warnings().len());
+            outln!("  warnings       {}", catalog.warnings().len());
             for w in catalog.warnings() {
-                println!("    {w}");
+                outln!("    {w}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -740,7 +760,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 Some(path) => std::fs::write(path, text)
                     .with_context(|| format!("cannot write {}", path.display()))
                     .map_err(Unusable)?,
-                None => print!("{text}"),
+                None => out!("{text}"),
             }
             if !wasm.exists() {
                 eprintln!("note: {} does not exist yet: cargo build --release --target wasm32-wasip1 -p apim-edge-filter", wasm.display());
