@@ -29,7 +29,7 @@ fn check_prints_a_summary() {
     let out = apim_edge(&["check", &sample()]);
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
-    assert!(s.contains("apis           14 (6 operations)"), "{s}");
+    assert!(s.contains("apis           15 (8 operations)"), "{s}");
     assert!(s.contains("subscriptions  19 (14 active, 20 keys)"), "{s}");
     // Which scope uses what: the tiered product's choose, and what its branches hold.
     assert!(
@@ -40,6 +40,7 @@ fn check_prints_a_summary() {
         s.contains("    API 'secure-api': base, validate-jwt\n"),
         "{s}"
     );
+    assert!(s.contains("    API 'cors-api': base, cors\n"), "{s}");
 }
 
 #[test]
@@ -61,24 +62,24 @@ fn a_broken_snapshot_exits_2_naming_the_json_path() {
 
 #[test]
 fn an_unsupported_policy_is_refused_or_skipped() {
-    let p = scratch("cors.json");
+    let p = scratch("cache.json");
     std::fs::write(
         &p,
-        r#"{"apis": [{"name": "a", "path": "a", "policy": "<policies>\n<inbound>\n  <cors />\n</inbound></policies>"}]}"#,
+        r#"{"apis": [{"name": "a", "path": "a", "policy": "<policies>\n<inbound>\n  <cache-lookup />\n</inbound></policies>"}]}"#,
     )
     .unwrap();
     let out = apim_edge(&["check", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8(out.stderr).unwrap();
     assert!(
-        e.contains("API 'a' policy, line 3, column 3: <cors> is not supported at the edge"),
+        e.contains("API 'a' policy, line 3, column 3: <cache-lookup> is not supported at the edge"),
         "{e}"
     );
     let out = apim_edge(&["check", "--skip-unsupported", p.to_str().unwrap()]);
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
     assert!(s.contains("warnings       1"), "{s}");
-    assert!(s.contains("skipped: <cors>"), "{s}");
+    assert!(s.contains("skipped: <cache-lookup>"), "{s}");
 }
 
 #[test]
@@ -510,4 +511,22 @@ fn replay_for_any_filter_names_what_its_options_need() {
     assert_eq!(record["status"], 200);
     assert_eq!(record["body"], "Hello, World!\n");
     assert_eq!(record["headers"]["hello"], "World");
+}
+
+/// Output piped into a reader that stops early (`apim-edge synth | head`) ends the command
+/// quietly, without a panic.
+#[test]
+fn a_closed_output_pipe_is_no_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apim-edge"))
+        .args(["synth", "--subscriptions", "200000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
