@@ -209,6 +209,11 @@ pub fn mismatches(got: &DecisionRecord, expect: &Expect) -> Vec<String> {
             None => out.push(format!("header {name}: expected {want:?}, absent")),
         }
     }
+    for name in &expect.absent {
+        if let Some(v) = got.headers.get(name) {
+            out.push(format!("header {name}: expected absent, got {v:?}"));
+        }
+    }
     for (field, want) in &expect.identity {
         let got_value = match *field {
             "api" => &got.api,

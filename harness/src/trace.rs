@@ -15,6 +15,9 @@ pub struct Expect {
     pub outcome: Option<String>,
     /// Lower-case names.
     pub headers: BTreeMap<String, String>,
+    /// Headers the response must not carry: `null` in `expect.headers` (an extension of
+    /// SPEC §6). Lower-case names.
+    pub absent: Vec<String>,
     pub body: Option<String>,
     /// Who the call resolved to (an extension of SPEC §6): absent, not checked; `null`, none.
     pub identity: BTreeMap<&'static str, Option<String>>,
@@ -99,6 +102,20 @@ fn split_url(url: &str) -> (Option<String>, String, String) {
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let path = if path.is_empty() { "/" } else { path };
     (host, path.to_string(), query.to_string())
+}
+
+/// `expect.headers` without the headers it expects absent (`null`).
+fn present(v: Option<&Value>) -> Value {
+    match v {
+        Some(Value::Object(m)) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        Some(v) => v.clone(),
+        None => Value::Null,
+    }
 }
 
 fn headers_of(v: &Value) -> Result<Vec<(String, String)>> {
@@ -217,11 +234,19 @@ pub fn parse_line(line: &str, start: Millis) -> Result<Entry> {
                 .map(|s| status(s, "expect.status"))
                 .transpose()?,
             outcome: str_field(e, "outcome")?.map(str::to_string),
-            headers: headers_of(e.get("headers").unwrap_or(&Value::Null))
+            headers: headers_of(&present(e.get("headers")))
                 .context("expect")?
                 .into_iter()
                 .map(|(k, v)| (k.to_ascii_lowercase(), v))
                 .collect(),
+            absent: match e.get("headers") {
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .filter(|(_, v)| v.is_null())
+                    .map(|(k, _)| k.to_ascii_lowercase())
+                    .collect(),
+                _ => Vec::new(),
+            },
             body: str_field(e, "body")?.map(str::to_string),
             identity: IDENTITY
                 .iter()

@@ -13,6 +13,7 @@
 
 mod catalog;
 mod clock;
+mod cors;
 mod counters;
 mod decide;
 pub mod edge;

@@ -6,6 +6,7 @@
 //! outside the edge subset are refused or skipped as the configuration says.
 
 use crate::clock::{parse_rfc3339, Millis, YEAR_ONE};
+use crate::cors::{self, Allowed, Cors};
 use crate::error::LoadError;
 use crate::expr::{self, Expr, Ty};
 use crate::jwt::{self, JwtCheck, JwtFault, TokenSource};
@@ -47,7 +48,7 @@ pub(crate) const SECTIONS: [&str; 4] = ["inbound", "backend", "outbound", "on-er
 
 /// Elements APIM allows once per policy definition (its policy reference: "this policy can be
 /// used only once per policy definition").
-const ONCE_PER_DOCUMENT: [&str; 2] = ["rate-limit", "quota"];
+const ONCE_PER_DOCUMENT: [&str; 3] = ["rate-limit", "quota", "cors"];
 pub(crate) const INBOUND: usize = 0;
 pub(crate) const BACKEND: usize = 1;
 pub(crate) const OUTBOUND: usize = 2;
@@ -199,6 +200,9 @@ pub(crate) enum Step {
     /// passed over.
     Skip(u32),
     ValidateJwt(Box<JwtCheck>),
+    /// `cors`: a preflight is answered from it; an actual call from an allowed origin gets its
+    /// headers, one from another origin is ended or let through as it says.
+    Cors(Box<Cors>),
 }
 
 /// Why an element could not be compiled.
@@ -389,6 +393,16 @@ impl Compiler<'_> {
                     continue;
                 }
                 once.push((el.name.clone(), el.pos));
+            }
+            if el.name == "cors" && in_branch {
+                // A preflight runs the inbound section's top-level cors policies only.
+                self.error(
+                    scope,
+                    el.pos,
+                    "<cors> must be a direct child of <inbound> (not in a <choose> or a fragment)"
+                        .into(),
+                );
+                continue;
             }
             if el.name == "include-fragment" {
                 match self.fragment(el, scope, section, once) {
@@ -689,6 +703,10 @@ impl Compiler<'_> {
                 only(&[INBOUND])?;
                 Step::ValidateJwt(Box::new(validate_jwt(el, self.jwks)?))
             }
+            "cors" => {
+                only(&[INBOUND])?;
+                Step::Cors(Box::new(cors(el)?))
+            }
             "set-header" => Step::SetHeader(set_header(el)?),
             "set-variable" => {
                 let name = required(el, "name")?;
@@ -816,6 +834,98 @@ fn fragment_ids<'e>(el: &'e Element, out: &mut Vec<&'e str>) {
     for c in &el.children {
         fragment_ids(c, out);
     }
+}
+
+/// `<cors>`: origins (required), methods (default `GET`, `POST`), headers (default none),
+/// exposed headers, the preflight's lifetime; `*` allows all of a kind.
+fn cors(el: &Element) -> Compiled<Cors> {
+    const CHILDREN: [&str; 4] = [
+        "allowed-origins",
+        "allowed-methods",
+        "allowed-headers",
+        "expose-headers",
+    ];
+    if let Some(c) = el
+        .children
+        .iter()
+        .find(|c| !CHILDREN.contains(&c.name.as_str()))
+    {
+        return Err(Fault::Invalid(
+            c.pos,
+            format!("<{}> is not allowed inside <cors>", c.name),
+        ));
+    }
+    let child = |name: &str| el.children.iter().find(|c| c.name == name);
+    // The items of a list, literal, each trimmed; `*` among them allows all.
+    let items = |list: &Element, item: &str| -> Compiled<(bool, Vec<String>)> {
+        let mut any = false;
+        let mut out = Vec::new();
+        for c in &list.children {
+            if c.name != item {
+                return Err(Fault::Invalid(
+                    c.pos,
+                    format!("<{}> is not allowed inside <{}>", c.name, list.name),
+                ));
+            }
+            let value = literal(c, item, &c.text)?.trim();
+            if value == "*" {
+                any = true;
+            } else if !value.is_empty() {
+                out.push(value.to_string());
+            }
+        }
+        Ok((any, out))
+    };
+    let allowed = |(any, list): (bool, Vec<String>)| match any {
+        true => Allowed::Any,
+        false => Allowed::Listed(list),
+    };
+    let origins_el = child("allowed-origins")
+        .ok_or_else(|| Fault::Invalid(el.pos, "<cors> needs <allowed-origins>".into()))?;
+    let (any_origin, listed) = items(origins_el, "origin")?;
+    if !any_origin && listed.is_empty() {
+        return Err(Fault::Invalid(
+            origins_el.pos,
+            "<allowed-origins> needs at least one <origin>".into(),
+        ));
+    }
+    let origins = allowed((
+        any_origin,
+        listed
+            .iter()
+            .map(|o| cors::normal_origin(o).to_string())
+            .collect(),
+    ));
+    let allow_credentials = bool_attr(el, "allow-credentials")?.unwrap_or(false);
+    if allow_credentials && origins == Allowed::Any {
+        return Err(Fault::Invalid(
+            el.pos,
+            "allow-credentials=\"true\" cannot be used with the origin '*': name the origins"
+                .into(),
+        ));
+    }
+    let methods_el = child("allowed-methods");
+    Ok(Cors {
+        allow_credentials,
+        terminate_unmatched: bool_attr(el, "terminate-unmatched-request")?.unwrap_or(true),
+        origins,
+        methods: match methods_el {
+            Some(m) => allowed(items(m, "method")?),
+            None => Allowed::Listed(vec!["GET".into(), "POST".into()]),
+        },
+        max_age: match methods_el {
+            Some(m) => int_attr(m, "preflight-result-max-age")?,
+            None => None,
+        },
+        headers: match child("allowed-headers") {
+            Some(h) => allowed(items(h, "header")?),
+            None => Allowed::Listed(Vec::new()),
+        },
+        expose: match child("expose-headers") {
+            Some(h) => items(h, "header")?.1,
+            None => Vec::new(),
+        },
+    })
 }
 
 fn missing(el: &Element, attr: &str) -> Fault {
@@ -1450,10 +1560,10 @@ mod tests {
     #[test]
     fn unsupported_reject_names_element_scope_and_position() {
         let e = err(
-            "<policies>\n  <inbound>\n    <cors />\n  </inbound>\n</policies>",
+            "<policies>\n  <inbound>\n    <cache-lookup />\n  </inbound>\n</policies>",
             ScopeKind::Product,
         );
-        assert_eq!(e, "product 'starter' policy, line 3, column 5: <cors> is not supported at the edge (product 'starter', inbound section)");
+        assert_eq!(e, "product 'starter' policy, line 3, column 5: <cache-lookup> is not supported at the edge (product 'starter', inbound section)");
         let e = err("<policies><inbound><set-header name=\"a\"><value>@(context.User.Email)</value></set-header></inbound></policies>", ScopeKind::Product);
         assert!(e.contains("expression \"@(context.User.Email)\""), "{e}");
     }
@@ -1461,7 +1571,7 @@ mod tests {
     #[test]
     fn unsupported_skip_warns_once_and_loads() {
         let (steps, r, warnings) = compile(
-            "<policies><inbound><cors /><base /><cors /></inbound></policies>",
+            "<policies><inbound><cache-lookup /><base /><cache-lookup /></inbound></policies>",
             ScopeKind::Product,
             UnsupportedPolicies::Skip,
         );

@@ -187,6 +187,16 @@ pub(crate) fn jwt_invalid(status: u16, message: &str) -> LocalResponse {
     header_check_failed(status, message)
 }
 
+/// An empty 200 with `headers`: a CORS preflight's answer, or the end of a cross-origin call
+/// a `cors` does not allow.
+pub(crate) fn empty_ok(headers: Vec<(Cow<'static, str>, Cow<'static, str>)>) -> LocalResponse {
+    LocalResponse {
+        status: 200,
+        headers,
+        body: String::new(),
+    }
+}
+
 pub(crate) fn internal_error() -> LocalResponse {
     plain(500, "Internal server error", None)
 }

@@ -79,6 +79,11 @@ fn replay_through_envoy(name: &str) {
                 ));
             }
         }
+        for h in &expect.absent {
+            if let Some(v) = r.header(h) {
+                wrong.push(format!("{name}[{i}]: header {h} is {v:?}, expected absent"));
+            }
+        }
         if let Some(b) = &expect.body {
             if &r.body != b {
                 wrong.push(format!("{name}[{i}]: body {:?}, expected {b:?}", r.body));
@@ -204,6 +209,11 @@ fn choose_trace_through_envoy() {
 
 /// validate-jwt with RS256, ES256 and HS256 keys: valid tokens pass; expired, wrongly signed,
 /// wrong audience or issuer, no scheme, garbage, absent and unscoped tokens get the policy's 401.
+#[test]
+fn cors_trace_through_envoy() {
+    replay_through_envoy("cors.jsonl");
+}
+
 #[test]
 fn jwt_trace_through_envoy() {
     replay_through_envoy("jwt.jsonl");

@@ -14,6 +14,7 @@ pub(crate) mod shared;
 
 use crate::catalog::{Catalog, Program};
 use crate::clock::Millis;
+use crate::cors::{self, AnswerHeader};
 use crate::counters::op::{CounterOp, Counting, Local, OpResult};
 use crate::counters::{CounterStore, StoreError};
 use crate::expr::{EvalError, Value, Variables};
@@ -49,10 +50,15 @@ pub enum Outcome {
     InternalError,
     /// Shared counters unreachable, under `onUnavailable: "deny"` (SPEC §7).
     CountersUnavailable,
+    /// A CORS preflight from an allowed origin, answered at the edge with its headers.
+    CorsPreflight,
+    /// A cross-origin call (a preflight, or a `GET`/`HEAD`) from an origin no `cors` allows,
+    /// ended with an empty 200 (`terminate-unmatched-request`).
+    CorsUnmatched,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::Allowed,
         Outcome::Returned,
         Outcome::ApiNotFound,
@@ -67,6 +73,8 @@ impl Outcome {
         Outcome::JwtInvalid,
         Outcome::InternalError,
         Outcome::CountersUnavailable,
+        Outcome::CorsPreflight,
+        Outcome::CorsUnmatched,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +93,8 @@ impl Outcome {
             Outcome::JwtInvalid => "jwt_invalid",
             Outcome::InternalError => "internal_error",
             Outcome::CountersUnavailable => "counters_unavailable",
+            Outcome::CorsPreflight => "cors_preflight",
+            Outcome::CorsUnmatched => "cors_unmatched",
         }
     }
 }
@@ -149,9 +159,27 @@ struct Later {
     saved: Option<SavedRequest>,
     /// The variables the inbound phase set, kept only when a later phase may read them.
     variables: Variables,
+    /// The `Access-Control-*` headers a `cors` gave the call, for its response.
+    cors: Vec<AnswerHeader>,
 }
 
 impl CallContext {
+    /// A call routed to `api` (and `operation`), before its key is looked for.
+    fn routed(api: ApiId, operation: Option<OperationId>) -> Self {
+        CallContext {
+            id: Identity {
+                api,
+                operation,
+                product: None,
+                subscription: None,
+                key: None,
+            },
+            program: 0,
+            limit_headers: SmallVec::new(),
+            later: None,
+        }
+    }
+
     /// Leaves work for the completion.
     fn pend(&mut self, p: Pending) {
         self.later.get_or_insert_default().pending.push(p);
@@ -271,18 +299,12 @@ impl Catalog {
             ));
         };
         let api = &self.apis[api_ix.index()];
-        let mut call = CallContext {
-            id: Identity {
-                api: api_ix,
-                operation: None,
-                product: None,
-                subscription: None,
-                key: None,
-            },
-            program: 0,
-            limit_headers: SmallVec::new(),
-            later: None,
-        };
+        if let Some((origin, method)) = cors::preflight(req.method, req.headers) {
+            if let Some(answer) = self.preflight(api_ix, req, origin, method) {
+                return Ok(answer);
+            }
+        }
+        let mut call = CallContext::routed(api_ix, None);
         if !api.operations.is_empty() {
             match self.operation(api_ix, req, below) {
                 Some(o) => call.id.operation = Some(o),
@@ -403,6 +425,48 @@ impl Catalog {
         }
     }
 
+    /// A CORS preflight for `api`: answered from the `cors` policies of the call it asks
+    /// about (the operation of the requested method, without a product, since a preflight
+    /// carries no key), in the order the effective inbound section holds them. `None` when
+    /// none applies: the request is then an ordinary `OPTIONS`.
+    fn preflight(
+        &self,
+        api: ApiId,
+        req: &Request,
+        origin: &str,
+        method: &str,
+    ) -> Option<Decision<'_>> {
+        let asked = Request { method, ..*req };
+        let operation = match self.apis[api.index()].operations.is_empty() {
+            true => None,
+            false => Some(self.operation(api, &asked, None)?),
+        };
+        let program = &self.programs[self.program(None, api, operation) as usize];
+        let mut policies = program
+            .request
+            .iter()
+            .filter_map(|&ix| match &self.steps[ix as usize] {
+                Step::Cors(c) => Some(c),
+                _ => None,
+            })
+            .peekable();
+        policies.peek()?;
+        let requested = header(req.headers, "access-control-request-headers");
+        let mut answer = (Outcome::CorsUnmatched, response::empty_ok(Vec::new()));
+        for c in policies {
+            if c.allows_origin(origin) {
+                let headers = c.preflight(origin, method, requested);
+                answer = (Outcome::CorsPreflight, response::empty_ok(headers));
+                break;
+            }
+            if c.terminate_unmatched {
+                break;
+            }
+        }
+        let call = CallContext::routed(api, operation);
+        Some(Decision::deny(answer.0, answer.1, Some(call)))
+    }
+
     fn run_request<'c, C: Counting + ?Sized>(
         &'c self,
         program: &Program,
@@ -413,6 +477,8 @@ impl Catalog {
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         // What expressions see is made only for a step that evaluates one.
         let mut variables: Variables = Vec::new();
+        // The headers of the first `cors` that allowed the call's origin.
+        let mut cors_headers: Option<Vec<AnswerHeader>> = None;
         let request = &program.request;
         let mut i = 0;
         while i < request.len() {
@@ -515,6 +581,23 @@ impl Catalog {
                     i += *n as usize;
                     None
                 }
+                Step::Cors(c) => match header(req.headers, "origin") {
+                    Some(_) if cors_headers.is_some() => None,
+                    Some(origin) if c.allows_origin(origin) => {
+                        cors_headers = Some(c.actual(origin));
+                        None
+                    }
+                    // APIM ends an unmatched simple call (GET, HEAD) when told to; any other
+                    // goes on without CORS headers, as does one the policy lets through.
+                    Some(_)
+                        if c.terminate_unmatched
+                            && (req.method.eq_ignore_ascii_case("GET")
+                                || req.method.eq_ignore_ascii_case("HEAD")) =>
+                    {
+                        Some((Outcome::CorsUnmatched, response::empty_ok(Vec::new())))
+                    }
+                    _ => None,
+                },
                 Step::ValidateJwt(j) => {
                     let raw = match &j.source {
                         TokenSource::Header(n) => header(req.headers, n).map(Cow::Borrowed),
@@ -542,12 +625,19 @@ impl Catalog {
                     }
                 }
             };
-            if denial.is_some() {
-                return Ok(denial);
+            if let Some((outcome, mut response)) = denial {
+                // A browser reads a denial only with the CORS headers already granted.
+                if let Some(headers) = cors_headers {
+                    response.headers.extend(headers);
+                }
+                return Ok(Some((outcome, response)));
             }
         }
         if program.keeps_variables && !variables.is_empty() {
             call.later.get_or_insert_default().variables = variables;
+        }
+        if let Some(headers) = cors_headers {
+            call.later.get_or_insert_default().cors = headers;
         }
         Ok(None)
     }
@@ -642,6 +732,16 @@ impl Catalog {
                     Cow::Borrowed(name),
                     Cow::Borrowed(h.value.as_str()),
                 ));
+            }
+        }
+        if let Some(later) = call.later.as_deref() {
+            for (name, value) in &later.cors {
+                let (name, value) = (Cow::Borrowed(name.as_ref()), Cow::Borrowed(value.as_ref()));
+                // The upstream's own `Vary` stays: the origin is one more thing it varies on.
+                edits.push(match name.as_ref() {
+                    "vary" => HeaderEdit::Append(name, value),
+                    _ => HeaderEdit::Set(name, value),
+                });
             }
         }
         Ok(edits)
