@@ -4,6 +4,7 @@
 //! `Access-Control-*` headers on its response. Where APIM's reference is silent, the Fetch
 //! standard's CORS protocol decides (docs/choices.md).
 
+use crate::decide::header;
 use std::borrow::Cow;
 
 /// Origins, methods or headers a `cors` allows: all (`*`) or those listed.
@@ -139,13 +140,10 @@ pub(crate) fn preflight<'r>(
     if !method.eq_ignore_ascii_case("OPTIONS") {
         return None;
     }
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
-    Some((get("origin")?, get("access-control-request-method")?))
+    Some((
+        header(headers, "origin")?,
+        header(headers, "access-control-request-method")?,
+    ))
 }
 
 #[cfg(test)]

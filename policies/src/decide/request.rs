@@ -108,10 +108,7 @@ pub(crate) fn key_header<'r>(
 /// A query parameter's value as a subscription key is read from it: repeated, its values
 /// joined with `,` (as .NET reads a repeated parameter), which no key equals.
 pub(crate) fn key_param(query: &str, name: &str) -> Option<String> {
-    let mut values = query.split('&').filter_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode_component(k) == name).then(|| decode_component(v))
-    });
+    let mut values = query_values(query, name);
     let mut key = values.next()?;
     for v in values {
         key.push(',');
@@ -126,7 +123,12 @@ pub(crate) fn hex_value(b: u8) -> Option<u8> {
 
 /// A query parameter's value, `+` and percent-escapes decoded.
 pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
+    query_values(query, name).next()
+}
+
+/// Every value of a query parameter, in order, decoded.
+fn query_values<'q>(query: &'q str, name: &'q str) -> impl Iterator<Item = String> + 'q {
+    query.split('&').filter_map(move |pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (decode_component(k) == name).then(|| decode_component(v))
     })
