@@ -12,6 +12,8 @@
 //! - [`slots`]: the engine's counters on proxy-wasm shared data, with memory bounded;
 //! - [`snapshots`]: fetched snapshots shared between worker VMs, one fetch at a time;
 //! - [`fleet`]: counters a fleet shares, through the counter service (SPEC §7);
+//! - [`runtime`]: what the runtime offers (shared data, metrics), and counters held in the VM
+//!   where it has no shared data (Service Extensions);
 //! - the root context (one per worker VM): loads the snapshot, creates the counter slots,
 //!   defines the metrics;
 //! - the HTTP context (one per call): the request, the upstream's response, completion.
@@ -27,43 +29,14 @@ static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_all
 
 pub mod fleet;
 pub mod headers;
+pub mod runtime;
 pub mod slots;
 pub mod snapshots;
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! Shared data with Envoy's semantics, for native tests.
-    use crate::slots::SharedData;
-    use apim_edge_policies::StoreError;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    /// A set with cas 0, or on a missing key, always wins; otherwise the cas must match.
-    #[derive(Default)]
-    pub struct EnvoyLike {
-        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        next: RefCell<u32>,
-    }
-
-    impl SharedData for EnvoyLike {
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-            Ok(match self.map.borrow().get(key) {
-                Some((v, c)) => (Some(v.clone()), Some(*c)),
-                None => (None, None),
-            })
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-            let mut map = self.map.borrow_mut();
-            if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
-                if *current != cas {
-                    return Ok(false);
-                }
-            }
-            *self.next.borrow_mut() += 1;
-            map.insert(key.to_string(), (value.to_vec(), *self.next.borrow()));
-            Ok(true)
-        }
-    }
+    //! Shared data with Envoy's semantics, for native tests: the VM-local store has them.
+    pub use crate::runtime::VmData as EnvoyLike;
 }
 
 #[cfg(target_arch = "wasm32")]

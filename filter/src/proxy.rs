@@ -2,6 +2,7 @@
 
 use crate::fleet::{self, CounterService, DEADLINE_EXCEEDED};
 use crate::headers;
+use crate::runtime::{self, VmData};
 use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
@@ -10,7 +11,7 @@ use apim_edge_policies::{
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -27,7 +28,19 @@ proxy_wasm::main! {{
     });
 }}
 
-/// Shared data through the host; counts the compare-and-swap conflicts it meets.
+thread_local! {
+    /// The counters of a VM whose runtime has no shared data, held in the VM itself (set once,
+    /// when `on_configure` finds shared data missing).
+    static VM_DATA: std::cell::OnceCell<VmData> = const { std::cell::OnceCell::new() };
+}
+
+/// Whether this VM's counters are its own (the runtime has no shared data).
+fn counters_in_vm() -> bool {
+    VM_DATA.with(|d| d.get().is_some())
+}
+
+/// Shared data through the host, or the VM's own data where the runtime has none; counts the
+/// compare-and-swap conflicts it meets.
 #[derive(Default)]
 struct HostSharedData {
     conflicts: std::cell::Cell<u64>,
@@ -35,10 +48,16 @@ struct HostSharedData {
 
 impl SharedData for HostSharedData {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        if let Some(got) = VM_DATA.with(|d| d.get().map(|d| d.get(key))) {
+            return got;
+        }
         hostcalls::get_shared_data(key)
             .map_err(|s| StoreError::Unavailable(format!("get_shared_data: {s:?}")))
     }
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        if let Some(set) = VM_DATA.with(|d| d.get().map(|d| d.set(key, value, cas))) {
+            return set;
+        }
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(true),
             Err(Status::CasMismatch) => {
@@ -77,7 +96,7 @@ struct Metrics {
 
 impl Metrics {
     fn define() -> Metrics {
-        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        let counter = runtime::define_counter;
         Metrics {
             outcomes: Outcome::ALL
                 .iter()
@@ -282,6 +301,31 @@ impl RootContext for Root {
                 return false;
             }
         };
+        if counters_in_vm() || !runtime::shared_data_offered() {
+            // Service Extensions and the like: no shared data, and no timers or callouts
+            // either, so counters are this VM's own and the snapshot must be inline.
+            let needs = match (&config.snapshot_source, &config.counters) {
+                (Some(_), _) => Some("snapshotSource"),
+                (None, Some(_)) => Some("counters"),
+                (None, None) => None,
+            };
+            if let Some(field) = needs {
+                log(
+                    LogLevel::Critical,
+                    &format!("apim-edge: configuration refused: {field} needs timers and callouts, which this runtime does not offer (it has no shared data either); give the snapshot inline, and counters are per VM instance"),
+                );
+                return false;
+            }
+            if !counters_in_vm() {
+                VM_DATA.with(|d| {
+                    let _ = d.set(VmData::default());
+                });
+                log(
+                    LogLevel::Warn,
+                    "apim-edge: this runtime has no shared data: counters are this VM instance's own",
+                );
+            }
+        }
         if let Err(e) = slots::create_slots(&HostSharedData::default()) {
             log(
                 LogLevel::Critical,
