@@ -8,6 +8,7 @@
 //! traps on a status it does not expect). A guest that runs longer than [`CALL_DEADLINE`] is
 //! interrupted (wasmtime epochs), and a trap is an error that says where, never a hang.
 
+use crate::profile::Profile;
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -15,13 +16,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use wasmtime::{
-    Caller, Config, Engine, Extern, Instance, Linker, Memory, Module, Store, TypedFunc,
+    Caller, Config, Engine, Extern, Instance, Linker, Memory, Module, ResourceLimiter, Store,
+    TypedFunc, Val,
 };
 
 /// A wasmtime result as an anyhow one, with context.
 fn wt<T>(r: wasmtime::Result<T>, what: impl FnOnce() -> String) -> Result<T> {
     r.map_err(|e| anyhow::Error::from(e).context(what()))
 }
+
+/// The fuel a callback outside the profile's billed ones gets: as good as no limit (the
+/// deadline still holds).
+const UNBILLED_FUEL: u64 = u64::MAX / 2;
 
 /// How long one call into the guest may run.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
@@ -35,6 +41,7 @@ const INVALID_MEMORY_ACCESS: i32 = 6;
 const EMPTY: i32 = 7;
 const CAS_MISMATCH: i32 = 8;
 const INTERNAL_FAILURE: i32 = 10;
+const UNIMPLEMENTED: i32 = 12;
 
 // Buffer and map types.
 const HTTP_REQUEST_BODY: i32 = 0;
@@ -232,6 +239,40 @@ pub struct VmState {
     alloc: Option<TypedFunc<i32, i32>>,
     /// The buffer values are copied through on their way to the guest, kept between calls.
     scratch: Vec<u8>,
+    /// The runtime the host behaves as.
+    pub profile: Profile,
+    /// The size the guest's memory was refused, past the profile's limit.
+    pub memory_refused: Option<usize>,
+}
+
+impl ResourceLimiter for VmState {
+    /// Under a profile with a memory limit, growing past it terminates the plugin (a trap), as
+    /// Service Extensions terminates a plugin over its memory.
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        match self.profile.memory_limit() {
+            Some(limit) if desired > limit => {
+                self.memory_refused = Some(desired);
+                Err(wasmtime::Error::msg(format!(
+                    "the guest's memory would grow to {desired} bytes, past the limit of {limit}"
+                )))
+            }
+            _ => Ok(true),
+        }
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        _desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(true)
+    }
 }
 
 /// What Envoy's plugin configuration gives a VM besides its plugin configuration: the names
@@ -273,26 +314,28 @@ pub struct Host {
     /// The proxy's clusters, when the host was told them: a callout to another fails at
     /// dispatch (`None`: every callout is dispatched, for the responder to answer).
     clusters: Option<Arc<HashSet<String>>>,
+    profile: Profile,
 }
 
 fn ticker(engine: &Engine) {
-    static STARTED: OnceLock<()> = OnceLock::new();
     let engine = engine.clone();
-    STARTED.get_or_init(|| {
-        std::thread::spawn(move || loop {
-            std::thread::sleep(EPOCH_TICK);
-            engine.increment_epoch();
-        });
+    std::thread::spawn(move || loop {
+        std::thread::sleep(EPOCH_TICK);
+        engine.increment_epoch();
     });
 }
 
-fn engine() -> Result<Engine> {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    if let Some(e) = ENGINE.get() {
+/// The engine VMs run on: one that meters fuel (for a profile with a CPU budget), one that
+/// does not (metering costs every call).
+fn engine(fuel: bool) -> Result<Engine> {
+    static ENGINES: [OnceLock<Engine>; 2] = [OnceLock::new(), OnceLock::new()];
+    let cell = &ENGINES[usize::from(fuel)];
+    if let Some(e) = cell.get() {
         return Ok(e.clone());
     }
     let mut config = Config::new();
     config.epoch_interruption(true);
+    config.consume_fuel(fuel);
     #[cfg(feature = "profiling")]
     if std::env::var_os("APIM_EDGE_PERFMAP").is_some() {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
@@ -300,15 +343,26 @@ fn engine() -> Result<Engine> {
     let engine = Engine::new(&config)?;
     // Two first callers may each make one: the ticker must tick the one that is kept, which
     // every VM then uses (ticking the other, a runaway guest would never be stopped).
-    let kept = ENGINE.get_or_init(|| engine);
-    ticker(kept);
+    let mut kept_ours = false;
+    let kept = cell.get_or_init(|| {
+        kept_ours = true;
+        engine
+    });
+    if kept_ours {
+        ticker(kept);
+    }
     Ok(kept.clone())
 }
 
 impl Host {
     /// Compiles a module. Imports the host does not provide are an error that names them.
     pub fn load(wasm: &Path) -> Result<Host> {
-        let engine = engine()?;
+        Host::load_as(wasm, Profile::Envoy)
+    }
+
+    /// [`Host::load`] for a host that behaves as `profile`.
+    pub fn load_as(wasm: &Path, profile: Profile) -> Result<Host> {
+        let engine = engine(profile.fuel_per_callback().is_some())?;
         let bytes =
             std::fs::read(wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
         let module = wt(Module::new(&engine, &bytes), || {
@@ -334,7 +388,13 @@ impl Host {
             shared: Arc::new(Shared::default()),
             plugin: Arc::new(Plugin::default()),
             clusters: None,
+            profile,
         })
+    }
+
+    /// The runtime this host behaves as.
+    pub fn profile(&self) -> Profile {
+        self.profile
     }
 
     /// The plugin's names and VM configuration ([`Plugin::default`] until set).
@@ -364,9 +424,14 @@ impl Host {
         state.plugin_config = plugin_config.to_vec();
         state.clusters = self.clusters.clone();
         state.plugin = self.plugin.clone();
+        state.profile = self.profile;
         let mut store = Store::new(&self.engine, state);
         store.set_epoch_deadline(deadline_ticks());
-        let linker = linker(&self.engine)?;
+        if self.profile.memory_limit().is_some() {
+            store.limiter(|s| s as &mut dyn ResourceLimiter);
+        }
+        let mut linker = linker(&self.engine)?;
+        restrict(&mut linker, &self.module, self.profile)?;
         let instance = wt(linker.instantiate(&mut store, &self.module), || {
             "instantiating the module".into()
         })?;
@@ -385,6 +450,7 @@ impl Host {
             instance,
             exports: Vec::new(),
             failed: None,
+            fuel_peaks: Vec::new(),
         };
         if vm.instance.get_func(&mut vm.store, "_initialize").is_some() {
             vm.call::<(), ()>("_initialize", ())?;
@@ -430,7 +496,37 @@ fn blank_state() -> VmState {
         memory: None,
         alloc: None,
         scratch: Vec::new(),
+        profile: Profile::Envoy,
+        memory_refused: None,
     }
+}
+
+/// Makes the host functions `profile` does not offer answer `Unimplemented`, with the
+/// signature the module imports them with.
+fn restrict(linker: &mut Linker<VmState>, module: &Module, profile: Profile) -> Result<()> {
+    let missing = profile.unimplemented();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    linker.allow_shadowing(true);
+    for import in module.imports() {
+        let (true, Some(ty)) = (
+            import.module() == "env" && missing.contains(&import.name()),
+            import.ty().func().cloned(),
+        ) else {
+            continue;
+        };
+        wt(
+            linker.func_new("env", import.name(), ty, |_, _, results| {
+                if let Some(status) = results.first_mut() {
+                    *status = Val::I32(UNIMPLEMENTED);
+                }
+                Ok(())
+            }),
+            || format!("restricting {}", import.name()),
+        )?;
+    }
+    Ok(())
 }
 
 fn deadline_ticks() -> u64 {
@@ -455,13 +551,21 @@ pub struct Vm {
     /// Why the VM failed (a trap, or a call stopped at its deadline). Envoy calls a failed VM
     /// no more, and neither does the host: every later call is an error.
     pub failed: Option<String>,
+    /// Under a profile with a CPU budget: the most fuel each callback has burned in one call.
+    pub fuel_peaks: Vec<(String, u64)>,
 }
 
 impl Vm {
     /// Explains a failed call into the guest: interrupted, or trapped (with its last logs).
     fn failure(&self, e: wasmtime::Error, what: &str) -> anyhow::Error {
-        let interrupted = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
-        if interrupted {
+        let trap = e.downcast_ref::<wasmtime::Trap>().copied();
+        if trap == Some(wasmtime::Trap::OutOfFuel) {
+            let budget = self.store.data().profile.fuel_per_callback().unwrap_or(0);
+            anyhow!("{what}: the guest burned more than its CPU budget ({budget} fuel) and was terminated")
+        } else if let Some(size) = self.store.data().memory_refused {
+            let limit = self.store.data().profile.memory_limit().unwrap_or(0);
+            anyhow!("{what}: the guest's memory would grow to {size} bytes, past the limit of {limit}; it was terminated")
+        } else if trap == Some(wasmtime::Trap::Interrupt) {
             anyhow!("{what}: the guest ran longer than {CALL_DEADLINE:?} and was stopped")
         } else {
             anyhow!("{what}: the guest trapped: {e:#}{}", self.log_tail())
@@ -499,7 +603,26 @@ impl Vm {
             bail!("{name}: not called, the VM failed earlier: {why}");
         }
         self.store.set_epoch_deadline(deadline_ticks());
+        let budget = self.store.data().profile.fuel_per_callback();
+        // Metered everywhere, limited in the billed callbacks only.
+        let budget = budget.map(|b| {
+            if crate::profile::BILLED_CALLBACKS.contains(&name) {
+                b
+            } else {
+                UNBILLED_FUEL
+            }
+        });
+        if let Some(budget) = budget {
+            wt(self.store.set_fuel(budget), || "setting fuel".into())?;
+        }
         let result = f.call(&mut self.store, args);
+        if let Some(budget) = budget {
+            let burned = budget - self.store.get_fuel().unwrap_or(0);
+            match self.fuel_peaks.iter_mut().find(|(n, _)| n == name) {
+                Some((_, peak)) => *peak = (*peak).max(burned),
+                None => self.fuel_peaks.push((name.to_string(), burned)),
+            }
+        }
         result.map_err(|e| {
             let e = self.failure(e, name);
             self.failed = Some(format!("{e:#}"));
@@ -545,6 +668,14 @@ impl Vm {
             .get(at..at.saturating_add(len))
             .map(<[u8]>::to_vec)
             .ok_or_else(|| anyhow!("{len} bytes at {at} lie outside the guest's memory"))
+    }
+
+    /// The size of the guest's linear memory now, in bytes.
+    pub fn memory_size(&self) -> usize {
+        self.store
+            .data()
+            .memory
+            .map_or(0, |m| m.data_size(&self.store))
     }
 
     /// The last lines the guest logged, for error messages.

@@ -5,7 +5,8 @@
 //! for benchmarks ([`synth`]), Envoy bootstraps for the filter ([`envoy`]), and the wasmtime
 //! host that runs the filter's `.wasm` outside a proxy ([`host`], [`wasm_replay`]), and the
 //! latency benchmark of both ([`bench`]); replays can share counters through a real counter
-//! service ([`counters`]), and forward any callout to a real server ([`callouts`]).
+//! service ([`counters`]), and forward any callout to a real server ([`callouts`]). The host behaves as Envoy or as
+//! Service Extensions ([`profile`]).
 
 pub mod bench;
 pub mod build;
@@ -13,6 +14,7 @@ pub mod callouts;
 pub mod counters;
 pub mod envoy;
 pub mod host;
+pub mod profile;
 pub mod replay;
 pub mod synth;
 pub mod trace;

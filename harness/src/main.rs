@@ -6,6 +6,7 @@ use apim_edge_harness::callouts::CalloutRules;
 use apim_edge_harness::counters::CounterForwarder;
 use apim_edge_harness::envoy::COUNTERS_CLUSTER;
 use apim_edge_harness::host::{Answer, Callout, Plugin};
+use apim_edge_harness::profile::Profile;
 use apim_edge_harness::replay::{mismatches, replay_one};
 use apim_edge_harness::{bench, synth, trace, wasm_replay};
 use apim_edge_policies::{
@@ -100,6 +101,11 @@ enum Command {
         /// error, each with the request it came from.
         #[arg(long, value_enum)]
         log_level: Option<LogLevel>,
+        /// With --wasm: the runtime the host behaves as: `envoy`, or `service-extensions`
+        /// (Google's CDN edge runtime: no shared data, timers, metrics or callouts, 16 MiB of
+        /// memory and about 1 ms of CPU per callback; what the VMs used goes to stderr).
+        #[arg(long, default_value = "envoy", value_name = "PROFILE")]
+        host_profile: Profile,
     },
     /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
     /// one worker each, over a trace replayed in a loop; and their ratio.
@@ -395,6 +401,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             vm_config,
             root_id,
             fail_open,
+            host_profile,
         } => {
             if wasm.is_none()
                 && (workers != 1
@@ -406,10 +413,11 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     || plugin_config.is_some()
                     || vm_config.is_some()
                     || root_id.is_some()
-                    || fail_open)
+                    || fail_open
+                    || host_profile != Profile::Envoy)
             {
                 return Err(Unusable(anyhow!(
-                    "--workers, --parallel, --diff, --callout, --counters, --log-level, --plugin-config, --vm-config, --root-id and --fail-open need --wasm"
+                    "--workers, --parallel, --diff, --callout, --counters, --log-level, --plugin-config, --vm-config, --root-id, --fail-open and --host-profile need --wasm"
                 )));
             }
             if plugin_config.is_some() && (diff || counters.is_some()) {
@@ -475,7 +483,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                             .with_context(|| format!("cannot read {}", path.display()))
                             .map_err(Unusable)?;
                     }
-                    let host = apim_edge_harness::host::Host::load(path)
+                    let host = apim_edge_harness::host::Host::load_as(path, host_profile)
                         .map_err(Unusable)?
                         .with_plugin(identity)
                         .with_clusters(clusters(

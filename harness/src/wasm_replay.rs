@@ -102,10 +102,11 @@ pub fn replay_one(
 /// What a failed VM's request gets, as Envoy's failed plugin answers it; `now`: the VM failed
 /// on this very request (503 whatever the policy).
 fn failed_vm(vm: &Vm, index: usize, e: &Entry, now: bool) -> DecisionRecord {
-    let status = if vm.store.data().plugin().fail_open && !now {
+    let state = vm.store.data();
+    let status = if state.plugin().fail_open && !now {
         e.upstream_status
     } else {
-        503
+        state.profile.failed_status()
     };
     DecisionRecord {
         index,
@@ -331,6 +332,25 @@ pub fn worker(
     Ok(vm)
 }
 
+/// After a request: a VM that failed is replaced by a fresh one (its state starting over) where
+/// the runtime does so ([`Profile::replaces_failed_vm`](crate::profile::Profile)), at the
+/// request's time.
+fn renew_failed(
+    host: &Host,
+    plugin_config: &[u8],
+    vm: &mut Vm,
+    e: &Entry,
+    responder: &dyn Responder,
+) -> Result<()> {
+    if vm.failed.is_some() && host.profile().replaces_failed_vm() {
+        let peaks = std::mem::take(&mut vm.fuel_peaks);
+        *vm = host.vm_at(plugin_config, nanos(e.at))?;
+        vm.fuel_peaks = peaks;
+        vm.answer_callouts(responder)?;
+    }
+    Ok(())
+}
+
 /// Replays `entries` over `options.workers` VMs of `host`: in turn, or each on its own thread.
 pub fn replay(
     host: &Host,
@@ -356,9 +376,11 @@ pub fn replay(
                 let vm = &mut vms[i % workers];
                 let r = replay_one(vm, 2 + i as i32, i, e, responder);
                 print_logs(vm, options.log_level, &format!("request {i}"));
+                renew_failed(host, plugin_config, vm, e, responder)?;
                 r
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()
+            .inspect(|_| report_resources(host, &vms));
     }
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<DecisionRecord>>>> =
@@ -377,6 +399,7 @@ pub fn replay(
                         progress.inc(1);
                         let r = replay_one(&mut vm, 2 + i as i32, i, &entries[i], responder);
                         print_logs(&mut vm, options.log_level, &format!("request {i}"));
+                        renew_failed(host, plugin_config, &mut vm, &entries[i], responder)?;
                         results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                     }
                 })
@@ -399,4 +422,23 @@ pub fn replay(
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a request was not replayed"))))
         .collect()
+}
+
+/// Under a profile with limits, what the VMs used of them, on standard error: the linear
+/// memory each holds, and the most fuel each callback burned in one call.
+fn report_resources(host: &Host, vms: &[Vm]) {
+    let profile = host.profile();
+    let (Some(memory), Some(fuel)) = (profile.memory_limit(), profile.fuel_per_callback()) else {
+        return;
+    };
+    for (w, vm) in vms.iter().enumerate() {
+        let mut peaks = vm.fuel_peaks.clone();
+        peaks.sort_by_key(|p| std::cmp::Reverse(p.1));
+        let peaks: Vec<String> = peaks.iter().map(|(n, f)| format!("{n} {f}")).collect();
+        eprintln!(
+            "worker {w}: linear memory {} of {memory} bytes; fuel per callback (budget {fuel}), most first: {}",
+            vm.memory_size(),
+            peaks.join(", ")
+        );
+    }
 }

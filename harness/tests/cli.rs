@@ -472,14 +472,14 @@ fn replay_for_any_filter_names_what_its_options_need() {
         args.extend(more);
         args
     };
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec!["replay", "--trace", trace, "--wasm", guest],
             "--snapshot is needed (without it, only `replay --wasm --plugin-config` runs)",
         ),
         (
             vec!["replay", "--trace", trace, "--plugin-config", plugin],
-            "--plugin-config, --vm-config, --root-id and --fail-open need --wasm",
+            "--plugin-config, --vm-config, --root-id, --fail-open and --host-profile need --wasm",
         ),
         (
             guest_with(&["--diff"]),
@@ -492,6 +492,10 @@ fn replay_for_any_filter_names_what_its_options_need() {
         (
             guest_with(&["--snapshot", "sample.json"]),
             "cannot be used with",
+        ),
+        (
+            guest_with(&["--host-profile", "cdn"]),
+            "unknown host profile \"cdn\": envoy or service-extensions",
         ),
     ];
     for (args, message) in cases {
