@@ -66,9 +66,12 @@ pub const STALLED_STATUS: u16 = 504;
 /// request's time, running the ticks due on the way (callouts answered by `responder`).
 ///
 /// A VM that traps is failed from then on, as in Envoy: the request it trapped on gets 503 with
-/// an empty body, and every later one what Envoy's plugin `failure_policy` says
-/// ([`Plugin::fail_open`](crate::host::Plugin)): 503 again, or the upstream's answer as if the
-/// filter were not there. Their outcome is [`VM_FAILED`].
+/// an empty body (500 under Service Extensions, [`Profile::failed_status`]), and every later
+/// one what Envoy's plugin `failure_policy` says ([`Plugin::fail_open`](crate::host::Plugin)):
+/// 503 again, or the upstream's answer as if the filter were not there. Their outcome is
+/// [`VM_FAILED`]. (Under Service Extensions, [`replay`] gives the next request a fresh VM.)
+///
+/// [`Profile::failed_status`]: crate::profile::Profile::failed_status
 pub fn replay_one(
     vm: &mut Vm,
     context: i32,
