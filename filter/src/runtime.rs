@@ -147,32 +147,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vm_data_has_shared_data_semantics() {
+    fn vm_data_has_shared_data_semantics() -> Result<(), StoreError> {
         let d = VmData::default();
-        assert_eq!(d.get("k").unwrap(), (None, None));
-        assert!(d.set("k", b"a", None).unwrap());
-        let (v, cas) = d.get("k").unwrap();
+        assert_eq!(d.get("k")?, (None, None));
+        assert!(d.set("k", b"a", None)?);
+        let (v, cas) = d.get("k")?;
         assert_eq!(v.as_deref(), Some(&b"a"[..]));
-        let cas = cas.unwrap();
-        assert!(
-            !d.set("k", b"b", Some(cas + 1)).unwrap(),
-            "a stale CAS loses"
-        );
-        assert!(d.set("k", b"b", Some(cas)).unwrap());
-        assert!(d.set("k", b"c", None).unwrap(), "no CAS always wins");
-        assert_eq!(d.get("k").unwrap().0.as_deref(), Some(&b"c"[..]));
+        let cas = cas.unwrap_or_default();
+        assert!(!d.set("k", b"b", Some(cas + 1))?, "a stale CAS loses");
+        assert!(d.set("k", b"b", Some(cas))?);
+        assert!(d.set("k", b"c", None)?, "no CAS always wins");
+        assert_eq!(d.get("k")?.0.as_deref(), Some(&b"c"[..]));
+        Ok(())
     }
 
     #[test]
-    fn vm_data_refuses_a_write_past_its_limit_and_keeps_what_it_had() {
+    fn vm_data_refuses_a_write_past_its_limit_and_keeps_what_it_had() -> Result<(), StoreError> {
         let d = VmData::with_limit(100);
-        assert!(d.set("a", &[0; 60], None).unwrap());
-        let err = d.set("b", &[0; 60], None).unwrap_err();
-        assert!(err.to_string().contains("past their limit of 100"), "{err}");
-        assert_eq!(d.get("b").unwrap(), (None, None));
+        assert!(d.set("a", &[0; 60], None)?);
+        let refused = d.set("b", &[0; 60], None);
+        assert!(
+            matches!(&refused, Err(e) if e.to_string().contains("past their limit of 100")),
+            "{refused:?}"
+        );
+        assert_eq!(d.get("b")?, (None, None));
         // Shrinking is always allowed, and frees room.
-        assert!(d.set("a", &[0; 10], None).unwrap());
-        assert!(d.set("b", &[0; 60], None).unwrap());
+        assert!(d.set("a", &[0; 10], None)?);
+        assert!(d.set("b", &[0; 60], None)?);
         assert_eq!(d.bytes(), 10 + 60 + 2);
+        Ok(())
     }
 }
