@@ -227,6 +227,10 @@ fn jwt_signatures_past_the_cpu_budget_get_500_and_a_fresh_vm_serves_the_next_cal
     for r in &records[..2] {
         assert_eq!(r["status"], 500, "{r}");
         assert_eq!(r["outcome"], "vm_failed", "{r}");
+        assert_eq!(
+            r["body"], "",
+            "a terminated plugin answers 500 with no body: {r}"
+        );
     }
     assert_eq!(records[2]["status"], 200, "{}", records[2]);
     assert_eq!(records[2]["outcome"], "allowed", "{}", records[2]);
