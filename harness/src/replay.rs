@@ -30,6 +30,9 @@ pub struct DecisionRecord {
 /// own headers, its subscription key among them.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct UpstreamChanges {
+    /// The method the upstream receives, when a policy changed it (`set-method`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     /// The path and query the upstream receives, when they changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -41,8 +44,8 @@ pub struct UpstreamChanges {
 impl UpstreamChanges {
     /// The changes between a request as received and as sent upstream; `None` when none.
     pub fn between(
-        (path_in, headers_in): (&str, &BTreeMap<String, String>),
-        (path_out, headers_out): (&str, &BTreeMap<String, String>),
+        (method_in, path_in, headers_in): (&str, &str, &BTreeMap<String, String>),
+        (method_out, path_out, headers_out): (&str, &str, &BTreeMap<String, String>),
     ) -> Option<Self> {
         let mut headers = BTreeMap::new();
         for (name, value) in headers_out {
@@ -56,7 +59,12 @@ impl UpstreamChanges {
             }
         }
         let path = (path_in != path_out).then(|| path_out.to_string());
-        (path.is_some() || !headers.is_empty()).then_some(UpstreamChanges { path, headers })
+        let method = (method_in != method_out).then(|| method_out.to_string());
+        (method.is_some() || path.is_some() || !headers.is_empty()).then_some(UpstreamChanges {
+            method,
+            path,
+            headers,
+        })
     }
 
     /// The changes `edits` make to the recorded request `e`.
@@ -67,7 +75,16 @@ impl UpstreamChanges {
         let target = e.target();
         let (_, before) = edge::apply_to_request(&target, &e.headers, &[]);
         let (path, after) = edge::apply_to_request(&target, &e.headers, edits);
-        Self::between((&target, &before), (&path, &after))
+        // The last `:method` set, if any.
+        let method = edits
+            .iter()
+            .rev()
+            .find_map(|x| match x {
+                HeaderEdit::Set(n, v) if n == ":method" => Some(&**v),
+                _ => None,
+            })
+            .unwrap_or(&e.method);
+        Self::between((&e.method, &target, &before), (method, &path, &after))
     }
 }
 
@@ -234,6 +251,12 @@ pub fn mismatches(got: &DecisionRecord, expect: &Expect) -> Vec<String> {
         match &got.upstream {
             None => out.push("upstream: expected changes to the request, none made".into()),
             Some(up) => {
+                if want.method.is_some() && want.method != up.method {
+                    out.push(format!(
+                        "upstream method: expected {:?}, got {:?}",
+                        want.method, up.method
+                    ));
+                }
                 if want.path.is_some() && want.path != up.path {
                     out.push(format!(
                         "upstream path: expected {:?}, got {:?}",

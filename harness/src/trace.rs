@@ -29,6 +29,7 @@ pub struct Expect {
 /// path and query it sends, and headers by lower-case name (`null`: removed).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExpectUpstream {
+    pub method: Option<String>,
     pub path: Option<String>,
     pub headers: BTreeMap<String, Option<String>>,
 }
@@ -50,6 +51,9 @@ fn expect_upstream(v: &Value) -> Result<ExpectUpstream> {
         Some(_) => bail!("expect.upstream.headers: expected an object"),
     };
     Ok(ExpectUpstream {
+        method: str_field(v, "method")
+            .context("expect.upstream")?
+            .map(str::to_string),
         path: str_field(v, "path")
             .context("expect.upstream")?
             .map(str::to_string),

@@ -186,13 +186,14 @@ fn stream(
         Some(_) => None,
         None => {
             let sent = &vm.store.data().stream.request_headers;
-            let path_out = sent
-                .iter()
-                .find(|(n, _)| n == ":path")
-                .map_or("", |(_, v)| v.as_str());
+            let pseudo = |name: &str| {
+                sent.iter()
+                    .find(|(n, _)| n == name)
+                    .map_or("", |(_, v)| v.as_str())
+            };
             UpstreamChanges::between(
-                (&target, &collect_regular(&received)),
-                (path_out, &collect_regular(sent)),
+                (&e.method, &target, &collect_regular(&received)),
+                (pseudo(":method"), pseudo(":path"), &collect_regular(sent)),
             )
         }
     };

@@ -29,8 +29,8 @@ fn check_prints_a_summary() {
     let out = apim_edge(&["check", &sample()]);
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
-    assert!(s.contains("apis           15 (8 operations)"), "{s}");
-    assert!(s.contains("subscriptions  19 (14 active, 20 keys)"), "{s}");
+    assert!(s.contains("apis           16 (11 operations)"), "{s}");
+    assert!(s.contains("subscriptions  20 (15 active, 21 keys)"), "{s}");
     // Which scope uses what: the tiered product's choose, and what its branches hold.
     assert!(
         s.contains("    product 'tiered': base, choose, include-fragment, rate-limit-by-key, return-response, set-header, set-variable\n"),
@@ -41,6 +41,10 @@ fn check_prints_a_summary() {
         "{s}"
     );
     assert!(s.contains("    API 'cors-api': base, cors\n"), "{s}");
+    assert!(
+        s.contains("    product 'rewriting': base, choose, rewrite-uri, set-header, set-method, set-query-parameter\n"),
+        "{s}"
+    );
 }
 
 #[test]

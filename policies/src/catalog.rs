@@ -163,6 +163,10 @@ fn may_deny_or_fail(step: &Step) -> bool {
             !headers.iter().all(literal) || matches!(body, policy::Text::Expr(_))
         }
         Step::SetVariable { value, .. } => matches!(value, policy::Text::Expr(_)),
+        Step::SetQueryParameter(p) => !literal(p),
+        Step::SetMethod(m) | Step::RewriteUri { template: m, .. } => {
+            matches!(m, policy::Text::Expr(_))
+        }
         Step::Skip(_) => false,
         _ => true,
     }
@@ -188,6 +192,8 @@ fn expressions(step: &Step) -> Vec<&crate::expr::Expr> {
             out.extend(texts(body));
         }
         Step::SetVariable { value, .. } => out.extend(texts(value)),
+        Step::SetQueryParameter(p) => out.extend(p.values.iter().filter_map(texts)),
+        Step::SetMethod(m) | Step::RewriteUri { template: m, .. } => out.extend(texts(m)),
         Step::Unless { condition, .. } => out.push(condition),
         Step::RateLimitByKey(k) | Step::QuotaByKey(k) => out.extend(k.increment_condition.as_ref()),
         _ => {}

@@ -203,6 +203,16 @@ pub(crate) enum Step {
     /// `cors`: a preflight is answered from it; an actual call from an allowed origin gets its
     /// headers, one from another origin is ended or let through as it says.
     Cors(Box<Cors>),
+    /// `set-method`: the method the upstream gets.
+    SetMethod(Text),
+    /// `set-query-parameter`: as `set-header`, on the query's parameters of that name.
+    SetQueryParameter(SetHeader),
+    /// `rewrite-uri`: what follows the API's path becomes the template, filled with the
+    /// operation's parameters; the call's other query parameters follow when `copy_unmatched`.
+    RewriteUri {
+        template: Text,
+        copy_unmatched: bool,
+    },
 }
 
 /// Why an element could not be compiled.
@@ -708,6 +718,40 @@ impl Compiler<'_> {
                 Step::Cors(Box::new(cors(el)?))
             }
             "set-header" => Step::SetHeader(set_header(el)?),
+            "set-method" => {
+                only(&[INBOUND])?;
+                let method = text(el, "the method", el.text.trim(), Ty::Str)?;
+                if let Text::Literal(m) = &method {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                        return Err(Fault::Invalid(
+                            el.pos,
+                            format!("<set-method> needs an HTTP method, not \"{m}\""),
+                        ));
+                    }
+                }
+                Step::SetMethod(method)
+            }
+            "set-query-parameter" => {
+                only(&[INBOUND, BACKEND])?;
+                let p = set_header(el)?;
+                if p.action != ExistsAction::Delete && p.values.is_empty() {
+                    return Err(Fault::Invalid(
+                        el.pos,
+                        "<set-query-parameter> needs a <value> unless it deletes".into(),
+                    ));
+                }
+                Step::SetQueryParameter(p)
+            }
+            "rewrite-uri" => {
+                only(&[INBOUND])?;
+                let template = required(el, "template")?;
+                // APIM takes a template with or without its leading '/'.
+                let template = text(el, "'template'", template, Ty::Str)?;
+                Step::RewriteUri {
+                    template,
+                    copy_unmatched: bool_attr(el, "copy-unmatched-params")?.unwrap_or(true),
+                }
+            }
             "set-variable" => {
                 let name = required(el, "name")?;
                 let value = el.attr("value").ok_or_else(|| missing(el, "value"))?;
@@ -1579,6 +1623,41 @@ mod tests {
         assert!(steps.is_empty());
         assert_eq!(p.sections[INBOUND], Some(vec![Node::Base]));
         assert_eq!(warnings.len(), 2, "{warnings:?}"); // two positions, each once
+    }
+
+    #[test]
+    fn request_line_policies_are_checked_where_they_stand() {
+        let p = ScopeKind::Product;
+        assert_eq!(
+            err("<policies><inbound><set-method>GET /x</set-method></inbound></policies>", p),
+            "product 'starter' policy, line 1, column 20: <set-method> needs an HTTP method, not \"GET /x\""
+        );
+        assert_eq!(
+            err("<policies><outbound><set-method>GET</set-method></outbound></policies>", p),
+            "product 'starter' policy, line 1, column 21: <set-method> is not allowed in the outbound section"
+        );
+        assert_eq!(
+            err("<policies><inbound><set-query-parameter name=\"a\" /></inbound></policies>", p),
+            "product 'starter' policy, line 1, column 20: <set-query-parameter> needs a <value> unless it deletes"
+        );
+        assert_eq!(
+            err("<policies><inbound><rewrite-uri /></inbound></policies>", p),
+            "product 'starter' policy, line 1, column 20: <rewrite-uri> needs the attribute 'template'"
+        );
+        let steps = ok(
+            r#"<policies><inbound><set-query-parameter name="a" exists-action="delete" /><rewrite-uri template="/x" copy-unmatched-params="false" /><set-method>@("P" + "UT")</set-method></inbound></policies>"#,
+        );
+        assert!(
+            matches!(&steps[0], Step::SetQueryParameter(q) if q.action == ExistsAction::Delete)
+        );
+        assert!(matches!(
+            &steps[1],
+            Step::RewriteUri {
+                copy_unmatched: false,
+                ..
+            }
+        ));
+        assert!(matches!(&steps[2], Step::SetMethod(Text::Expr(_))));
     }
 
     #[test]

@@ -67,7 +67,8 @@ impl<'a> Iterator for Segments<'a> {
 #[derive(Debug, Clone, PartialEq)]
 enum Piece {
     Literal(String),
-    Param,
+    /// A parameter, by its name (`id` of `{id}`).
+    Param(Box<str>),
 }
 
 /// One template segment: `items`, `{id}`, or a mix such as `{id}.json`.
@@ -80,6 +81,11 @@ pub(crate) struct UrlTemplate {
     segments: Vec<Segment>,
     /// A trailing `/*` (or `{*name}`) matches the rest of the path.
     rest: bool,
+    /// The name of a trailing `{*name}`.
+    rest_name: Option<Box<str>>,
+    /// The query part (`?a={b}&c=d`): each parameter's name, and the template parameter its
+    /// value fills (`b` of `a={b}`), if any.
+    query: Vec<(Box<str>, Option<Box<str>>)>,
     /// Literal characters, to prefer the most specific of several matching templates.
     pub specificity: usize,
     /// For a template of literal segments only: them joined by single slashes, lower case, no
@@ -89,15 +95,32 @@ pub(crate) struct UrlTemplate {
 
 impl UrlTemplate {
     pub fn parse(template: &str) -> Result<UrlTemplate, String> {
-        let path = template.split('?').next().unwrap_or("");
+        let (path, query_part) = template.split_once('?').unwrap_or((template, ""));
+        let query = query_part
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let param = value
+                    .strip_prefix('{')
+                    .and_then(|v| v.strip_suffix('}'))
+                    .map(Box::from);
+                (Box::from(name), param)
+            })
+            .collect();
         let mut segments = Vec::new();
         let mut rest = false;
+        let mut rest_name = None;
         let mut specificity = 0;
         let parts: Vec<&str> = segments_of(path);
         for (i, s) in parts.iter().enumerate() {
             let last = i + 1 == parts.len();
             if last && (*s == "*" || (s.starts_with("{*") && s.ends_with('}'))) {
                 rest = true;
+                rest_name = s
+                    .strip_prefix("{*")
+                    .and_then(|n| n.strip_suffix('}'))
+                    .map(Box::from);
                 break;
             }
             let mut pieces = Vec::new();
@@ -111,12 +134,12 @@ impl UrlTemplate {
                     let close = text[open..]
                         .find('}')
                         .ok_or_else(|| format!("unclosed '{{' in urlTemplate '{template}'"))?;
-                    if pieces.last() == Some(&Piece::Param) {
+                    if matches!(pieces.last(), Some(Piece::Param(_))) {
                         return Err(format!(
                             "two parameters with nothing between them in urlTemplate '{template}'"
                         ));
                     }
-                    pieces.push(Piece::Param);
+                    pieces.push(Piece::Param(Box::from(&text[open + 1..open + close])));
                     text = &text[open + close + 1..];
                 } else {
                     pieces.push(Piece::Literal(text.to_ascii_lowercase()));
@@ -141,6 +164,8 @@ impl UrlTemplate {
         Ok(UrlTemplate {
             segments,
             rest,
+            rest_name,
+            query,
             specificity,
             literal,
         })
@@ -169,7 +194,7 @@ impl UrlTemplate {
                 // literal is lower case, so a path without upper case matches it as it is.
                 [Piece::Literal(l)] if !below.upper => text == l,
                 [Piece::Literal(l)] => text.eq_ignore_ascii_case(l),
-                [Piece::Param] => true,
+                [Piece::Param(_)] => true,
                 pieces => match_pieces(pieces, text),
             })
     }
@@ -339,22 +364,105 @@ fn segments_of(path: &str) -> Vec<&str> {
 }
 
 fn match_pieces(pieces: &[Piece], text: &str) -> bool {
+    capture_pieces(pieces, text, &mut ())
+}
+
+/// Where [`capture_pieces`] keeps what parameters matched: nowhere (`()`, for routing), or a
+/// list of names and texts.
+trait Captures<'t> {
+    fn len(&self) -> usize;
+    fn push(&mut self, name: &'t str, text: &'t str);
+    fn truncate(&mut self, len: usize);
+}
+
+impl<'t> Captures<'t> for () {
+    fn len(&self) -> usize {
+        0
+    }
+    fn push(&mut self, _: &'t str, _: &'t str) {}
+    fn truncate(&mut self, _: usize) {}
+}
+
+impl<'t> Captures<'t> for Vec<(&'t str, &'t str)> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn push(&mut self, name: &'t str, text: &'t str) {
+        Vec::push(self, (name, text));
+    }
+    fn truncate(&mut self, len: usize) {
+        Vec::truncate(self, len);
+    }
+}
+
+/// Does a segment's text match its pieces (literals without case)? What each parameter
+/// matched, the first way the segment matches, goes to `out`.
+fn capture_pieces<'t>(pieces: &'t [Piece], text: &'t str, out: &mut impl Captures<'t>) -> bool {
     match pieces.split_first() {
         None => text.is_empty(),
         Some((Piece::Literal(l), rest)) => {
             text.len() >= l.len()
                 && text.is_char_boundary(l.len())
                 && text[..l.len()].eq_ignore_ascii_case(l)
-                && match_pieces(rest, &text[l.len()..])
+                && capture_pieces(rest, &text[l.len()..], out)
         }
-        Some((Piece::Param, rest)) => {
-            if rest.is_empty() {
-                return !text.is_empty();
+        Some((Piece::Param(name), rest)) => {
+            let start = out.len();
+            // The last piece takes the rest of the segment; another, as little as lets the
+            // rest match.
+            let first = if rest.is_empty() {
+                text.len().max(1)
+            } else {
+                1
+            };
+            for i in (first..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                out.push(name, &text[..i]);
+                if capture_pieces(rest, &text[i..], out) {
+                    return true;
+                }
+                out.truncate(start);
             }
-            (1..=text.len())
-                .filter(|&i| text.is_char_boundary(i))
-                .any(|i| match_pieces(rest, &text[i..]))
+            false
         }
+    }
+}
+
+impl UrlTemplate {
+    /// The template's parameters as a call matched them (`rewrite-uri` fills its own template
+    /// with them): from the path below the API's prefix, as written (still percent-encoded),
+    /// and from the query's parameters the template names (`?a={b}`), as written too.
+    pub fn parameters<'t>(&'t self, below: &'t str, query: &'t str) -> Vec<(&'t str, &'t str)> {
+        let mut out = Vec::new();
+        let mut texts = segments(below);
+        for seg in &self.segments {
+            let Some(text) = texts.next() else { break };
+            let start = out.len();
+            if !capture_pieces(&seg.0, text, &mut out) {
+                out.truncate(start);
+            }
+        }
+        if let Some(name) = &self.rest_name {
+            let taken: usize = self.segments.len();
+            let rest = crate::route::below(below, taken);
+            out.push((name, rest.strip_prefix('/').unwrap_or(rest)));
+        }
+        for (qname, param) in &self.query {
+            if let Some(param) = param {
+                let value = query.split('&').find_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (crate::decide::decode_component(k) == **qname).then_some(v)
+                });
+                if let Some(v) = value {
+                    out.push((param, v));
+                }
+            }
+        }
+        out
+    }
+
+    /// The query parameters the template names (`a` of `?a={b}`).
+    pub fn query_names(&self) -> impl Iterator<Item = &str> {
+        self.query.iter().map(|(n, _)| &**n)
     }
 }
 
@@ -631,6 +739,18 @@ mod tests {
             };
             proptest::prop_assert_eq!(first_segments(&path, n), expected);
         }
+    }
+
+    #[test]
+    fn parameters_are_what_the_call_matched() {
+        let t = UrlTemplate::parse("/stores/{store}/orders/{id}.json?expand={e}&x=1").unwrap();
+        assert_eq!(
+            t.parameters("/stores/12/orders/7.json", "a=1&expand=lines%20all"),
+            vec![("store", "12"), ("id", "7"), ("e", "lines%20all")]
+        );
+        assert_eq!(t.query_names().collect::<Vec<_>>(), vec!["expand", "x"]);
+        let rest = UrlTemplate::parse("/files/{*path}").unwrap();
+        assert_eq!(rest.parameters("/files/a/b/c", ""), vec![("path", "a/b/c")]);
     }
 
     #[test]

@@ -97,6 +97,14 @@ fn replay_through_envoy(name: &str) {
                 ));
                 continue;
             };
+            if let Some(m) = &up.method {
+                if seen["method"] != m.as_str() {
+                    wrong.push(format!(
+                        "{name}[{i}]: upstream method {}, expected {m:?}",
+                        seen["method"]
+                    ));
+                }
+            }
             if let Some(p) = &up.path {
                 if seen["path"] != p.as_str() {
                     wrong.push(format!(
@@ -207,16 +215,23 @@ fn choose_trace_through_envoy() {
     replay_through_envoy("choose.jsonl");
 }
 
-/// validate-jwt with RS256, ES256 and HS256 keys: valid tokens pass; expired, wrongly signed,
-/// wrong audience or issuer, no scheme, garbage, absent and unscoped tokens get the policy's 401.
 #[test]
 fn cors_trace_through_envoy() {
     replay_through_envoy("cors.jsonl");
 }
 
+/// validate-jwt with RS256, ES256 and HS256 keys: valid tokens pass; expired, wrongly signed,
+/// wrong audience or issuer, no scheme, garbage, absent and unscoped tokens get the policy's 401.
 #[test]
 fn jwt_trace_through_envoy() {
     replay_through_envoy("jwt.jsonl");
+}
+
+/// rewrite-uri, set-method and set-query-parameter: the upstream receives the method, path and
+/// query the policies made, the key stripped from the query as they left it.
+#[test]
+fn rewrite_trace_through_envoy() {
+    replay_through_envoy("rewrite.jsonl");
 }
 
 /// A request (method, path, headers) and the status and body Envoy must answer with.

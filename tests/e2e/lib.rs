@@ -156,7 +156,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A small upstream: answers every request with JSON naming the path and headers it received.
+/// A small upstream: answers every request with JSON naming the method, path and headers it
+/// received.
 /// `x-upstream-status` sets the status, `x-upstream-bytes` pads the body to that many bytes.
 pub struct Upstream {
     pub port: u16,
@@ -180,6 +181,7 @@ fn serve(conn: TcpStream) {
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
+        let method = line.split(' ').next().unwrap_or("").to_string();
         let target = line.split(' ').nth(1).unwrap_or("/").to_string();
         let mut head = line.clone();
         let mut headers = serde_json::Map::new();
@@ -212,7 +214,8 @@ fn serve(conn: TcpStream) {
             .get("x-upstream-status")
             .and_then(|v| v.as_str()?.parse().ok())
             .unwrap_or(200);
-        let mut out = json!({"path": target, "headers": headers, "head": head}).to_string();
+        let mut out =
+            json!({"method": method, "path": target, "headers": headers, "head": head}).to_string();
         if let Some(n) = headers
             .get("x-upstream-bytes")
             .and_then(|v| v.as_str()?.parse::<usize>().ok())

@@ -11,7 +11,10 @@ use std::borrow::Cow;
 pub(crate) struct CallFacts<'c, 'r> {
     pub(crate) catalog: &'c Catalog,
     pub(crate) id: Identity,
+    /// The request as the policies so far have left it (`set-method`, `rewrite-uri`, ...).
     pub(crate) request: Request<'r>,
+    /// The path and query as the call came.
+    pub(crate) original: (&'r str, &'r str),
     pub(crate) status: Option<u16>,
     /// The call's variables as `set-variable` has left them so far.
     pub(crate) variables: &'r [(String, Value)],
@@ -23,12 +26,14 @@ impl<'c, 'r> CallFacts<'c, 'r> {
         catalog: &'c Catalog,
         id: Identity,
         request: Request<'r>,
+        original: (&'r str, &'r str),
         variables: &'r [(String, Value)],
     ) -> Self {
         CallFacts {
             catalog,
             id,
             request,
+            original,
             status: None,
             variables,
         }
@@ -74,7 +79,7 @@ impl Facts for CallFacts<'_, '_> {
                     KeySource::Header => {
                         key_header(self.request.headers, &api.header_lower)?.into_owned()
                     }
-                    KeySource::Query => key_param(self.request.query, &api.query_name)?,
+                    KeySource::Query => key_param(self.original.1, &api.query_name)?,
                 }
             }
             Member::ApiPath => format!("/{}", api.path_text),
@@ -83,6 +88,7 @@ impl Facts for CallFacts<'_, '_> {
             Member::RequestIpAddress => self.request.client_ip?.to_string(),
             Member::RequestMethod => self.request.method.to_string(),
             Member::RequestUrlPath => self.request.path.to_string(),
+            Member::RequestOriginalUrlPath => self.original.0.to_string(),
             Member::RequestUrlHost => host_of(self.request.host).to_string(),
             Member::ResponseStatusCode => self.status?.to_string(),
             // Catalog text, answered above.

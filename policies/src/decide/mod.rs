@@ -9,6 +9,7 @@
 
 mod facts;
 mod limits;
+mod line;
 mod request;
 pub(crate) mod shared;
 
@@ -26,6 +27,8 @@ use crate::response::{self, LocalResponse};
 use crate::snapshot::SubscriptionScope;
 use facts::*;
 use limits::*;
+pub(crate) use line::join;
+use line::RequestLine;
 pub use request::Request;
 pub(crate) use request::*;
 use smallvec::SmallVec;
@@ -197,19 +200,23 @@ impl CallContext {
         self.later.as_deref().and_then(|l| l.saved.as_ref())
     }
 
-    /// The request as later phases see it: the saved copy, or an empty request when the
-    /// program reads none after the inbound phase.
-    fn later_request(&self) -> Request<'_> {
+    /// The request as later phases see it (as the inbound policies left it) and the path and
+    /// query it came with: the saved copy, or an empty request when the program reads none
+    /// after the inbound phase.
+    fn later_request(&self) -> (Request<'_>, (&str, &str)) {
         match self.saved() {
-            Some(s) => s.request(),
-            None => Request {
-                method: "",
-                host: "",
-                path: "",
-                query: "",
-                headers: &[],
-                client_ip: None,
-            },
+            Some(s) => (s.request(), s.original()),
+            None => (
+                Request {
+                    method: "",
+                    host: "",
+                    path: "",
+                    query: "",
+                    headers: &[],
+                    client_ip: None,
+                },
+                ("", ""),
+            ),
         }
     }
 }
@@ -389,11 +396,25 @@ impl Catalog {
             keyed: SmallVec::new(),
         };
         let mut upstream = HeaderEdits::new();
-        let result = self.run_request(program, req, &mut call, &mut run, &mut upstream);
+        let mut line = RequestLine::default();
+        let result = self.run_request(program, req, &mut call, &mut run, &mut upstream, &mut line);
         match result {
             Ok(None) => {
+                let sent = Request {
+                    method: line.method(req),
+                    path: line.path(req),
+                    query: line.query(req),
+                    ..*req
+                };
                 if program.keeps_request {
-                    call.later.get_or_insert_default().saved = Some(SavedRequest::of(req));
+                    call.later.get_or_insert_default().saved =
+                        Some(SavedRequest::rewritten(&sent, req));
+                }
+                if let Some(method) = line.method.take() {
+                    upstream.push(HeaderEdit::Set(
+                        Cow::Borrowed(":method"),
+                        Cow::Owned(method),
+                    ));
                 }
                 // Who the call is, named only when identity headers are asked for.
                 let identity = match self.edge.identity_headers {
@@ -403,8 +424,19 @@ impl Catalog {
                     }
                     false => [None, None],
                 };
-                self.edge
-                    .upstream_edits(req, self.key_names(api_ix), identity, &mut upstream);
+                let sent = Request {
+                    method: req.method,
+                    path: line.path(req),
+                    query: line.query(req),
+                    ..*req
+                };
+                self.edge.upstream_edits(
+                    &sent,
+                    self.key_names(api_ix),
+                    identity,
+                    line.url.is_some(),
+                    &mut upstream,
+                );
                 Ok(Decision {
                     outcome: Outcome::Allowed,
                     response: None,
@@ -474,7 +506,9 @@ impl Catalog {
         call: &mut CallContext,
         run: &mut Run<'c, '_, C>,
         upstream: &mut HeaderEdits<'c>,
+        line: &mut RequestLine,
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
+        let original = *req;
         // What expressions see is made only for a step that evaluates one.
         let mut variables: Variables = Vec::new();
         // The headers of the first `cors` that allowed the call's origin.
@@ -486,9 +520,19 @@ impl Catalog {
             i += 1;
             let step = &self.steps[ix as usize];
             run.reserve = plan.reserve;
-            // Expressions of this step see the variables set so far.
+            // Expressions of this step see the variables set so far, and the request line as
+            // the policies so far have left it.
             let vars: &[(String, Value)] = &variables;
-            let facts = || CallFacts::inbound(self, call.id, *req, vars);
+            let now = Request {
+                method: line.method(&original),
+                path: line.path(&original),
+                query: line.query(&original),
+                ..original
+            };
+            let req = &now;
+            let facts =
+                || CallFacts::inbound(self, call.id, *req, (original.path, original.query), vars);
+            let mut changed: Option<RequestLine> = None;
             let denial = match step {
                 Step::RateLimit(l) | Step::Quota(l) => {
                     let quota = matches!(step, Step::Quota(_));
@@ -558,6 +602,48 @@ impl Catalog {
                     set_header(h, &facts(), &exists, upstream)?;
                     None
                 }
+                Step::SetMethod(m) => {
+                    let mut next = line.clone();
+                    next.method = Some(eval_text(m, &facts())?.into_owned());
+                    changed = Some(next);
+                    None
+                }
+                Step::SetQueryParameter(p) => {
+                    let facts = facts();
+                    let values = p
+                        .values
+                        .iter()
+                        .map(|v| eval_text(v, &facts))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut next = line.clone();
+                    next.set_query_parameter(req, &p.name, p.action, &values);
+                    changed = Some(next);
+                    None
+                }
+                Step::RewriteUri {
+                    template,
+                    copy_unmatched,
+                } => {
+                    let template = eval_text(template, &facts())?;
+                    let a = &self.apis[call.id.api.index()];
+                    let op = call.id.operation.map(|o| &a.operations[o.index()].template);
+                    let below = crate::route::below(original.path, a.depth);
+                    let parameters =
+                        op.map_or_else(Vec::new, |t| t.parameters(below, original.query));
+                    let matched: Vec<&str> =
+                        op.map_or_else(Vec::new, |t| t.query_names().collect());
+                    let mut next = line.clone();
+                    next.rewrite(
+                        req,
+                        a.depth,
+                        &template,
+                        &parameters,
+                        &matched,
+                        *copy_unmatched,
+                    );
+                    changed = Some(next);
+                    None
+                }
                 Step::Respond {
                     status,
                     headers,
@@ -625,6 +711,9 @@ impl Catalog {
                     }
                 }
             };
+            if let Some(next) = changed {
+                *line = next;
+            }
             if let Some((outcome, mut response)) = denial {
                 // A browser reads a denial only with the CORS headers already granted.
                 if let Some(headers) = cors_headers {
@@ -675,7 +764,7 @@ impl Catalog {
         visit: &mut dyn FnMut(&'c Step, &CallFacts<'c, '_>) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
         let program = &self.programs[call.program as usize];
-        let request = call.later_request();
+        let (request, original) = call.later_request();
         let mut variables: Variables = call.variables().to_vec();
         let steps = &program.response;
         let mut i = 0;
@@ -686,6 +775,7 @@ impl Catalog {
                 catalog: self,
                 id: call.id,
                 request,
+                original,
                 status: Some(status),
                 variables: &variables,
             };
@@ -767,11 +857,12 @@ impl Catalog {
         now: Millis,
         counting: &dyn Counting,
     ) -> Result<(), EngineError> {
-        let request = call.later_request();
+        let (request, original) = call.later_request();
         let facts = CallFacts {
             catalog: self,
             id: call.id,
             request,
+            original,
             status: Some(done.status),
             variables: call.variables(),
         };

@@ -27,6 +27,8 @@ pub(crate) struct SavedRequest {
     query: String,
     headers: Vec<(String, String)>,
     client_ip: Option<IpAddr>,
+    /// The path and query as the call came, when the policies changed them.
+    original: Option<(String, String)>,
 }
 
 impl SavedRequest {
@@ -38,6 +40,24 @@ impl SavedRequest {
             query: r.query.to_string(),
             headers: r.headers.to_vec(),
             client_ip: r.client_ip,
+            original: None,
+        }
+    }
+
+    /// The request as the inbound policies left it (`now`), and the path and query it came with.
+    pub(crate) fn rewritten(now: &Request, original: &Request) -> Self {
+        let mut saved = Self::of(now);
+        if (now.path, now.query) != (original.path, original.query) {
+            saved.original = Some((original.path.to_string(), original.query.to_string()));
+        }
+        saved
+    }
+
+    /// The path and query the call came with.
+    pub(crate) fn original(&self) -> (&str, &str) {
+        match &self.original {
+            Some((p, q)) => (p, q),
+            None => (&self.path, &self.query),
         }
     }
 

@@ -54,21 +54,29 @@ fn without_parameter(path: &str, query: &str, name: &str) -> Option<String> {
 
 impl EdgeOptions {
     /// The edits of a call that goes upstream, after the policies' own: the key stripped (both
-    /// places, whichever the key was read from), then the identity headers.
+    /// places, whichever the key was read from), then the identity headers. `req` has the path
+    /// and query the call goes upstream with; `rewritten` says the policies changed them, so
+    /// that `:path` is set even when no key is stripped.
     pub(crate) fn upstream_edits<'c>(
         &self,
         req: &Request,
         key: KeyNames<'c>,
         identity: [Option<&'c str>; 2],
+        rewritten: bool,
         out: &mut HeaderEdits<'c>,
     ) {
+        let mut path = None;
         if self.strip_subscription_key {
             if header(req.headers, key.header_lower).is_some() {
                 out.push(HeaderEdit::Remove(Cow::Borrowed(key.header_lower)));
             }
-            if let Some(path) = without_parameter(req.path, req.query, key.query) {
-                out.push(HeaderEdit::Set(Cow::Borrowed(":path"), Cow::Owned(path)));
-            }
+            path = without_parameter(req.path, req.query, key.query);
+        }
+        if path.is_none() && rewritten {
+            path = Some(crate::decide::join(req.path, req.query));
+        }
+        if let Some(path) = path {
+            out.push(HeaderEdit::Set(Cow::Borrowed(":path"), Cow::Owned(path)));
         }
         if self.identity_headers {
             for (name, value) in IDENTITY_HEADERS.into_iter().zip(identity) {
@@ -89,7 +97,7 @@ impl EdgeOptions {
             FailureMode::Closed => Decision::internal_error(None),
             FailureMode::Open => {
                 let mut upstream = HeaderEdits::new();
-                self.upstream_edits(req, key, [None, None], &mut upstream);
+                self.upstream_edits(req, key, [None, None], false, &mut upstream);
                 Decision {
                     outcome: Outcome::InternalError,
                     response: None,

@@ -34,6 +34,8 @@ pub(crate) enum Member {
     RequestMethod,
     RequestUrlPath,
     RequestUrlHost,
+    /// The path as the call came, before any `rewrite-uri`.
+    RequestOriginalUrlPath,
     ResponseStatusCode,
     /// The subscription owner's id.
     UserId,
@@ -59,8 +61,8 @@ impl Member {
             "context.Request.Method" => RequestMethod,
             "context.Request.Url.Path" => RequestUrlPath,
             "context.Request.Url.Host" => RequestUrlHost,
-            // The edge rewrites no URL: the original is the one received.
-            "context.Request.OriginalUrl.Path" => RequestUrlPath,
+            "context.Request.OriginalUrl.Path" => RequestOriginalUrlPath,
+            // The edge changes no host: the original is the one received.
             "context.Request.OriginalUrl.Host" => RequestUrlHost,
             "context.User.Id" => UserId,
             "context.Deployment.Region" => DeploymentRegion,
@@ -85,7 +87,11 @@ impl Member {
             ProductId | ProductName => "context.Product",
             ApiId | ApiName | ApiPath => "context.Api",
             OperationId | OperationName | OperationMethod => "context.Operation",
-            RequestIpAddress | RequestMethod | RequestUrlPath | RequestUrlHost => "context.Request",
+            RequestIpAddress
+            | RequestMethod
+            | RequestUrlPath
+            | RequestUrlHost
+            | RequestOriginalUrlPath => "context.Request",
             ResponseStatusCode => "context.Response",
             UserId => "context.User",
             DeploymentRegion => "context.Deployment",
