@@ -2,7 +2,9 @@
 //! cluster the proxy is said to have, a fixed answer read from a file, or a real server the
 //! callout is forwarded to (HTTP/1.1 for `proxy_http_call`, gRPC over HTTP/2 for
 //! `proxy_grpc_call`), as Envoy's cluster would reach it. Time stays virtual: the host waits
-//! for each answer, and the callout's answer arrives at the request's time.
+//! for each answer, which arrives at the callout's dispatch time plus the rule's latency
+//! (`CLUSTER=TARGET@20ms`; none by default), or fails at the callout's timeout when that is
+//! sooner, as Envoy's would.
 
 use crate::host::{Answer, Callout, CalloutKind, Responder};
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,15 +27,16 @@ enum Target {
     Server(SocketAddr),
 }
 
-/// `--callout` rules, by cluster.
+/// `--callout` rules, by cluster: where its callouts go, and how long their answers take.
 pub struct CalloutRules {
-    rules: Vec<(String, Target)>,
+    rules: Vec<(String, Target, Duration)>,
     runtime: tokio::runtime::Runtime,
 }
 
 impl CalloutRules {
-    /// Reads `CLUSTER=FILE` and `CLUSTER=HOST:PORT` rules. A value that names an existing file
-    /// is a file; otherwise it must be an address.
+    /// Reads `CLUSTER=FILE` and `CLUSTER=HOST:PORT` rules, each with an optional latency
+    /// (`@20ms`, `@1.5ms`). A value that names an existing file is a file; otherwise it must be
+    /// an address.
     pub fn parse(rules: &[String]) -> Result<Self> {
         let rules = rules
             .iter()
@@ -46,6 +49,15 @@ impl CalloutRules {
                             "--callout: expected CLUSTER=FILE or CLUSTER=HOST:PORT, not {rule:?}"
                         )
                     })?;
+                let (value, latency) = match value.rsplit_once('@') {
+                    Some((v, l)) if !Path::new(value).is_file() => (
+                        v,
+                        latency(l).with_context(|| {
+                            format!("--callout {rule}: the latency must be milliseconds, as @20ms")
+                        })?,
+                    ),
+                    _ => (value, Duration::ZERO),
+                };
                 let target = if Path::new(value).is_file() {
                     Target::Fixed(
                         std::fs::read(value)
@@ -56,7 +68,7 @@ impl CalloutRules {
                         format!("--callout {rule}: {value} is neither a file nor HOST:PORT")
                     })?)
                 };
-                Ok((cluster.to_string(), target))
+                Ok((cluster.to_string(), target, latency))
             })
             .collect::<Result<Vec<_>>>()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -68,15 +80,27 @@ impl CalloutRules {
 
     /// The clusters the rules name.
     pub fn clusters(&self) -> impl Iterator<Item = &str> {
-        self.rules.iter().map(|(c, _)| c.as_str())
+        self.rules.iter().map(|(c, _, _)| c.as_str())
     }
 
-    fn target(&self, cluster: &str) -> Option<&Target> {
+    fn rule(&self, cluster: &str) -> Option<(&Target, Duration)> {
         self.rules
             .iter()
-            .find(|(c, _)| c == cluster)
-            .map(|(_, t)| t)
+            .find(|(c, _, _)| c == cluster)
+            .map(|(_, t, l)| (t, *l))
     }
+}
+
+/// `20ms`, `0.5ms`: a latency in milliseconds, finite and not negative.
+fn latency(text: &str) -> Result<Duration> {
+    let ms: f64 = text
+        .strip_suffix("ms")
+        .ok_or_else(|| anyhow!("no 'ms'"))?
+        .parse()?;
+    if !ms.is_finite() || !(0.0..=3_600_000.0).contains(&ms) {
+        bail!("out of range");
+    }
+    Ok(Duration::from_secs_f64(ms / 1000.0))
 }
 
 fn resolve(value: &str) -> Result<SocketAddr> {
@@ -90,8 +114,12 @@ fn resolve(value: &str) -> Result<SocketAddr> {
 }
 
 impl Responder for CalloutRules {
+    fn latency(&self, c: &Callout) -> Duration {
+        self.rule(&c.cluster).map_or(Duration::ZERO, |(_, l)| l)
+    }
+
     fn answer(&self, c: &Callout) -> Option<Answer> {
-        match self.target(&c.cluster)? {
+        match self.rule(&c.cluster)?.0 {
             Target::Fixed(body) => Some(Answer {
                 status: if c.kind == CalloutKind::Http { 200 } else { 0 },
                 headers: Vec::new(),

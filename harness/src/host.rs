@@ -171,6 +171,10 @@ pub struct Callout {
     /// HTTP headers, or gRPC initial metadata.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The timeout the guest gave, in milliseconds (0: none).
+    pub timeout_ms: u32,
+    /// When it was dispatched, on the VM's virtual clock.
+    pub sent_ns: u64,
 }
 
 /// The answer to a callout.
@@ -186,6 +190,12 @@ pub struct Answer {
 /// timeout, no such cluster), which Envoy reports with no headers (HTTP) or `UNAVAILABLE` (gRPC).
 pub trait Responder: Sync {
     fn answer(&self, callout: &Callout) -> Option<Answer>;
+
+    /// How long after its dispatch the callout's answer arrives (virtual time). One that
+    /// would arrive after the callout's timeout fails as a timed-out call does, at the timeout.
+    fn latency(&self, _callout: &Callout) -> Duration {
+        Duration::ZERO
+    }
 }
 
 impl<F: Fn(&Callout) -> Option<Answer> + Sync> Responder for F {
@@ -243,6 +253,9 @@ pub struct VmState {
     pub profile: Profile,
     /// The size the guest's memory was refused, past the profile's limit.
     pub memory_refused: Option<usize>,
+    /// While counting host calls: the calls made of each counted import since the callback
+    /// began, by the import's index in [`Vm::host_calls`]'s names.
+    host_calls_now: Option<Vec<u64>>,
 }
 
 impl ResourceLimiter for VmState {
@@ -315,6 +328,8 @@ pub struct Host {
     /// dispatch (`None`: every callout is dispatched, for the responder to answer).
     clusters: Option<Arc<HashSet<String>>>,
     profile: Profile,
+    /// Count the guest's calls into the host ([`Host::counting_host_calls`]).
+    count_host_calls: bool,
 }
 
 fn ticker(engine: &Engine) {
@@ -389,6 +404,7 @@ impl Host {
             plugin: Arc::new(Plugin::default()),
             clusters: None,
             profile,
+            count_host_calls: false,
         })
     }
 
@@ -405,6 +421,14 @@ impl Host {
 
     /// The proxy's clusters: as in Envoy, a callout to a cluster not among them fails at
     /// dispatch with `BadArgument`, and nothing is sent.
+    /// The same host, its VMs counting every call the guest makes into the host (each import,
+    /// WASI's included), per callback ([`Vm::host_calls`]). Counting wraps each import, so it
+    /// costs time: it is for the table, not for benchmarks.
+    pub fn counting_host_calls(mut self) -> Host {
+        self.count_host_calls = true;
+        self
+    }
+
     pub fn with_clusters(mut self, clusters: impl IntoIterator<Item = String>) -> Host {
         self.clusters = Some(Arc::new(clusters.into_iter().collect()));
         self
@@ -432,6 +456,10 @@ impl Host {
         }
         let mut linker = linker(&self.engine)?;
         restrict(&mut linker, &self.module, self.profile)?;
+        let counted = match self.count_host_calls {
+            true => count_calls(&mut linker, &mut store, &self.module)?,
+            false => Vec::new(),
+        };
         let instance = wt(linker.instantiate(&mut store, &self.module), || {
             "instantiating the module".into()
         })?;
@@ -451,6 +479,10 @@ impl Host {
             exports: Vec::new(),
             failed: None,
             fuel_peaks: Vec::new(),
+            host_calls: HostCalls {
+                imports: counted,
+                callbacks: Vec::new(),
+            },
         };
         if vm.instance.get_func(&mut vm.store, "_initialize").is_some() {
             vm.call::<(), ()>("_initialize", ())?;
@@ -498,6 +530,7 @@ fn blank_state() -> VmState {
         scratch: Vec::new(),
         profile: Profile::Envoy,
         memory_refused: None,
+        host_calls_now: None,
     }
 }
 
@@ -529,6 +562,43 @@ fn restrict(linker: &mut Linker<VmState>, module: &Module, profile: Profile) -> 
     Ok(())
 }
 
+/// Wraps each function the module imports so that a call to it is counted in the store's
+/// [`VmState`] before the host's own runs. Returns the imports' names, by index.
+fn count_calls(
+    linker: &mut Linker<VmState>,
+    store: &mut Store<VmState>,
+    module: &Module,
+) -> Result<Vec<String>> {
+    linker.allow_shadowing(true);
+    let mut names = Vec::new();
+    for import in module.imports() {
+        let (Some(ty), Some(Extern::Func(host))) = (
+            import.ty().func().cloned(),
+            linker.get(&mut *store, import.module(), import.name()).ok(),
+        ) else {
+            continue;
+        };
+        let ix = names.len();
+        names.push(import.name().to_string());
+        wt(
+            linker.func_new(
+                import.module(),
+                import.name(),
+                ty,
+                move |mut caller, params, results| {
+                    if let Some(counts) = caller.data_mut().host_calls_now.as_mut() {
+                        counts[ix] += 1;
+                    }
+                    host.call(&mut caller, params, results)
+                },
+            ),
+            || format!("counting calls to {}", import.name()),
+        )?;
+    }
+    store.data_mut().host_calls_now = Some(vec![0; names.len()]);
+    Ok(names)
+}
+
 fn deadline_ticks() -> u64 {
     (CALL_DEADLINE.as_millis() / EPOCH_TICK.as_millis()) as u64
 }
@@ -553,6 +623,72 @@ pub struct Vm {
     pub failed: Option<String>,
     /// Under a profile with a CPU budget: the most fuel each callback has burned in one call.
     pub fuel_peaks: Vec<(String, u64)>,
+    /// With [`Host::counting_host_calls`]: the guest's calls into the host, per callback.
+    pub host_calls: HostCalls,
+}
+
+/// The guest's calls into the host, by the callback they were made in.
+#[derive(Debug, Clone, Default)]
+pub struct HostCalls {
+    /// The imports counted, by index.
+    pub imports: Vec<String>,
+    /// Each callback called: its name, how many times, and the calls of each import it made
+    /// in all (by the imports' index).
+    pub callbacks: Vec<(String, u64, Vec<u64>)>,
+}
+
+impl HostCalls {
+    /// Adds `other`'s counts (of the same module) to these.
+    pub fn add(&mut self, other: &HostCalls) {
+        if self.imports.is_empty() {
+            self.imports = other.imports.clone();
+        }
+        for (name, calls, counts) in &other.callbacks {
+            let at = match self.callbacks.iter().position(|(n, _, _)| n == name) {
+                Some(at) => at,
+                None => {
+                    self.callbacks
+                        .push((name.clone(), 0, vec![0; self.imports.len()]));
+                    self.callbacks.len() - 1
+                }
+            };
+            let mine = &mut self.callbacks[at];
+            mine.1 += calls;
+            for (m, c) in mine.2.iter_mut().zip(counts) {
+                *m += c;
+            }
+        }
+    }
+
+    /// A table for people: per callback, its calls, host calls per call, and the imports it
+    /// called (calls per callback call), the most called first.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for (name, calls, counts) in &self.callbacks {
+            let total: u64 = counts.iter().sum();
+            let per = |n: u64| n as f64 / (*calls).max(1) as f64;
+            out.push_str(&format!(
+                "{name}: {calls} calls, {:.2} host calls each",
+                per(total)
+            ));
+            let mut used: Vec<(&String, u64)> = self
+                .imports
+                .iter()
+                .zip(counts.iter().copied())
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            let used: Vec<String> = used
+                .iter()
+                .map(|(i, n)| format!("{i} {:.2}", per(*n)))
+                .collect();
+            if !used.is_empty() {
+                out.push_str(&format!(": {}", used.join(", ")));
+            }
+            out.push('\n');
+        }
+        out
+    }
 }
 
 impl Vm {
@@ -616,6 +752,7 @@ impl Vm {
             wt(self.store.set_fuel(budget), || "setting fuel".into())?;
         }
         let result = f.call(&mut self.store, args);
+        self.count_host_calls(name);
         if let Some(budget) = budget {
             let burned = budget - self.store.get_fuel().unwrap_or(0);
             match self.fuel_peaks.iter_mut().find(|(n, _)| n == name) {
@@ -628,6 +765,26 @@ impl Vm {
             self.failed = Some(format!("{e:#}"));
             e
         })
+    }
+
+    /// Moves the calls counted during callback `name` into [`Vm::host_calls`].
+    fn count_host_calls(&mut self, name: &str) {
+        let Some(now) = self.store.data_mut().host_calls_now.as_mut() else {
+            return;
+        };
+        let t = &mut self.host_calls;
+        let at = match t.callbacks.iter().position(|(n, _, _)| n == name) {
+            Some(at) => at,
+            None => {
+                t.callbacks.push((name.to_string(), 0, vec![0; now.len()]));
+                t.callbacks.len() - 1
+            }
+        };
+        let entry = &mut t.callbacks[at];
+        entry.1 += 1;
+        for (total, n) in entry.2.iter_mut().zip(now.iter_mut()) {
+            *total += std::mem::take(n);
+        }
     }
 
     pub fn call1(&mut self, name: &str, a: i32) -> Result<()> {
@@ -692,17 +849,56 @@ impl Vm {
         }
     }
 
-    /// Answers every pending callout with `responder`, oldest first, and lets the guest handle
-    /// each answer (callouts the guest makes meanwhile are answered too). Returns how many.
+    /// Answers every pending callout with `responder`, each when it arrives (its dispatch
+    /// time plus the responder's latency; the timeout, failed, when that is later), the
+    /// earliest first, and lets the guest handle each answer on a clock moved to that time
+    /// (callouts the guest makes meanwhile are answered too). Returns how many.
     pub fn answer_callouts(&mut self, responder: &dyn Responder) -> Result<usize> {
         let mut answered = 0;
-        while !self.store.data().callouts.is_empty() {
-            let c = self.store.data_mut().callouts.remove(0);
-            let answer = responder.answer(&c);
-            self.deliver(&c, answer)?;
+        loop {
+            let due = |c: &Callout| {
+                let latency = u64::try_from(responder.latency(c).as_nanos()).unwrap_or(u64::MAX);
+                let timeout = u64::from(c.timeout_ms) * 1_000_000;
+                let timed_out = c.timeout_ms > 0 && latency >= timeout;
+                let after = if timed_out { timeout } else { latency };
+                (c.sent_ns.saturating_add(after), timed_out)
+            };
+            let pending = &self.store.data().callouts;
+            let Some((ix, (at, timed_out))) = pending
+                .iter()
+                .map(due)
+                .enumerate()
+                .min_by_key(|(i, (at, _))| (*at, *i))
+            else {
+                break;
+            };
+            let c = self.store.data_mut().callouts.remove(ix);
+            let s = self.store.data_mut();
+            s.now_ns = s.now_ns.max(at);
+            if timed_out {
+                // Envoy's async client ends a call past its timeout with a local 504, which
+                // gRPC reads as UNAVAILABLE.
+                self.deliver_failure(&c, GRPC_UNAVAILABLE)?;
+            } else {
+                let answer = responder.answer(&c);
+                self.deliver(&c, answer)?;
+            }
             answered += 1;
         }
         Ok(answered)
+    }
+
+    /// Hands a failed callout to the guest: HTTP without headers, gRPC with `code`.
+    fn deliver_failure(&mut self, c: &Callout, code: u16) -> Result<()> {
+        match c.kind {
+            CalloutKind::Http => self.deliver(c, None),
+            CalloutKind::Grpc { .. } => {
+                let (context, token) = (c.context as i32, c.token as i32);
+                self.store.data_mut().effective = c.context;
+                self.store.data_mut().grpc_status = u32::from(code);
+                self.call3("proxy_on_grpc_close", context, token, i32::from(code))
+            }
+        }
     }
 
     /// Hands one answer to the guest as Envoy does.
@@ -742,7 +938,8 @@ impl Vm {
 
     /// Moves this VM's virtual clock to `to_ns`, running the ticks that fall due on the way,
     /// each at its own time, and answering the callouts they make with `responder`.
-    /// Returns how many ticks ran. A clock moved backwards runs none.
+    /// Returns how many ticks ran. The clock never moves backwards (a callout's answer may have
+    /// moved it past `to_ns`): then no tick runs.
     pub fn advance(&mut self, to_ns: u64, responder: &dyn Responder) -> Result<u32> {
         let mut ran = 0;
         self.answer_callouts(responder)?;
@@ -761,7 +958,8 @@ impl Vm {
             ran += 1;
             self.answer_callouts(responder)?;
         }
-        self.store.data_mut().now_ns = to_ns;
+        let s = self.store.data_mut();
+        s.now_ns = s.now_ns.max(to_ns);
         Ok(ran)
     }
 }
@@ -982,12 +1180,14 @@ fn grpc_cluster(upstream: &str) -> String {
 }
 
 /// Queues a callout for the responder and writes its token where the guest asked.
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
     c: &mut C,
     kind: CalloutKind,
     cluster: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    timeout_ms: i32,
     ret: i32,
 ) -> i32 {
     let s = c.data_mut();
@@ -1006,6 +1206,8 @@ fn dispatch(
         cluster,
         headers,
         body,
+        timeout_ms: u32::try_from(timeout_ms).unwrap_or(0),
+        sent_ns: s.now_ns,
     });
     if write_u32(c, ret, token) {
         OK
@@ -1380,7 +1582,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
          bl: i32,
          _tp: i32,
          _tl: i32,
-         _timeout: i32,
+         timeout: i32,
          ret: i32|
          -> i32 {
             let (Some(cluster), Some(body)) = (read_str(&mut c, up, ul), read(&mut c, bp, bl))
@@ -1391,7 +1593,15 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 Ok(h) => h,
                 Err(status) => return status,
             };
-            dispatch(&mut c, CalloutKind::Http, cluster, headers, body, ret)
+            dispatch(
+                &mut c,
+                CalloutKind::Http,
+                cluster,
+                headers,
+                body,
+                timeout,
+                ret,
+            )
         },
     )?;
     // gRPC: unary calls are answered by the responder; streams are not offered.
@@ -1409,7 +1619,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
          hl: i32,
          bp: i32,
          bl: i32,
-         _timeout: i32,
+         timeout: i32,
          ret: i32|
          -> i32 {
             let (Some(cluster), Some(service), Some(method), Some(body)) = (
@@ -1431,6 +1641,7 @@ fn linker(engine: &Engine) -> Result<Linker<VmState>> {
                 cluster,
                 headers,
                 body,
+                timeout,
                 ret,
             )
         },

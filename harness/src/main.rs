@@ -71,8 +71,10 @@ enum Command {
         /// With --wasm: the proxy has cluster CLUSTER (repeatable). Its callouts are answered
         /// with 200 (gRPC: OK) and FILE's bytes, or forwarded to the HTTP/1.1 or gRPC server at
         /// HOST:PORT. A callout to a cluster neither this nor --counters names fails at
-        /// dispatch (BadArgument), as to a cluster Envoy does not have.
-        #[arg(long, value_name = "CLUSTER=FILE|HOST:PORT")]
+        /// dispatch (BadArgument), as to a cluster Envoy does not have. `@20ms` after it: the
+        /// answers arrive that long after the dispatch (virtual time), or fail at the callout's
+        /// timeout when that is sooner.
+        #[arg(long, value_name = "CLUSTER=FILE|HOST:PORT[@MSms]")]
         callout: Vec<String>,
         /// With --wasm: FILE's bytes, as they are, are the plugin configuration (instead of
         /// --config and --snapshot): for filters other than apim-edge.
@@ -106,6 +108,10 @@ enum Command {
         /// memory and about 1 ms of CPU per callback; what the VMs used goes to stderr).
         #[arg(long, default_value = "envoy", value_name = "PROFILE")]
         host_profile: Profile,
+        /// With --wasm: count the filter's calls into the host, and print per callback how
+        /// many it made, and of which functions, on standard error.
+        #[arg(long)]
+        host_calls: bool,
     },
     /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
     /// one worker each, over a trace replayed in a loop; and their ratio.
@@ -340,6 +346,10 @@ impl apim_edge_harness::host::Responder for Responders {
         }
         self.rules.answer(c)
     }
+
+    fn latency(&self, c: &Callout) -> std::time::Duration {
+        self.rules.latency(c)
+    }
 }
 
 /// The filter configuration with `counters` (cluster apim-counters) when it has none.
@@ -402,9 +412,11 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             root_id,
             fail_open,
             host_profile,
+            host_calls,
         } => {
             if wasm.is_none()
                 && (workers != 1
+                    || host_calls
                     || parallel
                     || diff
                     || !callout.is_empty()
@@ -417,7 +429,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     || host_profile != Profile::Envoy)
             {
                 return Err(Unusable(anyhow!(
-                    "--workers, --parallel, --diff, --callout, --counters, --log-level, --plugin-config, --vm-config, --root-id, --fail-open and --host-profile need --wasm"
+                    "--workers, --parallel, --diff, --callout, --counters, --log-level, --plugin-config, --vm-config, --root-id, --fail-open, --host-profile and --host-calls need --wasm"
                 )));
             }
             if plugin_config.is_some() && (diff || counters.is_some()) {
@@ -483,14 +495,16 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                             .with_context(|| format!("cannot read {}", path.display()))
                             .map_err(Unusable)?;
                     }
-                    let host = apim_edge_harness::host::Host::load_as(path, host_profile)
-                        .map_err(Unusable)?
-                        .with_plugin(identity)
-                        .with_clusters(clusters(
-                            &rules.rules,
-                            counters.is_some(),
-                            &String::from_utf8_lossy(&plugin),
-                        ));
+                    let mut host = apim_edge_harness::host::Host::load_as(path, host_profile)
+                        .map_err(Unusable)?;
+                    if host_calls {
+                        host = host.counting_host_calls();
+                    }
+                    let host = host.with_plugin(identity).with_clusters(clusters(
+                        &rules.rules,
+                        counters.is_some(),
+                        &String::from_utf8_lossy(&plugin),
+                    ));
                     let options = wasm_replay::Options {
                         workers,
                         parallel,

@@ -4,7 +4,7 @@
 //! replay. Workers are VMs sharing one shared-data store: taken in turn (deterministic, for
 //! conformance) or on threads of their own (to stress compare-and-swap).
 
-use crate::host::{Host, LocalReply, Responder, Vm, ROOT};
+use crate::host::{Host, HostCalls, LocalReply, Responder, Vm, ROOT};
 use crate::replay::{DecisionRecord, UpstreamChanges};
 use crate::trace::Entry;
 use anyhow::Result;
@@ -384,21 +384,26 @@ pub fn replay(
                 r
             })
             .collect::<Result<Vec<_>>>()
-            .inspect(|_| report_resources(host, &vms));
+            .inspect(|_| {
+                report_resources(host, &vms);
+                let mut calls = HostCalls::default();
+                vms.iter().for_each(|vm| calls.add(&vm.host_calls));
+                report_host_calls(&calls);
+            });
     }
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<DecisionRecord>>>> =
         Mutex::new((0..entries.len()).map(|_| None).collect());
-    let started: Vec<Result<()>> = std::thread::scope(|scope| {
+    let started: Vec<Result<HostCalls>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                scope.spawn(|| -> Result<()> {
+                scope.spawn(|| -> Result<HostCalls> {
                     let mut vm = worker(host, plugin_config, entries, responder)?;
                     print_logs(&mut vm, options.log_level, "worker start");
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         if i >= entries.len() {
-                            return Ok(());
+                            return Ok(vm.host_calls);
                         }
                         progress.inc(1);
                         let r = replay_one(&mut vm, 2 + i as i32, i, &entries[i], responder);
@@ -417,15 +422,24 @@ pub fn replay(
             })
             .collect()
     });
+    let mut calls = HostCalls::default();
     for s in started {
-        s?;
+        calls.add(&s?);
     }
+    report_host_calls(&calls);
     results
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a request was not replayed"))))
         .collect()
+}
+
+/// With a host counting host calls: the table of them, on standard error.
+fn report_host_calls(calls: &HostCalls) {
+    if !calls.imports.is_empty() {
+        eprint!("host calls per callback, all workers:\n{}", calls.table());
+    }
 }
 
 /// Under a profile with limits, what the VMs used of them, on standard error: the linear

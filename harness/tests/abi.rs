@@ -256,3 +256,121 @@ fn bad_pointers_are_invalid_memory_access() -> Result<()> {
     assert!(vm.store.data().callouts.is_empty());
     Ok(())
 }
+
+/// Answers with OK after a latency set per call: the first call's answer takes `first`, every
+/// later one `later`. Records the tokens in the order it was asked to answer.
+struct Slow {
+    first: std::time::Duration,
+    later: std::time::Duration,
+    asked: std::sync::Mutex<Vec<u32>>,
+}
+
+impl apim_edge_harness::host::Responder for Slow {
+    fn answer(&self, c: &Callout) -> Option<Answer> {
+        self.asked.lock().ok()?.push(c.token);
+        Some(Answer {
+            status: 0,
+            headers: vec![],
+            body: b"abc".to_vec(),
+        })
+    }
+    fn latency(&self, c: &Callout) -> std::time::Duration {
+        if c.token == 1 {
+            self.first
+        } else {
+            self.later
+        }
+    }
+}
+
+#[test]
+fn answers_arrive_after_their_latency_in_the_order_they_arrive() -> Result<()> {
+    use std::time::Duration;
+    let host = guest()?;
+    let mut vm = host.vm_at(b"", T0)?;
+    // Two calls dispatched at T0: the first answers after 300 ms, the second after 100 ms.
+    assert_eq!(vm.call1r("grpc", 24)?, OK);
+    assert_eq!(vm.call1r("grpc", 24)?, OK);
+    let slow = Slow {
+        first: Duration::from_millis(300),
+        later: Duration::from_millis(100),
+        asked: Default::default(),
+    };
+    assert_eq!(vm.answer_callouts(&slow)?, 2);
+    assert_eq!(*slow.asked.lock().map_err(|_| anyhow!("poisoned"))?, [2, 1]);
+    // The stream resumed at the last answer's time; the guest reads that clock.
+    assert_eq!(vm.store.data().now_ns, T0 + 300_000_000);
+    assert_eq!(vm.call1r("now_at", 64)?, OK);
+    assert_eq!(u64_at(&mut vm, 64)?, T0 + 300_000_000);
+    // Moving the clock to an earlier request's time leaves it where it is.
+    vm.advance(T0 + 200_000_000, &NoUpstreams)?;
+    assert_eq!(vm.store.data().now_ns, T0 + 300_000_000);
+    Ok(())
+}
+
+#[test]
+fn an_answer_slower_than_the_timeout_fails_at_the_timeout() -> Result<()> {
+    use std::time::Duration;
+    let host = guest()?;
+    let mut vm = host.vm_at(b"", T0)?;
+    // The guest's calls have a 1,000 ms timeout; the answer would take 1,500 ms.
+    assert_eq!(vm.call1r("grpc", 24)?, OK);
+    let slow = Slow {
+        first: Duration::from_millis(1_500),
+        later: Duration::from_millis(1_500),
+        asked: Default::default(),
+    };
+    assert_eq!(vm.answer_callouts(&slow)?, 1);
+    // Never answered: closed at the timeout with UNAVAILABLE (14), as Envoy's gRPC client
+    // ends a call past its timeout (a local 504, read as UNAVAILABLE).
+    assert!(slow
+        .asked
+        .lock()
+        .map_err(|_| anyhow!("poisoned"))?
+        .is_empty());
+    assert_eq!((u32_at(&mut vm, 32)?, u32_at(&mut vm, 36)?), (14, 14));
+    assert_eq!(vm.store.data().now_ns, T0 + SECOND);
+    // An HTTP call past its timeout arrives with no headers, as a reset does.
+    assert_eq!(vm.call2r("http_call_with_map", 1040, 4)?, OK);
+    assert_eq!(vm.answer_callouts(&slow)?, 1);
+    assert_eq!((u32_at(&mut vm, 16)?, u32_at(&mut vm, 20)?), (0, 0));
+    Ok(())
+}
+
+/// Counting host calls: each callback's calls into the host, by function. The guest's tick
+/// reads the clock and makes one HTTP callout; its VM start sets the tick period.
+#[test]
+fn host_calls_are_counted_per_callback_and_function() -> Result<()> {
+    let host = guest()?.counting_host_calls();
+    let mut vm = host.vm_at(b"", T0)?;
+    assert_eq!(vm.advance(T0 + 2 * SECOND, &NoUpstreams)?, 2);
+    let calls = &vm.host_calls;
+    let of = |callback: &str, import: &str| -> Option<(u64, u64)> {
+        let (_, n, counts) = calls.callbacks.iter().find(|(c, _, _)| c == callback)?;
+        let ix = calls.imports.iter().position(|i| i == import)?;
+        Some((*n, counts[ix]))
+    };
+    assert_eq!(
+        of("proxy_on_vm_start", "proxy_set_tick_period_milliseconds"),
+        Some((1, 1))
+    );
+    assert_eq!(
+        of("proxy_on_tick", "proxy_get_current_time_nanoseconds"),
+        Some((2, 2))
+    );
+    assert_eq!(of("proxy_on_tick", "proxy_http_call"), Some((2, 2)));
+    assert_eq!(
+        of("proxy_on_tick", "proxy_set_tick_period_milliseconds"),
+        Some((2, 0))
+    );
+    let table = calls.table();
+    assert!(
+        table.contains("proxy_on_tick: 2 calls, 2.00 host calls each: proxy_get_current_time_nanoseconds 1.00, proxy_http_call 1.00\n"),
+        "{table}"
+    );
+    // A host that does not count has no table.
+    let mut plain = guest()?.vm_at(b"", T0)?;
+    plain.advance(T0 + SECOND, &NoUpstreams)?;
+    assert!(plain.host_calls.imports.is_empty() && plain.host_calls.callbacks.is_empty());
+    Ok(())
+}

@@ -476,14 +476,14 @@ fn replay_for_any_filter_names_what_its_options_need() {
         args.extend(more);
         args
     };
-    let cases: [(Vec<&str>, &str); 6] = [
+    let cases: [(Vec<&str>, &str); 7] = [
         (
             vec!["replay", "--trace", trace, "--wasm", guest],
             "--snapshot is needed (without it, only `replay --wasm --plugin-config` runs)",
         ),
         (
             vec!["replay", "--trace", trace, "--plugin-config", plugin],
-            "--plugin-config, --vm-config, --root-id, --fail-open and --host-profile need --wasm",
+            "--plugin-config, --vm-config, --root-id, --fail-open, --host-profile and --host-calls need --wasm",
         ),
         (
             guest_with(&["--diff"]),
@@ -496,6 +496,10 @@ fn replay_for_any_filter_names_what_its_options_need() {
         (
             guest_with(&["--snapshot", "sample.json"]),
             "cannot be used with",
+        ),
+        (
+            guest_with(&["--callout", "auth=127.0.0.1:9@fast"]),
+            "--callout auth=127.0.0.1:9@fast: the latency must be milliseconds, as @20ms",
         ),
         (
             guest_with(&["--host-profile", "cdn"]),
@@ -537,4 +541,93 @@ fn a_closed_output_pipe_is_no_panic() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A `--callout` latency is virtual time: a counter service slower than the filter's
+/// `timeoutMs` is a timeout to the filter (Envoy's UNAVAILABLE at the timeout), one within it
+/// is an answer (here one that cannot be read). Both are decided as `onUnavailable` says.
+#[test]
+fn a_callout_latency_past_the_timeout_is_a_timeout() {
+    let filter = apim_edge_harness::build::filter_wasm();
+    let config = scratch("slow-counters.json");
+    std::fs::write(
+        &config,
+        r#"{"counters": {"cluster": "apim-counters", "timeoutMs": 50, "onUnavailable": "deny"}}"#,
+    )
+    .unwrap();
+    let answer = scratch("not-protobuf.bin");
+    std::fs::write(&answer, "garbage").unwrap();
+    let trace = format!("{}/../tests/traces/quota.jsonl", env!("CARGO_MANIFEST_DIR"));
+    for (latency, reason) in [
+        ("80ms", "no answer in time (gRPC status 14)"),
+        ("10ms", "the message cannot be decoded"),
+    ] {
+        let rule = format!("apim-counters={}@{latency}", answer.display());
+        let out = apim_edge(&[
+            "replay",
+            "--snapshot",
+            &sample(),
+            "--config",
+            config.to_str().unwrap(),
+            "--trace",
+            &trace,
+            "--wasm",
+            filter.to_str().unwrap(),
+            "--callout",
+            &rule,
+            "--log-level",
+            "warn",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "request 0: [warn] apim-edge: counter service unavailable ({reason}"
+            )),
+            "{latency}: {stderr}"
+        );
+        let first: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap())
+                .unwrap();
+        assert_eq!(first["outcome"], "counters_unavailable", "{latency}");
+    }
+}
+
+/// `replay --host-calls` prints, per callback, the filter's calls into the host.
+#[test]
+fn replay_counts_host_calls_per_callback() {
+    let filter = apim_edge_harness::build::filter_wasm();
+    let trace = format!("{}/../tests/traces/quota.jsonl", env!("CARGO_MANIFEST_DIR"));
+    let requests = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .count();
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        &sample(),
+        "--trace",
+        &trace,
+        "--wasm",
+        filter.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--host-calls",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("host calls per callback, all workers:\n"),
+        "{stderr}"
+    );
+    // Every request's headers were decided, by both workers together; each read the header map.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("proxy_on_request_headers: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.starts_with(&format!("proxy_on_request_headers: {requests} calls, ")),
+        "{line}"
+    );
+    assert!(line.contains("proxy_get_header_map_pairs 1.00"), "{line}");
 }
