@@ -9,8 +9,13 @@
 #      machine, every call's counters applied in Redis
 #   f  e with leases (docs/design.md): each proxy spends shares of the product's limits it took
 #      from Redis, sized by its use, held 6 s (a tenth of the rate limit's 60 s)
-# Each serves the same route; the upstream is a second Envoy answering 200 directly. All run at
-# once; wrk drives each for DURATION with CONNECTIONS connections, in ROUNDS interleaved rounds
+#   h  c with workerLeases (docs/design.md): each worker admits from its own shares of the
+#      product's limits, taken from shared data
+#   g  c with another build of the filter (BASELINE_WASM=path/to/apim_edge_filter.wasm), to
+#      measure a change side by side with what it changes
+# CONFIGS picks which run (default "a b c d e f", and g with BASELINE_WASM): e.g.
+# CONFIGS="b c d g" skips Redis. Each serves the same route; the upstream is a second Envoy
+# answering 200 directly. All run at once; wrk drives each for DURATION with CONNECTIONS connections, in ROUNDS interleaved rounds
 # (a b c d, a b c d, ...) so that the machine's drift hits all alike. Prints the median
 # requests/s, p50 and p99 latency over the rounds, and the ratios c/a, c/b, c/d and e/c of the
 # median throughputs. Leaves nothing running.
@@ -20,6 +25,10 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-5}
 CONNECTIONS=${CONNECTIONS:-32}
 WORKERS=${WORKERS:-1}
+KEYS=${KEYS:-10000}   # the calls rotate over this many of the 10,000 subscriptions
+CONFIGS=${CONFIGS:-"a b c d e f${BASELINE_WASM:+ g}"}
+[ -z "${BASELINE_WASM:-}" ] || [ -f "$BASELINE_WASM" ] || { echo "BASELINE_WASM: no file $BASELINE_WASM"; exit 1; }
+case " $CONFIGS " in *" g "*) [ -n "${BASELINE_WASM:-}" ] || { echo "g needs BASELINE_WASM"; exit 1; };; esac
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
@@ -37,9 +46,9 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 target/release/apim-edge synth --subscriptions 10000 --apis 10 --products 5 > "$work/catalog.json"
-python3 - "$work" "$PWD" <<'PY'
+python3 - "$work" "$PWD" "${BASELINE_WASM:-}" <<'PY'
 import json, sys
-work, root = sys.argv[1], sys.argv[2]
+work, root, baseline = sys.argv[1], sys.argv[2], sys.argv[3]
 catalog = json.load(open(f"{work}/catalog.json"))
 
 def listener(port, filters, routes=None):
@@ -102,14 +111,18 @@ configs["f"] = boot(18106, 19106, [wasm(f"{root}/target/wasm32-wasip1/release/ap
     "snapshot": catalog, "counters": {"cluster": "apim-counters", "timeoutMs": 1000, "onUnavailable": "deny",
                                       "lease": {"calls": 64, "minLimit": 1000, "holdMs": 6000}}}))])
 configs["f"]["static_resources"]["clusters"].append(counters_cluster())
+configs["h"] = boot(18108, 19108, [wasm(f"{root}/target/wasm32-wasip1/release/apim_edge_filter.wasm", json.dumps({
+    "snapshot": catalog, "workerLeases": {"calls": 64, "minLimit": 1000, "holdMs": 6000}}))])
+if baseline:
+    configs["g"] = boot(18107, 19107, [wasm(baseline, json.dumps({"snapshot": catalog}))])
 for name, b in configs.items():
     json.dump(b, open(f"{work}/{name}.json", "w"))
 PY
 # Subscription i is in product i % 5, whose first API is api-(2 * (i % 5)).
-cat > "$work/keys.lua" <<'LUA'
+cat > "$work/keys.lua" <<LUA
 local i = 0
 request = function()
-  i = (i + 1) % 10000
+  i = (i + 1) % $KEYS
   local path = string.format("/svc/api-%d/items/42", 2 * (i % 5))
   return wrk.format("GET", path, {["Ocp-Apim-Subscription-Key"] = string.format("synth-key-%08d", i)})
 end
@@ -122,14 +135,16 @@ start() { # name, admin port
   echo "Envoy $1 did not start:"; cat "$work/$1.log"; exit 1
 }
 start upstream 19100 1
+case " $CONFIGS " in *" e "*|*" f "*)
 redis-server --port 18191 --bind 127.0.0.1 --save "" --appendonly no > "$work/redis.log" 2>&1 &
 pids+=($!)
 target/release/apim-edge-counters --listen 127.0.0.1:18190 --admin 127.0.0.1:18192 --redis redis://127.0.0.1:18191 ${APPLY:+--apply "$APPLY"} 2> "$work/counters.log" &
 pids+=($!)
 for _ in $(seq 1 40); do curl -sf http://127.0.0.1:18192/ready >/dev/null 2>&1 && break; sleep 0.25; done
+;; esac
 
-declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104 [e]=18105 [f]=18106)
-for n in a b c d e f; do
+declare -A ports=([a]=18101 [b]=18102 [c]=18103 [d]=18104 [e]=18105 [f]=18106 [g]=18107 [h]=18108)
+for n in $CONFIGS; do
   start "$n" "$((19100 + ${ports[$n]} - 18100))"
   # Every request must be admitted: a check before measuring.
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Ocp-Apim-Subscription-Key: synth-key-00000001' "http://127.0.0.1:${ports[$n]}/svc/api-2/items/42")
@@ -137,7 +152,7 @@ for n in a b c d e f; do
   wrk -t1 -c"$CONNECTIONS" -d3s -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" >/dev/null   # warm-up
 done
 for round in $(seq 1 "$ROUNDS"); do
-  for n in a b c d e f; do
+  for n in $CONFIGS; do
     out="$work/$n.$round.wrk"
     wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/keys.lua" "http://127.0.0.1:${ports[$n]}" > "$out"
     non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
@@ -149,30 +164,51 @@ done
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}'; }
 declare -A rps p50 p99
-for n in a b c d e f; do
+for n in $CONFIGS; do
   rps[$n]=$(cat "$work"/$n.*.wrk | awk '/Requests\/sec/ {print $2}' | median)
   p50[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "50%" {print $2}' | ms | median)
   p99[$n]=$(cat "$work"/$n.*.wrk | awk '$1 == "99%" {print $2}' | ms | median)
 done
 
-echo "envoy/bench.sh $(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), Envoy 1.40 --concurrency $WORKERS, wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved rounds of $DURATION, medians"
+echo "envoy/bench.sh $(date -u +%Y-%m-%d), keys over $KEYS subscriptions, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), Envoy 1.40 --concurrency $WORKERS, wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved rounds of $DURATION, medians"
 printf '| %-42s | %10s | %8s | %8s |\n' "configuration" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "--------------------------------------------" "------------" "----------" "----------"
-for n in a b c d e f; do
+for n in $CONFIGS; do
   case $n in
     a) label="a: bare Envoy";; b) label="b: no-op proxy-wasm filter";;
     c) label="c: apim-edge (10,000 subscriptions)";; d) label="d: api_key_auth + local_ratelimit";;
     e) label="e: c with shared counters (service + Redis)";;
     f) label="f: e with leases";;
+    g) label="g: c with the baseline .wasm";;
+    h) label="h: c with workerLeases";;
   esac
   printf '| %-42s | %10s | %8s | %8s |\n' "$label" "${rps[$n]}" "${p50[$n]}" "${p99[$n]}"
 done
 ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
+has() { case " $CONFIGS " in *" $1 "*) return 0;; esac; return 1; }
 echo
-echo "c/a = $(ratio "${rps[c]}" "${rps[a]}"), c/b = $(ratio "${rps[c]}" "${rps[b]}") (goal >= 0.85), c/d = $(ratio "${rps[c]}" "${rps[d]}") (goal >= 0.80)"
-echo "e/c = $(ratio "${rps[e]}" "${rps[c]}") (goal >= 0.6); added latency e-c: p50 $(python3 -c "print(f'{${p50[e]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[e]} - ${p99[c]}:.2f}')") ms (goal p99 <= 1 ms)"
-echo "f/c = $(ratio "${rps[f]}" "${rps[c]}"); added latency f-c: p50 $(python3 -c "print(f'{${p50[f]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[f]} - ${p99[c]}:.2f}')") ms"
+if has c; then
+  line=""
+  has a && line="c/a = $(ratio "${rps[c]}" "${rps[a]}")"
+  has b && line="$line, c/b = $(ratio "${rps[c]}" "${rps[b]}") (goal >= 0.85)"
+  has d && line="$line, c/d = $(ratio "${rps[c]}" "${rps[d]}") (goal >= 0.80)"
+  echo "${line#, }"
+fi
+if has g && has c; then
+  echo "c/g = $(ratio "${rps[c]}" "${rps[g]}") (this build / the baseline)$(has b && echo ", g/b = $(ratio "${rps[g]}" "${rps[b]}")")"
+fi
+if has h && has c; then
+  echo "h/c = $(ratio "${rps[h]}" "${rps[c]}")$(has b && echo ", h/b = $(ratio "${rps[h]}" "${rps[b]}")")$(has d && echo ", h/d = $(ratio "${rps[h]}" "${rps[d]}")")"
+fi
+if has e && has c; then
+  echo "e/c = $(ratio "${rps[e]}" "${rps[c]}") (goal >= 0.6); added latency e-c: p50 $(python3 -c "print(f'{${p50[e]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[e]} - ${p99[c]}:.2f}')") ms (goal p99 <= 1 ms)"
+fi
+if has f && has c; then
+  echo "f/c = $(ratio "${rps[f]}" "${rps[c]}"); added latency f-c: p50 $(python3 -c "print(f'{${p50[f]} - ${p50[c]}:.2f}')") ms, p99 $(python3 -c "print(f'{${p99[f]} - ${p99[c]}:.2f}')") ms"
+fi
 for n in e f; do
-  echo "$n: calls leased $(curl -s "http://127.0.0.1:$((19100 + ${ports[$n]} - 18100))/stats" | awk -F': ' '/apim_edge.counters.leased/ {print $2}')"
+  if has $n; then echo "$n: calls leased $(curl -s "http://127.0.0.1:$((19100 + ${ports[$n]} - 18100))/stats" | awk -F': ' '/apim_edge.counters.leased/ {print $2}')"; fi
 done
-echo "counter service: $(curl -s http://127.0.0.1:18192/metrics | grep -E '^apim_edge_counters_(calls|errors|conflicts)_total' | tr '\n' ' ')"
+if has e || has f; then
+  echo "counter service: $(curl -s http://127.0.0.1:18192/metrics | grep -E '^apim_edge_counters_(calls|errors|conflicts)_total' | tr '\n' ' ')"
+fi

@@ -6,8 +6,9 @@ use crate::runtime::{self, VmData};
 use crate::slots::{self, SharedData, SlotStore};
 use crate::snapshots;
 use apim_edge_policies::{
-    CallContext, Catalog, Completion, CounterPlan, Decision, EngineError, FilterConfig, HeaderEdit,
-    LeasedPlan, Millis, OnUnavailable, Outcome, Request, StoreError,
+    apply_plan, CallContext, Catalog, Completion, CounterPlan, Decision, EngineError, FilterConfig,
+    FilterState, HeaderEdit, LeasedPlan, Leases, Millis, OnUnavailable, Outcome, Request,
+    StoreError,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -32,6 +33,54 @@ thread_local! {
     /// The counters of a VM whose runtime has no shared data, held in the VM itself (set once,
     /// when `on_configure` finds shared data missing).
     static VM_DATA: std::cell::OnceCell<VmData> = const { std::cell::OnceCell::new() };
+    /// With `workerLeases`: this worker's shares of large limits, taken from the proxy's
+    /// shared data and spent here.
+    static WORKER_SHARES: VmData = VmData::with_limit(WORKER_SHARES_BYTES);
+}
+
+/// The most bytes a worker's shares may take (a share's state is a few dozen bytes, kept in
+/// slots as counters are): a share past it is not taken, and calls count in shared data.
+const WORKER_SHARES_BYTES: usize = 256 << 10;
+
+/// A call decided with this worker's shares of its large limits (`workerLeases`,
+/// `docs/design.md`): the program runs once with every limit admitting, to learn the
+/// counter operations it makes; what this worker's shares can answer is answered here; the
+/// rest (a share asked for among it) is applied to the proxy's shared data, all or nothing;
+/// the program runs again with the answers. Every call a share admits was counted in shared
+/// data when the share was taken, so the proxy never admits more than a limit.
+fn decide_with_shares<'c>(
+    catalog: &'c Catalog,
+    req: &Request,
+    now: Millis,
+    leases: &Leases,
+    store: &SlotStore,
+) -> Result<Decision<'c>, EngineError> {
+    let (decided, plan) = catalog.plan(req, now);
+    if plan.ops.is_empty() {
+        return decided;
+    }
+    WORKER_SHARES.with(|shares| {
+        let own = SlotStore::new(shares, now);
+        // Asked and answered within this call: no other call of this worker can be asking.
+        let Ok(leased) = leases.split(&plan, &own, now, 0) else {
+            // Shares that cannot be read: the shared counters decide, exactly.
+            return catalog.decide(req, now, store);
+        };
+        let sent = match leased.sent.ops.is_empty() {
+            true => Ok(Vec::new()),
+            false => apply_plan(&leased.sent, store, now),
+        };
+        match sent {
+            Ok(answers) => {
+                let all = leases.settle(&leased, &answers, &own, now);
+                catalog.decide_answered(req, now, &all)
+            }
+            Err(e) => {
+                leases.abandon(&leased, &own, now);
+                Err(EngineError::Store(e))
+            }
+        }
+    })
 }
 
 /// Whether this VM's counters are its own (the runtime has no shared data).
@@ -70,11 +119,27 @@ impl SharedData for HostSharedData {
 }
 
 fn now_millis() -> Millis {
-    hostcalls::get_current_time()
+    let now = hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    LAST_NOW.set(now);
+    now
+}
+
+/// How often a VM adds the calls it counted by outcome to the host's metrics: at most this
+/// late, on its next call or tick.
+const METRICS_FLUSH: Millis = 1_000;
+
+thread_local! {
+    /// The clock as this VM last read it.
+    static LAST_NOW: std::cell::Cell<Millis> = const { std::cell::Cell::new(0) };
+    /// Calls by outcome (in [`Outcome::ALL`]'s order) not yet added to the host's metrics, and
+    /// when they last were: one host call per outcome a second instead of one per call.
+    static PENDING_OUTCOMES: RefCell<[i64; Outcome::ALL.len()]> =
+        const { RefCell::new([0; Outcome::ALL.len()]) };
+    static LAST_FLUSH: std::cell::Cell<Millis> = const { std::cell::Cell::new(0) };
 }
 
 /// Counters of what the filter does, by name as Envoy's stats show them.
@@ -125,13 +190,35 @@ impl Metrics {
         }
     }
 
+    /// Counts a call's outcome in this VM; the counts reach the host's metrics once a
+    /// [`METRICS_FLUSH`] has passed since they last did (checked here, on the clock as last
+    /// read, and on the root context's tick).
     fn outcome(&self, outcome: Outcome) {
-        Self::bump(
-            self.outcomes
-                .iter()
-                .find(|(o, _)| *o == outcome)
-                .map(|(_, id)| *id),
-        );
+        if self.outcomes.is_empty() {
+            return;
+        }
+        if let Some(ix) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            PENDING_OUTCOMES.with_borrow_mut(|p| p[ix] += 1);
+        }
+        let now = LAST_NOW.get();
+        if now.saturating_sub(LAST_FLUSH.get()) >= METRICS_FLUSH {
+            self.flush(now);
+        }
+    }
+
+    /// Adds the outcomes counted in this VM to the host's metrics.
+    fn flush(&self, now: Millis) {
+        LAST_FLUSH.set(now);
+        PENDING_OUTCOMES.with_borrow_mut(|pending| {
+            for (o, id) in &self.outcomes {
+                if let Some(ix) = Outcome::ALL.iter().position(|x| x == o) {
+                    let n = std::mem::take(&mut pending[ix]);
+                    if n > 0 {
+                        let _ = hostcalls::increment_metric(*id, n);
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -326,6 +413,10 @@ impl RootContext for Root {
                 );
             }
         }
+        if config.worker_leases.is_some() {
+            // The worker's shares are kept in slots, as counters are.
+            let _ = WORKER_SHARES.with(|shares| slots::create_slots(shares));
+        }
         if let Err(e) = slots::create_slots(&HostSharedData::default()) {
             log(
                 LogLevel::Critical,
@@ -358,6 +449,10 @@ impl RootContext for Root {
                 return false;
             }
         }
+        if config.snapshot_source.is_none() && !metrics.outcomes.is_empty() {
+            // Only to add the calls counted by outcome to the metrics when traffic stops.
+            self.set_tick_period(LOADED_TICK);
+        }
         if let Some(source) = &config.snapshot_source {
             // Check for a newer shared snapshot every second (more often until one is in
             // force); fetch every refreshSeconds.
@@ -383,6 +478,7 @@ impl RootContext for Root {
         let Some(loaded) = self.loaded.clone() else {
             return;
         };
+        loaded.metrics.flush(now_millis());
         let Some(source) = loaded.config.snapshot_source.clone() else {
             return;
         };
@@ -530,7 +626,7 @@ impl Context for Call {
             }
             (_, _) => answers,
         };
-        let action = with_request(|req| {
+        let action = with_request(catalog.reads_client_address(), |req| {
             // An answer that does not fit the call's plan is a bad answer, which
             // `onUnavailable` decides as a failed exchange; a policy's own failure still
             // follows `failureMode`.
@@ -585,8 +681,9 @@ fn set_property(name: &str, value: &[u8]) {
 }
 
 /// The request as the host holds it, read into strings this VM keeps (given back when `f`
-/// returns): one host call for every header, the pseudo-headers among them.
-fn with_request<R>(f: impl FnOnce(&Request) -> R) -> R {
+/// returns): one host call for the whole header map, the pseudo-headers among it, and one for
+/// the client's address when `address` (no policy needs it otherwise).
+fn with_request<R>(address: bool, f: impl FnOnce(&Request) -> R) -> R {
     let mut kept = KeptRequestHeaders(REQUEST_HEADERS.take());
     headers::map_pairs_into(MapType::HttpRequestHeaders, &mut kept.0);
     let headers = kept.0.pairs();
@@ -607,7 +704,7 @@ fn with_request<R>(f: impl FnOnce(&Request) -> R) -> R {
         path,
         query,
         headers,
-        client_ip: client_ip(),
+        client_ip: if address { client_ip() } else { None },
     };
     f(&req)
 }
@@ -635,7 +732,7 @@ impl Call {
             }
         };
         loaded.metrics.outcome(decision.outcome);
-        self.expose(catalog, decision);
+        self.expose(catalog, decision, &loaded.config.filter_state);
         if let Some(r) = &decision.response {
             Self::answer(r.status, &r.headers, &r.body);
             return Action::Pause;
@@ -680,18 +777,21 @@ impl Call {
         catalog.decide_unavailable(req, now, on_unavailable, &store)
     }
 
-    fn expose(&self, catalog: &Catalog, decision: &Decision) {
+    /// The call's fields as filter state, for Envoy's access log: those `filterState` names.
+    fn expose(&self, catalog: &Catalog, decision: &Decision, fields: &FilterState) {
         let set = |name: &str, value: &str| set_property(name, value.as_bytes());
-        set("apim_edge.outcome", decision.outcome.as_str());
+        if fields.outcome {
+            set("apim_edge.outcome", decision.outcome.as_str());
+        }
         if let Some(call) = &decision.call {
             let (api, operation, product, subscription) = catalog.names(call);
-            set("apim_edge.api", api);
-            for (name, value) in [
-                ("apim_edge.operation", operation),
-                ("apim_edge.product", product),
-                ("apim_edge.subscription", subscription),
+            for (wanted, name, value) in [
+                (fields.api, "apim_edge.api", Some(api)),
+                (fields.operation, "apim_edge.operation", operation),
+                (fields.product, "apim_edge.product", product),
+                (fields.subscription, "apim_edge.subscription", subscription),
             ] {
-                if let Some(v) = value {
+                if let (true, Some(v)) = (wanted, value) {
                     set(name, v);
                 }
             }
@@ -742,7 +842,12 @@ impl HttpContext for Call {
             );
             return Action::Pause;
         };
-        with_request(|req| {
+        // The client's address is looked up only where a policy reads it.
+        let address = loaded
+            .catalog
+            .as_ref()
+            .is_some_and(|c| c.reads_client_address());
+        with_request(address, |req| {
             let Some(catalog) = loaded.catalog.as_ref() else {
                 // No snapshot has loaded yet (it is still being fetched): what the engine says a
                 // failure does under this configuration.
@@ -763,7 +868,10 @@ impl HttpContext for Call {
             let Some(service) = &loaded.counters else {
                 let shared = HostSharedData::default();
                 let store = SlotStore::new(&shared, now);
-                let decided = catalog.decide(req, now, &store);
+                let decided = match &loaded.config.worker_leases {
+                    Some(leases) => decide_with_shares(catalog, req, now, leases, &store),
+                    None => catalog.decide(req, now, &store),
+                };
                 loaded.metrics.conflicts(&shared);
                 return self.finish(&loaded, catalog, req, decided);
             };
@@ -829,8 +937,10 @@ impl HttpContext for Call {
         // A return-response in outbound replaces the upstream's response.
         match catalog.outbound_response(call, self.status) {
             Ok(Some(r)) => {
-                set_property("apim_edge.outcome", Outcome::Returned.as_str().as_bytes());
                 if let Some(loaded) = &self.loaded {
+                    if loaded.config.filter_state.outcome {
+                        set_property("apim_edge.outcome", Outcome::Returned.as_str().as_bytes());
+                    }
                     loaded.metrics.outcome(Outcome::Returned);
                 }
                 Self::answer(r.status, &r.headers, &r.body);
@@ -868,6 +978,10 @@ impl HttpContext for Call {
         let Some(catalog) = loaded.catalog.as_ref() else {
             return;
         };
+        // Most calls leave nothing to count: no clock, no store.
+        if !call.counts_at_completion() {
+            return;
+        }
         let now = now_millis();
         let done = Completion {
             status: self.status,

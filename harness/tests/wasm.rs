@@ -75,6 +75,29 @@ fn the_wasm_meets_every_expectation_of_the_traces() {
     }
 }
 
+/// `apim-edge replay` of `trace` through the `.wasm` on four VMs, each on a thread of its own.
+fn replay_on_4_parallel_workers(
+    wasm: &std::path::Path,
+    snapshot: &std::path::Path,
+    trace: &std::path::Path,
+    more: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "replay",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--workers",
+        "4",
+        "--parallel",
+    ];
+    args.extend(more);
+    apim_edge(&args)
+}
+
 #[test]
 fn parallel_workers_admit_a_quota_exactly() {
     let wasm = filter_wasm();
@@ -95,18 +118,7 @@ fn parallel_workers_admit_a_quota_exactly() {
     let line = r#"{"t": 0, "method": "GET", "url": "/a/x", "headers": {"Ocp-Apim-Subscription-Key": "k"}}"#;
     std::fs::write(&trace, vec![line; 300].join("\n")).unwrap();
     for run in 0..5 {
-        let out = apim_edge(&[
-            "replay",
-            "--snapshot",
-            snapshot.to_str().unwrap(),
-            "--trace",
-            trace.to_str().unwrap(),
-            "--wasm",
-            wasm.to_str().unwrap(),
-            "--workers",
-            "4",
-            "--parallel",
-        ]);
+        let out = replay_on_4_parallel_workers(&wasm, &snapshot, &trace, &[]);
         assert!(
             out.status.success(),
             "{}",
@@ -415,5 +427,76 @@ fn an_outbound_response_replaces_the_upstream_in_the_wasm_as_natively() {
         let out = replay_in_wasm(snapshot, &plain(&trace), &wasm, "4", mode);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{mode}: {stderr}");
+    }
+}
+
+/// `workerLeases`: four truly parallel workers each admit from their own shares of a quota of
+/// 1,000 and of a rate limit of 1,000 a minute, taken from shared data. None ever admits past
+/// a limit; what they leave unspent is under `calls` (64) per worker and counter; and shared
+/// data is touched on few calls (`--host-calls`).
+#[test]
+fn worker_leases_never_over_admit_and_leave_under_a_share_per_worker_unspent() {
+    let wasm = filter_wasm();
+    let dir = std::env::temp_dir().join(format!("apim-edge-leases-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("leases.json");
+    std::fs::write(
+        &config,
+        r#"{"workerLeases": {"calls": 64, "minLimit": 1000, "holdMs": 6000}}"#,
+    )
+    .unwrap();
+    for (policy, denied) in [
+        (
+            r#"<quota calls="1000" renewal-period="86400" />"#,
+            "quota_exceeded",
+        ),
+        (
+            r#"<rate-limit calls="1000" renewal-period="60" />"#,
+            "rate_limited",
+        ),
+    ] {
+        let snapshot = dir.join("limit.json");
+        std::fs::write(
+            &snapshot,
+            serde_json::json!({
+                "apis": [{"name": "a", "path": "a"}],
+                "products": [{"name": "p", "apis": ["a"], "policy": format!("<policies><inbound>{policy}</inbound></policies>")}],
+                "subscriptions": [{"name": "s", "properties": {"scope": "/products/p", "primaryKey": "k"}}]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        // 1,300 calls, one a millisecond: all within the rate limit's period.
+        let trace = dir.join("burst.jsonl");
+        let lines: Vec<String> = (0..1300)
+            .map(|i| format!(r#"{{"t": {}, "method": "GET", "url": "/a/x", "headers": {{"Ocp-Apim-Subscription-Key": "k"}}}}"#, f64::from(i) / 1000.0))
+            .collect();
+        std::fs::write(&trace, lines.join("\n")).unwrap();
+        let more = ["--config", config.to_str().unwrap(), "--host-calls"];
+        let out = replay_on_4_parallel_workers(&wasm, &snapshot, &trace, &more);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let count = |outcome: &str| {
+            text.lines()
+                .filter(|l| l.contains(&format!(r#""outcome":"{outcome}""#)))
+                .count()
+        };
+        let (allowed, refused) = (count("allowed"), count(denied));
+        assert_eq!(allowed + refused, 1300, "{policy}: {text}");
+        assert!(allowed <= 1000, "{policy}: {allowed} admitted");
+        assert!(allowed > 1000 - 4 * 64, "{policy}: only {allowed} admitted");
+        // Shares answer most calls: shared data is read on far fewer than one call in two.
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("proxy_on_request_headers: "))
+            .unwrap();
+        let reads: f64 = line
+            .split("proxy_get_shared_data ")
+            .nth(1)
+            .and_then(|r| r.split([',', ' ']).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        assert!(reads < 0.5, "{policy}: {line}");
     }
 }

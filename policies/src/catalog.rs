@@ -172,6 +172,32 @@ fn may_deny_or_fail(step: &Step) -> bool {
     }
 }
 
+/// Does a step read the client's address: an `ip-filter`, or an expression anywhere in it
+/// that reads `context.Request.IpAddress`? Every text of every step is looked at.
+fn reads_client_address(step: &Step) -> bool {
+    use crate::expr::Member::RequestIpAddress as Ip;
+    let text = |t: &policy::Text| matches!(t, policy::Text::Expr(e) if e.reads_member(Ip));
+    let header = |h: &policy::SetHeader| h.values.iter().any(text);
+    match step {
+        Step::IpFilter { .. } => true,
+        Step::RateLimit(_) | Step::Quota(_) | Step::CheckHeader { .. } | Step::Skip(_) => false,
+        Step::RateLimitByKey(k) | Step::QuotaByKey(k) => {
+            text(&k.counter_key)
+                || text(&k.increment_count)
+                || k.increment_condition
+                    .as_ref()
+                    .is_some_and(|e| e.reads_member(Ip))
+        }
+        Step::SetHeader(h) | Step::SetQueryParameter(h) => header(h),
+        Step::Respond { headers, body, .. } => headers.iter().any(header) || text(body),
+        Step::SetVariable { value, .. } => text(value),
+        Step::Unless { condition, .. } => condition.reads_member(Ip),
+        Step::ValidateJwt(j) => matches!(&j.source, crate::jwt::TokenSource::Value(t) if text(t)),
+        Step::Cors(_) => false,
+        Step::SetMethod(t) | Step::RewriteUri { template: t, .. } => text(t),
+    }
+}
+
 /// The expressions a step evaluates, for what a program must keep for its later phases.
 fn expressions(step: &Step) -> Vec<&crate::expr::Expr> {
     fn texts(t: &policy::Text) -> Option<&crate::expr::Expr> {
@@ -333,6 +359,8 @@ pub struct Catalog {
     policy_documents: usize,
     /// Each policy document's scope and the elements it uses.
     usage: Vec<(String, Vec<String>)>,
+    /// Whether any policy reads the client's address ([`Catalog::reads_client_address`]).
+    reads_client_address: bool,
 }
 
 pub(crate) const NO_PRODUCT: u32 = u32::MAX;
@@ -578,6 +606,7 @@ impl Catalog {
             }
         }
 
+        let reads_client_address = steps.iter().any(reads_client_address);
         Ok(Catalog {
             service: snap.service,
             region: snap.location.clone().unwrap_or_default(),
@@ -603,6 +632,7 @@ impl Catalog {
             },
             policy_documents: documents,
             usage,
+            reads_client_address,
         })
     }
 
@@ -613,6 +643,15 @@ impl Catalog {
     }
 
     /// Warnings of the load: skipped policy elements, and the like.
+    /// Does any policy read the client's address (`ip-filter`, `context.Request.IpAddress`)?
+    /// When none does, a proxy need not look it up for each call: [`Request::client_ip`] may
+    /// be `None`.
+    ///
+    /// [`Request::client_ip`]: crate::Request::client_ip
+    pub fn reads_client_address(&self) -> bool {
+        self.reads_client_address
+    }
+
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }

@@ -45,8 +45,8 @@ pub use decide::{
     Request,
 };
 pub use edge::config::{
-    ConfigError, EdgeOptions, FailureMode, FilterConfig, Leases, OnUnavailable, SharedCounters,
-    SnapshotSource,
+    ConfigError, EdgeOptions, FailureMode, FilterConfig, FilterState, Leases, OnUnavailable,
+    SharedCounters, SnapshotSource,
 };
 pub use edge::IDENTITY_HEADERS;
 pub use error::{LoadError, LoadErrors};

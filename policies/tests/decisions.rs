@@ -600,3 +600,27 @@ fn a_path_with_dot_segments_routes_to_no_api() {
         assert_eq!(d.response.unwrap().status, 404, "{path}");
     }
 }
+
+/// A proxy looks up the client's address only when a policy reads it: an `ip-filter`, or
+/// `context.Request.IpAddress` in any expression (here a counter key, a condition, a header).
+#[test]
+fn the_catalog_says_whether_a_policy_reads_the_client_address() {
+    let ip = "@(context.Request.IpAddress)";
+    let reading = [
+        r#"<policies><inbound><ip-filter action="allow"><address>10.0.0.1</address></ip-filter></inbound></policies>"#.to_string(),
+        format!(r#"<policies><inbound><rate-limit-by-key calls="1" renewal-period="60" counter-key="{ip}" /></inbound></policies>"#),
+        r#"<policies><inbound><choose><when condition="@(context.Request.IpAddress == &quot;x&quot;)"><set-header name="y"><value>1</value></set-header></when></choose></inbound></policies>"#.to_string(),
+        r#"<policies><outbound><set-header name="x"><value>@(&quot;a&quot; + context.Request.IpAddress)</value></set-header></outbound></policies>"#.to_string(),
+    ];
+    let none = "<policies />";
+    for policy in &reading {
+        assert!(catalog(policy, none).reads_client_address(), "{policy}");
+        assert!(catalog(none, policy).reads_client_address(), "{policy}");
+    }
+    let plain = format!(
+        r#"<policies><inbound><rate-limit-by-key calls="1" renewal-period="60" counter-key="@(context.Request.Method)" /><set-header name="x"><value>{}</value></set-header></inbound></policies>"#,
+        "IpAddress"
+    );
+    assert!(!catalog(&plain, none).reads_client_address());
+    assert!(!catalog(none, none).reads_client_address());
+}

@@ -523,6 +523,26 @@ fn a_quota_of_1000_admits_exactly_1000_across_4_workers() {
     assert_eq!(seen.get(&403), Some(&300), "{seen:?}");
 }
 
+/// `workerLeases` in real Envoy: four workers admit from shares of a quota of 1,000 they take
+/// from shared data. Never past the quota; under a share (64) per worker left unspent.
+#[test]
+fn worker_leases_never_over_admit_a_quota_across_4_workers() {
+    let upstream = start_upstream();
+    let snapshot = limited_catalog(
+        r#"<policies><inbound><quota calls="1000" renewal-period="86400" /></inbound></policies>"#,
+    );
+    let config = json!({"snapshot": snapshot, "workerLeases": {"calls": 64, "minLimit": 1000}});
+    let envoy = start_envoy(&upstream, &config).unwrap();
+    let seen = hammer(envoy.port, 1300, "/load/x", "bulk-key");
+    let (admitted, refused) = (
+        seen.get(&200).copied().unwrap_or(0),
+        seen.get(&403).copied().unwrap_or(0),
+    );
+    assert_eq!(admitted + refused, 1300, "{seen:?}");
+    assert!(admitted <= 1000, "{seen:?}");
+    assert!(admitted > 1000 - 4 * 64, "{seen:?}");
+}
+
 #[test]
 fn a_rate_limit_of_300_admits_exactly_300_within_its_window() {
     let upstream = start_upstream();
@@ -552,6 +572,39 @@ fn a_snapshot_that_does_not_load_is_refused_with_the_reason() {
     );
     assert!(
         log.contains("apim-edge: configuration refused: snapshot: 1 errors; the first: products[0].properties.subscriptionRequired: expected a boolean"),
+        "{log}"
+    );
+}
+
+/// `filterState` names the fields the access log may read: the others are not set (each
+/// costs a host call a call).
+#[test]
+fn filter_state_holds_only_the_fields_configured() {
+    let upstream = start_upstream();
+    let config = json!({"snapshot": sample(), "filterState": ["outcome", "subscription"]});
+    let envoy = start_envoy(&upstream, &config).unwrap();
+    let ok = request(
+        envoy.port,
+        "GET",
+        "/echo/items/1",
+        &[
+            ("Ocp-Apim-Subscription-Key".into(), "gold-primary".into()),
+            ("host".into(), "api.contoso.com".into()),
+        ],
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = envoy.access_log_text();
+        if log.contains("/echo/items/1") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        log.contains(
+            "ACCESS GET /echo/items/1 200 outcome=allowed product=- subscription=sub-gold"
+        ),
         "{log}"
     );
 }
@@ -588,7 +641,21 @@ fn access_log_and_metrics_carry_the_decisions() {
     assert_eq!(queried.status, 200);
     let missing = request(envoy.port, "GET", "/echo/items/2", &[host]);
     assert_eq!(missing.status, 401);
-    let stats = envoy.stats("apim_edge");
+    // Each worker adds its calls by outcome to the metrics once a second (on its next call or
+    // tick): wait for the four calls to show, then check each count.
+    let mut stats = envoy.stats("apim_edge");
+    for _ in 0..40 {
+        let counted: u64 = stats
+            .iter()
+            .filter(|(n, _)| n.contains("apim_edge.requests."))
+            .filter_map(|(_, v)| v.parse::<u64>().ok())
+            .sum();
+        if counted >= 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        stats = envoy.stats("apim_edge");
+    }
     let stat = |name: &str| {
         stats
             .iter()

@@ -192,6 +192,13 @@ impl CallContext {
         self.later.as_deref().map_or(&[], |l| &l.pending)
     }
 
+    /// Does the call leave anything to count when it completes (a bandwidth quota, a by-key
+    /// limit counted after the response)? When not, [`Catalog::complete`] does nothing and a
+    /// proxy need not call it, nor read the clock for it.
+    pub fn counts_at_completion(&self) -> bool {
+        !self.pending().is_empty()
+    }
+
     fn variables(&self) -> &[(String, Value)] {
         self.later.as_deref().map_or(&[], |l| &l.variables)
     }

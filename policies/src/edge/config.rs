@@ -120,6 +120,67 @@ pub struct FilterConfig {
     /// Absent: counters are this proxy's own (shared data).
     #[serde(default)]
     pub counters: Option<SharedCounters>,
+    /// With counters in the proxy's shared data: each worker takes shares of large limits
+    /// from them and admits from its own share, instead of updating shared data on every call
+    /// (`docs/design.md`, "Worker leases"). Absent: every call updates shared data.
+    #[serde(default)]
+    pub worker_leases: Option<Leases>,
+    /// Which of a call's fields go to Envoy's filter state for its access log
+    /// (`wasm.apim_edge.<field>`): all five unless the list names fewer.
+    #[serde(default, deserialize_with = "filter_state")]
+    pub filter_state: FilterState,
+}
+
+/// The fields a filter exposes as filter state: each costs the proxy a host call (and an
+/// object) per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterState {
+    pub outcome: bool,
+    pub api: bool,
+    pub operation: bool,
+    pub product: bool,
+    pub subscription: bool,
+}
+
+impl Default for FilterState {
+    fn default() -> Self {
+        FilterState {
+            outcome: true,
+            api: true,
+            operation: true,
+            product: true,
+            subscription: true,
+        }
+    }
+}
+
+fn filter_state<'de, D: Deserializer<'de>>(d: D) -> Result<FilterState, D::Error> {
+    let Some(names) = Option::<Vec<String>>::deserialize(d)? else {
+        return Ok(FilterState::default());
+    };
+    let mut state = FilterState {
+        outcome: false,
+        api: false,
+        operation: false,
+        product: false,
+        subscription: false,
+    };
+    for name in names {
+        let field = match name.as_str() {
+            "outcome" => &mut state.outcome,
+            "api" => &mut state.api,
+            "operation" => &mut state.operation,
+            "product" => &mut state.product,
+            "subscription" => &mut state.subscription,
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected outcome, api, operation, product or subscription, not \"{other}\""
+                )))
+            }
+        };
+        *field = true;
+    }
+    Ok(state)
 }
 
 /// Why a configuration cannot be used: the JSON path of the fault, and what is wrong there.
@@ -238,6 +299,12 @@ impl FilterConfig {
             if counters.authority.is_empty() {
                 counters.authority = counters.cluster.clone();
             }
+        }
+        if config.worker_leases.is_some() && config.counters.is_some() {
+            return Err(fault(
+                "workerLeases",
+                "not with counters: shares of counters a fleet shares are counters.lease",
+            ));
         }
         if config.snapshot.is_none() && config.snapshot_source.is_none() {
             return Err(fault("snapshot", "required (or a snapshotSource)"));
@@ -382,6 +449,42 @@ mod tests {
         assert_eq!(
             err(r#"{"snapshot": {}, "counters": {"cluster": "c", "onUnavailable": "maybe"}}"#),
             "counters.onUnavailable: unknown variant `maybe`, expected one of `local`, `allow`, `deny`"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "counters": {"cluster": "c"}, "workerLeases": {"calls": 8}}"#),
+            "workerLeases: not with counters: shares of counters a fleet shares are counters.lease"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "workerLeases": {"calls": 1}}"#),
+            "workerLeases.calls: expected a whole number of calls, from 2 to 1000000"
+        );
+        assert_eq!(
+            err(r#"{"snapshot": {}, "filterState": ["outcome", "key"]}"#),
+            "filterState: expected outcome, api, operation, product or subscription, not \"key\""
+        );
+        let some =
+            FilterConfig::parse(br#"{"snapshot": {}, "filterState": ["product", "outcome"]}"#)
+                .map(|c| c.filter_state)
+                .map_err(|e| e.to_string());
+        assert_eq!(
+            some,
+            Ok(FilterState {
+                outcome: true,
+                api: false,
+                operation: false,
+                product: true,
+                subscription: false
+            })
+        );
+        let all = FilterConfig::parse(br#"{"snapshot": {}, "filterState": null}"#)
+            .map(|c| c.filter_state)
+            .map_err(|e| e.to_string());
+        assert_eq!(all, Ok(FilterState::default()));
+        let c = FilterConfig::parse(br#"{"snapshot": {}, "workerLeases": {"calls": 64}}"#)
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            c.map(|c| c.worker_leases.map(|l| (l.calls, l.min_limit, l.hold_ms))),
+            Ok(Some((64, 1000, 1000)))
         );
         assert_eq!(
             err(r#"{"snapshot": {}, "counters": {"cluster": "c", "timeoutMs": 0}}"#),

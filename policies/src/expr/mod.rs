@@ -422,27 +422,44 @@ impl Expr {
 
     /// Does the expression read `context.Variables`?
     pub fn reads_variables(&self) -> bool {
+        self.any(&|e| {
+            matches!(
+                e,
+                Expr::Variable(_) | Expr::VariableOr(..) | Expr::HasVariable(_)
+            )
+        })
+    }
+
+    /// Does the expression read member `m` of `context`?
+    pub fn reads_member(&self, m: Member) -> bool {
+        self.any(&|e| matches!(e, Expr::Member(x) if *x == m))
+    }
+
+    /// Is `p` true of this expression or of any inside it?
+    fn any(&self, p: &dyn Fn(&Expr) -> bool) -> bool {
+        if p(self) {
+            return true;
+        }
         match self {
-            Expr::Variable(_) | Expr::VariableOr(..) | Expr::HasVariable(_) => true,
             Expr::Str(_)
             | Expr::Int(_)
             | Expr::Bool(_)
             | Expr::Null
             | Expr::Member(_)
             | Expr::Response
-            | Expr::HasHeader(_) => false,
-            Expr::Header(_, d) | Expr::Query(_, d) => d.reads_variables(),
+            | Expr::HasHeader(_)
+            | Expr::Variable(_)
+            | Expr::HasVariable(_) => false,
+            Expr::VariableOr(_, _, d) | Expr::Header(_, d) | Expr::Query(_, d) => d.any(p),
             Expr::Cast(_, e)
             | Expr::Not(e)
             | Expr::Neg(e)
             | Expr::ParseInt(e)
-            | Expr::IsNullOrEmpty(e) => e.reads_variables(),
-            Expr::Binary(_, a, b) => a.reads_variables() || b.reads_variables(),
-            Expr::Cond(c, a, b) => {
-                c.reads_variables() || a.reads_variables() || b.reads_variables()
-            }
-            Expr::Call(_, r, args) => r.reads_variables() || args.iter().any(Expr::reads_variables),
-            Expr::Format(_, args) => args.iter().any(Expr::reads_variables),
+            | Expr::IsNullOrEmpty(e) => e.any(p),
+            Expr::Binary(_, a, b) => a.any(p) || b.any(p),
+            Expr::Cond(c, a, b) => c.any(p) || a.any(p) || b.any(p),
+            Expr::Call(_, r, args) => r.any(p) || args.iter().any(|a| a.any(p)),
+            Expr::Format(_, args) => args.iter().any(|a| a.any(p)),
         }
     }
 }
