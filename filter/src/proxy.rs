@@ -140,6 +140,26 @@ thread_local! {
     static PENDING_OUTCOMES: RefCell<[i64; Outcome::ALL.len()]> =
         const { RefCell::new([0; Outcome::ALL.len()]) };
     static LAST_FLUSH: std::cell::Cell<Millis> = const { std::cell::Cell::new(0) };
+    /// The counters `emit-metric` adds to, by name, defined on first use (`None`: the runtime
+    /// has no metrics).
+    static EMITTED: RefCell<Vec<(String, Option<u32>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds what a call's `emit-metric` steps emitted to their counters.
+fn emit(metrics: &[(&str, u64)]) {
+    for (name, n) in metrics {
+        let id = EMITTED.with_borrow_mut(|known| {
+            if let Some((_, id)) = known.iter().find(|(k, _)| k == name) {
+                return *id;
+            }
+            let id = runtime::define_counter(name);
+            known.push((name.to_string(), id));
+            id
+        });
+        if let (Some(id), Ok(n)) = (id, i64::try_from(*n)) {
+            let _ = hostcalls::increment_metric(id, n);
+        }
+    }
 }
 
 /// Counters of what the filter does, by name as Envoy's stats show them.
@@ -732,6 +752,7 @@ impl Call {
             }
         };
         loaded.metrics.outcome(decision.outcome);
+        emit(&decision.metrics);
         self.expose(catalog, decision, &loaded.config.filter_state);
         if let Some(r) = &decision.response {
             Self::answer(r.status, &r.headers, &r.body);

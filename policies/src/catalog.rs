@@ -164,7 +164,9 @@ fn may_deny_or_fail(step: &Step) -> bool {
         }
         Step::SetVariable { value, .. } => matches!(value, policy::Text::Expr(_)),
         Step::SetQueryParameter(p) => !literal(p),
-        Step::SetMethod(m) | Step::RewriteUri { template: m, .. } => {
+        Step::SetMethod(m)
+        | Step::RewriteUri { template: m, .. }
+        | Step::EmitMetric { value: m, .. } => {
             matches!(m, policy::Text::Expr(_))
         }
         Step::Skip(_) => false,
@@ -194,7 +196,9 @@ fn reads_client_address(step: &Step) -> bool {
         Step::Unless { condition, .. } => condition.reads_member(Ip),
         Step::ValidateJwt(j) => matches!(&j.source, crate::jwt::TokenSource::Value(t) if text(t)),
         Step::Cors(_) => false,
-        Step::SetMethod(t) | Step::RewriteUri { template: t, .. } => text(t),
+        Step::SetMethod(t)
+        | Step::RewriteUri { template: t, .. }
+        | Step::EmitMetric { value: t, .. } => text(t),
     }
 }
 
@@ -219,7 +223,9 @@ fn expressions(step: &Step) -> Vec<&crate::expr::Expr> {
         }
         Step::SetVariable { value, .. } => out.extend(texts(value)),
         Step::SetQueryParameter(p) => out.extend(p.values.iter().filter_map(texts)),
-        Step::SetMethod(m) | Step::RewriteUri { template: m, .. } => out.extend(texts(m)),
+        Step::SetMethod(m)
+        | Step::RewriteUri { template: m, .. }
+        | Step::EmitMetric { value: m, .. } => out.extend(texts(m)),
         Step::Unless { condition, .. } => out.push(condition),
         Step::RateLimitByKey(k) | Step::QuotaByKey(k) => out.extend(k.increment_condition.as_ref()),
         _ => {}

@@ -205,6 +205,12 @@ pub(crate) enum Step {
     Cors(Box<Cors>),
     /// `set-method`: the method the upstream gets.
     SetMethod(Text),
+    /// `emit-metric`: add `value` to the proxy's counter `metric` (`apim_edge.metric.` and the
+    /// namespace and name, made safe for a stats name).
+    EmitMetric {
+        metric: String,
+        value: Text,
+    },
     /// `set-query-parameter`: as `set-header`, on the query's parameters of that name.
     SetQueryParameter(SetHeader),
     /// `rewrite-uri`: what follows the API's path becomes the template, filled with the
@@ -730,6 +736,28 @@ impl Compiler<'_> {
                     }
                 }
                 Step::SetMethod(method)
+            }
+            "emit-metric" => {
+                if section != INBOUND {
+                    return Err(Fault::Unsupported(
+                        el.pos,
+                        format!(
+                            "<emit-metric> in the {sname} section is not supported at the edge ({})",
+                            scope.label
+                        ),
+                    ));
+                }
+                let (metric, value, dimensions) = emit_metric(el)?;
+                if dimensions {
+                    let w = format!(
+                        "{} policy, line {}, column {}: <emit-metric> becomes Envoy counter {metric}; its dimensions are not carried",
+                        scope.label, el.pos.line, el.pos.column
+                    );
+                    if !self.warnings.contains(&w) {
+                        self.warnings.push(w);
+                    }
+                }
+                Step::EmitMetric { metric, value }
             }
             "set-query-parameter" => {
                 only(&[INBOUND, BACKEND])?;
@@ -1380,6 +1408,56 @@ fn ip_filter(el: &Element) -> Compiled<Step> {
         }
     }
     Ok(Step::IpFilter { allow, ranges })
+}
+
+/// `emit-metric`: the Envoy counter's name, the value to add (a literal one a whole number, as
+/// a counter takes), and whether the element has dimensions.
+fn emit_metric(el: &Element) -> Compiled<(String, Text, bool)> {
+    let name = required(el, "name")?;
+    let namespace = el.attr("namespace").unwrap_or("API Management");
+    for (what, text) in [("name", name), ("namespace", namespace)] {
+        if expr::is_expression(text) {
+            return Err(Fault::Unsupported(
+                el.pos,
+                format!("an expression in '{what}' of <emit-metric> is not supported at the edge: a counter's name is fixed"),
+            ));
+        }
+    }
+    let safe = |t: &str| -> String {
+        t.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let metric = format!("apim_edge.metric.{}.{}", safe(namespace), safe(name));
+    let value = match el.attr("value") {
+        None => Text::Literal("1".into()),
+        Some(v) => {
+            let value = text(el, "'value'", v, Ty::Int)?;
+            if let Text::Literal(l) = &value {
+                if l.trim().parse::<u32>().is_err() {
+                    return Err(Fault::Unsupported(
+                        el.pos,
+                        format!("'value' of <emit-metric> must be a whole number at the edge (an Envoy counter), not \"{l}\""),
+                    ));
+                }
+            }
+            value
+        }
+    };
+    let dimensions = el.children.iter().any(|c| c.name == "dimension");
+    if let Some(other) = el.children.iter().find(|c| c.name != "dimension") {
+        return Err(Fault::Invalid(
+            other.pos,
+            format!("<{}> is not allowed inside <emit-metric>", other.name),
+        ));
+    }
+    Ok((metric, value, dimensions))
 }
 
 fn set_header(el: &Element) -> Compiled<SetHeader> {

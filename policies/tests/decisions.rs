@@ -624,3 +624,55 @@ fn the_catalog_says_whether_a_policy_reads_the_client_address() {
     assert!(!catalog(&plain, none).reads_client_address());
     assert!(!catalog(none, none).reads_client_address());
 }
+
+/// `emit-metric` (APIM's "Emit custom metrics"): each that runs adds its value to a counter
+/// named by its namespace and name; emitted whatever the call's outcome, as APIM emits when the
+/// policy runs; dimensions are accepted, not carried, and said so at load.
+#[test]
+fn emit_metric_adds_its_value_to_a_counter_whatever_the_outcome() {
+    let c = catalog(
+        r#"<policies><inbound>
+            <emit-metric name="api-requests" namespace="custom metrics"><dimension name="API" /></emit-metric>
+            <emit-metric name="weight" value="@(2 + 3)" />
+            <check-header name="x-need" failed-check-httpcode="400" failed-check-error-message="need" />
+        </inbound></policies>"#,
+        "<policies />",
+    );
+    assert!(
+        c.warnings().iter().any(|w| w.contains(
+            "<emit-metric> becomes Envoy counter apim_edge.metric.custom_metrics.api-requests; its dimensions are not carried"
+        )),
+        "{:?}",
+        c.warnings()
+    );
+    let emitted = vec![
+        ("apim_edge.metric.custom_metrics.api-requests", 1),
+        ("apim_edge.metric.API_Management.weight", 5),
+    ];
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k"), ("x-need", "1")]);
+    let d = c.decide(&request(&h, ""), 0, &MemoryStore::new()).unwrap();
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert_eq!(d.metrics, emitted);
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    let d = c.decide(&request(&h, ""), 0, &MemoryStore::new()).unwrap();
+    assert_eq!(d.outcome, Outcome::HeaderCheckFailed);
+    assert_eq!(d.metrics, emitted);
+    // A value a counter cannot take is refused at load, and so is the element in outbound.
+    for (policy, message) in [
+        (
+            r#"<policies><inbound><emit-metric name="m" value="1.5" /></inbound></policies>"#,
+            "'value' of <emit-metric> must be a whole number at the edge (an Envoy counter), not \"1.5\"",
+        ),
+        (
+            r#"<policies><outbound><emit-metric name="m" /></outbound></policies>"#,
+            "<emit-metric> in the outbound section is not supported at the edge",
+        ),
+    ] {
+        let doc = serde_json::json!({
+            "apis": [{"name": "orders", "path": "orders"}],
+            "products": [{"name": "p", "apis": ["orders"], "policy": policy}],
+        });
+        let e = Catalog::load(&doc, LoadOptions::default()).err().unwrap();
+        assert!(e.to_string().contains(message), "{e}");
+    }
+}

@@ -576,6 +576,32 @@ fn a_snapshot_that_does_not_load_is_refused_with_the_reason() {
     );
 }
 
+/// `emit-metric` in Envoy: each call that runs it adds its value to an Envoy counter of the
+/// namespace and name (defined on first use in each worker VM).
+#[test]
+fn emit_metric_becomes_an_envoy_counter() {
+    let upstream = start_upstream();
+    let snapshot = limited_catalog(
+        r#"<policies><inbound><emit-metric name="api-requests" namespace="custom-metrics" value="2"><dimension name="API" /></emit-metric></inbound></policies>"#,
+    );
+    let envoy = start_envoy(&upstream, &json!({"snapshot": snapshot})).unwrap();
+    let key = [(
+        "Ocp-Apim-Subscription-Key".to_string(),
+        "bulk-key".to_string(),
+    )];
+    for _ in 0..5 {
+        assert_eq!(request(envoy.port, "GET", "/load/x", &key).status, 200);
+    }
+    let name = "apim_edge.metric.custom-metrics.api-requests";
+    let stats = envoy.stats(name);
+    let total: u64 = stats
+        .iter()
+        .filter(|(n, _)| n.ends_with(name))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    assert_eq!(total, 10, "{stats:?}");
+}
+
 /// `filterState` names the fields the access log may read: the others are not set (each
 /// costs a host call a call).
 #[test]

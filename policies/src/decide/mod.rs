@@ -236,6 +236,9 @@ pub struct Decision<'a> {
     pub response: Option<LocalResponse>,
     /// For `allowed`: changes to the request before it goes upstream.
     pub upstream: HeaderEdits<'a>,
+    /// What `emit-metric` steps that ran add to the proxy's counters: name, amount. Emitted
+    /// whatever the outcome, as APIM emits when the policy runs.
+    pub metrics: Vec<(&'a str, u64)>,
     /// `None` only when no API matched.
     pub call: Option<CallContext>,
 }
@@ -271,6 +274,7 @@ impl Decision<'_> {
             outcome: Outcome::InternalError,
             response: Some(response::internal_error()),
             upstream: HeaderEdits::new(),
+            metrics: Vec::new(),
             call,
         }
     }
@@ -280,6 +284,7 @@ impl Decision<'_> {
             outcome,
             response: Some(response),
             upstream: HeaderEdits::new(),
+            metrics: Vec::new(),
             call,
         }
     }
@@ -404,7 +409,14 @@ impl Catalog {
         };
         let mut upstream = HeaderEdits::new();
         let mut line = RequestLine::default();
-        let result = self.run_request(program, req, &mut call, &mut run, &mut upstream, &mut line);
+        let mut metrics = Vec::new();
+        let result = self.run_request(
+            program,
+            req,
+            &mut call,
+            &mut run,
+            (&mut upstream, &mut line, &mut metrics),
+        );
         match result {
             Ok(None) => {
                 let sent = Request {
@@ -448,6 +460,7 @@ impl Catalog {
                     outcome: Outcome::Allowed,
                     response: None,
                     upstream,
+                    metrics,
                     call: Some(call),
                 })
             }
@@ -455,7 +468,9 @@ impl Catalog {
                 if outcome != Outcome::Returned {
                     run.release_all();
                 }
-                Ok(Decision::deny(outcome, response, Some(call)))
+                let mut denied = Decision::deny(outcome, response, Some(call));
+                denied.metrics = metrics;
+                Ok(denied)
             }
             Err(e) => {
                 run.release_all();
@@ -512,8 +527,11 @@ impl Catalog {
         req: &Request,
         call: &mut CallContext,
         run: &mut Run<'c, '_, C>,
-        upstream: &mut HeaderEdits<'c>,
-        line: &mut RequestLine,
+        (upstream, line, metrics): (
+            &mut HeaderEdits<'c>,
+            &mut RequestLine,
+            &mut Vec<(&'c str, u64)>,
+        ),
     ) -> Result<Option<(Outcome, LocalResponse)>, EngineError> {
         let original = *req;
         // What expressions see is made only for a step that evaluates one.
@@ -607,6 +625,22 @@ impl Catalog {
                 Step::SetHeader(h) => {
                     let exists = |name: &str| header(req.headers, name).is_some();
                     set_header(h, &facts(), &exists, upstream)?;
+                    None
+                }
+                Step::EmitMetric { metric, value } => {
+                    let n = match value {
+                        Text::Literal(l) => l.trim().parse::<u64>().ok(),
+                        Text::Expr(e) => match e.eval(&facts())? {
+                            Value::Int(n) => u64::try_from(n).ok(),
+                            _ => None,
+                        },
+                    };
+                    let n = n.ok_or_else(|| {
+                        EngineError::Expression(format!(
+                            "the value of <emit-metric> for {metric} is not a whole number of at least 0"
+                        ))
+                    })?;
+                    metrics.push((metric.as_str(), n));
                     None
                 }
                 Step::SetMethod(m) => {

@@ -102,6 +102,7 @@ impl EdgeOptions {
                     outcome: Outcome::InternalError,
                     response: None,
                     upstream,
+                    metrics: Vec::new(),
                     call: None,
                 }
             }
