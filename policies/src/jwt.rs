@@ -181,6 +181,57 @@ pub(crate) struct JwtCheck {
     pub claims: Vec<RequiredClaim>,
     /// `output-token-variable-name`: a variable that receives the token.
     pub output_variable: Option<String>,
+    /// Tokens whose signature one of `keys` verified.
+    pub verified: VerifiedTokens,
+}
+
+/// The digests of tokens whose signature a policy's keys verified, so that a token presented
+/// again is not verified again (an RS256 or ES256 verification costs milliseconds in a wasm
+/// VM). Only the signature is remembered: lifetime, audience, issuer and claims are checked on
+/// every call. Bounded: when full, it starts again empty. The keys are the policy's own and a
+/// new snapshot compiles new policies, so a key that changes never meets a stale entry.
+#[derive(Default)]
+pub(crate) struct VerifiedTokens(std::sync::Mutex<Vec<crate::keys::Digest>>);
+
+/// The most tokens one policy remembers.
+const VERIFIED_TOKENS: usize = 1024;
+
+impl VerifiedTokens {
+    fn knows(&self, token: &crate::keys::Digest) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|known| known.iter().any(|k| crate::keys::same_digest(k, token)))
+    }
+
+    fn remember(&self, token: crate::keys::Digest) {
+        if let Ok(mut known) = self.0.lock() {
+            if known.len() >= VERIFIED_TOKENS {
+                known.clear();
+            }
+            known.push(token);
+        }
+    }
+}
+
+/// A copy starts with nothing remembered.
+impl Clone for VerifiedTokens {
+    fn clone(&self) -> Self {
+        VerifiedTokens::default()
+    }
+}
+
+/// What a policy remembers is not part of what it is.
+impl PartialEq for VerifiedTokens {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for VerifiedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |k| k.len());
+        write!(f, "VerifiedTokens({n})")
+    }
 }
 
 /// Why a token was refused: the text of the response when the policy names no message.
@@ -261,16 +312,20 @@ impl JwtCheck {
         let kid = header.get("kid").and_then(Json::as_str);
         let signature = b64url(sig).ok_or(Refusal::Invalid)?;
         let message = &token.as_bytes()[..head.len() + 1 + body.len()];
-        let signed = self.keys.iter().any(|k| {
-            alg.starts_with(k.key.family())
-                && match (kid, &k.kid) {
-                    (Some(want), Some(have)) => want == have,
-                    _ => true,
-                }
-                && k.key.verifies(alg, message, &signature)
-        });
-        if !signed {
-            return Err(Refusal::Invalid);
+        let digest = crate::keys::key_digest(token);
+        if !self.verified.knows(&digest) {
+            let signed = self.keys.iter().any(|k| {
+                alg.starts_with(k.key.family())
+                    && match (kid, &k.kid) {
+                        (Some(want), Some(have)) => want == have,
+                        _ => true,
+                    }
+                    && k.key.verifies(alg, message, &signature)
+            });
+            if !signed {
+                return Err(Refusal::Invalid);
+            }
+            self.verified.remember(digest);
         }
         let claims: serde_json::Map<String, Json> =
             serde_json::from_slice(&b64url(body).ok_or(Refusal::Invalid)?)
@@ -512,6 +567,7 @@ mod tests {
                 values: vec!["reader".into(), "writer".into()],
             }],
             output_variable: None,
+            verified: VerifiedTokens::default(),
         }
     }
 
@@ -568,6 +624,37 @@ mod tests {
         );
         assert_eq!(c.verify("garbage", 1_500_000), Err(Refusal::Invalid));
         assert_eq!(c.verify("a.b.c", 1_500_000), Err(Refusal::Invalid));
+    }
+
+    /// A verified signature is remembered (by the token's digest), the claims are not: a
+    /// remembered token that expires is refused, one with another signature is verified (and
+    /// refused), and what is remembered stays bounded.
+    #[test]
+    fn a_verified_signature_is_remembered_and_the_claims_are_checked_every_time() {
+        let c = check(vec![SigningKey {
+            kid: None,
+            key: KeyMaterial::Hmac(b"s3cret".to_vec()),
+        }]);
+        let remembered = |c: &JwtCheck| c.verified.0.lock().map(|k| k.len()).unwrap_or(0);
+        let good = serde_json::json!({"exp": 2000, "aud": "api://orders", "iss": "https://issuer.example", "roles": "reader"});
+        let t = hs256(&good, b"s3cret");
+        assert_eq!(c.verify(&t, 1_500_000), Ok(()));
+        assert_eq!(remembered(&c), 1);
+        assert_eq!(c.verify(&t, 1_600_000), Ok(()));
+        assert_eq!(remembered(&c), 1);
+        assert_eq!(c.verify(&t, 2_001_000), Err(Refusal::Invalid), "expired");
+        // The same header and claims under another signature: not the remembered token.
+        let forged = format!("{}.AAAA", t.rsplit_once('.').map_or("", |(m, _)| m));
+        assert_eq!(c.verify(&forged, 1_500_000), Err(Refusal::Invalid));
+        assert_eq!(remembered(&c), 1);
+        for i in 0..VERIFIED_TOKENS + 5 {
+            let mut claims = good.clone();
+            claims["n"] = serde_json::json!(i);
+            assert_eq!(c.verify(&hs256(&claims, b"s3cret"), 1_500_000), Ok(()));
+        }
+        assert!(remembered(&c) <= VERIFIED_TOKENS);
+        // A copy of the policy (a new snapshot) remembers nothing.
+        assert_eq!(remembered(&c.clone()), 0);
     }
 
     #[test]

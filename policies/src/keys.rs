@@ -42,7 +42,7 @@ pub(crate) struct KeyIndex {
 }
 
 /// Compares two digests in constant time.
-fn same_digest(a: &Digest, b: &Digest) -> bool {
+pub(crate) fn same_digest(a: &Digest, b: &Digest) -> bool {
     bool::from(a.ct_eq(b))
 }
 

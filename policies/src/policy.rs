@@ -1363,6 +1363,7 @@ fn validate_jwt(el: &Element, jwks: &HashMap<String, serde_json::Value>) -> Comp
             .attr("output-token-variable-name")
             .map(|m| literal(el, "output-token-variable-name", m).map(str::to_string))
             .transpose()?,
+        verified: Default::default(),
     })
 }
 
