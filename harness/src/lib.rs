@@ -18,4 +18,5 @@ pub mod profile;
 pub mod replay;
 pub mod synth;
 pub mod trace;
+pub mod usage;
 pub mod wasm_replay;

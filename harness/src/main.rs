@@ -44,6 +44,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UsageFormat {
+    Json,
+    Csv,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Replay a trace and print one JSON decision per request.
@@ -112,6 +118,32 @@ enum Command {
         /// many it made, and of which functions, on standard error.
         #[arg(long)]
         host_calls: bool,
+        /// Also write one usage record per call (SPEC §8) to FILE, as JSON Lines.
+        #[arg(long, value_name = "FILE")]
+        usage_out: Option<PathBuf>,
+    },
+    /// Aggregate usage records (from `replay --usage-out`, or Envoy's access log) into the
+    /// rows of APIM's reports: calls succeeded (2xx, 3xx), blocked (401, 403, 429), failed
+    /// (other 4xx, 5xx), other, and bandwidth (bytes in and out).
+    Usage {
+        /// Files of usage records, JSON Lines.
+        #[arg(long, num_args = 1.., required = true, value_name = "FILE")]
+        records: Vec<PathBuf>,
+        /// What each row is: APIM's reports/bySubscription, byProduct, byApi, byOperation.
+        #[arg(long, value_enum, default_value = "subscription")]
+        by: apim_edge_harness::usage::By,
+        /// Only calls at or after this time (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only calls before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        /// Rows per interval too (byTime): an ISO 8601 duration such as PT15M, PT1H, P1D.
+        #[arg(long)]
+        interval: Option<String>,
+        /// `json` (APIM's `{"value": [...], "count": N}`) or `csv`.
+        #[arg(long, value_enum, default_value = "json")]
+        format: UsageFormat,
     },
     /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
     /// one worker each, over a trace replayed in a loop; and their ratio.
@@ -413,6 +445,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             fail_open,
             host_profile,
             host_calls,
+            usage_out,
         } => {
             if wasm.is_none()
                 && (workers != 1
@@ -516,6 +549,17 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 }
             };
             progress.finish_and_clear();
+            if let Some(path) = &usage_out {
+                let mut text = String::new();
+                for (e, r) in entries.iter().zip(&records) {
+                    let record = apim_edge_harness::usage::UsageRecord::of(e, r);
+                    text.push_str(&serde_json::to_string(&record).map_err(|e| Unusable(e.into()))?);
+                    text.push('\n');
+                }
+                std::fs::write(path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))
+                    .map_err(Unusable)?;
+            }
             if diff {
                 let mut differ = 0;
                 for (n, w) in native.iter().zip(&records) {
@@ -592,6 +636,48 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Usage {
+            records,
+            by,
+            from,
+            to,
+            interval,
+            format,
+        } => {
+            use apim_edge_harness::usage;
+            let window = usage::Window {
+                from: from
+                    .as_deref()
+                    .map(|t| usage::instant("--from", t))
+                    .transpose()
+                    .map_err(Unusable)?,
+                to: to
+                    .as_deref()
+                    .map(|t| usage::instant("--to", t))
+                    .transpose()
+                    .map_err(Unusable)?,
+                interval: interval
+                    .map(|t| usage::parse_interval(&t).map(|ms| (t, ms)))
+                    .transpose()
+                    .map_err(Unusable)?,
+            };
+            usage::check_window(&window).map_err(Unusable)?;
+            let all = usage::read_records(&records).map_err(Unusable)?;
+            let rows = usage::report(&all, by, &window).map_err(Unusable)?;
+            match format {
+                UsageFormat::Json => {
+                    let doc = usage::Report {
+                        count: rows.len(),
+                        value: rows,
+                    };
+                    let text =
+                        serde_json::to_string_pretty(&doc).map_err(|e| Unusable(e.into()))?;
+                    println!("{text}");
+                }
+                UsageFormat::Csv => print!("{}", usage::csv(&rows)),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             traffic,

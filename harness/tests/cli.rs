@@ -631,3 +631,165 @@ fn replay_counts_host_calls_per_callback() {
     );
     assert!(line.contains("proxy_get_header_map_pairs 1.00"), "{line}");
 }
+
+/// `apim-edge usage` (SPEC §8): records grouped by subscription (or product, API, operation),
+/// each status counted as APIM's reports count it: success 2xx and 3xx, blocked 401, 403 and
+/// 429, failed other 4xx and 5xx, other the rest; bandwidth is the bytes in and out.
+#[test]
+fn usage_reports_count_calls_as_apim_reports_do() {
+    let records = scratch("usage.jsonl");
+    let rec = |time: &str, sub: Option<&str>, status: u16, bytes: (u64, u64)| {
+        serde_json::json!({"time": time, "api": "echo-api", "operation": "get-item",
+            "product": "gold", "subscription": sub, "outcome": "x", "status": status,
+            "requestBytes": bytes.0, "responseBytes": bytes.1})
+        .to_string()
+    };
+    let lines = [
+        rec("2026-01-01T10:00:00Z", Some("a"), 200, (10, 100)),
+        rec("2026-01-01T10:10:00Z", Some("a"), 302, (0, 5)),
+        rec("2026-01-01T10:20:00Z", Some("a"), 401, (0, 50)),
+        rec("2026-01-01T10:30:00Z", Some("a"), 403, (0, 0)),
+        rec("2026-01-01T11:00:00Z", Some("a"), 429, (0, 0)),
+        rec("2026-01-01T11:10:00Z", Some("a"), 404, (0, 0)),
+        rec("2026-01-01T11:20:00Z", Some("a"), 500, (0, 0)),
+        rec("2026-01-01T11:30:00Z", Some("a"), 101, (0, 0)),
+        rec("2026-01-01T12:00:00Z", Some("b"), 200, (1, 2)),
+        // No subscription (an open product): in no subscription's row.
+        rec("2026-01-01T12:00:00Z", None, 200, (1, 2)),
+    ];
+    std::fs::write(&records, lines.join("\n")).unwrap();
+    let path = records.to_str().unwrap();
+    let run = |more: &[&str]| {
+        let mut args = vec!["usage", "--records", path];
+        args.extend(more);
+        let out = apim_edge(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report: serde_json::Value = serde_json::from_str(&run(&[])).unwrap();
+    assert_eq!(report["count"], 2, "{report}");
+    let a = &report["value"][0];
+    assert_eq!(a["name"], "a");
+    assert_eq!(a["subscriptionId"], "/subscriptions/a");
+    assert_eq!(a["productId"], "/products/gold");
+    assert_eq!(a["apiId"], "/apis/echo-api");
+    assert_eq!(
+        [
+            &a["callCountSuccess"],
+            &a["callCountBlocked"],
+            &a["callCountFailed"],
+            &a["callCountOther"],
+            &a["callCountTotal"],
+            &a["bandwidth"]
+        ],
+        [2, 3, 2, 1, 8, 165]
+    );
+    // By product: all ten; within 11:00 to 12:00; by hour.
+    let by_product: serde_json::Value = serde_json::from_str(&run(&["--by", "product"])).unwrap();
+    assert_eq!(by_product["value"][0]["callCountTotal"], 10, "{by_product}");
+    assert_eq!(
+        by_product["value"][0]["subscriptionId"],
+        serde_json::Value::Null
+    );
+    let window: serde_json::Value = serde_json::from_str(&run(&[
+        "--from",
+        "2026-01-01T11:00:00Z",
+        "--to",
+        "2026-01-01T12:00:00Z",
+    ]))
+    .unwrap();
+    assert_eq!(window["value"][0]["callCountTotal"], 4, "{window}");
+    assert_eq!(window["count"], 1, "{window}");
+    let csv = run(&["--interval", "PT1H", "--format", "csv"]);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(
+        rows[0].starts_with("name,timestamp,interval,subscriptionId,"),
+        "{csv}"
+    );
+    assert_eq!(rows.len(), 4, "{csv}");
+    assert!(
+        rows[1].starts_with("a,2026-01-01T10:00:00.000Z,PT1H,/subscriptions/a,")
+            && rows[1].ends_with(",2,2,0,0,4,165"),
+        "{csv}"
+    );
+    // Unusable input: exit 2, naming the fault.
+    let bad = scratch("bad-usage.jsonl");
+    std::fs::write(&bad, "{\"time\": 1}\n").unwrap();
+    for (args, message) in [
+        (
+            vec!["usage", "--records", path, "--interval", "P1M"],
+            "expected an ISO 8601 duration",
+        ),
+        (
+            vec!["usage", "--records", bad.to_str().unwrap()],
+            "line 1: not a usage record",
+        ),
+        (
+            vec!["usage", "--records", path, "--from", "yesterday"],
+            "--from \"yesterday\": expected an RFC 3339 time",
+        ),
+    ] {
+        let out = apim_edge(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+/// `replay --usage-out` writes a record per call: who, the outcome and status, the request's
+/// bytes, and the response's (the upstream's for an admitted call, the gateway's own body for
+/// one it answered).
+#[test]
+fn replay_writes_a_usage_record_per_call() {
+    let out_file = scratch("replay-usage.jsonl");
+    let trace = scratch("usage-trace.jsonl");
+    std::fs::write(
+        &trace,
+        [
+            r#"{"t": 0, "method": "GET", "url": "https://api.contoso.com/echo/items/1", "headers": {"Ocp-Apim-Subscription-Key": "gold-primary"}, "requestBytes": 7, "responseBytes": 300}"#,
+            r#"{"t": 1, "method": "GET", "url": "https://api.contoso.com/echo/items/1", "headers": {"Ocp-Apim-Subscription-Key": "wrong"}, "requestBytes": 3, "responseBytes": 300}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = apim_edge(&[
+        "replay",
+        "--snapshot",
+        &sample(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--usage-out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "{text}");
+    // A trace's `t` counts seconds after --start, 2026-01-01T00:00:00Z by default (SPEC §6).
+    assert_eq!(records[0]["time"], "2026-01-01T00:00:00.000Z", "{text}");
+    assert_eq!(records[1]["time"], "2026-01-01T00:00:01.000Z", "{text}");
+    assert_eq!(records[0]["subscription"], "sub-gold");
+    assert_eq!(records[0]["outcome"], "allowed");
+    assert_eq!(records[0]["status"], 200);
+    assert_eq!(
+        (&records[0]["requestBytes"], &records[0]["responseBytes"]),
+        (&serde_json::json!(7), &serde_json::json!(300))
+    );
+    let denied = &records[1];
+    assert_eq!(denied["outcome"], "invalid_key");
+    assert_eq!(denied["status"], 401);
+    assert_eq!(denied["subscription"], serde_json::Value::Null);
+    let body = "{\"statusCode\": 401, \"message\": \"Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.\"}";
+    assert_eq!(denied["responseBytes"], body.len());
+}

@@ -1,0 +1,307 @@
+//! Usage records and reports (SPEC §8), the input of monetization: one record per call
+//! (`replay --usage-out`), and records aggregated into the shape of APIM's management API
+//! reports (`reports/bySubscription`, `byProduct`, `byApi`, `byOperation`, and with an interval
+//! `byTime` within each), as `apim-edge usage` prints them.
+
+use crate::replay::DecisionRecord;
+use crate::trace::Entry;
+use anyhow::{anyhow, bail, Context, Result};
+use apim_edge_policies::{parse_rfc3339, Millis};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One call, as billing needs it. Identifiers are ARM names; `null` when none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRecord {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub api: Option<String>,
+    pub operation: Option<String>,
+    pub product: Option<String>,
+    pub subscription: Option<String>,
+    pub outcome: String,
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// An instant as RFC 3339 text in UTC with milliseconds: `2026-01-01T00:00:00.000Z`.
+pub fn rfc3339(at: Millis) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+impl UsageRecord {
+    /// The record of a replayed call: the request's bytes, and the response's: the upstream's
+    /// for a call that went there, the gateway's own body for one it answered.
+    pub fn of(entry: &Entry, decided: &DecisionRecord) -> Self {
+        let upstream = decided.outcome == "allowed";
+        UsageRecord {
+            time: rfc3339(entry.at),
+            api: decided.api.clone(),
+            operation: decided.operation.clone(),
+            product: decided.product.clone(),
+            subscription: decided.subscription.clone(),
+            outcome: decided.outcome.to_string(),
+            status: decided.status,
+            request_bytes: entry.request_bytes,
+            response_bytes: if upstream {
+                entry.response_bytes
+            } else {
+                decided.body.len() as u64
+            },
+        }
+    }
+}
+
+/// What a report groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    Subscription,
+    Product,
+    Api,
+    Operation,
+}
+
+/// One row of a report, as APIM's `ReportRecordContract` names its fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportRow {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    pub subscription_id: Option<String>,
+    pub product_id: Option<String>,
+    pub api_id: Option<String>,
+    pub operation_id: Option<String>,
+    pub call_count_success: u64,
+    pub call_count_blocked: u64,
+    pub call_count_failed: u64,
+    pub call_count_other: u64,
+    pub call_count_total: u64,
+    pub bandwidth: u64,
+}
+
+/// A report as APIM's management API lists one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub value: Vec<ReportRow>,
+    pub count: usize,
+}
+
+/// The report's limits: `[from, to)`, and buckets of `interval` (ISO 8601 text and ms).
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+    pub interval: Option<(String, Millis)>,
+}
+
+/// An ISO 8601 duration of days, hours, minutes and seconds (`PT15M`, `PT1H`, `P1D`,
+/// `P1DT12H`), in milliseconds; months and years have no fixed length and are refused.
+pub fn parse_interval(text: &str) -> Result<Millis> {
+    let bad =
+        || anyhow!("--interval {text:?}: expected an ISO 8601 duration such as PT15M, PT1H or P1D");
+    let rest = text.strip_prefix('P').ok_or_else(bad)?;
+    let (days, time) = match rest.split_once('T') {
+        Some((d, t)) => (d, t),
+        None => (rest, ""),
+    };
+    let mut ms: Millis = 0;
+    let mut take = |part: &str, units: &[(char, Millis)]| -> Result<()> {
+        let mut number = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() {
+                number.push(c);
+                continue;
+            }
+            let unit = units.iter().find(|(u, _)| *u == c).ok_or_else(bad)?.1;
+            let n: Millis = number.parse().map_err(|_| bad())?;
+            ms = n
+                .checked_mul(unit)
+                .and_then(|x| ms.checked_add(x))
+                .ok_or_else(bad)?;
+            number.clear();
+        }
+        if number.is_empty() {
+            Ok(())
+        } else {
+            Err(bad())
+        }
+    };
+    take(days, &[('W', 604_800_000), ('D', 86_400_000)])?;
+    take(time, &[('H', 3_600_000), ('M', 60_000), ('S', 1_000)])?;
+    if ms <= 0 || (rest.contains('T') && time.is_empty()) {
+        return Err(bad());
+    }
+    Ok(ms)
+}
+
+/// APIM's relative resource ids.
+fn id(kind: &str, name: &Option<String>) -> Option<String> {
+    name.as_ref().map(|n| format!("/{kind}/{n}"))
+}
+
+/// Aggregates records into report rows by `by`, within `window`, ordered by name (and time).
+/// A record without the grouping identifier (a call that matched no API, or no subscription)
+/// is in no row of that report. An identifier every record of a row shares is given; one
+/// they differ in is `null`.
+pub fn report(records: &[UsageRecord], by: By, window: &Window) -> Result<Vec<ReportRow>> {
+    let mut rows: BTreeMap<(String, Millis), (ReportRow, Vec<&UsageRecord>)> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        let at = parse_rfc3339(&r.time)
+            .ok_or_else(|| anyhow!("record {}: time {:?} is not RFC 3339", i + 1, r.time))?;
+        if window.from.is_some_and(|f| at < f) || window.to.is_some_and(|t| at >= t) {
+            continue;
+        }
+        let key = match by {
+            By::Subscription => r.subscription.clone(),
+            By::Product => r.product.clone(),
+            By::Api => r.api.clone(),
+            By::Operation => match (&r.api, &r.operation) {
+                (Some(a), Some(o)) => Some(format!("{a}/{o}")),
+                _ => None,
+            },
+        };
+        let Some(name) = key else { continue };
+        let bucket = window
+            .interval
+            .as_ref()
+            .map_or(0, |(_, ms)| at.div_euclid(*ms) * ms);
+        let entry = rows.entry((name.clone(), bucket)).or_insert_with(|| {
+            let row = ReportRow {
+                name: match by {
+                    By::Operation => r.operation.clone().unwrap_or_default(),
+                    _ => name.clone(),
+                },
+                timestamp: window.interval.as_ref().map(|_| rfc3339(bucket)),
+                interval: window.interval.as_ref().map(|(t, _)| t.clone()),
+                subscription_id: None,
+                product_id: None,
+                api_id: None,
+                operation_id: None,
+                call_count_success: 0,
+                call_count_blocked: 0,
+                call_count_failed: 0,
+                call_count_other: 0,
+                call_count_total: 0,
+                bandwidth: 0,
+            };
+            (row, Vec::new())
+        });
+        let row = &mut entry.0;
+        match r.status {
+            200..=399 => row.call_count_success += 1,
+            401 | 403 | 429 => row.call_count_blocked += 1,
+            400..=599 => row.call_count_failed += 1,
+            _ => row.call_count_other += 1,
+        }
+        row.call_count_total += 1;
+        row.bandwidth = row
+            .bandwidth
+            .saturating_add(r.request_bytes)
+            .saturating_add(r.response_bytes);
+        entry.1.push(r);
+    }
+    Ok(rows
+        .into_values()
+        .map(|(mut row, members)| {
+            // The identifier all of the row's records share, or null.
+            let shared = |f: &dyn Fn(&UsageRecord) -> Option<String>| {
+                let first = f(members[0]);
+                members
+                    .iter()
+                    .all(|m| f(m) == first)
+                    .then_some(first)
+                    .flatten()
+            };
+            row.subscription_id = shared(&|r| id("subscriptions", &r.subscription));
+            row.product_id = shared(&|r| id("products", &r.product));
+            row.api_id = shared(&|r| id("apis", &r.api));
+            row.operation_id = shared(&|r| match (&r.api, &r.operation) {
+                (Some(a), Some(o)) => Some(format!("/apis/{a}/operations/{o}")),
+                _ => None,
+            });
+            row
+        })
+        .collect())
+}
+
+/// Reads records from JSON Lines files, naming the file and line of a bad one.
+pub fn read_records(paths: &[std::path::PathBuf]) -> Result<Vec<UsageRecord>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let r: UsageRecord = serde_json::from_str(line).with_context(|| {
+                format!("{} line {}: not a usage record", path.display(), i + 1)
+            })?;
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Rows as CSV, with a header line (fields with commas or quotes quoted).
+pub fn csv(rows: &[ReportRow]) -> String {
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let opt = |s: &Option<String>| s.as_deref().map(field).unwrap_or_default();
+    let mut out = String::from("name,timestamp,interval,subscriptionId,productId,apiId,operationId,callCountSuccess,callCountBlocked,callCountFailed,callCountOther,callCountTotal,bandwidth\n");
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            field(&r.name),
+            opt(&r.timestamp),
+            opt(&r.interval),
+            opt(&r.subscription_id),
+            opt(&r.product_id),
+            opt(&r.api_id),
+            opt(&r.operation_id),
+            r.call_count_success,
+            r.call_count_blocked,
+            r.call_count_failed,
+            r.call_count_other,
+            r.call_count_total,
+            r.bandwidth
+        ));
+    }
+    out
+}
+
+/// `--from`/`--to` text as an instant.
+pub fn instant(flag: &str, text: &str) -> Result<Millis> {
+    parse_rfc3339(text).ok_or_else(|| anyhow!("{flag} {text:?}: expected an RFC 3339 time"))
+}
+
+/// Checks that `to` is after `from` when both are given.
+pub fn check_window(w: &Window) -> Result<()> {
+    if let (Some(f), Some(t)) = (w.from, w.to) {
+        if t <= f {
+            bail!("--to must be after --from");
+        }
+    }
+    Ok(())
+}
