@@ -21,6 +21,24 @@ fn log_format() -> Value {
 /// subscription) from its properties, which Envoy keeps as filter state.
 pub const ACCESS_LOG_FORMAT: &str = "ACCESS %REQ(:METHOD)% %REQ_WITHOUT_QUERY(:PATH)% %RESPONSE_CODE% outcome=%FILTER_STATE(wasm.apim_edge.outcome:PLAIN)% product=%FILTER_STATE(wasm.apim_edge.product:PLAIN)% subscription=%FILTER_STATE(wasm.apim_edge.subscription:PLAIN)% index=%REQ(X-APIM-EDGE-INDEX)%\n";
 
+/// A usage record (SPEC §8) as Envoy's JSON access log writes one: the call's time, its
+/// identity and outcome from the filter's state (`null` where none), status and bytes.
+/// `apim-edge usage` reads these lines.
+pub fn usage_log_format() -> Value {
+    let state = |field: &str| format!("%FILTER_STATE(wasm.apim_edge.{field}:PLAIN)%");
+    json!({"json_format": {
+        "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
+        "api": state("api"),
+        "operation": state("operation"),
+        "product": state("product"),
+        "subscription": state("subscription"),
+        "outcome": state("outcome"),
+        "status": "%RESPONSE_CODE%",
+        "requestBytes": "%BYTES_RECEIVED%",
+        "responseBytes": "%BYTES_SENT%"
+    }})
+}
+
 /// What a bootstrap is made of.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -33,6 +51,8 @@ pub struct Bootstrap {
     pub filter_config: Value,
     /// Where the access log goes; `None`: standard output.
     pub access_log: Option<PathBuf>,
+    /// Where usage records (SPEC §8) go, one JSON object per call; `None`: not written.
+    pub usage_log: Option<PathBuf>,
     /// Worker VMs with the same `vm_id` share their shared data, hence their counters.
     pub vm_id: String,
     /// A cluster `apim-config` at this host and port, for `snapshotSource`.
@@ -64,6 +84,13 @@ impl Bootstrap {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                 "log_format": log_format()}}),
         };
+        let mut access_logs = vec![access_log];
+        if let Some(path) = &self.usage_log {
+            access_logs.push(json!({"name": "envoy.access_loggers.file", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path,
+                "log_format": usage_log_format()}}));
+        }
         let mut clusters = vec![cluster("upstream", &self.upstream)];
         if let Some(c) = &self.config_server {
             clusters.push(cluster("apim-config", c));
@@ -95,7 +122,7 @@ impl Bootstrap {
                             // and doubled slashes merged before the filter decides.
                             "normalize_path": true,
                             "merge_slashes": true,
-                            "access_log": [access_log],
+                            "access_log": access_logs,
                             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                                 "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
                             "http_filters": [

@@ -197,6 +197,10 @@ enum Command {
         /// A file for the access log (default: standard output).
         #[arg(long)]
         access_log: Option<PathBuf>,
+        /// Also write a usage record (SPEC §8) per call to FILE, JSON Lines
+        /// (`apim-edge usage --records FILE` reads them).
+        #[arg(long, value_name = "FILE")]
+        usage_log: Option<PathBuf>,
         /// IP:PORT of the counter service (apim-edge-counters), so that a fleet shares its
         /// counters: writes the cluster apim-counters (HTTP/2) and the filter's `counters`
         /// (onUnavailable, timeoutMs from --config when it sets them).
@@ -790,6 +794,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             vm_id,
             wasm,
             access_log,
+            usage_log,
             counters,
             config,
             out,
@@ -857,6 +862,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                 wasm: wasm.clone(),
                 filter_config,
                 access_log,
+                usage_log,
                 vm_id,
                 config_server,
                 counters,

@@ -20,7 +20,8 @@ pub struct UsageRecord {
     pub operation: Option<String>,
     pub product: Option<String>,
     pub subscription: Option<String>,
-    pub outcome: String,
+    /// SPEC §4's outcome; `null` where the filter state does not hold it (`filterState`).
+    pub outcome: Option<String>,
     pub status: u16,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -53,7 +54,7 @@ impl UsageRecord {
             operation: decided.operation.clone(),
             product: decided.product.clone(),
             subscription: decided.subscription.clone(),
-            outcome: decided.outcome.to_string(),
+            outcome: Some(decided.outcome.to_string()),
             status: decided.status,
             request_bytes: entry.request_bytes,
             response_bytes: if upstream {

@@ -602,6 +602,77 @@ fn emit_metric_becomes_an_envoy_counter() {
     assert_eq!(total, 10, "{stats:?}");
 }
 
+/// SPEC §8 in Envoy: the bootstrap writes a usage record per call (JSON Lines), which
+/// `apim-edge usage` reads into a report: an admitted call, a blocked one (invalid key), and
+/// one that matched no API.
+#[test]
+fn envoy_writes_usage_records_that_the_usage_report_reads() {
+    let upstream = start_upstream();
+    let envoy = start_envoy(&upstream, &json!({"snapshot": sample()})).unwrap();
+    let host = ("host".to_string(), "api.contoso.com".to_string());
+    let gold = (
+        "Ocp-Apim-Subscription-Key".to_string(),
+        "gold-primary".to_string(),
+    );
+    let ok = request(envoy.port, "GET", "/echo/items/1", &[gold, host.clone()]);
+    assert_eq!(ok.status, 200);
+    let wrong = ("Ocp-Apim-Subscription-Key".to_string(), "wrong".to_string());
+    let denied = request(envoy.port, "GET", "/echo/items/1", &[wrong, host.clone()]);
+    assert_eq!(denied.status, 401);
+    let lost = request(envoy.port, "GET", "/nowhere", &[host]);
+    assert_eq!(lost.status, 404);
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&envoy.usage_log).unwrap_or_default();
+        lines = text.lines().map(str::to_string).collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let admitted = &records[0];
+    assert_eq!(admitted["subscription"], "sub-gold", "{admitted}");
+    assert_eq!(admitted["product"], "gold", "{admitted}");
+    assert_eq!(admitted["api"], "echo-api", "{admitted}");
+    assert_eq!(admitted["outcome"], "allowed", "{admitted}");
+    assert_eq!(admitted["status"], 200, "{admitted}");
+    assert_eq!(admitted["responseBytes"], ok.body.len(), "{admitted}");
+    assert!(
+        admitted["time"].as_str().unwrap().ends_with('Z'),
+        "{admitted}"
+    );
+    assert_eq!(records[1]["outcome"], "invalid_key", "{}", records[1]);
+    assert_eq!(records[1]["subscription"], Value::Null, "{}", records[1]);
+    assert_eq!(
+        records[1]["responseBytes"],
+        denied.body.len(),
+        "{}",
+        records[1]
+    );
+    assert_eq!(records[2]["outcome"], "api_not_found", "{}", records[2]);
+    assert_eq!(records[2]["api"], Value::Null, "{}", records[2]);
+    // The report: one subscription, its one call succeeded.
+    let out = std::process::Command::new(apim_edge_e2e::cli_bin())
+        .args(["usage", "--records"])
+        .arg(&envoy.usage_log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["count"], 1, "{report}");
+    assert_eq!(report["value"][0]["name"], "sub-gold", "{report}");
+    assert_eq!(report["value"][0]["callCountSuccess"], 1, "{report}");
+}
+
 /// `filterState` names the fields the access log may read: the others are not set (each
 /// costs a host call a call).
 #[test]

@@ -97,6 +97,7 @@ fn bootstrap(listen: u16, admin: u16, server: u16, fail_open: bool) -> Value {
         wasm: test_guest_wasm(),
         filter_config: Value::Null,
         access_log: None,
+        usage_log: None,
         vm_id: "guest".into(),
         config_server: None,
         counters: None,

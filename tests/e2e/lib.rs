@@ -242,6 +242,8 @@ pub struct Envoy {
     pub admin: u16,
     pub log: PathBuf,
     pub access_log: PathBuf,
+    /// Usage records (SPEC §8), when the bootstrap writes them.
+    pub usage_log: PathBuf,
 }
 
 impl Drop for Envoy {
@@ -287,6 +289,7 @@ pub fn start_envoy_in_fleet(
         wasm: filter_wasm(),
         filter_config: filter_config.clone(),
         access_log: Some(access_log.clone()),
+        usage_log: Some(dir.join("usage.log")),
         vm_id: "apim-edge".into(),
         config_server: config_server.map(|c| ("127.0.0.1".to_string(), c.port)),
         counters: counters.map(|p| ("127.0.0.1".to_string(), p)),
@@ -339,6 +342,7 @@ fn launch(
         admin,
         log,
         access_log,
+        usage_log: dir.join("usage.log"),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -506,6 +510,7 @@ pub fn start_envoy_lds(upstream: &Upstream, filter_config: &Value) -> Result<Lds
         wasm: filter_wasm(),
         filter_config: filter_config.clone(),
         access_log: Some(dir.join("access.log")),
+        usage_log: None,
         vm_id: "apim-edge".into(),
         config_server: None,
         counters: None,
