@@ -395,6 +395,15 @@ impl Compiler<'_> {
         out: &mut Vec<Node>,
     ) {
         for el in children {
+            if section != INBOUND && section != BACKEND && mentions(el, "UtcNow") {
+                // The proxy's response and log callbacks are not given the call's time.
+                let why = format!(
+                    "DateTime.UtcNow in the {} section is not supported at the edge ({})",
+                    SECTIONS[section], scope.label
+                );
+                self.fault(scope, el, Fault::Unsupported(el.pos, why));
+                continue;
+            }
             if ONCE_PER_DOCUMENT.contains(&el.name.as_str()) {
                 if let Some(first) = once.iter().find(|(n, _)| *n == el.name) {
                     let (line, column) = (first.1.line, first.1.column);
@@ -840,6 +849,13 @@ impl Compiler<'_> {
         self.steps.push(step);
         Ok(Some(Node::Step(self.steps.len() as u32 - 1)))
     }
+}
+
+/// Does the element's text, an attribute of it, or anything inside it hold `word`?
+fn mentions(el: &Element, word: &str) -> bool {
+    el.text.contains(word)
+        || el.attrs.iter().any(|(_, v)| v.contains(word))
+        || el.children.iter().any(|c| mentions(c, word))
 }
 
 /// Can this element deny a call, limit it or authenticate it? Such an element is never skipped

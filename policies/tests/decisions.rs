@@ -676,3 +676,33 @@ fn emit_metric_adds_its_value_to_a_counter_whatever_the_outcome() {
         assert!(e.to_string().contains(message), "{e}");
     }
 }
+
+/// `DateTime.UtcNow` is the time the proxy decides the call at; after the inbound phase the
+/// proxy gives no time, so there it is refused at load (a variable set in inbound carries it).
+#[test]
+fn utc_now_is_the_decision_time_and_refused_after_inbound() {
+    let c = catalog(
+        r#"<policies><inbound><set-header name="x-at"><value>@(DateTime.UtcNow.ToString("s"))</value></set-header></inbound></policies>"#,
+        "<policies />",
+    );
+    let h = headers(&[("Ocp-Apim-Subscription-Key", "k")]);
+    // 2026-01-05T10:07:09Z.
+    let d = c
+        .decide(&request(&h, ""), 1_767_607_629_000, &MemoryStore::new())
+        .unwrap();
+    assert_eq!(
+        d.upstream.to_vec(),
+        vec![HeaderEdit::Set("x-at".into(), "2026-01-05T10:07:09".into())]
+    );
+    let doc = serde_json::json!({
+        "apis": [{"name": "orders", "path": "orders"}],
+        "products": [{"name": "p", "apis": ["orders"], "policy":
+            r#"<policies><outbound><choose><when condition="@(DateTime.UtcNow.Hour > 12)"><set-header name="x"><value>pm</value></set-header></when></choose></outbound></policies>"#}],
+    });
+    let e = Catalog::load(&doc, LoadOptions::default()).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("DateTime.UtcNow in the outbound section is not supported at the edge"),
+        "{e}"
+    );
+}

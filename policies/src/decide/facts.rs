@@ -16,6 +16,8 @@ pub(crate) struct CallFacts<'c, 'r> {
     /// The path and query as the call came.
     pub(crate) original: (&'r str, &'r str),
     pub(crate) status: Option<u16>,
+    /// The call's time, where the proxy gave it (`DateTime.UtcNow`).
+    pub(crate) now: Option<Millis>,
     /// The call's variables as `set-variable` has left them so far.
     pub(crate) variables: &'r [(String, Value)],
 }
@@ -27,6 +29,7 @@ impl<'c, 'r> CallFacts<'c, 'r> {
         id: Identity,
         request: Request<'r>,
         original: (&'r str, &'r str),
+        now: Millis,
         variables: &'r [(String, Value)],
     ) -> Self {
         CallFacts {
@@ -35,6 +38,7 @@ impl<'c, 'r> CallFacts<'c, 'r> {
             request,
             original,
             status: None,
+            now: Some(now),
             variables,
         }
     }
@@ -112,6 +116,9 @@ impl Facts for CallFacts<'_, '_> {
     }
     fn query(&self, name: &str) -> Option<String> {
         query_param(self.request.query, name)
+    }
+    fn now(&self) -> Option<i64> {
+        self.now
     }
     fn variable(&self, name: &str) -> Option<&Value> {
         self.variables

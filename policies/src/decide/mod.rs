@@ -555,8 +555,16 @@ impl Catalog {
                 ..original
             };
             let req = &now;
-            let facts =
-                || CallFacts::inbound(self, call.id, *req, (original.path, original.query), vars);
+            let facts = || {
+                CallFacts::inbound(
+                    self,
+                    call.id,
+                    *req,
+                    (original.path, original.query),
+                    run.now,
+                    vars,
+                )
+            };
             let mut changed: Option<RequestLine> = None;
             let denial = match step {
                 Step::RateLimit(l) | Step::Quota(l) => {
@@ -818,6 +826,7 @@ impl Catalog {
                 request,
                 original,
                 status: Some(status),
+                now: None,
                 variables: &variables,
             };
             match step {
@@ -905,6 +914,7 @@ impl Catalog {
             request,
             original,
             status: Some(done.status),
+            now: Some(now),
             variables: call.variables(),
         };
         let bytes = done.request_bytes.saturating_add(done.response_bytes);

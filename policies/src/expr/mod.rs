@@ -109,6 +109,8 @@ pub(crate) enum Ty {
     Null,
     /// What `context.Variables["name"]` gives: any value, to be cast before most uses.
     Object,
+    /// `DateTime.UtcNow` and what is computed from it.
+    DateTime,
 }
 
 impl fmt::Display for Ty {
@@ -119,6 +121,7 @@ impl fmt::Display for Ty {
             Ty::Bool => "bool",
             Ty::Null => "null",
             Ty::Object => "object",
+            Ty::DateTime => "DateTime",
         })
     }
 }
@@ -210,6 +213,44 @@ pub(crate) enum Expr {
     ParseInt(Box<Expr>),
     /// `string.IsNullOrEmpty(text)`.
     IsNullOrEmpty(Box<Expr>),
+    /// `DateTime.UtcNow`: the call's time.
+    UtcNow,
+    /// A method or property of a DateTime.
+    Date(DateFn, Box<Expr>),
+}
+
+/// What the subset does with a DateTime.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum DateFn {
+    /// `AddDays(n)`, `AddHours(n)`, ...: the argument and the milliseconds of its unit.
+    Add(Box<Expr>, i64),
+    /// `Year`, `Month`, `Day`, `Hour`, `Minute`, `Second`.
+    Part(DatePart),
+    /// `ToString(format)` with a standard format: `o`, `s`, `u`, `R`.
+    Format(DateFormat),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DatePart {
+    Year,
+    Month,
+    Day,
+    Hour,
+    Minute,
+    Second,
+}
+
+/// .NET's standard DateTime formats the subset writes (culture-invariant ones only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DateFormat {
+    /// `o`: round-trip, `2026-01-05T10:00:00.0000000Z`.
+    RoundTrip,
+    /// `s`: sortable, `2026-01-05T10:00:00`.
+    Sortable,
+    /// `u`: universal sortable, `2026-01-05 10:00:00Z`.
+    Universal,
+    /// `R`: RFC 1123, `Mon, 05 Jan 2026 10:00:00 GMT`.
+    Rfc1123,
 }
 
 /// A piece of a `string.Format` format: literal text or the index of an argument.
@@ -226,6 +267,8 @@ pub(crate) enum Value {
     Int(i64),
     Bool(bool),
     Null,
+    /// An instant, in milliseconds since the Unix epoch (UTC).
+    DateTime(i64),
 }
 
 impl Value {
@@ -249,6 +292,7 @@ impl Value {
             Value::Int(_) => Ty::Int,
             Value::Bool(_) => Ty::Bool,
             Value::Null => Ty::Null,
+            Value::DateTime(_) => Ty::DateTime,
         }
     }
 }
@@ -261,6 +305,8 @@ impl fmt::Display for Value {
             // C#'s bool.ToString().
             Value::Bool(b) => f.write_str(if *b { "True" } else { "False" }),
             Value::Null => Ok(()),
+            // Never reached from a policy: a DateTime is written only through a format.
+            Value::DateTime(ms) => f.write_str(&format_date(*ms, DateFormat::RoundTrip)),
         }
     }
 }
@@ -277,6 +323,10 @@ pub(crate) trait Facts {
     fn query(&self, name: &str) -> Option<String>;
     /// A variable set by `set-variable` earlier in the call.
     fn variable(&self, name: &str) -> Option<&Value>;
+    /// The call's time (`DateTime.UtcNow`).
+    fn now(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Evaluation failed as APIM's would throw: what was null, or what went wrong.
@@ -327,6 +377,30 @@ impl Expr {
             }
             Expr::Member(m) => Value::Str(facts.member(*m).ok_or(EvalError::Null(m.owner()))?),
             // Any non-null value stands for the response object; only `== null` reads it.
+            Expr::UtcNow => Value::DateTime(facts.now().ok_or(EvalError::Throw(
+                "DateTime.UtcNow: the time is not known here",
+            ))?),
+            Expr::Date(f, on) => {
+                let Value::DateTime(ms) = on.eval(facts)? else {
+                    return Err(EvalError::Throw("a DateTime method of another value"));
+                };
+                match f {
+                    DateFn::Add(n, unit) => match n.eval(facts)? {
+                        Value::Int(n) => Value::DateTime(
+                            n.checked_mul(*unit)
+                                .and_then(|d| ms.checked_add(d))
+                                .ok_or(EvalError::Throw("a DateTime out of range"))?,
+                        ),
+                        _ => {
+                            return Err(EvalError::Throw(
+                                "a DateTime added a value that is not a number",
+                            ))
+                        }
+                    },
+                    DateFn::Part(p) => Value::Int(date_part(ms, *p)),
+                    DateFn::Format(f) => Value::Str(format_date(ms, *f)),
+                }
+            }
             Expr::Response => match facts.status() {
                 Some(s) => Value::Int(s as i64),
                 None => Value::Null,
@@ -449,7 +523,10 @@ impl Expr {
             | Expr::Response
             | Expr::HasHeader(_)
             | Expr::Variable(_)
-            | Expr::HasVariable(_) => false,
+            | Expr::HasVariable(_)
+            | Expr::UtcNow => false,
+            Expr::Date(DateFn::Add(n, _), on) => n.any(p) || on.any(p),
+            Expr::Date(_, on) => on.any(p),
             Expr::VariableOr(_, _, d) | Expr::Header(_, d) | Expr::Query(_, d) => d.any(p),
             Expr::Cast(_, e)
             | Expr::Not(e)
@@ -460,6 +537,50 @@ impl Expr {
             Expr::Cond(c, a, b) => c.any(p) || a.any(p) || b.any(p),
             Expr::Call(_, r, args) => r.any(p) || args.iter().any(|a| a.any(p)),
             Expr::Format(_, args) => args.iter().any(|a| a.any(p)),
+        }
+    }
+}
+
+/// The civil date and time of an instant (UTC).
+fn civil(ms: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+fn date_part(ms: i64, p: DatePart) -> i64 {
+    let t = civil(ms);
+    i64::from(match p {
+        DatePart::Year => t.year(),
+        DatePart::Month => i32::from(u8::from(t.month())),
+        DatePart::Day => i32::from(t.day()),
+        DatePart::Hour => i32::from(t.hour()),
+        DatePart::Minute => i32::from(t.minute()),
+        DatePart::Second => i32::from(t.second()),
+    })
+}
+
+/// An instant in one of .NET's standard formats, as `DateTime.UtcNow.ToString(f)` writes it.
+pub(crate) fn format_date(ms: i64, f: DateFormat) -> String {
+    let t = civil(ms);
+    let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
+    let (h, mi, s) = (t.hour(), t.minute(), t.second());
+    match f {
+        DateFormat::RoundTrip => format!(
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:07}Z",
+            t.nanosecond() / 100
+        ),
+        DateFormat::Sortable => format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}"),
+        DateFormat::Universal => format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}Z"),
+        DateFormat::Rfc1123 => {
+            const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+            const MONTHS: [&str; 12] = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            format!(
+                "{}, {d:02} {} {y:04} {h:02}:{mi:02}:{s:02} GMT",
+                DAYS[usize::from(t.weekday().number_days_from_monday())],
+                MONTHS[usize::from(mo - 1)]
+            )
         }
     }
 }
@@ -511,6 +632,13 @@ fn binary(op: BinOp, l: &Expr, r: &Expr, facts: &dyn Facts) -> Result<Value, Eva
                 _ => Value::Bool(x >= y),
             }
         }
+        (_, Value::DateTime(x), Value::DateTime(y)) => match op {
+            BinOp::Lt => Value::Bool(x < y),
+            BinOp::Le => Value::Bool(x <= y),
+            BinOp::Gt => Value::Bool(x > y),
+            BinOp::Ge => Value::Bool(x >= y),
+            _ => return Err(EvalError::Throw("arithmetic on a DateTime")),
+        },
         (BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem, _, _) => {
             return Err(EvalError::Throw(
                 "arithmetic on a value that is not a number",

@@ -371,6 +371,9 @@ impl Parser {
     fn member_of(&mut self, recv: Typed, name: &str) -> Result<Typed, String> {
         let (r, rt) = recv;
         self.operator()?;
+        if rt == Ty::DateTime {
+            return self.date_member(r, name);
+        }
         if name == "Length" {
             if !stringy(rt) {
                 return Err(format!("'Length' of {rt} is not supported"));
@@ -450,6 +453,68 @@ impl Parser {
             Expr::Call(f, Box::new(r), args.into_iter().map(|a| a.0).collect()),
             ty,
         ))
+    }
+
+    /// A property or method of a DateTime: its parts, `Add*` of whole units, `ToString` with a
+    /// culture-invariant standard format.
+    fn date_member(&mut self, on: Expr, name: &str) -> Result<Typed, String> {
+        use super::{DateFn, DateFormat, DatePart};
+        let part = match name {
+            "Year" => Some(DatePart::Year),
+            "Month" => Some(DatePart::Month),
+            "Day" => Some(DatePart::Day),
+            "Hour" => Some(DatePart::Hour),
+            "Minute" => Some(DatePart::Minute),
+            "Second" => Some(DatePart::Second),
+            _ => None,
+        };
+        if let Some(part) = part {
+            return Ok((Expr::Date(DateFn::Part(part), Box::new(on)), Ty::Int));
+        }
+        let unit = match name {
+            "AddDays" => Some(86_400_000),
+            "AddHours" => Some(3_600_000),
+            "AddMinutes" => Some(60_000),
+            "AddSeconds" => Some(1_000),
+            "AddMilliseconds" => Some(1),
+            _ => None,
+        };
+        if !self.eat("(") {
+            return Err(format!("'DateTime.{name}' is not supported at the edge"));
+        }
+        if let Some(unit) = unit {
+            let (n, nt) = self.nested(Self::expr)?;
+            self.expect(")")?;
+            if nt != Ty::Int {
+                return Err(format!("'{name}' takes a whole number here, not {nt}"));
+            }
+            return Ok((
+                Expr::Date(DateFn::Add(Box::new(n), unit), Box::new(on)),
+                Ty::DateTime,
+            ));
+        }
+        if name != "ToString" {
+            return Err(format!(
+                "'DateTime.{name}(...)' is not supported at the edge"
+            ));
+        }
+        if self.eat(")") {
+            return Err("DateTime.ToString() depends on the culture: give a format, \"o\", \"s\", \"u\" or \"R\"".into());
+        }
+        let format = self.string_literal()?;
+        self.expect(")")?;
+        let f = match format.as_str() {
+            "o" | "O" => DateFormat::RoundTrip,
+            "s" => DateFormat::Sortable,
+            "u" => DateFormat::Universal,
+            "R" | "r" => DateFormat::Rfc1123,
+            other => {
+                return Err(format!(
+                    "DateTime format \"{other}\" is not supported at the edge: \"o\", \"s\", \"u\" or \"R\""
+                ))
+            }
+        };
+        Ok((Expr::Date(DateFn::Format(f), Box::new(on)), Ty::Str))
     }
 
     fn postfix(&mut self, mut e: Typed) -> Result<Typed, String> {
@@ -645,6 +710,9 @@ impl Parser {
                     if path == "string.Empty" || path == "String.Empty" {
                         return Ok((Expr::Str(String::new()), Ty::Str));
                     }
+                    if path == "DateTime.UtcNow" || path == "System.DateTime.UtcNow" {
+                        return Ok((Expr::UtcNow, Ty::DateTime));
+                    }
                     if let Some(call) = self.function(&path)? {
                         return Ok(call);
                     }
@@ -731,12 +799,19 @@ fn format_pieces(format: &str, args: usize) -> Result<Vec<FormatPiece>, String> 
 fn typed(op: BinOp, (l, lt): Typed, (r, rt): Typed) -> Result<Typed, String> {
     use Ty::*;
     let text_like = |t: Ty| matches!(t, Str | Null | Object);
+    if op == BinOp::Add && (lt == DateTime || rt == DateTime) {
+        return Err("a DateTime is written only through a format: .ToString(\"o\"), (\"s\"), (\"u\") or (\"R\")".into());
+    }
     let ty = match op {
         BinOp::Add if lt == Int && rt == Int => Int,
         BinOp::Add if text_like(lt) || text_like(rt) => Str,
         BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem if lt == Int && rt == Int => Int,
         BinOp::Eq | BinOp::Ne if lt == rt || (text_like(lt) && text_like(rt)) => Bool,
-        BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge if lt == Int && rt == Int => Bool,
+        BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+            if (lt == Int && rt == Int) || (lt == DateTime && rt == DateTime) =>
+        {
+            Bool
+        }
         BinOp::And | BinOp::Or if lt == Bool && rt == Bool => Bool,
         BinOp::Coalesce if stringy(lt) && stringy(rt) => Str,
         BinOp::Coalesce if lt == Object => Object,
@@ -786,6 +861,12 @@ pub(crate) fn compile(text: &str) -> Result<(Expr, Ty), String> {
     }
     if p.i != p.toks.len() {
         return Err("unexpected text after the expression".into());
+    }
+    if e.1 == Ty::DateTime {
+        return Err(
+            "a DateTime is written only through a format: .ToString(\"o\"), (\"s\"), (\"u\") or (\"R\")"
+                .into(),
+        );
     }
     Ok(e)
 }

@@ -41,6 +41,10 @@ impl Facts for F {
     fn variable(&self, name: &str) -> Option<&Value> {
         variables().iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
+    /// 2026-01-05T10:07:09.250Z, a Monday.
+    fn now(&self) -> Option<i64> {
+        Some(1_767_607_629_250)
+    }
 }
 
 fn eval(src: &str) -> Value {
@@ -102,7 +106,8 @@ fn outside_the_subset_is_refused() {
         ("@(true ? 1 : \"a\")", "branches of '?:'"),
         ("@(1 ?? 2)", "does not apply"),
         ("@(context.Variables[\"limit\"] < 3)", "does not apply"),
-        ("@(DateTime.UtcNow)", "'DateTime.UtcNow'"),
+        // Local time depends on the machine's zone: only UtcNow is given.
+        ("@(DateTime.Now)", "'DateTime.Now'"),
         ("@(context.User.Email)", "'context.User.Email'"),
         ("@(1 < \"a\")", "does not apply"),
         ("@{ var x = 1; return x; }", "single 'return"),
@@ -340,5 +345,71 @@ proptest! {
         let (e, t) = compile(&format!("@({src})")).unwrap();
         prop_assert_eq!(t, Ty::Int);
         let _ = e.eval(&F);
+    }
+}
+
+/// `DateTime.UtcNow` (SPEC §3a): the call's time in .NET's culture-invariant standard formats
+/// (`o`, `s`, `u`, `R`), its parts, `Add*` of whole units, and comparisons; a DateTime is
+/// never written without a format, since `ToString()` and `+` depend on the culture.
+#[test]
+fn utc_now_is_the_calls_time_in_dotnet_standard_formats() {
+    let text = |src: &str| match eval(src) {
+        Value::Str(s) => s,
+        other => panic!("{src}: {other:?}"),
+    };
+    assert_eq!(
+        text(r#"@(DateTime.UtcNow.ToString("o"))"#),
+        "2026-01-05T10:07:09.2500000Z"
+    );
+    assert_eq!(
+        text(r#"@(DateTime.UtcNow.ToString("s"))"#),
+        "2026-01-05T10:07:09"
+    );
+    assert_eq!(
+        text(r#"@(DateTime.UtcNow.ToString("u"))"#),
+        "2026-01-05 10:07:09Z"
+    );
+    assert_eq!(
+        text(r#"@(DateTime.UtcNow.ToString("R"))"#),
+        "Mon, 05 Jan 2026 10:07:09 GMT"
+    );
+    assert_eq!(
+        text(r#"@(DateTime.UtcNow.AddDays(-5).AddHours(1).ToString("r"))"#),
+        "Wed, 31 Dec 2025 11:07:09 GMT"
+    );
+    assert_eq!(eval("@(DateTime.UtcNow.Year)"), Value::Int(2026));
+    assert_eq!(
+        eval("@(DateTime.UtcNow.Hour * 60 + DateTime.UtcNow.Minute)"),
+        Value::Int(607)
+    );
+    assert_eq!(
+        eval("@(DateTime.UtcNow.AddSeconds(1) > DateTime.UtcNow)"),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        eval("@(DateTime.UtcNow == DateTime.UtcNow.AddMilliseconds(0))"),
+        Value::Bool(true)
+    );
+    for (src, why) in [
+        (
+            "@(DateTime.UtcNow)",
+            "a DateTime is written only through a format",
+        ),
+        ("@(DateTime.UtcNow.ToString())", "depends on the culture"),
+        (
+            r#"@("at " + DateTime.UtcNow)"#,
+            "a DateTime is written only through a format",
+        ),
+        (
+            r#"@(DateTime.UtcNow.ToString("yyyy"))"#,
+            "DateTime format \"yyyy\" is not supported",
+        ),
+        (
+            "@(DateTime.UtcNow.Ticks)",
+            "'DateTime.Ticks' is not supported",
+        ),
+    ] {
+        let e = compile(src).unwrap_err();
+        assert!(e.contains(why), "{src}: {e}");
     }
 }
