@@ -793,3 +793,84 @@ fn replay_writes_a_usage_record_per_call() {
     let body = "{\"statusCode\": 401, \"message\": \"Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.\"}";
     assert_eq!(denied["responseBytes"], body.len());
 }
+
+/// Keys never leak from the command line (issue #22): `check` of a catalog with plain keys,
+/// and `replay` (natively and in the wasmtime host with the filter's log at trace level, as
+/// JSON and as a table, with usage records) of calls with right and wrong keys in the header
+/// and the query: no key text in any output or error.
+#[test]
+fn keys_reach_no_output_of_check_or_replay() {
+    let secrets = ["gold-primary", "leaky-wrong-key-1", "leaky-wrong-key-2"];
+    let trace = scratch("leaky-trace.jsonl");
+    std::fs::write(
+        &trace,
+        [
+            format!(r#"{{"t": 0, "method": "GET", "url": "https://api.contoso.com/echo/items/1", "headers": {{"Ocp-Apim-Subscription-Key": "{}"}}}}"#, secrets[0]),
+            format!(r#"{{"t": 1, "method": "GET", "url": "https://api.contoso.com/echo/items/1", "headers": {{"Ocp-Apim-Subscription-Key": "{}"}}}}"#, secrets[1]),
+            format!(r#"{{"t": 2, "method": "GET", "url": "https://api.contoso.com/echo/items/1?subscription-key={}"}}"#, secrets[2]),
+            format!(r#"{{"t": 3, "method": "GET", "url": "https://api.contoso.com/echo/items/1?subscription-key={}"}}"#, secrets[0]),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let usage = scratch("leaky-usage.jsonl");
+    let filter = apim_edge_harness::build::filter_wasm();
+    let (trace, usage, filter) = (
+        trace.to_str().unwrap(),
+        usage.to_str().unwrap(),
+        filter.to_str().unwrap(),
+    );
+    let sample = sample();
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["check", &sample],
+        vec![
+            "replay",
+            "--snapshot",
+            &sample,
+            "--trace",
+            trace,
+            "--usage-out",
+            usage,
+        ],
+        vec![
+            "replay",
+            "--snapshot",
+            &sample,
+            "--trace",
+            trace,
+            "--format",
+            "table",
+        ],
+        vec![
+            "replay",
+            "--snapshot",
+            &sample,
+            "--trace",
+            trace,
+            "--wasm",
+            filter,
+            "--log-level",
+            "trace",
+            "--diff",
+        ],
+    ];
+    for args in runs {
+        let out = apim_edge(&args);
+        let text = format!(
+            "{}{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(usage).unwrap_or_default()
+        );
+        assert!(
+            out.status.code().is_some_and(|c| c <= 1),
+            "{args:?}: {text}"
+        );
+        for secret in secrets {
+            assert!(
+                !text.contains(secret),
+                "{args:?} shows a key ({secret}):\n{text}"
+            );
+        }
+    }
+}

@@ -2,8 +2,8 @@
 
 use apim_edge_e2e::start_envoy_lds;
 use apim_edge_e2e::{
-    request, request_raw, root, send_entry, start_envoy, start_envoy_with, start_upstream,
-    ConfigServer, Response,
+    request, request_raw, root, send_entry, start_envoy, start_envoy_logging, start_envoy_with,
+    start_upstream, ConfigServer, Response,
 };
 use apim_edge_harness::trace::{self, Entry};
 use serde_json::{json, Value};
@@ -1085,4 +1085,85 @@ fn an_outbound_return_response_replaces_the_upstream_response() {
         "{}",
         envoy.log_text()
     );
+}
+
+/// Keys never leak (issue #22): with Envoy's wasm component logging at trace level (and the
+/// filter's own log with it), an access log and usage records of every call, right and wrong
+/// keys in the header, the query and both reach neither Envoy's log, nor the access log, nor
+/// the usage records, nor the admin stats.
+#[test]
+fn keys_reach_no_log_record_or_stat_even_at_trace_level() {
+    let upstream = start_upstream();
+    let envoy =
+        start_envoy_logging(&upstream, &json!({"snapshot": sample()}), "wasm:trace").unwrap();
+    let host = ("host".to_string(), "api.contoso.com".to_string());
+    let key = |k: &str| ("Ocp-Apim-Subscription-Key".to_string(), k.to_string());
+    let secrets = [
+        "gold-primary",
+        "leaky-wrong-key-1",
+        "leaky-wrong-key-2",
+        "leaky-wrong-key-3",
+    ];
+    let calls: Vec<(String, Vec<(String, String)>, u16)> = vec![
+        (
+            "/echo/items/1".into(),
+            vec![key(secrets[0]), host.clone()],
+            200,
+        ),
+        (
+            "/echo/items/1".into(),
+            vec![key(secrets[1]), host.clone()],
+            401,
+        ),
+        (
+            format!("/echo/items/1?subscription-key={}", secrets[0]),
+            vec![host.clone()],
+            200,
+        ),
+        (
+            format!("/echo/items/1?subscription-key={}", secrets[2]),
+            vec![host.clone()],
+            401,
+        ),
+        (
+            format!("/echo/items/1?subscription-key={}", secrets[0]),
+            vec![key(secrets[3]), host.clone()],
+            401,
+        ),
+    ];
+    for (path, headers, status) in &calls {
+        let r = request(envoy.port, "GET", path, headers);
+        assert_eq!(r.status, *status, "{path}: {}", r.body);
+    }
+    // Every call is in the records before anything is read.
+    let mut usage = String::new();
+    for _ in 0..50 {
+        usage = std::fs::read_to_string(&envoy.usage_log).unwrap_or_default();
+        if usage.lines().count() >= calls.len() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(usage.lines().count(), calls.len(), "{usage}");
+    let log = envoy.log_text();
+    // The trace level is on: the filter's own log lines are there.
+    assert!(log.contains("wasm log"), "{log}");
+    let places = [
+        ("Envoy's log", log),
+        ("the access log", envoy.access_log_text()),
+        ("the usage records", usage),
+        ("/stats", request(envoy.admin, "GET", "/stats", &[]).body),
+        (
+            "/stats/prometheus",
+            request(envoy.admin, "GET", "/stats/prometheus", &[]).body,
+        ),
+    ];
+    for (place, text) in &places {
+        for secret in secrets {
+            assert!(
+                !text.contains(secret),
+                "{place} carries a key ({secret}):\n{text}"
+            );
+        }
+    }
 }

@@ -296,7 +296,35 @@ pub fn start_envoy_in_fleet(
     }
     .to_json();
     std::fs::write(&config, boot.to_string()).unwrap();
-    launch(&config, &dir, port, admin, concurrency)
+    launch(&config, &dir, port, admin, concurrency, "")
+}
+
+/// [`start_envoy`] with Envoy's components logging at these levels
+/// (`--component-log-level`, as `wasm:trace,http:debug`).
+pub fn start_envoy_logging(
+    upstream: &Upstream,
+    filter_config: &Value,
+    levels: &str,
+) -> Result<Envoy, String> {
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("envoy.json");
+    let boot = Bootstrap {
+        listen: port,
+        admin,
+        upstream: ("127.0.0.1".into(), upstream.port),
+        wasm: filter_wasm(),
+        filter_config: filter_config.clone(),
+        access_log: Some(dir.join("access.log")),
+        usage_log: Some(dir.join("usage.log")),
+        vm_id: "apim-edge".into(),
+        config_server: None,
+        counters: None,
+    }
+    .to_json();
+    std::fs::write(&config, boot.to_string()).unwrap();
+    launch(&config, &dir, port, admin, 4, levels)
 }
 
 /// Starts Envoy (`concurrency` workers) with a bootstrap written elsewhere, listening on
@@ -311,7 +339,7 @@ pub fn start_envoy_bootstrap(
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("envoy.json");
     std::fs::write(&config, bootstrap.to_string()).unwrap();
-    launch(&config, &dir, port, admin, concurrency)
+    launch(&config, &dir, port, admin, concurrency, "")
 }
 
 /// Starts Envoy with a bootstrap and waits until it is ready on `port`.
@@ -321,6 +349,7 @@ fn launch(
     port: u16,
     admin: u16,
     concurrency: usize,
+    component_levels: &str,
 ) -> Result<Envoy, String> {
     let access_log = dir.join("access.log");
     let log = dir.join("envoy.log");
@@ -330,6 +359,10 @@ fn launch(
         .arg(config)
         .args(["--concurrency", &concurrency.to_string()])
         .args(["--use-dynamic-base-id", "-l", "warning"])
+        .args(match component_levels {
+            "" => Vec::new(),
+            levels => vec!["--component-log-level", levels],
+        })
         // Access logs reach their file within 100 ms (Envoy's default is 10 s).
         .args(["--file-flush-interval-msec", "100"])
         .stdout(Stdio::from(out.try_clone().unwrap()))
@@ -530,7 +563,7 @@ pub fn start_envoy_lds(upstream: &Upstream, filter_config: &Value) -> Result<Lds
         "path_config_source": {"path": lds, "watched_directory": {"path": dir}}}});
     let config = dir.join("envoy.json");
     std::fs::write(&config, boot.to_string()).unwrap();
-    let envoy = launch(&config, &dir, port, admin, 4)?;
+    let envoy = launch(&config, &dir, port, admin, 4, "")?;
     Ok(LdsEnvoy {
         envoy,
         lds,
