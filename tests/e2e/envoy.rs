@@ -1104,7 +1104,8 @@ fn keys_reach_no_log_record_or_stat_even_at_trace_level() {
         "leaky-wrong-key-2",
         "leaky-wrong-key-3",
     ];
-    let calls: Vec<(String, Vec<(String, String)>, u16)> = vec![
+    type Call = (String, Vec<(String, String)>, u16);
+    let calls: Vec<Call> = vec![
         (
             "/echo/items/1".into(),
             vec![key(secrets[0]), host.clone()],

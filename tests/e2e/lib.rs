@@ -277,26 +277,13 @@ pub fn start_envoy_in_fleet(
     counters: Option<u16>,
     concurrency: usize,
 ) -> Result<Envoy, String> {
-    let (port, admin) = (free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("envoy.json");
-    let access_log = dir.join("access.log");
-    let boot = Bootstrap {
-        listen: port,
-        admin,
-        upstream: ("127.0.0.1".into(), upstream.port),
-        wasm: filter_wasm(),
-        filter_config: filter_config.clone(),
-        access_log: Some(access_log.clone()),
-        usage_log: Some(dir.join("usage.log")),
-        vm_id: "apim-edge".into(),
-        config_server: config_server.map(|c| ("127.0.0.1".to_string(), c.port)),
-        counters: counters.map(|p| ("127.0.0.1".to_string(), p)),
-    }
-    .to_json();
-    std::fs::write(&config, boot.to_string()).unwrap();
-    launch(&config, &dir, port, admin, concurrency, "")
+    let fleet = Fleet {
+        config_server,
+        counters,
+        concurrency,
+        levels: "",
+    };
+    start_envoy_as(upstream, filter_config, fleet)
 }
 
 /// [`start_envoy`] with Envoy's components logging at these levels
@@ -306,6 +293,25 @@ pub fn start_envoy_logging(
     filter_config: &Value,
     levels: &str,
 ) -> Result<Envoy, String> {
+    let fleet = Fleet {
+        config_server: None,
+        counters: None,
+        concurrency: 4,
+        levels,
+    };
+    start_envoy_as(upstream, filter_config, fleet)
+}
+
+/// What an Envoy of the tests has beside the filter and the upstream.
+struct Fleet<'a> {
+    config_server: Option<&'a ConfigServer>,
+    counters: Option<u16>,
+    concurrency: usize,
+    /// `--component-log-level`; empty: none.
+    levels: &'a str,
+}
+
+fn start_envoy_as(upstream: &Upstream, filter_config: &Value, f: Fleet) -> Result<Envoy, String> {
     let (port, admin) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("apim-edge-e2e-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -319,12 +325,12 @@ pub fn start_envoy_logging(
         access_log: Some(dir.join("access.log")),
         usage_log: Some(dir.join("usage.log")),
         vm_id: "apim-edge".into(),
-        config_server: None,
-        counters: None,
+        config_server: f.config_server.map(|c| ("127.0.0.1".to_string(), c.port)),
+        counters: f.counters.map(|p| ("127.0.0.1".to_string(), p)),
     }
     .to_json();
     std::fs::write(&config, boot.to_string()).unwrap();
-    launch(&config, &dir, port, admin, 4, levels)
+    launch(&config, &dir, port, admin, f.concurrency, f.levels)
 }
 
 /// Starts Envoy (`concurrency` workers) with a bootstrap written elsewhere, listening on
