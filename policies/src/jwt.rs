@@ -303,6 +303,22 @@ impl JwtCheck {
         else {
             return Err(Refusal::Invalid);
         };
+        // A token verified before had a header and a signature that decode: only its claims
+        // are read again.
+        let digest = crate::keys::key_digest(token);
+        if !self.verified.knows(&digest) {
+            self.signed(token, head, body, sig)?;
+            self.verified.remember(digest);
+        }
+        let claims: serde_json::Map<String, Json> =
+            serde_json::from_slice(&b64url(body).ok_or(Refusal::Invalid)?)
+                .map_err(|_| Refusal::Invalid)?;
+        self.claims_hold(&claims, now)
+    }
+
+    /// Is the token signed by one of the policy's keys (of its `alg`, and its `kid` if both
+    /// name one)?
+    fn signed(&self, token: &str, head: &str, body: &str, sig: &str) -> Result<(), Refusal> {
         let header: Json = serde_json::from_slice(&b64url(head).ok_or(Refusal::Invalid)?)
             .map_err(|_| Refusal::Invalid)?;
         let alg = header
@@ -312,25 +328,19 @@ impl JwtCheck {
         let kid = header.get("kid").and_then(Json::as_str);
         let signature = b64url(sig).ok_or(Refusal::Invalid)?;
         let message = &token.as_bytes()[..head.len() + 1 + body.len()];
-        let digest = crate::keys::key_digest(token);
-        if !self.verified.knows(&digest) {
-            let signed = self.keys.iter().any(|k| {
-                alg.starts_with(k.key.family())
-                    && match (kid, &k.kid) {
-                        (Some(want), Some(have)) => want == have,
-                        _ => true,
-                    }
-                    && k.key.verifies(alg, message, &signature)
-            });
-            if !signed {
-                return Err(Refusal::Invalid);
-            }
-            self.verified.remember(digest);
+        let signed = self.keys.iter().any(|k| {
+            alg.starts_with(k.key.family())
+                && match (kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                }
+                && k.key.verifies(alg, message, &signature)
+        });
+        if signed {
+            Ok(())
+        } else {
+            Err(Refusal::Invalid)
         }
-        let claims: serde_json::Map<String, Json> =
-            serde_json::from_slice(&b64url(body).ok_or(Refusal::Invalid)?)
-                .map_err(|_| Refusal::Invalid)?;
-        self.claims_hold(&claims, now)
     }
 
     fn claims_hold(
