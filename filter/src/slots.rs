@@ -64,13 +64,20 @@ fn slot_of(counter: &CounterName<'_>) -> u32 {
     (fnv1a(counter) % u64::from(SLOTS)) as u32
 }
 
-/// Creates every slot that does not exist yet. Called from `on_configure`, before the VM takes
-/// traffic; a slot that exists (another worker's, or from before a reload) is left as it is.
+/// The CAS a slot is created with: shared data creates a missing key whatever the CAS, and
+/// refuses this one on a key that exists (its CAS would have to be exactly this value). So a
+/// slot another worker created, and counted in, between our read and our write is left as it
+/// is; a write without a CAS would empty it and forget its counts.
+const CREATE_ONLY: u32 = u32::MAX;
+
+/// Creates every slot that does not exist yet. Called from `on_configure`; other workers may
+/// be creating slots and counting at the same time (they start and take traffic each at its
+/// own pace), so a slot that exists, or comes to exist meanwhile, is left as it is.
 pub fn create_slots(shared: &dyn SharedData) -> Result<u32, StoreError> {
     let mut created = 0;
     for slot in 0..SLOTS {
         let key = slot_key(slot);
-        if shared.get(&key)?.1.is_none() && shared.set(&key, &[], None)? {
+        if shared.get(&key)?.1.is_none() && shared.set(&key, &[], Some(CREATE_ONLY))? {
             created += 1;
         }
     }
@@ -240,6 +247,37 @@ mod tests {
 
     type R = Result<(), Box<dyn std::error::Error>>;
     use crate::testing::EnvoyLike;
+
+    /// Shared data as a worker saw it a moment ago: every slot still missing, while another
+    /// worker has since created it and counted in it.
+    struct SeenBefore<'a>(&'a dyn SharedData);
+
+    impl SharedData for SeenBefore<'_> {
+        fn get(&self, _: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            Ok((None, None))
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            self.0.set(key, value, cas)
+        }
+    }
+
+    /// A worker that creates slots while another has just created them and counted: the
+    /// counts stay (a regression: a 200-call quota once admitted 268 in the wasmtime host with
+    /// four parallel workers, one of them still starting).
+    #[test]
+    fn creating_slots_never_empties_one_another_worker_counts_in() -> R {
+        let shared = EnvoyLike::default();
+        create_slots(&shared)?;
+        let key = slot_key(7);
+        let (_, cas) = shared.get(&key)?;
+        assert!(shared.set(&key, b"counted", cas)?);
+        // Slots that really are missing are created all the same.
+        let fresh = EnvoyLike::default();
+        assert_eq!(create_slots(&SeenBefore(&fresh))?, SLOTS);
+        assert_eq!(create_slots(&SeenBefore(&shared))?, 0);
+        assert_eq!(shared.get(&key)?.0.as_deref(), Some(&b"counted"[..]));
+        Ok(())
+    }
 
     fn state(expiry: Millis, body: &[u8]) -> Vec<u8> {
         let mut s = expiry.to_le_bytes().to_vec();
