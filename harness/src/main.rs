@@ -144,6 +144,9 @@ enum Command {
         /// `json` (APIM's `{"value": [...], "count": N}`) or `csv`.
         #[arg(long, value_enum, default_value = "json")]
         format: UsageFormat,
+        /// A line that is not a usage record is an error (exit 2), not skipped.
+        #[arg(long)]
+        strict: bool,
     },
     /// Per-request latency (p50 ... max) and requests/s of the native engine and of the .wasm,
     /// one worker each, over a trace replayed in a loop; and their ratio.
@@ -648,6 +651,7 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
             to,
             interval,
             format,
+            strict,
         } => {
             use apim_edge_harness::usage;
             let window = usage::Window {
@@ -667,8 +671,12 @@ fn run(cli: Cli) -> Result<ExitCode, Unusable> {
                     .map_err(Unusable)?,
             };
             usage::check_window(&window).map_err(Unusable)?;
-            let all = usage::read_records(&records).map_err(Unusable)?;
-            let rows = usage::report(&all, by, &window).map_err(Unusable)?;
+            let mut aggregate = usage::Aggregate::new(by, window);
+            let skipped = usage::read_into(&records, &mut aggregate, strict).map_err(Unusable)?;
+            if skipped > 0 {
+                eprintln!("usage: {skipped} lines skipped (not usage records)");
+            }
+            let rows = aggregate.rows();
             match format {
                 UsageFormat::Json => {
                     let doc = usage::Report {

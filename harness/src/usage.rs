@@ -8,6 +8,7 @@ use crate::trace::Entry;
 use anyhow::{anyhow, bail, Context, Result};
 use apim_edge_policies::{parse_rfc3339, Millis};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// One call, as billing needs it. Identifiers are ARM names; `null` when none.
@@ -151,59 +152,121 @@ pub fn parse_interval(text: &str) -> Result<Millis> {
     Ok(ms)
 }
 
-/// APIM's relative resource ids.
-fn id(kind: &str, name: &Option<String>) -> Option<String> {
-    name.as_ref().map(|n| format!("/{kind}/{n}"))
+/// A record as read for a report: borrowed from its line where it can be.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordRef<'a> {
+    #[serde(borrow)]
+    time: Cow<'a, str>,
+    #[serde(borrow)]
+    api: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    operation: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    product: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    subscription: Option<Cow<'a, str>>,
+    status: u16,
+    request_bytes: u64,
+    response_bytes: u64,
 }
 
-/// Aggregates records into report rows by `by`, within `window`, ordered by name (and time).
-/// A record without the grouping identifier (a call that matched no API, or no subscription)
-/// is in no row of that report. An identifier every record of a row shares is given; one
-/// they differ in is `null`.
-pub fn report(records: &[UsageRecord], by: By, window: &Window) -> Result<Vec<ReportRow>> {
-    let mut rows: BTreeMap<(String, Millis), (ReportRow, Vec<&UsageRecord>)> = BTreeMap::new();
-    for (i, r) in records.iter().enumerate() {
-        let at = parse_rfc3339(&r.time)
-            .ok_or_else(|| anyhow!("record {}: time {:?} is not RFC 3339", i + 1, r.time))?;
-        if window.from.is_some_and(|f| at < f) || window.to.is_some_and(|t| at >= t) {
-            continue;
+/// One row being added up, with the identifiers its records share so far (`None` inside:
+/// they differ).
+struct Acc {
+    row: ReportRow,
+    ids: [Option<Option<String>>; 4],
+}
+
+/// Records added up into report rows as they are read: memory grows with the rows (groups
+/// and intervals), not with the records.
+pub struct Aggregate {
+    by: By,
+    window: Window,
+    rows: BTreeMap<(String, Millis), Acc>,
+}
+
+impl Aggregate {
+    pub fn new(by: By, window: Window) -> Self {
+        Aggregate {
+            by,
+            window,
+            rows: BTreeMap::new(),
         }
-        let key = match by {
-            By::Subscription => r.subscription.clone(),
-            By::Product => r.product.clone(),
-            By::Api => r.api.clone(),
+    }
+
+    /// Adds one record (a JSON line). A record without the grouping identifier (a call that
+    /// matched no API, or had no subscription) is in no row of that report.
+    pub fn add_line(&mut self, line: &str) -> Result<()> {
+        let r: RecordRef = serde_json::from_str(line).context("not a usage record")?;
+        let at =
+            parse_rfc3339(&r.time).ok_or_else(|| anyhow!("time {:?} is not RFC 3339", r.time))?;
+        let w = &self.window;
+        if w.from.is_some_and(|f| at < f) || w.to.is_some_and(|t| at >= t) {
+            return Ok(());
+        }
+        let key = match self.by {
+            By::Subscription => r.subscription.as_deref().map(str::to_string),
+            By::Product => r.product.as_deref().map(str::to_string),
+            By::Api => r.api.as_deref().map(str::to_string),
             By::Operation => match (&r.api, &r.operation) {
                 (Some(a), Some(o)) => Some(format!("{a}/{o}")),
                 _ => None,
             },
         };
-        let Some(name) = key else { continue };
-        let bucket = window
+        let Some(name) = key else { return Ok(()) };
+        let bucket = w
             .interval
             .as_ref()
             .map_or(0, |(_, ms)| at.div_euclid(*ms) * ms);
-        let entry = rows.entry((name.clone(), bucket)).or_insert_with(|| {
-            let row = ReportRow {
-                name: match by {
-                    By::Operation => r.operation.clone().unwrap_or_default(),
-                    _ => name.clone(),
-                },
-                timestamp: window.interval.as_ref().map(|_| rfc3339(bucket)),
-                interval: window.interval.as_ref().map(|(t, _)| t.clone()),
-                subscription_id: None,
-                product_id: None,
-                api_id: None,
-                operation_id: None,
-                call_count_success: 0,
-                call_count_blocked: 0,
-                call_count_failed: 0,
-                call_count_other: 0,
-                call_count_total: 0,
-                bandwidth: 0,
-            };
-            (row, Vec::new())
-        });
-        let row = &mut entry.0;
+        let ids = [
+            r.subscription
+                .as_deref()
+                .map(|s| format!("/subscriptions/{s}")),
+            r.product.as_deref().map(|p| format!("/products/{p}")),
+            r.api.as_deref().map(|a| format!("/apis/{a}")),
+            match (&r.api, &r.operation) {
+                (Some(a), Some(o)) => Some(format!("/apis/{a}/operations/{o}")),
+                _ => None,
+            },
+        ];
+        let by = self.by;
+        let acc = match self.rows.entry((name, bucket)) {
+            std::collections::btree_map::Entry::Occupied(e) => {
+                let acc = e.into_mut();
+                for (have, now) in acc.ids.iter_mut().zip(ids) {
+                    if have.as_ref().is_some_and(|h| *h != now) {
+                        *have = None;
+                    }
+                }
+                acc
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let name = match by {
+                    By::Operation => r.operation.as_deref().unwrap_or_default().to_string(),
+                    _ => e.key().0.clone(),
+                };
+                e.insert(Acc {
+                    row: ReportRow {
+                        name,
+                        timestamp: w.interval.as_ref().map(|_| rfc3339(bucket)),
+                        interval: w.interval.as_ref().map(|(t, _)| t.clone()),
+                        subscription_id: None,
+                        product_id: None,
+                        api_id: None,
+                        operation_id: None,
+                        call_count_success: 0,
+                        call_count_blocked: 0,
+                        call_count_failed: 0,
+                        call_count_other: 0,
+                        call_count_total: 0,
+                        bandwidth: 0,
+                    },
+                    ids: ids.map(Some),
+                })
+            }
+        };
+        let row = &mut acc.row;
         match r.status {
             200..=399 => row.call_count_success += 1,
             401 | 403 | 429 => row.call_count_blocked += 1,
@@ -215,49 +278,63 @@ pub fn report(records: &[UsageRecord], by: By, window: &Window) -> Result<Vec<Re
             .bandwidth
             .saturating_add(r.request_bytes)
             .saturating_add(r.response_bytes);
-        entry.1.push(r);
+        Ok(())
     }
-    Ok(rows
-        .into_values()
-        .map(|(mut row, members)| {
-            // The identifier all of the row's records share, or null.
-            let shared = |f: &dyn Fn(&UsageRecord) -> Option<String>| {
-                let first = f(members[0]);
-                members
-                    .iter()
-                    .all(|m| f(m) == first)
-                    .then_some(first)
-                    .flatten()
-            };
-            row.subscription_id = shared(&|r| id("subscriptions", &r.subscription));
-            row.product_id = shared(&|r| id("products", &r.product));
-            row.api_id = shared(&|r| id("apis", &r.api));
-            row.operation_id = shared(&|r| match (&r.api, &r.operation) {
-                (Some(a), Some(o)) => Some(format!("/apis/{a}/operations/{o}")),
-                _ => None,
-            });
-            row
-        })
-        .collect())
+
+    /// The rows, ordered by name (and time). An identifier every record of a row shares is
+    /// given; one they differ in is `null`.
+    pub fn rows(self) -> Vec<ReportRow> {
+        self.rows
+            .into_values()
+            .map(|acc| {
+                let [s, p, a, o] = acc.ids.map(Option::flatten);
+                ReportRow {
+                    subscription_id: s,
+                    product_id: p,
+                    api_id: a,
+                    operation_id: o,
+                    ..acc.row
+                }
+            })
+            .collect()
+    }
 }
 
-/// Reads records from JSON Lines files, naming the file and line of a bad one.
-pub fn read_records(paths: &[std::path::PathBuf]) -> Result<Vec<UsageRecord>> {
-    let mut out = Vec::new();
+/// Reads JSON Lines files of records into `into`, a line at a time. A line that is not a
+/// record is skipped and named on standard error, or with `strict` is an error naming the file
+/// and line. Returns how many were skipped.
+pub fn read_into(paths: &[std::path::PathBuf], into: &mut Aggregate, strict: bool) -> Result<u64> {
+    use std::io::BufRead;
+    let mut skipped = 0;
     for path in paths {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        for (i, line) in text.lines().enumerate() {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut line = String::new();
+        let mut number = 0u64;
+        loop {
+            line.clear();
+            let read = reader
+                .read_line(&mut line)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            number += 1;
             if line.trim().is_empty() {
                 continue;
             }
-            let r: UsageRecord = serde_json::from_str(line).with_context(|| {
-                format!("{} line {}: not a usage record", path.display(), i + 1)
-            })?;
-            out.push(r);
+            if let Err(e) = into.add_line(&line) {
+                let at = format!("{} line {number}", path.display());
+                if strict {
+                    return Err(e.context(at));
+                }
+                skipped += 1;
+                eprintln!("skipped {at}: {e:#}");
+            }
         }
     }
-    Ok(out)
+    Ok(skipped)
 }
 
 /// Rows as CSV, with a header line (fields with commas or quotes quoted).

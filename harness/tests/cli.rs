@@ -716,6 +716,27 @@ fn usage_reports_count_calls_as_apim_reports_do() {
             && rows[1].ends_with(",2,2,0,0,4,165"),
         "{csv}"
     );
+    // A line that is not a record is skipped, named on stderr, and counted.
+    let mixed = scratch("mixed-usage.jsonl");
+    std::fs::write(
+        &mixed,
+        format!("{}\n{{\"time\": 1}}\ntruncated {{\"ti\n", lines[0]),
+    )
+    .unwrap();
+    let out = apim_edge(&["usage", "--records", mixed.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("mixed-usage.jsonl line 2: not a usage record"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mixed-usage.jsonl line 3: not a usage record"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("usage: 2 lines skipped"), "{stderr}");
+    let kept: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(kept["value"][0]["callCountTotal"], 1, "{kept}");
     // Unusable input: exit 2, naming the fault.
     let bad = scratch("bad-usage.jsonl");
     std::fs::write(&bad, "{\"time\": 1}\n").unwrap();
@@ -725,7 +746,7 @@ fn usage_reports_count_calls_as_apim_reports_do() {
             "expected an ISO 8601 duration",
         ),
         (
-            vec!["usage", "--records", bad.to_str().unwrap()],
+            vec!["usage", "--records", bad.to_str().unwrap(), "--strict"],
             "line 1: not a usage record",
         ),
         (
