@@ -9,7 +9,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use apim_edge_policies::{parse_rfc3339, Millis};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 /// One call, as billing needs it. Identifiers are ARM names; `null` when none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,11 +170,32 @@ struct RecordRef<'a> {
     response_bytes: u64,
 }
 
-/// One row being added up, with the identifiers its records share so far (`None` inside:
-/// they differ).
+/// One row being added up, with the identifiers its records share so far (subscription,
+/// product, API, and API and operation; `None` inside: they differ).
 struct Acc {
     row: ReportRow,
     ids: [Option<Option<String>>; 4],
+}
+
+/// A row's key looked up without building it: the grouping name (the API for `--by
+/// operation`, with the operation beside it) and the interval's start. It hashes as the owned
+/// key does (the same field types, borrowed).
+#[derive(Hash)]
+struct KeyRef<'a>(&'a str, Option<&'a str>, Millis);
+
+/// A row's key: what [`KeyRef`] borrows.
+type RowKey = (String, Option<String>, Millis);
+
+impl hashbrown::Equivalent<RowKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &RowKey) -> bool {
+        self.2 == key.2 && self.0 == key.0 && self.1 == key.1.as_deref()
+    }
+}
+
+impl KeyRef<'_> {
+    fn owned(&self) -> RowKey {
+        (self.0.to_string(), self.1.map(str::to_string), self.2)
+    }
 }
 
 /// Records added up into report rows as they are read: memory grows with the rows (groups
@@ -183,7 +203,7 @@ struct Acc {
 pub struct Aggregate {
     by: By,
     window: Window,
-    rows: BTreeMap<(String, Millis), Acc>,
+    rows: hashbrown::HashMap<RowKey, Acc>,
 }
 
 impl Aggregate {
@@ -191,7 +211,7 @@ impl Aggregate {
         Aggregate {
             by,
             window,
-            rows: BTreeMap::new(),
+            rows: hashbrown::HashMap::new(),
         }
     }
 
@@ -205,65 +225,69 @@ impl Aggregate {
         if w.from.is_some_and(|f| at < f) || w.to.is_some_and(|t| at >= t) {
             return Ok(());
         }
-        let key = match self.by {
-            By::Subscription => r.subscription.as_deref().map(str::to_string),
-            By::Product => r.product.as_deref().map(str::to_string),
-            By::Api => r.api.as_deref().map(str::to_string),
-            By::Operation => match (&r.api, &r.operation) {
-                (Some(a), Some(o)) => Some(format!("{a}/{o}")),
-                _ => None,
-            },
-        };
-        let Some(name) = key else { return Ok(()) };
         let bucket = w
             .interval
             .as_ref()
             .map_or(0, |(_, ms)| at.div_euclid(*ms) * ms);
-        let ids = [
-            r.subscription
-                .as_deref()
-                .map(|s| format!("/subscriptions/{s}")),
-            r.product.as_deref().map(|p| format!("/products/{p}")),
-            r.api.as_deref().map(|a| format!("/apis/{a}")),
-            match (&r.api, &r.operation) {
-                (Some(a), Some(o)) => Some(format!("/apis/{a}/operations/{o}")),
-                _ => None,
-            },
+        let (api, operation) = (r.api.as_deref(), r.operation.as_deref());
+        let key = match self.by {
+            By::Subscription => r.subscription.as_deref().map(|s| KeyRef(s, None, bucket)),
+            By::Product => r.product.as_deref().map(|p| KeyRef(p, None, bucket)),
+            By::Api => api.map(|a| KeyRef(a, None, bucket)),
+            By::Operation => api.zip(operation).map(|(a, o)| KeyRef(a, Some(o), bucket)),
+        };
+        let Some(key) = key else { return Ok(()) };
+        let seen: [Option<(&str, Option<&str>)>; 4] = [
+            r.subscription.as_deref().map(|s| (s, None)),
+            r.product.as_deref().map(|p| (p, None)),
+            api.map(|a| (a, None)),
+            api.zip(operation).map(|(a, o)| (a, Some(o))),
         ];
         let by = self.by;
-        let acc = match self.rows.entry((name, bucket)) {
-            std::collections::btree_map::Entry::Occupied(e) => {
-                let acc = e.into_mut();
-                for (have, now) in acc.ids.iter_mut().zip(ids) {
-                    if have.as_ref().is_some_and(|h| *h != now) {
+        let acc = match self.rows.get_mut(&key) {
+            Some(acc) => {
+                for (have, now) in acc.ids.iter_mut().zip(seen) {
+                    let same = match (have.as_ref(), now) {
+                        (Some(None), None) => true,
+                        (Some(Some(h)), Some((a, None))) => h == a,
+                        (Some(Some(h)), Some((a, Some(o)))) => {
+                            h.strip_prefix(a).and_then(|x| x.strip_prefix('/')) == Some(o)
+                        }
+                        _ => false,
+                    };
+                    if !same {
                         *have = None;
                     }
                 }
                 acc
             }
-            std::collections::btree_map::Entry::Vacant(e) => {
+            None => {
                 let name = match by {
-                    By::Operation => r.operation.as_deref().unwrap_or_default().to_string(),
-                    _ => e.key().0.clone(),
+                    By::Operation => operation.unwrap_or_default().to_string(),
+                    _ => key.0.to_string(),
                 };
-                e.insert(Acc {
-                    row: ReportRow {
-                        name,
-                        timestamp: w.interval.as_ref().map(|_| rfc3339(bucket)),
-                        interval: w.interval.as_ref().map(|(t, _)| t.clone()),
-                        subscription_id: None,
-                        product_id: None,
-                        api_id: None,
-                        operation_id: None,
-                        call_count_success: 0,
-                        call_count_blocked: 0,
-                        call_count_failed: 0,
-                        call_count_other: 0,
-                        call_count_total: 0,
-                        bandwidth: 0,
-                    },
-                    ids: ids.map(Some),
-                })
+                let ids = seen.map(|id| {
+                    Some(id.map(|(a, o)| match o {
+                        None => a.to_string(),
+                        Some(o) => format!("{a}/{o}"),
+                    }))
+                });
+                let row = ReportRow {
+                    name,
+                    timestamp: w.interval.as_ref().map(|_| rfc3339(bucket)),
+                    interval: w.interval.as_ref().map(|(t, _)| t.clone()),
+                    subscription_id: None,
+                    product_id: None,
+                    api_id: None,
+                    operation_id: None,
+                    call_count_success: 0,
+                    call_count_blocked: 0,
+                    call_count_failed: 0,
+                    call_count_other: 0,
+                    call_count_total: 0,
+                    bandwidth: 0,
+                };
+                self.rows.entry(key.owned()).or_insert(Acc { row, ids })
             }
         };
         let row = &mut acc.row;
@@ -282,17 +306,22 @@ impl Aggregate {
     }
 
     /// The rows, ordered by name (and time). An identifier every record of a row shares is
-    /// given; one they differ in is `null`.
+    /// given (APIM's relative ids: `/subscriptions/NAME`, `/apis/API/operations/OP`); one
+    /// they differ in is `null`.
     pub fn rows(self) -> Vec<ReportRow> {
-        self.rows
-            .into_values()
-            .map(|acc| {
+        let mut rows: Vec<(RowKey, Acc)> = self.rows.into_iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.into_iter()
+            .map(|(_, acc)| {
                 let [s, p, a, o] = acc.ids.map(Option::flatten);
                 ReportRow {
-                    subscription_id: s,
-                    product_id: p,
-                    api_id: a,
-                    operation_id: o,
+                    subscription_id: s.map(|s| format!("/subscriptions/{s}")),
+                    product_id: p.map(|p| format!("/products/{p}")),
+                    api_id: a.map(|a| format!("/apis/{a}")),
+                    operation_id: o.and_then(|ao| {
+                        let (a, o) = ao.split_once('/')?;
+                        Some(format!("/apis/{a}/operations/{o}"))
+                    }),
                     ..acc.row
                 }
             })
