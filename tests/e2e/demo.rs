@@ -1,5 +1,6 @@
 //! The main job: real Envoy with the filter and the sample catalog, in front of a small local
-//! upstream; the sample traffic sent through it; each decision printed from Envoy's access log.
+//! upstream; the sample traffic sent through it; each decision printed from Envoy's access log,
+//! then the usage report by subscription from its usage records.
 //! Leaves nothing running.
 
 use apim_edge_e2e::{root, send_entry, start_envoy, start_upstream};
@@ -26,6 +27,8 @@ fn main() {
     let mut traces: Vec<_> = std::fs::read_dir(root().join("tests/traces"))
         .expect("the sample traffic")
         .map(|e| e.unwrap().path())
+        // Traces only: a trace's configuration (`NAME.config.json`) sits beside it.
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
         .collect();
     traces.sort();
     let mut index = 0usize;
@@ -92,10 +95,45 @@ fn main() {
         }
         println!("{i:>4}  {r:<40} {status:>6}  {outcome:<20} {product:<10} {subscription}");
     }
+    // Workers add their calls by outcome to the metrics once a second.
+    std::thread::sleep(Duration::from_millis(1500));
     let stats = envoy.stats("apim_edge.requests");
     println!("\nEnvoy's counters (admin /stats):");
     for (name, value) in stats.iter().filter(|(_, v)| v != "0") {
         println!("  {name}: {value}");
+    }
+    // The usage report by subscription (SPEC §8), from the usage records Envoy wrote.
+    let mut usage = apim_edge_harness::usage::Aggregate::new(
+        apim_edge_harness::usage::By::Subscription,
+        apim_edge_harness::usage::Window::default(),
+    );
+    let skipped = apim_edge_harness::usage::read_into(
+        std::slice::from_ref(&envoy.usage_log),
+        &mut usage,
+        false,
+    )
+    .unwrap_or(0);
+    println!(
+        "\nUsage by subscription (`apim-edge usage --records {}`):",
+        envoy.usage_log.display()
+    );
+    println!(
+        "  {:<20} {:>8} {:>8} {:>8} {:>6} {:>10}",
+        "subscription", "success", "blocked", "failed", "total", "bytes"
+    );
+    for r in usage.rows() {
+        println!(
+            "  {:<20} {:>8} {:>8} {:>8} {:>6} {:>10}",
+            r.name,
+            r.call_count_success,
+            r.call_count_blocked,
+            r.call_count_failed,
+            r.call_count_total,
+            r.bandwidth
+        );
+    }
+    if skipped > 0 {
+        eprintln!("{skipped} usage lines skipped");
     }
     if logged.len() < sent.len() {
         eprintln!(

@@ -1168,3 +1168,20 @@ fn keys_reach_no_log_record_or_stat_even_at_trace_level() {
         }
     }
 }
+
+/// The main job (`envoy/demo.sh` runs this binary) keeps working: every request of the sample
+/// traffic is decided and logged by Envoy, and the usage report follows.
+#[test]
+fn the_main_job_decides_every_sample_request_and_reports_usage() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_apim-edge-demo"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // A request missing from the access log shows "?" as its status.
+    assert!(!stdout.contains("     ?  "), "{stdout}");
+    assert!(stdout.contains("== rewrite.jsonl"), "{stdout}");
+    assert!(stdout.contains("Usage by subscription"), "{stdout}");
+    assert!(stdout.contains("  sub-gold  "), "{stdout}");
+}
